@@ -1,0 +1,373 @@
+"""One interface for activations: harvested online, read from a disk cache, or synthetic.
+
+An ``ActivationSource`` produces *chunks*: all valid tokens (special tokens and norm outliers
+removed) of a block of sequences, as a ``Batch`` of per-hook activations plus token ids. The shared
+``batches`` method shuffles tokens within a chunk (a block shuffle buffer of ``shuffle_buffer_tokens``)
+with a generator seeded by (seed, chunk), so the stream is a pure function of the position
+``(chunk, batch)``: a resumed run sees exactly the data an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saebench.io import ArtifactError, read_json, save_tensors, sha256_file, write_json
+
+
+class Batch(NamedTuple):
+    """Activations of a set of tokens at one or more hooks."""
+
+    acts: dict[str, Tensor]  # hook -> [N, d_in]
+    token_ids: Tensor  # [N]
+    grads: dict[str, Tensor] | None = None  # hook -> [N, d_in], ∇ₓ of the LM loss (g-SAE)
+
+    def __len__(self) -> int:
+        return self.token_ids.shape[0]
+
+    def index(self, idx: Tensor) -> "Batch":
+        grads = None if self.grads is None else {h: g[idx] for h, g in self.grads.items()}
+        return Batch({h: a[idx] for h, a in self.acts.items()}, self.token_ids[idx], grads)
+
+    def to(self, device: str | torch.device) -> "Batch":
+        grads = None if self.grads is None else {h: g.to(device) for h, g in self.grads.items()}
+        return Batch({h: a.to(device) for h, a in self.acts.items()}, self.token_ids.to(device), grads)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a data stream is: the next batch is batch ``batch`` of global chunk ``chunk``."""
+
+    chunk: int = 0
+    batch: int = 0
+
+
+class ActivationSource(ABC):
+    """Produces chunks of activations for one or more hooks."""
+
+    hook_names: list[str]
+    d_in: dict[str, int]
+
+    @property
+    def n_chunks(self) -> int | None:
+        """Number of distinct chunks, or None if unbounded (synthetic)."""
+        return None
+
+    @abstractmethod
+    def chunk(self, i: int) -> Batch:
+        """All valid tokens of chunk ``i`` (0 <= i < n_chunks)."""
+
+    def chunk_order(self, epoch: int, seed: int) -> list[int]:
+        """Chunk visiting order for an epoch (identity by default)."""
+        return list(range(self.n_chunks or 0))
+
+    def batches(self, batch_size: int, seed: int = 0, start: Position = Position()) -> Iterator[tuple[Batch, Position]]:
+        """Yield ``(batch, position_after)`` forever (cycling epochs over bounded sources).
+
+        Tokens are shuffled within each chunk; a chunk's leftover < batch_size tokens are dropped so
+        that positions stay a pure function of (chunk, batch).
+        """
+        g = start.chunk
+        first = start.batch
+        while True:
+            n = self.n_chunks
+            if n is None:
+                data = self.chunk(g)
+            else:
+                if n == 0:
+                    raise ArtifactError("activation source has no chunks")
+                data = self.chunk(self.chunk_order(g // n, seed)[g % n])
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + g)
+            perm = torch.randperm(len(data), generator=gen)
+            n_batches = len(data) // batch_size
+            for b in range(first, n_batches):
+                yield data.index(perm[b * batch_size : (b + 1) * batch_size]), Position(g, b + 1)
+            g, first = g + 1, 0
+
+
+# --------------------------------------------------------------------------------------------
+# Online harvesting from a TransformerLens model
+# --------------------------------------------------------------------------------------------
+
+
+def parse_hook(spec: str) -> tuple[str, int | None]:
+    """``'blocks.3.attn.hook_z:5'`` → ``('blocks.3.attn.hook_z', 5)``; no ``:H`` means all heads concatenated."""
+    if ":" in spec:
+        name, head = spec.rsplit(":", 1)
+        if not head.isdigit():
+            raise ValueError(f"hook {spec!r}: the part after ':' must be a head index")
+        return name, int(head)
+    return spec, None
+
+
+def hook_layer_of(name: str) -> int:
+    """Block index of a hook name (``blocks.6.hook_resid_post`` → 6); embeddings count as 0."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
+        return int(parts[1])
+    return 0
+
+
+def _flatten_site(act: Tensor, head: int | None) -> Tensor:
+    """[b, pos, ...] → [b, pos, d]; attention ``hook_z`` [b, pos, heads, d_head] concatenates heads."""
+    if act.dim() == 4:
+        act = act[:, :, head] if head is not None else act.flatten(2)
+    return act
+
+
+def token_mask(tokens: Tensor, special_ids: Tensor | None) -> Tensor:
+    """True for tokens to keep (not BOS/EOS/pad)."""
+    if special_ids is None or special_ids.numel() == 0:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    return ~torch.isin(tokens, special_ids.to(tokens.device))
+
+
+class HookedSource(ActivationSource):
+    """Harvests activations at several hooks in one forward, stopping after the last hooked block.
+
+    With ``with_grads`` it also returns g = ∇ₓ of the mean next-token cross-entropy at each hook
+    (one extra backward of the frozen model, which then must run to the logits).
+    """
+
+    def __init__(
+        self,
+        model,
+        hook_names: list[str],
+        tokens: Tensor,
+        *,
+        special_ids: Tensor | None = None,
+        shuffle_buffer_tokens: int = 65_536,
+        model_batch_size: int = 16,
+        outlier_norm_factor: float | None = None,
+        with_grads: bool = False,
+        progress: bool = False,
+    ):
+        from saebench.models import validate_hook_name
+
+        if tokens.dim() != 2 or tokens.shape[0] == 0:
+            raise ValueError(f"tokens must be a non-empty [n_seq, context] tensor, got {tuple(tokens.shape)}")
+        self.model = model
+        self.hook_names = list(hook_names)
+        self.sites = [parse_hook(h) for h in self.hook_names]
+        for name, _ in self.sites:
+            validate_hook_name(model, name)
+        self.tokens = tokens
+        self.special_ids = special_ids
+        self.rows_per_chunk = max(1, shuffle_buffer_tokens // tokens.shape[1])
+        self.model_batch_size = model_batch_size
+        self.outlier_norm_factor = outlier_norm_factor
+        self.with_grads = with_grads
+        self.progress = progress
+        self.stop_at_layer = None if with_grads else max(hook_layer_of(n) for n, _ in self.sites) + 1
+        probe = self._forward(tokens[:1, :2])
+        self.d_in = {h: a.shape[-1] for h, a in zip(self.hook_names, probe[0])}
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.tokens.shape[0] / self.rows_per_chunk)
+
+    @property
+    def device(self):
+        return next(iter(self.model.parameters())).device
+
+    def _forward(self, toks: Tensor) -> tuple[list[Tensor], list[Tensor] | None]:
+        """Activations (and gradients) at every site for a token block: lists of [b, pos, d]."""
+        names = {n for n, _ in self.sites}
+        toks = toks.to(self.device)
+        if not self.with_grads:
+            with torch.no_grad():
+                _, cache = self.model.run_with_cache(toks, names_filter=lambda n: n in names, stop_at_layer=self.stop_at_layer)
+            return [_flatten_site(cache[n], h).float() for n, h in self.sites], None
+        captured: dict[str, Tensor] = {}
+
+        def grab(act, hook):
+            # A fresh leaf so autograd.grad gives ∂loss/∂act without touching model parameters.
+            act = act.detach().requires_grad_(True)
+            captured[hook.name] = act
+            return act
+
+        with torch.enable_grad():
+            logits = self.model.run_with_hooks(toks, fwd_hooks=[(n, grab) for n in names])
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), toks[:, 1:].flatten())
+            order = sorted(names)
+            grads = torch.autograd.grad(loss, [captured[n] for n in order])
+        gmap = dict(zip(order, grads))
+        acts = [_flatten_site(captured[n].detach(), h).float() for n, h in self.sites]
+        gs = [_flatten_site(gmap[n], h).float() for n, h in self.sites]
+        return acts, gs
+
+    def chunk(self, i: int) -> Batch:
+        rows = self.tokens[i * self.rows_per_chunk : (i + 1) * self.rows_per_chunk]
+        acts: list[list[Tensor]] = [[] for _ in self.sites]
+        grads: list[list[Tensor]] = [[] for _ in self.sites]
+        it = range(0, rows.shape[0], self.model_batch_size)
+        for s in tqdm(it, desc=f"harvest chunk {i}", leave=False, disable=not self.progress):
+            a, g = self._forward(rows[s : s + self.model_batch_size])
+            for j in range(len(self.sites)):
+                acts[j].append(a[j].flatten(0, 1).cpu())
+                if g is not None:
+                    grads[j].append(g[j].flatten(0, 1).cpu())
+        flat_tokens = rows.flatten()
+        keep = token_mask(flat_tokens, self.special_ids)
+        cat = [torch.cat(a) for a in acts]
+        if self.outlier_norm_factor is not None:
+            for a in cat:
+                norms = a.norm(dim=-1)
+                finite = torch.isfinite(norms)
+                ref = norms[keep & finite]
+                if ref.numel():
+                    # Non-finite rows stay in so the trainer can report them instead of hiding them.
+                    keep &= ~finite | (norms <= self.outlier_norm_factor * ref.median())
+        out_grads = None if not self.with_grads else {h: torch.cat(g)[keep] for h, g in zip(self.hook_names, grads)}
+        return Batch({h: a[keep] for h, a in zip(self.hook_names, cat)}, flat_tokens[keep], out_grads)
+
+
+# --------------------------------------------------------------------------------------------
+# Disk cache
+# --------------------------------------------------------------------------------------------
+
+CACHE_INDEX = "cache.json"
+
+
+def _shard_name(i: int) -> str:
+    return f"shard_{i:05d}.safetensors"
+
+
+def write_cache(source: ActivationSource, folder: str | Path, n_chunks: int | None = None, provenance: dict | None = None, progress: bool = True) -> "CachedSource":
+    """Harvest ``source`` chunk by chunk into ``folder``, one atomically written shard per chunk.
+
+    ``cache.json`` lists completed shards with checksums and is rewritten after each shard, so a
+    killed writer resumes at the first missing shard and a reader never sees a partial one.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_chunks = n_chunks if n_chunks is not None else source.n_chunks
+    if n_chunks is None:
+        raise ValueError("write_cache needs n_chunks for an unbounded source")
+    index_path = folder / CACHE_INDEX
+    index = read_json(index_path, "cache index") if index_path.exists() else None
+    header = {"hook_names": source.hook_names, "d_in": source.d_in, "n_chunks": n_chunks, "provenance": provenance or {}}
+    if index is not None and any(index.get(k) != v for k, v in header.items()):
+        raise ArtifactError(
+            f"activation cache {folder} was written for a different run ({index.get('hook_names')}, "
+            f"{index.get('n_chunks')} chunks, provenance {index.get('provenance')}); use another folder or delete it"
+        )
+    shards: dict[str, dict] = (index or {}).get("shards", {})
+    for i in tqdm(range(n_chunks), desc="harvest activations", disable=not progress):
+        name = _shard_name(i)
+        if name in shards and (folder / name).exists():
+            continue
+        data = source.chunk(i)
+        tensors = {f"acts.{h}": a for h, a in data.acts.items()} | {"token_ids": data.token_ids}
+        if data.grads is not None:
+            tensors |= {f"grads.{h}": g for h, g in data.grads.items()}
+        save_tensors(folder / name, tensors)
+        shards[name] = {"tokens": len(data), "sha256": sha256_file(folder / name)}
+        write_json(index_path, header | {"shards": shards, "complete": len(shards) == n_chunks})
+    return CachedSource(folder)
+
+
+class CachedSource(ActivationSource):
+    """Reads a cache written by ``write_cache``; shard order is reshuffled every epoch."""
+
+    def __init__(self, folder: str | Path, verify: bool = False):
+        self.folder = Path(folder)
+        index = read_json(self.folder / CACHE_INDEX, "activation cache index")
+        if not index.get("complete"):
+            done = len(index.get("shards", {}))
+            raise ArtifactError(f"activation cache {self.folder} is incomplete ({done}/{index.get('n_chunks')} shards); rerun the harvest to finish it")
+        self.hook_names = index["hook_names"]
+        self.d_in = index["d_in"]
+        self.provenance = index.get("provenance", {})
+        self.shards = sorted(index["shards"])
+        self.meta = index["shards"]
+        self.n_tokens = sum(m["tokens"] for m in self.meta.values())
+        if verify:
+            for name in self.shards:
+                if sha256_file(self.folder / name) != self.meta[name]["sha256"]:
+                    raise ArtifactError(f"activation cache shard {self.folder / name} is corrupted (checksum mismatch)")
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.shards)
+
+    def chunk_order(self, epoch: int, seed: int) -> list[int]:
+        if epoch == 0:
+            return list(range(self.n_chunks))
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        return torch.randperm(self.n_chunks, generator=gen).tolist()
+
+    def chunk(self, i: int) -> Batch:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.folder / self.shards[i]
+        try:
+            t = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ArtifactError(f"activation cache shard {path} cannot be read ({e}); delete it and rerun the harvest") from None
+        grads = {h: t[f"grads.{h}"] for h in self.hook_names if f"grads.{h}" in t} or None
+        return Batch({h: t[f"acts.{h}"] for h in self.hook_names}, t["token_ids"], grads)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic data with planted features
+# --------------------------------------------------------------------------------------------
+
+
+class SyntheticSource(ActivationSource):
+    """x = Σ_j c_j D*_j with planted unit-norm features D* [m, d] (METHODS.md §0 harness).
+
+    Each token activates ``n_active`` features (or a uniform number in ``n_active_range``) with
+    magnitudes Uniform[0.5, 1.5]; features in ``bidirectional`` get a random sign.
+    """
+
+    def __init__(
+        self,
+        d: int = 32,
+        m: int = 64,
+        n_active: int = 3,
+        *,
+        n_active_range: tuple[int, int] | None = None,
+        bidirectional: int = 0,
+        chunk_tokens: int = 8192,
+        seed: int = 0,
+        hook_name: str = "synthetic",
+        feature_scales: Tensor | None = None,
+    ):
+        gen = torch.Generator().manual_seed(seed)
+        self.features = torch.nn.functional.normalize(torch.randn(m, d, generator=gen), dim=-1)
+        self.m, self.n_active, self.n_active_range = m, n_active, n_active_range
+        self.bidirectional = bidirectional
+        self.chunk_tokens, self.seed = chunk_tokens, seed
+        self.feature_scales = feature_scales if feature_scales is not None else torch.ones(m)
+        self.hook_names = [hook_name]
+        self.d_in = {hook_name: d}
+
+    def coefficients(self, i: int) -> Tensor:
+        """The planted coefficients [chunk_tokens, m] of chunk ``i``."""
+        gen = torch.Generator().manual_seed(self.seed * 7919 + i + 1)
+        n = self.chunk_tokens
+        lo, hi = self.n_active_range or (self.n_active, self.n_active)
+        counts = torch.randint(lo, hi + 1, (n,), generator=gen)
+        ranks = torch.rand(n, self.m, generator=gen).argsort(-1).argsort(-1)
+        active = ranks < counts[:, None]
+        mags = torch.rand(n, self.m, generator=gen) + 0.5
+        signs = torch.ones(n, self.m)
+        if self.bidirectional:
+            flip = torch.rand(n, self.bidirectional, generator=gen) < 0.5
+            signs[:, : self.bidirectional] = torch.where(flip, -1.0, 1.0)
+        return active * mags * signs * self.feature_scales
+
+    def chunk(self, i: int) -> Batch:
+        c = self.coefficients(i)
+        x = c @ self.features
+        return Batch({self.hook_names[0]: x}, torch.zeros(len(x), dtype=torch.long))

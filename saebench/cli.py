@@ -1,0 +1,187 @@
+"""The ``saebench`` command. Flags are generated from the pydantic configs, so ``--help`` documents
+every field and a config file plus flag overrides always validate the same way."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from saebench.config import ConfigError, EvalConfig, TrainConfig, build_config, read_config_file
+
+
+def _parse_value(text: str) -> Any:
+    """Interpret a flag value as JSON when it is one (numbers, null, lists), else as a string."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _unwrap(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else tp
+    return tp
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
+    """One ``--field`` flag per config field, with its description and default as help."""
+    group = parser.add_argument_group(f"{cls.__name__} fields (also settable in --config)")
+    for name, field in cls.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = field.default if field.default_factory is None else field.default_factory()
+        help_text = f"{field.description or ''} [default: {default!r}]"
+        tp = _unwrap(field.annotation)
+        if tp is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(tp) is typing.Literal:
+            group.add_argument(flag, dest=name, choices=typing.get_args(tp), default=None, help=help_text)
+        elif typing.get_origin(tp) is dict or tp is dict:
+            group.add_argument(flag, dest=name, action="append", metavar="KEY=VALUE", default=None, help=help_text + " (repeatable)")
+        elif typing.get_origin(tp) is tuple:
+            group.add_argument(flag, dest=name, nargs=len(typing.get_args(tp)), type=float, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, type=_parse_value, metavar=name.upper(), default=None, help=help_text)
+
+
+def collect(args: argparse.Namespace, cls: type[BaseModel], base: dict[str, Any] | None = None) -> Any:
+    """Merge a config file's fields with the flags the user set, then validate."""
+    data = dict(base or {})
+    if getattr(args, "config", None):
+        data.update(read_config_file(args.config))
+    for name, field in cls.model_fields.items():
+        val = getattr(args, name, None)
+        if val is None:
+            continue
+        if isinstance(val, list) and (typing.get_origin(_unwrap(field.annotation)) is dict):
+            opts = dict(data.get(name) or {})
+            for item in val:
+                if "=" not in item:
+                    raise ConfigError(f"--{name.replace('_', '-')} expects KEY=VALUE, got {item!r}")
+                k, v = item.split("=", 1)
+                opts[k] = _parse_value(v)
+            val = opts
+        data[name] = val
+    return build_config(cls, data)
+
+
+def cmd_train(args) -> int:
+    from saebench.api import train_and_evaluate
+
+    cfg = collect(args, TrainConfig)
+    result, metrics = train_and_evaluate(cfg, progress=not args.quiet)
+    print(f"\nSAE written to {result.out_dir.resolve()}  ({result.steps} steps, {result.seconds:.0f} s of training)")
+    if metrics is not None:
+        from saebench.evals.core import format_table
+
+        print(format_table(metrics))
+        print(f"metrics: {(result.out_dir / 'eval_core.json').resolve()}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from saebench.evals.core import format_table, run_core_eval
+
+    cfg = collect(args, EvalConfig, {"sae": args.sae_dir})
+    metrics = run_core_eval(cfg.sae, corpus=cfg.corpus, eval_tokens=cfg.eval_tokens, context_size=cfg.context_size, batch_size=cfg.model_batch_size,
+                            exclude_special_tokens=cfg.exclude_special_tokens, device=cfg.device, out=cfg.out, progress=not args.quiet,
+                            model_name=cfg.model)
+    print(format_table(metrics))
+    print(f"metrics: {Path(cfg.out or Path(cfg.sae) / 'eval_core.json').resolve()}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from saebench.trainers import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
+        print(f"{name:<16} architecture={cls.architecture:<13} {doc[0] if doc else ''}")
+        for opt, f in cls.Options.model_fields.items():
+            print(f"{'':<18}--method-options {opt}=...  (default {f.default!r})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from saebench.io import verify_folder
+    from saebench.sae import SAE
+
+    problems = verify_folder(args.folder)
+    if not problems:
+        try:
+            SAE.load(args.folder)
+        except Exception as e:  # report, don't trace back
+            problems.append(str(e))
+    if problems:
+        print(f"{args.folder}: PROBLEMS")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print(f"{args.folder}: OK (all files match manifest.json; SAE loads)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saebench", description="Train, evaluate, browse and steer sparse autoencoders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="Train an SAE (then run the core eval).")
+    p.add_argument("--config", help="TOML/YAML/JSON file of TrainConfig fields; flags override it.")
+    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    add_config_flags(p, TrainConfig)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="Core evaluation of an SAE folder on held-out tokens.")
+    p.add_argument("sae_dir", help="SAE folder (saebench or SAELens format).")
+    p.add_argument("--config", help="TOML/YAML/JSON file of EvalConfig fields.")
+    p.add_argument("--quiet", action="store_true")
+    add_config_flags(p, EvalConfig, skip=("sae",))
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("methods", help="List training methods and their options.")
+    p.set_defaults(fn=cmd_methods)
+
+    p = sub.add_parser("verify", help="Check an artifact folder against its manifest and say what is wrong.")
+    p.add_argument("folder")
+    p.set_defaults(fn=cmd_verify)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+        # Known user-facing errors: one clear line, no traceback (SAEBENCH_DEBUG=1 shows it).
+        import os
+
+        if os.environ.get("SAEBENCH_DEBUG"):
+            raise
+        print(f"saebench {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; a training run resumes from its last checkpoint when restarted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Atomic, checksummed file writes: a crash or a full disk never leaves a half-written artifact.
+
+Every write goes to a temporary name in the same folder, is fsynced, then renamed over the target,
+so a reader sees either the old file or the new one. ``manifest.json`` records a sha256 per file so
+``verify_folder`` can say exactly what is wrong with a folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """An artifact folder is missing, incomplete, corrupted or of a foreign format."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Read JSON, turning a missing or malformed file into a clear ``ArtifactError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{what} {path} is not valid JSON ({e}); the file is corrupted") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomically write a safetensors file (tensors made contiguous and moved to CPU)."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, st_save(flat, metadata=metadata))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | Path, files: list[str]) -> None:
+    """Record the size and sha256 of ``files`` (relative to ``folder``) in ``manifest.json``."""
+    folder = Path(folder)
+    entries = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)} for name in files}
+    write_json(folder / MANIFEST, {"files": entries})
+
+
+def verify_folder(folder: str | Path) -> list[str]:
+    """Check every file listed in the folder's manifest; return a list of problems (empty = OK)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return [f"{folder} has no {MANIFEST}: it was not written by saebench, or its write never finished"]
+    try:
+        manifest = read_json(folder / MANIFEST, "manifest")
+        entries = manifest["files"]
+        assert isinstance(entries, dict)
+    except (ArtifactError, KeyError, TypeError, AssertionError):
+        return [f"{folder / MANIFEST} is corrupted"]
+    problems = []
+    for name, meta in entries.items():
+        p = folder / name
+        if not p.is_file():
+            problems.append(f"{name}: missing")
+        elif p.stat().st_size != meta.get("bytes"):
+            problems.append(f"{name}: size {p.stat().st_size} bytes, manifest says {meta.get('bytes')} (truncated?)")
+        elif sha256_file(p) != meta.get("sha256"):
+            problems.append(f"{name}: checksum mismatch (file corrupted or edited after saving)")
+    return problems

@@ -1,0 +1,343 @@
+"""The SAE: one module for every method at inference, saved as ``sae.safetensors`` + ``cfg.json``.
+
+Training methods (``saebench.trainers``) differ in how they *select* latents during training; at
+inference every SAE is one of a few architectures:
+
+- ``topk``: ReLU of the k largest pre-activations per token;
+- ``abstopk``: the k largest |pre-activations| per token, signs kept;
+- ``jumprelu``: ``pre · 1[pre > θ_i]`` (JumpReLU; also BatchTopK, Mutual and Feature Choice export);
+- ``abs_jumprelu``: ``pre · 1[|pre| > θ_i]`` (the batch AbsTopK variant);
+- ``relu``: plain ReLU (end-to-end SAEs; SAELens calls it "standard").
+
+Weights follow SAELens/SAEBench conventions: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in] with
+unit-norm rows, ``b_enc`` [d_sae], ``b_dec`` [d_in], ``threshold`` [d_sae]. Internally the encoder is
+stored latent-major (``encoder_weight`` [d_sae, d_in]) so the sparse backward reads contiguous rows.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from saebench import sparse
+from saebench.io import ArtifactError, read_json, save_tensors, write_json, write_manifest
+from saebench.sparse import SparseActs
+
+Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu"]
+THRESHOLD_ARCHS = ("jumprelu", "abs_jumprelu")
+SIGNED_ARCHS = ("abstopk", "abs_jumprelu")
+WEIGHTS_FILE = "sae.safetensors"
+CFG_FILE = "cfg.json"
+FORMAT_VERSION = 1
+
+
+class SAEConfig(BaseModel):
+    """What an SAE is and where it came from; written to ``cfg.json`` with SAELens field names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architecture: Architecture
+    d_in: int = Field(gt=0)
+    d_sae: int = Field(gt=0)
+    k: int | None = Field(default=None, gt=0, description="Latents per token for topk/abstopk.")
+    model_name: str = ""
+    hook_name: str = ""
+    hook_layer: int = -1
+    hook_head_index: int | None = None
+    apply_b_dec_to_input: bool = True
+    normalize_activations: str = "none"
+    dtype: str = "float32"
+    device: str = "cpu"
+    context_size: int | None = None
+    prepend_bos: bool = True
+    method: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def signed(self) -> bool:
+        """Whether latents can be negative (count a latent active when non-zero, not when positive)."""
+        return self.architecture in SIGNED_ARCHS
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder with a sparse (values, indices) encode/decode and dense helpers."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        if cfg.architecture in ("topk", "abstopk") and cfg.k is None:
+            raise ValueError(f"architecture {cfg.architecture!r} needs k (latents per token)")
+        if cfg.k is not None and cfg.k > cfg.d_sae:
+            raise ValueError(f"k={cfg.k} exceeds d_sae={cfg.d_sae}")
+        self.cfg = cfg
+        dtype = getattr(torch, cfg.dtype)
+        self.encoder_weight = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+        if cfg.architecture in THRESHOLD_ARCHS:
+            # log θ keeps θ positive; JumpReLU trains it, BatchTopK-style methods set it by EMA.
+            self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), -math.inf, dtype=dtype))
+
+    # ----- SAEBench / SAELens interface -------------------------------------------------------
+    @property
+    def W_enc(self) -> Tensor:
+        """Encoder weights [d_in, d_sae] (a view of ``encoder_weight``)."""
+        return self.encoder_weight.T
+
+    @property
+    def threshold(self) -> Tensor | None:
+        return self.log_threshold.exp() if hasattr(self, "log_threshold") else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    # ----- forward ---------------------------------------------------------------------------
+    def center(self, x: Tensor) -> Tensor:
+        """The encoder input: ``x - b_dec`` (the "pre-bias") unless disabled."""
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Dense pre-activations ``W_encᵀ(x − b_dec) + b_enc``: [B, d_in] → [B, d_sae]."""
+        return F.linear(self.center(x), self.encoder_weight, self.b_enc)
+
+    def select(self, pre: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inference selection: ``(indices [B, K], valid [B, K] or None)`` from pre-activations."""
+        arch = self.cfg.architecture
+        if arch == "topk":
+            return sparse.topk_select(pre, self.cfg.k), None
+        if arch == "abstopk":
+            return sparse.topk_select(pre.abs(), self.cfg.k), None
+        if arch == "relu":
+            return sparse.mask_to_indices(pre > 0, pre)
+        score = pre.abs() if arch == "abs_jumprelu" else pre
+        return sparse.mask_to_indices(score > self.threshold, pre)
+
+    def activate(self, values: Tensor) -> Tensor:
+        """Rectify selected values, except for signed architectures."""
+        return values if self.cfg.signed else F.relu(values)
+
+    def encode_sparse(self, x: Tensor) -> SparseActs:
+        """Encode [B, d_in] to ``SparseActs`` (values [B, K], indices [B, K])."""
+        x = self._check_input(x)
+        x_c = self.center(x)
+        with torch.no_grad():
+            pre = F.linear(x_c, self.encoder_weight, self.b_enc)
+        idx, valid = self.select(pre)
+        vals = self.activate(sparse.gather_pre(x_c, self.encoder_weight, self.b_enc, pre, idx))
+        if valid is not None:
+            vals = vals * valid
+        return SparseActs(vals, idx)
+
+    def decode_sparse(self, acts: SparseActs) -> Tensor:
+        """Decode ``SparseActs`` to [B, d_in]."""
+        return sparse.decode(acts, self.W_dec, self.b_dec)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latent activations [..., d_sae] (SAELens/SAEBench interface)."""
+        lead = x.shape[:-1]
+        acts = self.encode_sparse(x.reshape(-1, x.shape[-1]))
+        return acts.to_dense(self.cfg.d_sae).reshape(*lead, self.cfg.d_sae)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Reconstruct from dense latents [..., d_sae] → [..., d_in]."""
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction x̂ of x [..., d_in] through the sparse path."""
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        return self.decode_sparse(self.encode_sparse(flat)).reshape(*lead, self.cfg.d_in)
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"SAE expects activations of width d_in={self.cfg.d_in} (hook {self.cfg.hook_name or '?'}), "
+                f"got shape {tuple(x.shape)}; was it trained on a different hook or model?"
+            )
+        return x if x.dtype == self.dtype else x.to(self.dtype)
+
+    # ----- decoder constraint and initialisation -----------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Set every decoder row to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the component of each decoder row's gradient parallel to the row (keeps ‖d_i‖ = 1)."""
+        if self.W_dec.grad is None:
+            return
+        unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        parallel = (self.W_dec.grad * unit).sum(-1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * unit)
+
+    @torch.no_grad()
+    def init_tied(self, generator: torch.Generator | None = None) -> None:
+        """Kaiming-uniform decoder with unit-norm rows, encoder = decoderᵀ, zero biases."""
+        w = torch.empty(self.cfg.d_sae, self.cfg.d_in, dtype=torch.float32)
+        bound = math.sqrt(6.0 / self.cfg.d_in)
+        w.uniform_(-bound, bound, generator=generator)
+        w /= w.norm(dim=-1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.encoder_weight.copy_(w)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """Fold an input scaling ``x_train = scale · x`` into the weights, keeping W_dec unit-norm.
+
+        Activations come out in raw units (divided by ``scale``): b_enc, b_dec and θ divide by
+        ``scale``; W_enc and W_dec are unchanged. Outputs on raw inputs then equal the trained SAE's
+        outputs on scaled inputs, divided by ``scale``.
+        """
+        self.b_enc.div_(scale)
+        self.b_dec.div_(scale)
+        if hasattr(self, "log_threshold"):
+            self.log_threshold.sub_(math.log(scale))
+
+    # ----- save / load -------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Tensors in the on-disk (SAELens) layout."""
+        out = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        return out
+
+    def save(self, folder: str | Path, extra_files: list[str] = ()) -> Path:
+        """Write ``sae.safetensors``, ``cfg.json`` and a checksum manifest into ``folder`` atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_tensors(folder / WEIGHTS_FILE, self.state_tensors(), metadata={"format": "saebench"})
+        write_json(folder / CFG_FILE, self.cfg.model_dump())
+        write_manifest(folder, [WEIGHTS_FILE, CFG_FILE, *extra_files])
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "SAE":
+        """Load an SAE folder written by saebench or by SAELens; never unpickles anything."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ArtifactError(f"SAE folder {folder} does not exist")
+        raw = read_json(folder / CFG_FILE, "SAE config")
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{folder / CFG_FILE} is not a JSON object; not an SAE config")
+        if (folder / WEIGHTS_FILE).exists() and "format_version" in raw:
+            cfg = _parse_cfg(raw, folder)
+            weights_file = folder / WEIGHTS_FILE
+        elif (folder / "sae_weights.safetensors").exists():
+            cfg = _cfg_from_saelens(raw, folder)
+            weights_file = folder / "sae_weights.safetensors"
+        else:
+            raise ArtifactError(
+                f"{folder} is not an SAE folder: expected {WEIGHTS_FILE} + {CFG_FILE} (saebench) "
+                "or sae_weights.safetensors + cfg.json (SAELens)"
+            )
+        try:
+            tensors = load_file(str(weights_file))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ArtifactError(f"{weights_file} cannot be read ({e}); the file is truncated or corrupted") from None
+        sae = cls(cfg)
+        sae._load_tensors(tensors, weights_file)
+        return sae.to(device)
+
+    @torch.no_grad()
+    def _load_tensors(self, tensors: dict[str, Tensor], where: Path) -> None:
+        c = self.cfg
+        expected = {"W_enc": (c.d_in, c.d_sae), "W_dec": (c.d_sae, c.d_in), "b_enc": (c.d_sae,), "b_dec": (c.d_in,)}
+        if c.architecture in THRESHOLD_ARCHS:
+            expected["threshold"] = (c.d_sae,)
+        for name, shape in expected.items():
+            if name not in tensors:
+                raise ArtifactError(f"{where} has no tensor {name!r} (has {sorted(tensors)})")
+            t = tensors[name]
+            if tuple(t.shape) != shape:
+                raise ArtifactError(f"{where}: {name} has shape {tuple(t.shape)}, cfg.json implies {shape}")
+            if not t.is_floating_point():
+                raise ArtifactError(f"{where}: {name} has dtype {t.dtype}, expected a float tensor")
+            if not torch.isfinite(t).all() and name != "threshold":
+                raise ArtifactError(f"{where}: {name} contains NaN or inf values")
+        self.encoder_weight.copy_(tensors["W_enc"].T)
+        self.W_dec.copy_(tensors["W_dec"])
+        self.b_enc.copy_(tensors["b_enc"])
+        self.b_dec.copy_(tensors["b_dec"])
+        if c.architecture in THRESHOLD_ARCHS:
+            self.log_threshold.copy_(tensors["threshold"].clamp_min(0).log())
+
+
+def _parse_cfg(raw: dict, folder: Path) -> SAEConfig:
+    from pydantic import ValidationError
+
+    try:
+        return SAEConfig.model_validate(raw)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ArtifactError(f"{folder / CFG_FILE} is not a valid saebench SAE config: {msgs}") from None
+
+
+_SAELENS_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+
+
+def _cfg_from_saelens(raw: dict, folder: Path) -> SAEConfig:
+    """Translate a SAELens (v5 or v6) cfg.json into our config."""
+    meta = raw.get("metadata") or {}
+    arch = raw.get("architecture", "standard")
+    if arch not in _SAELENS_ARCH:
+        raise ArtifactError(f"SAELens architecture {arch!r} in {folder} is not supported (supported: {sorted(_SAELENS_ARCH)})")
+    norm = raw.get("normalize_activations", "none") or "none"
+    if norm not in ("none", None):
+        raise ArtifactError(
+            f"{folder} was saved with normalize_activations={norm!r}; fold the scaling into the weights "
+            "with SAELens (sae.fold_activation_norm_scaling_factor) before loading"
+        )
+    try:
+        hook_name = raw.get("hook_name") or meta.get("hook_name", "")
+        return SAEConfig(
+            architecture=_SAELENS_ARCH[arch],
+            d_in=int(raw["d_in"]),
+            d_sae=int(raw["d_sae"]),
+            k=raw.get("k") if arch == "topk" else None,
+            model_name=raw.get("model_name") or meta.get("model_name", ""),
+            hook_name=hook_name,
+            hook_layer=_layer_of(hook_name, raw.get("hook_layer", meta.get("hook_layer"))),
+            apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+            dtype=str(raw.get("dtype", "float32")).replace("torch.", ""),
+            context_size=raw.get("context_size") or meta.get("context_size"),
+            method=f"saelens:{arch}",
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{folder / CFG_FILE} is not a valid SAELens config ({e!r})") from None
+
+
+def _layer_of(hook_name: str, given: Any) -> int:
+    if isinstance(given, int):
+        return given
+    parts = hook_name.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else -1
+
+
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE folder (saebench or SAELens format)."""
+    return SAE.load(folder, device)

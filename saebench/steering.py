@@ -1,0 +1,394 @@
+"""Steering a model with SAE decoder directions: vectors, position-scoped hooks, seeded generation.
+
+The intervention (AxBench / SAELens / Neuronpedia "additive" steering) adds
+``strength · max_act · W_dec[latent]`` to the activation at the SAE's hook, at the positions in a
+*scope*:
+
+- ``"prompt"``: positions ``p < prompt_len`` (the prompt tokens, BOS included);
+- ``"generated"``: positions ``p ≥ prompt_len`` (the tokens the model has generated). The first new
+  token is predicted at position ``prompt_len − 1``, so under this scope it comes from the unsteered
+  distribution; steering starts to act from the second new token on;
+- ``"all"``: every position.
+
+Generation uses our own sampling loop (not ``TransformerBridge.generate``) so that it is exactly
+reproducible: one Gumbel noise vector per step is drawn from a CPU ``torch.Generator`` seeded with
+``seed`` and the token is ``argmax(logits / T + noise)`` (Gumbel-max sampling, equivalent to sampling
+from ``softmax(logits / T)``). The noise does not depend on the logits, so the same seed gives the
+same tokens with and without the KV cache, and a steered and an unsteered run with the same seed
+share their noise (matched samples, as in Neuronpedia's DEFAULT vs STEERED).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+Scope = Literal["prompt", "generated", "all"]
+SCOPES: tuple[str, ...] = ("prompt", "generated", "all")
+
+__all__ = [
+    "Scope",
+    "GenerationResult",
+    "SteeringHook",
+    "steering_vector",
+    "steering_hook",
+    "generate",
+    "generate_tokens",
+    "steered_pair",
+    "next_token_logprob_diff",
+    "max_activation",
+    "sae_site",
+    "site_activations",
+    "stop_layer",
+]
+
+
+class GenerationResult(NamedTuple):
+    """One generated sequence."""
+
+    tokens: Tensor  # [1, n] prompt + new tokens
+    text: str  # the whole sequence decoded (a leading BOS left out)
+    new_text: str  # the new tokens decoded
+    prompt_len: int  # number of prompt tokens (BOS included)
+
+
+# --------------------------------------------------------------------------- sites
+
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def sae_site(sae) -> tuple[str, int | None]:
+    """``(hook_name, head)`` of an SAE: ``'blocks.3.attn.hook_z:5'`` or ``cfg.hook_head_index`` give a head."""
+    name = sae.cfg.hook_name
+    if not name:
+        raise ValueError("the SAE's cfg has no hook_name; it cannot be attached to a model")
+    if ":" in name:
+        hook, head = name.rsplit(":", 1)
+        if not head.isdigit():
+            raise ValueError(f"hook {name!r}: the part after ':' must be a head index")
+        return hook, int(head)
+    return name, sae.cfg.hook_head_index
+
+
+def stop_layer(hook_name: str) -> int | None:
+    """``stop_at_layer`` that still runs ``hook_name``: block index + 1, or None (run to the end)."""
+    m = _BLOCK_RE.match(hook_name)
+    return int(m.group(1)) + 1 if m else None
+
+
+def _flatten(act: Tensor, head: int | None) -> Tensor:
+    """[b, pos, ...] → [b, pos, d]; ``hook_z`` [b, pos, heads, d_head] gives one head or all concatenated."""
+    if act.dim() == 4:
+        return act[:, :, head] if head is not None else act.flatten(2)
+    return act
+
+
+@torch.no_grad()
+def site_activations(model, hook_name: str, head: int | None, tokens: Tensor, batch_size: int = 16) -> Tensor:
+    """Activations [n_seq, pos, d] at ``hook_name`` (one head of ``hook_z`` if ``head``) for ``tokens``."""
+    out = []
+    stop = stop_layer(hook_name)
+    device = model.cfg.device
+    for s in range(0, tokens.shape[0], batch_size):
+        _, cache = model.run_with_cache(tokens[s : s + batch_size].to(device), names_filter=lambda n: n == hook_name, stop_at_layer=stop)
+        out.append(_flatten(cache[hook_name], head).float())
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- vectors and hooks
+
+
+def steering_vector(sae, latent: int, strength: float, max_act: float) -> Tensor:
+    """``strength · max_act · W_dec[latent]`` as a detached [d_in] tensor (negative strengths allowed)."""
+    if not 0 <= latent < sae.cfg.d_sae:
+        raise IndexError(f"latent {latent} is out of range for an SAE with d_sae={sae.cfg.d_sae}")
+    if not math.isfinite(strength * max_act):
+        raise ValueError(f"strength·max_act must be finite, got {strength}·{max_act}")
+    return (float(strength) * float(max_act)) * sae.W_dec[latent].detach().clone()
+
+
+class SteeringHook:
+    """A TransformerLens forward hook adding ``vector`` at the absolute positions in ``scope``.
+
+    ``vector`` is [d] (same for every row) or [batch, d] (one vector per row, for batched sweeps);
+    on a ``hook_z`` site [b, pos, heads, d_head] it is added to ``head`` ([d_head]) or, with no head,
+    to all heads ([heads·d_head]).
+
+    The absolute position of the first activation in a call is ``position_offset`` when set (our
+    sampling loop sets it before every forward). Left as None, it is inferred: a call with more than
+    one position, or the first call, starts at 0 (a full pass); a one-position call after that
+    continues where the previous call ended (a KV-cache decode step). Call ``reset()`` before
+    reusing the hook for another generation.
+    """
+
+    def __init__(self, vector: Tensor, scope: Scope, prompt_len: int, head: int | None = None):
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
+        if prompt_len < 0:
+            raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
+        self.vector = vector.detach()
+        self.scope = scope
+        self.prompt_len = int(prompt_len)
+        self.head = head
+        self.position_offset: int | None = None
+        self._seen = 0
+
+    def reset(self) -> None:
+        """Forget the positions seen so far (start of a new sequence)."""
+        self._seen = 0
+        self.position_offset = None
+
+    def in_scope(self, positions: Tensor) -> Tensor:
+        """Bool mask over absolute ``positions``."""
+        if self.scope == "all":
+            return torch.ones_like(positions, dtype=torch.bool)
+        if self.scope == "prompt":
+            return positions < self.prompt_len
+        return positions >= self.prompt_len
+
+    def __call__(self, act: Tensor, hook=None) -> Tensor:
+        n = act.shape[1]
+        if self.position_offset is not None:
+            offset = self.position_offset
+        else:
+            offset = self._seen if (n == 1 and self._seen > 0) else 0
+        self._seen = offset + n
+        mask = self.in_scope(torch.arange(offset, offset + n, device=act.device))
+        if not bool(mask.any()):
+            return act
+        vec = self.vector.to(device=act.device, dtype=act.dtype)
+        if vec.dim() == 1:
+            vec = vec.unsqueeze(0)  # [1, d]
+        if vec.shape[0] not in (1, act.shape[0]):
+            raise ValueError(f"steering vectors for {vec.shape[0]} rows, but the batch has {act.shape[0]}")
+        if act.dim() == 4:
+            if self.head is not None:
+                delta = torch.zeros_like(act)
+                delta[:, :, self.head] = vec[:, None, :].expand(act.shape[0], n, -1)
+                return act + delta * mask[None, :, None, None]
+            vec = vec.view(vec.shape[0], act.shape[2], act.shape[3])
+            return act + vec[:, None] * mask[None, :, None, None]
+        if vec.shape[-1] != act.shape[-1]:
+            raise ValueError(f"steering vector has width {vec.shape[-1]}, the hook's activations {act.shape[-1]}")
+        return act + vec[:, None, :] * mask[None, :, None]
+
+
+def steering_hook(vector: Tensor, scope: Scope, prompt_len: int, head: int | None = None) -> SteeringHook:
+    """A TL hook fn adding ``vector`` at the positions in ``scope`` (see :class:`SteeringHook`).
+
+    Works in full forwards and in KV-cache decode steps (one new position per call): the absolute
+    position of a decode step is tracked by the hook.
+    """
+    return SteeringHook(vector, scope, prompt_len, head)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _prompt_tokens(model, prompt: str | Tensor, prepend_bos: bool = True) -> Tensor:
+    if isinstance(prompt, str):
+        toks = model.to_tokens(prompt, prepend_bos=prepend_bos)
+    else:
+        toks = prompt if prompt.dim() == 2 else prompt.unsqueeze(0)
+    if toks.shape[1] == 0:
+        raise ValueError("the prompt is empty")
+    return toks.to(model.cfg.device).long()
+
+
+def _gumbel(gen: torch.Generator, vocab: int) -> Tensor:
+    u = torch.rand(vocab, generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+    return -torch.log(-torch.log(u))
+
+
+def _pick(logits: Tensor, noise: Tensor, temperature: float, top_p: float | None) -> Tensor:
+    """Next tokens [B] from last-position logits [B, V] and one shared noise vector [V]."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scaled = logits / temperature
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = scaled.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, -math.inf)
+    return (scaled + noise.to(scaled.device, scaled.dtype)).argmax(-1)
+
+
+@torch.no_grad()
+def generate_tokens(
+    model,
+    tokens: Tensor,
+    max_new_tokens: int,
+    *,
+    hooks: Sequence[tuple[str, SteeringHook]] = (),
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    use_kv_cache: bool = True,
+    stop_at_eos: bool = True,
+    progress: bool = False,
+) -> Tensor:
+    """The sampling loop: ``tokens`` [B, P] (one prompt, or B copies of it) → [B, P + T].
+
+    Every row sees the same noise. Rows that emitted EOS are padded with EOS; the loop stops once
+    every row has (``stop_at_eos``) or after ``max_new_tokens``.
+    """
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    eos = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos else None
+    gen = torch.Generator().manual_seed(int(seed))
+    vocab = None
+    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for _, h in hooks:
+        h.reset()
+
+    def forward(inp: Tensor, offset: int, past):
+        for _, h in hooks:
+            h.position_offset = offset
+        if use_kv_cache:
+            if past is None:
+                return model(inp, return_type="logits_and_cache", use_cache=True)
+            return model(inp, return_type="logits_and_cache", past_key_values=past)
+        return model(inp), None
+
+    with model.hooks(fwd_hooks=list(hooks)):
+        logits, past = forward(tokens, 0, None)
+        for t in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
+            last = logits[:, -1]
+            vocab = vocab or last.shape[-1]
+            nxt = _pick(last, _gumbel(gen, vocab), temperature, top_p)
+            if eos is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                done |= nxt == eos
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            if use_kv_cache:
+                logits, past = forward(nxt[:, None], tokens.shape[1] - 1, past)
+            else:
+                logits, _ = forward(tokens, 0, None)
+    for _, h in hooks:
+        h.position_offset = None
+    return tokens
+
+
+def _decode(model, toks: Tensor) -> str:
+    return model.tokenizer.decode(toks.tolist())
+
+
+def _result(model, tokens: Tensor, prompt_len: int) -> GenerationResult:
+    row = tokens[0]
+    bos = getattr(model.tokenizer, "bos_token_id", None)
+    start = 1 if bos is not None and row.numel() and int(row[0]) == bos else 0
+    return GenerationResult(tokens.cpu(), _decode(model, row[start:]), _decode(model, row[prompt_len:]), prompt_len)
+
+
+def _hooks_for(vector: Tensor | None, hook_name: str | None, scope: Scope, prompt_len: int, head: int | None):
+    if vector is None:
+        return []
+    if not hook_name:
+        raise ValueError("a steering vector needs hook_name (where to add it)")
+    if ":" in hook_name:
+        hook_name, h = hook_name.rsplit(":", 1)
+        head = int(h)
+    return [(hook_name, SteeringHook(vector, scope, prompt_len, head))]
+
+
+def generate(
+    model,
+    prompt: str | Tensor,
+    max_new_tokens: int = 30,
+    *,
+    vector: Tensor | None = None,
+    hook_name: str | None = None,
+    scope: Scope = "all",
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    use_kv_cache: bool = True,
+    head: int | None = None,
+    stop_at_eos: bool = True,
+    prepend_bos: bool = True,
+) -> GenerationResult:
+    """Sample a continuation of ``prompt``, optionally adding ``vector`` at ``hook_name`` over ``scope``.
+
+    Seeded and exact: the same arguments give the same tokens with or without the KV cache.
+    ``temperature=0`` is greedy. ``prompt`` is text (BOS prepended unless ``prepend_bos=False``) or
+    token ids [n] / [1, n]. ``hook_name`` may name a head as ``'blocks.L.attn.hook_z:H'``.
+    """
+    toks = _prompt_tokens(model, prompt, prepend_bos)
+    if toks.shape[0] != 1:
+        raise ValueError(f"generate takes one prompt, got a batch of {toks.shape[0]}")
+    plen = toks.shape[1]
+    hooks = _hooks_for(vector, hook_name, scope, plen, head)
+    out = generate_tokens(model, toks, max_new_tokens, hooks=hooks, seed=seed, temperature=temperature, top_p=top_p,
+                          use_kv_cache=use_kv_cache, stop_at_eos=stop_at_eos)
+    return _result(model, out, plen)
+
+
+def steered_pair(model, sae, prompt: str | Tensor, latent: int, strength: float, max_act: float, scope: Scope = "all",
+                 **gen_kwargs) -> tuple[GenerationResult, GenerationResult]:
+    """``(default, steered)`` generations with the same seed (so the same sampling noise)."""
+    hook, head = sae_site(sae)
+    vec = steering_vector(sae, latent, strength, max_act)
+    default = generate(model, prompt, **gen_kwargs)
+    steered = generate(model, prompt, vector=vec, hook_name=hook, head=head, scope=scope, **gen_kwargs)
+    return default, steered
+
+
+@torch.no_grad()
+def next_token_logprob_diff(model, sae, prompt: str | Tensor, latent: int, strength: float, max_act: float,
+                            scope: Scope = "all", top_n: int = 10) -> list[tuple[str, float]]:
+    """Tokens whose next-token log-prob changes most under steering: ``top_n`` rises, then ``top_n`` falls.
+
+    Each entry is ``(token string, log p_steered − log p_default)`` for the token after the prompt;
+    rises come in decreasing order, falls in increasing order (most negative first). Under the
+    ``"generated"`` scope nothing in the prompt is steered, so every difference is 0.
+    """
+    toks = _prompt_tokens(model, prompt)
+    hook, head = sae_site(sae)
+    vec = steering_vector(sae, latent, strength, max_act)
+    base = F.log_softmax(model(toks)[0, -1].float(), -1)
+    steered = F.log_softmax(model.run_with_hooks(toks, fwd_hooks=[(hook, SteeringHook(vec, scope, toks.shape[1], head))])[0, -1].float(), -1)
+    diff = steered - base
+    n = min(top_n, diff.numel())
+    up = diff.topk(n)
+    down = (-diff).topk(n)
+    tok = model.tokenizer
+    rises = [(tok.decode([int(i)]), float(v)) for v, i in zip(up.values, up.indices)]
+    falls = [(tok.decode([int(i)]), -float(v)) for v, i in zip(down.values, down.indices)]
+    return rises + falls
+
+
+@torch.no_grad()
+def max_activation(sae, model, tokens: Tensor, latent: int, *, batch_size: int = 16, special_ids: Tensor | None = None) -> float:
+    """Largest |activation| of ``latent`` over ``tokens`` [n_seq, ctx] (special positions skipped if given).
+
+    For ReLU-type SAEs this is the max activation; for signed SAEs the largest magnitude, so
+    ``strength`` keeps its meaning (units of the latent's typical peak) for both poles.
+    """
+    hook, head = sae_site(sae)
+    best = 0.0
+    for s in range(0, tokens.shape[0], batch_size):
+        toks = tokens[s : s + batch_size]
+        x = site_activations(model, hook, head, toks, batch_size)
+        keep = torch.ones(toks.shape, dtype=torch.bool) if special_ids is None else ~torch.isin(toks, special_ids.to(toks.device))
+        x = x[keep.to(x.device)]
+        if x.shape[0] == 0:
+            continue
+        acts = sae.encode_sparse(x.to(sae.device))
+        hit = acts.indices == latent
+        if hit.any():
+            best = max(best, float(acts.values[hit].abs().max()))
+    return best

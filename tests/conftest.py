@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny random TransformerBridge model (booted once per session)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Folder of a tiny 2-layer llama (d_model 64) with the SmolLM2 tokenizer."""
+    from saebench.models import make_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    make_tiny_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from saebench.models import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A small plain-text corpus file (paragraphs of real-ish English)."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    words = ("the quick brown fox jumps over the lazy dog while a curious cat watches from the old wooden fence "
+             "and birds sing in the tall green trees near the quiet river bank").split()
+    paras = []
+    for i in range(400):
+        paras.append(" ".join(words[(i + j) % len(words)] for j in range(40 + i % 17)) + ".")
+    path.write_text("\n\n".join(paras))
+    return path

@@ -1,0 +1,225 @@
+"""The sparse core: its gather/decode match dense autograd exactly, and the SAE's invariants hold."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saebench import sparse
+from saebench.io import ArtifactError
+from saebench.sae import SAE, SAEConfig
+
+
+def _sae(arch="topk", d_in=16, d_sae=48, k=4, seed=0):
+    sae = SAE(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=k if arch in ("topk", "abstopk") else None, hook_name="blocks.0.hook_resid_post"))
+    g = torch.Generator().manual_seed(seed)
+    sae.init_tied(g)
+    with torch.no_grad():
+        sae.encoder_weight.add_(0.1 * torch.randn(d_sae, d_in, generator=g))
+        sae.b_enc.normal_(0, 0.1, generator=g)
+        sae.b_dec.normal_(0, 0.1, generator=g)
+        if arch in ("jumprelu", "abs_jumprelu"):
+            sae.log_threshold.fill_(math.log(0.05))
+    return sae
+
+
+def test_gather_backward_matches_dense_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(10, 16, requires_grad=True)
+    W = torch.randn(48, 16, requires_grad=True)
+    b = torch.randn(48, requires_grad=True)
+    idx = torch.randint(0, 48, (10, 5))
+    upstream = torch.randn(10, 5)
+    # sparse path
+    with torch.no_grad():
+        pre = F.linear(x, W, b)
+    out = sparse.gather_pre(x, W, b, pre, idx)
+    (out * upstream).sum().backward()
+    grads_sparse = [t.grad.clone() for t in (x, W, b)]
+    for t in (x, W, b):
+        t.grad = None
+    # dense reference
+    (F.linear(x, W, b).gather(1, idx) * upstream).sum().backward()
+    for gs, t in zip(grads_sparse, (x, W, b)):
+        torch.testing.assert_close(gs, t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_decode_matches_dense():
+    torch.manual_seed(1)
+    W = torch.randn(48, 16)
+    acts = sparse.SparseActs(torch.randn(7, 4), torch.randint(0, 48, (7, 4)))
+    torch.testing.assert_close(sparse.decode(acts, W), acts.to_dense(48) @ W, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_to_indices_pads_and_marks_valid():
+    mask = torch.tensor([[True, False, True, False], [False, False, False, False], [True, True, True, False]])
+    idx, valid = sparse.mask_to_indices(mask)
+    assert idx.shape == (3, 3)
+    assert valid.sum(1).tolist() == [2, 0, 3]
+    for row in range(3):
+        assert set(idx[row][valid[row]].tolist()) == set(torch.nonzero(mask[row]).flatten().tolist())
+
+
+def test_batch_topk_mask_count():
+    scores = torch.randn(8, 20)
+    m = sparse.batch_topk_mask(scores, 13)
+    assert int(m.sum()) == 13
+    assert scores[m].min() >= scores[~m].max()
+
+
+@pytest.mark.parametrize("arch", ["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu"])
+def test_sparse_encode_equals_dense_reference(arch):
+    sae = _sae(arch)
+    x = torch.randn(12, 16)
+    pre = F.linear(x - sae.b_dec, sae.encoder_weight, sae.b_enc).detach()
+    if arch == "topk":
+        ref = torch.zeros_like(pre).scatter(1, pre.topk(4).indices, F.relu(pre.topk(4).values))
+    elif arch == "abstopk":
+        i = pre.abs().topk(4).indices
+        ref = torch.zeros_like(pre).scatter(1, i, pre.gather(1, i))
+    elif arch == "jumprelu":
+        ref = pre * (pre > 0.05)
+    elif arch == "abs_jumprelu":
+        ref = pre * (pre.abs() > 0.05)
+    else:
+        ref = F.relu(pre)
+    torch.testing.assert_close(sae.encode(x).detach(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sae(x).detach(), (ref @ sae.W_dec + sae.b_dec).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_abstopk_is_best_k_sparse_approximation():
+    """H_k(u) = argmin_{‖z‖₀ ≤ k} ‖z − u‖² (brute force over supports, small n)."""
+    import itertools
+
+    u = torch.randn(6)
+    best = min(itertools.combinations(range(6), 2), key=lambda s: sum(u[i] ** 2 for i in range(6) if i not in s))
+    idx = sparse.topk_select(u.abs()[None], 2)[0]
+    assert set(idx.tolist()) == set(best)
+
+
+def test_decoder_projection_keeps_unit_norm():
+    sae = _sae()
+    x = torch.randn(32, 16)
+    opt = torch.optim.SGD(sae.parameters(), lr=0.5)
+    for _ in range(5):
+        loss = (sae(x) - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        sae.project_decoder_grad()
+        unit = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+        radial = (sae.W_dec.grad * unit).sum(-1).abs()
+        assert (radial <= 1e-5 * sae.W_dec.grad.norm(dim=-1) + 1e-8).all()  # no radial component left
+        opt.step()
+        sae.normalize_decoder()
+        torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(48))
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "abstopk"])
+def test_fold_activation_scale_keeps_outputs(arch):
+    sae = _sae(arch)
+    x = torch.randn(20, 16) * 7
+    s = 0.37
+    with torch.no_grad():
+        trained_out = sae(x * s) / s
+        trained_codes = sae.encode(x * s) / s
+        sae.fold_activation_scale(s)
+        torch.testing.assert_close(sae(x), trained_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae.encode(x), trained_codes, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(48))
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_save_load_round_trip_is_exact(tmp_path, arch):
+    sae = _sae(arch)
+    sae.save(tmp_path / "sae")
+    loaded = SAE.load(tmp_path / "sae")
+    assert loaded.cfg == sae.cfg
+    for (n1, t1), (n2, t2) in zip(sae.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2)
+    x = torch.randn(5, 16)
+    assert torch.equal(sae(x), loaded(x))
+
+
+def test_saebench_interface_shapes():
+    sae = _sae()
+    assert sae.W_enc.shape == (16, 48) and sae.W_dec.shape == (48, 16)
+    assert sae.b_enc.shape == (48,) and sae.b_dec.shape == (16,)
+    assert sae.dtype == torch.float32 and sae.device.type == "cpu"
+    assert sae.encode(torch.randn(2, 3, 16)).shape == (2, 3, 48)
+    assert sae.decode(torch.zeros(2, 3, 48)).shape == (2, 3, 16)
+    for f in ("model_name", "d_in", "d_sae", "hook_layer", "hook_name"):
+        assert hasattr(sae.cfg, f)
+
+
+def test_loads_saelens_format(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    d, n = 8, 12
+    t = {"W_enc": torch.randn(d, n), "W_dec": torch.randn(n, d), "b_enc": torch.randn(n), "b_dec": torch.randn(d), "threshold": torch.rand(n)}
+    save_file(t, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": d, "d_sae": n, "dtype": "float32",
+                                                    "metadata": {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_pre"}}))
+    sae = SAE.load(tmp_path)
+    assert sae.cfg.hook_name == "blocks.3.hook_resid_pre" and sae.cfg.hook_layer == 3 and sae.cfg.model_name == "gpt2"
+    x = torch.randn(4, d)
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    ref = (pre * (pre > t["threshold"])) @ t["W_dec"] + t["b_dec"]
+    torch.testing.assert_close(sae(x).detach(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_wrong_width_input_is_a_clear_error():
+    sae = _sae()
+    with pytest.raises(ValueError, match="d_in=16"):
+        sae.encode(torch.randn(3, 17))
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("truncate_weights", "truncated or corrupted"),
+        ("bad_json", "not valid JSON"),
+        ("foreign_json", "not a valid saebench SAE config"),
+        ("wrong_shape", "shape"),
+        ("missing_folder", "does not exist"),
+        ("empty_folder", "does not exist|not an SAE folder"),
+    ],
+)
+def test_corrupted_or_foreign_folders_give_clear_errors(tmp_path, damage, match):
+    import json
+
+    folder = tmp_path / "sae"
+    _sae().save(folder)
+    if damage == "truncate_weights":
+        p = folder / "sae.safetensors"
+        p.write_bytes(p.read_bytes()[:200])
+    elif damage == "bad_json":
+        (folder / "cfg.json").write_text("{not json")
+    elif damage == "foreign_json":
+        (folder / "cfg.json").write_text(json.dumps({"format_version": 1, "hello": "world"}))
+    elif damage == "wrong_shape":
+        cfg = json.loads((folder / "cfg.json").read_text())
+        cfg["d_sae"] = 50
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+    elif damage == "missing_folder":
+        folder = tmp_path / "nope"
+    elif damage == "empty_folder":
+        folder = tmp_path / "empty"
+        folder.mkdir()
+    with pytest.raises(ArtifactError, match=match):
+        SAE.load(folder)
+
+
+def test_verify_reports_what_is_wrong(tmp_path):
+    from saebench.io import verify_folder
+
+    folder = _sae().save(tmp_path / "sae")
+    assert verify_folder(folder) == []
+    p = folder / "sae.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0xFF  # flip bits in the payload
+    p.write_bytes(bytes(data))
+    problems = verify_folder(folder)
+    assert len(problems) == 1 and "sae.safetensors" in problems[0] and "checksum" in problems[0]

@@ -1,0 +1,173 @@
+"""The TopK trainer on planted features: recovery, AuxK, resume, and its error paths."""
+
+import math
+
+import pytest
+import torch
+
+from saebench.activations import Batch, SyntheticSource
+from saebench.config import ConfigError, TrainConfig, build_config, load_config
+from saebench.sae import SAE
+from saebench.trainers.loop import NonFiniteError, lr_factor, train
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(hook_name="synthetic", method="topk", d_sae=128, k=3, training_tokens=512 * 800, batch_size_tokens=512, lr=4e-3,
+                out_dir=str(tmp_path / "run"), lr_warmup_steps=20, dead_window_tokens=20_000, checkpoint_every_steps=10_000,
+                normalize_activations="none", log_every_steps=50)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def recovery(features: torch.Tensor, sae: SAE, signed: bool = False) -> float:
+    """Fraction of planted features whose best decoder row has cos > 0.9 (|cos| if signed)."""
+    cos = torch.nn.functional.normalize(features, dim=-1) @ sae.W_dec.detach().T
+    cos = cos.abs() if signed else cos
+    return (cos.max(1).values > 0.9).float().mean().item()
+
+
+def test_topk_recovers_planted_features(tmp_path):
+    src = SyntheticSource(d=32, m=64, n_active=3, seed=0)
+    res = train(_cfg(tmp_path), source=src, progress=False)
+    assert recovery(src.features, res.sae) >= 0.9
+    assert res.history[-1]["l0"] == pytest.approx(3.0)
+    assert res.history[-1]["fvu"] < 0.15
+    torch.testing.assert_close(res.sae.W_dec.norm(dim=-1), torch.ones(128))
+    # the artifact on disk is the same SAE
+    loaded = SAE.load(res.out_dir)
+    x = src.chunk(99).acts["synthetic"][:64]
+    assert torch.equal(loaded(x), res.sae(x))
+    assert loaded.cfg.metadata["training_tokens"] == 512 * 800
+
+
+def _dead_after(tmp_path, coef, bias=-1.0):
+    """Train with a block of latents forced dead at init; return how many stay dead (never fire)."""
+    src = SyntheticSource(d=32, m=64, n_active=3, seed=1)
+    from saebench.trainers.topk import TopK
+
+    class ForcedDead(TopK):
+        name = "topk_forced_dead_test"
+
+        def init_sae(self, sae, sample, generator):
+            super().init_sae(sae, sample, generator)
+            with torch.no_grad():
+                sae.b_enc[:32] = bias  # these 32 latents lose every top-k contest at init
+
+    from saebench.trainers.base import METHODS
+
+    METHODS[ForcedDead.name] = ForcedDead
+    try:
+        cfg = _cfg(tmp_path / str(coef), method=ForcedDead.name, d_sae=64, training_tokens=512 * 300, dead_window_tokens=2048,
+                   method_options={"auxk_coef": coef})
+        res = train(cfg, source=src, progress=False)
+    finally:
+        METHODS.pop(ForcedDead.name)
+    x = torch.cat([src.chunk(50 + i).acts["synthetic"] for i in range(2)])
+    fired = torch.zeros(64, dtype=torch.bool)
+    acts = res.sae.encode_sparse(x)
+    fired[acts.indices[acts.values != 0]] = True
+    return int((~fired[:32]).sum())
+
+
+def test_auxk_revives_dead_latents_and_only_when_enabled(tmp_path):
+    dead_without = _dead_after(tmp_path, 0.0)
+    dead_with = _dead_after(tmp_path, 1 / 32)
+    assert dead_without >= 24  # forced-dead latents mostly stay dead without AuxK
+    assert dead_with <= 4  # AuxK brings them back
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    src = SyntheticSource(d=16, m=32, n_active=2, seed=3, chunk_tokens=4096)
+    common = dict(d_sae=64, k=2, training_tokens=256 * 60, batch_size_tokens=256, checkpoint_every_steps=10, dead_window_tokens=1024,
+                  normalize_activations="expected_average_only_in")
+    full = train(_cfg(tmp_path, out_dir=str(tmp_path / "full"), **common), source=src, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    cut = _cfg(tmp_path, out_dir=str(tmp_path / "cut"), **common)
+    # Stop the stream after 35 batches: checkpoints at steps 10, 20, 30 exist.
+    orig = src.batches
+
+    def dying(*a, **kw):
+        for i, item in enumerate(orig(*a, **kw)):
+            if i == 35:
+                raise Interrupt
+            yield item
+
+    src.batches = dying
+    with pytest.raises(Interrupt):
+        train(cut, source=src, progress=False)
+    src.batches = orig
+    resumed = train(cut, source=src, progress=False)
+    for (n, a), (_, b) in zip(full.sae.state_dict().items(), resumed.sae.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert [h["fvu"] for h in full.history] == [h["fvu"] for h in resumed.history]
+
+
+def test_nan_activations_stop_with_report_and_keep_checkpoint(tmp_path):
+    src = SyntheticSource(d=16, m=32, n_active=2, seed=4, chunk_tokens=2048)
+    orig_chunk = src.chunk
+
+    def poisoned(i):
+        b = orig_chunk(i)
+        if i >= 2:
+            b.acts["synthetic"][5, 3] = math.nan
+        return b
+
+    src.chunk = poisoned
+    cfg = _cfg(tmp_path, d_sae=64, k=2, training_tokens=256 * 40, batch_size_tokens=256, checkpoint_every_steps=5)
+    with pytest.raises(NonFiniteError, match=r"step \d+, hook synthetic: NaN/inf in activations .*1 of \d+ values non-finite"):
+        train(cfg, source=src, progress=False)
+    from saebench.trainers.checkpoint import load_checkpoint
+
+    tensors, meta = load_checkpoint(tmp_path / "run")
+    assert meta["step"] in (10, 15) and torch.isfinite(tensors["sae.W_dec"]).all()
+    # with on_nonfinite=skip the run completes and reports the skipped steps
+    res = train(cfg.model_copy(update={"on_nonfinite": "skip", "out_dir": str(tmp_path / "skip")}), source=src, progress=False)
+    assert res.sae.cfg.metadata["skipped_steps"] > 0 and torch.isfinite(res.sae.W_dec).all()
+
+
+def test_lr_schedule_shape():
+    f = [lr_factor(s, 100, 10, 0.2) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0 and f[80] == 1.0
+    assert f[99] == pytest.approx(0.05) and all(a >= b for a, b in zip(f[80:], f[81:]))
+
+
+def test_config_unknown_key_suggests_close_match(tmp_path):
+    with pytest.raises(ConfigError, match="'trainig_tokens' \\(did you mean 'training_tokens'\\?\\)"):
+        build_config(TrainConfig, {"trainig_tokens": 10})
+    p = tmp_path / "c.toml"
+    p.write_text('k = "lots"\n')
+    with pytest.raises(ConfigError, match="k: Input should be a valid integer"):
+        load_config(TrainConfig, p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(TrainConfig, tmp_path / "missing.toml")
+
+
+def test_unknown_method_and_bad_method_option(tmp_path):
+    from saebench.trainers import get_method
+
+    with pytest.raises(ConfigError, match="unknown method 'topq'; available: .*topk"):
+        get_method("topq")
+    with pytest.raises(ConfigError, match="known options: auxk_coef, k_aux"):
+        get_method("topk")(_cfg(tmp_path, method_options={"auxk": 1}))
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    src = SyntheticSource(d=16, m=32, n_active=2, seed=3, chunk_tokens=2048)
+    cfg = _cfg(tmp_path, d_sae=64, k=2, training_tokens=256 * 12, batch_size_tokens=256, checkpoint_every_steps=5)
+    orig = src.batches
+
+    def dying(*a, **kw):
+        for i, item in enumerate(orig(*a, **kw)):
+            if i == 7:
+                raise KeyboardInterrupt
+            yield item
+
+    src.batches = dying
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, source=src, progress=False)
+    src.batches = orig
+    with pytest.raises(ConfigError, match="fields differ: k"):
+        train(cfg.model_copy(update={"k": 3}), source=src, progress=False)

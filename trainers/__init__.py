@@ -1,0 +1,9 @@
+"""Training: one loop (``trainers.loop.train``) and one small module per method.
+
+Importing this package registers every method; ``get_method(name)`` looks one up.
+"""
+
+from saebench.trainers import topk  # noqa: F401  (registers)
+from saebench.trainers.base import METHODS, Method, StepInput, StepOutput, get_method, register
+
+__all__ = ["METHODS", "Method", "StepInput", "StepOutput", "get_method", "register"]

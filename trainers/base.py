@@ -1,0 +1,201 @@
+"""What a training method is: a selection rule, an activation, and loss terms.
+
+``Method.step`` runs the shared sparse pipeline: dense pre-activations without autograd →
+``select`` (the method's rule) → differentiable gather of the selected entries (sparse backward) →
+``activate`` → sparse decode → normalised MSE + AuxK + ``extra_losses``. A new method subclasses
+``Method``, overrides what differs, and registers itself with ``@register``; the training loop
+never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor
+
+from saebench import sparse
+from saebench.activations import Batch
+from saebench.config import ConfigError, TrainConfig
+from saebench.sae import SAE, SAEConfig
+from saebench.sparse import SparseActs
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: make a method selectable by its ``name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type["Method"]:
+    """Look a method up by name, with the list of known ones in the error."""
+    import saebench.trainers  # noqa: F401  (importing the package registers every method)
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+class Options(BaseModel):
+    """Method-specific options shared by the TopK family."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    auxk_coef: float = 1 / 32
+    k_aux: int | None = None  # default d_in // 2
+
+
+@dataclass
+class StepOutput:
+    """What one training step produced: named loss terms and the code used for the reconstruction."""
+
+    losses: dict[str, Tensor]
+    acts: SparseActs
+    x_hat: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> Tensor:
+        return sum(self.losses.values())
+
+
+def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Σ‖x − x̂‖² / Σ‖x − x̄‖² over the batch (the batch FVU); scale-free."""
+    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+class Method:
+    """The base every method extends; its defaults are TopK (Gao et al. 2024) with AuxK."""
+
+    name: ClassVar[str] = "topk"
+    architecture: ClassVar[str] = "topk"  # inference architecture of the exported SAE
+    Options: ClassVar[type[BaseModel]] = Options
+    needs_grads: ClassVar[bool] = False  # the source must provide ∇ₓ of the LM loss (g-SAE)
+    needs_model: ClassVar[bool] = False  # the method runs the model itself (end-to-end)
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        try:
+            self.opts = self.Options(**cfg.method_options)
+        except ValidationError as e:
+            msgs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            known = ", ".join(self.Options.model_fields)
+            raise ConfigError(f"method {self.name!r} options: {msgs} (known options: {known})") from None
+
+    # ----- construction ----------------------------------------------------------------------
+    def sae_config(self, d_in: int, **fields: Any) -> SAEConfig:
+        cfg = self.cfg
+        d_sae = cfg.d_sae or cfg.expansion_factor * d_in
+        if cfg.k > d_sae:
+            raise ConfigError(f"k={cfg.k} exceeds d_sae={d_sae}")
+        return SAEConfig(
+            architecture=self.architecture,
+            d_in=d_in,
+            d_sae=d_sae,
+            k=cfg.k if self.architecture in ("topk", "abstopk") else None,
+            dtype=cfg.dtype,
+            method=self.name,
+            **fields,
+        )
+
+    def init_sae(self, sae: SAE, sample: Tensor, generator: torch.Generator) -> None:
+        """Tied init and b_dec at the geometric median of a sample of (scaled) inputs."""
+        sae.init_tied(generator)
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(sample.float()).to(sae.dtype))
+
+    # ----- the training step -----------------------------------------------------------------
+    def select(self, pre: Tensor, batch: "StepInput") -> tuple[Tensor, Tensor | None]:
+        """Training-time selection: (indices [B, K], valid mask or None)."""
+        return sparse.topk_select(pre, self.cfg.k), None
+
+    @property
+    def signed(self) -> bool:
+        return self.architecture in ("abstopk", "abs_jumprelu")
+
+    def activate(self, values: Tensor, indices: Tensor, sae: SAE) -> Tensor:
+        return values if self.signed else F.relu(values)
+
+    def pre_acts(self, sae: SAE, x_c: Tensor) -> Tensor:
+        """Dense pre-activations; computed without autograd unless a loss needs all of them."""
+        with torch.no_grad():
+            return F.linear(x_c, sae.encoder_weight, sae.b_enc)
+
+    def step(self, sae: SAE, inp: "StepInput") -> StepOutput:
+        x = inp.x
+        x_c = sae.center(x)
+        pre = self.pre_acts(sae, x_c)
+        idx, valid = self.select(pre, inp)
+        vals = self.activate(sparse.gather_pre(x_c, sae.encoder_weight, sae.b_enc, pre, idx), idx, sae)
+        if valid is not None:
+            vals = vals * valid
+        acts = SparseActs(vals, idx)
+        x_hat = sparse.decode(acts, sae.W_dec, sae.b_dec)
+        losses = {"mse_loss": normalized_mse(x_hat, x)}
+        aux = self.auxk_loss(sae, x_c, pre, x - x_hat, inp.dead_mask)
+        if aux is not None:
+            losses["auxiliary_reconstruction_loss"] = aux
+        losses |= self.extra_losses(sae, inp, pre, acts, x_hat)
+        return StepOutput(losses, acts, x_hat)
+
+    def auxk_loss(self, sae: SAE, x_c: Tensor, pre: Tensor, residual: Tensor, dead: Tensor | None) -> Tensor | None:
+        """AuxK (Gao et al.): the top-k_aux *dead* latents reconstruct the residual; normalised MSE."""
+        coef = getattr(self.opts, "auxk_coef", 0.0)
+        if not coef or dead is None or not dead.any():
+            return None
+        k_aux = min(getattr(self.opts, "k_aux", None) or sae.d_in // 2, int(dead.sum()))
+        score = pre.abs() if self.signed else pre
+        idx = score.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
+        vals = sparse.gather_pre(x_c, sae.encoder_weight, sae.b_enc, pre, idx)
+        vals = vals if self.signed else F.relu(vals)
+        e = residual.detach()
+        e_hat = sparse.decode(SparseActs(vals, idx), sae.W_dec)
+        return coef * torch.nan_to_num(normalized_mse(e_hat, e), 0.0)
+
+    def extra_losses(self, sae: SAE, inp: "StepInput", pre: Tensor, acts: SparseActs, x_hat: Tensor) -> dict[str, Tensor]:
+        """Method-specific loss terms (none for TopK)."""
+        return {}
+
+    def after_step(self, sae: SAE, inp: "StepInput", out: StepOutput, step: int) -> None:
+        """Hook after the optimizer step (threshold EMAs, schedules)."""
+
+    def export(self, sae: SAE) -> SAE:
+        """Turn the trained SAE into its inference form (default: unchanged)."""
+        return sae
+
+    def state(self) -> dict[str, Tensor]:
+        """Method state to checkpoint (tensors)."""
+        return {}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+@dataclass
+class StepInput:
+    """One training batch, as seen by a method: scaled activations plus context."""
+
+    x: Tensor  # [B, d_in], scaled by the normalisation factor
+    dead_mask: Tensor | None  # [d_sae] bool
+    step: int
+    grads: Tensor | None = None  # [B, d_in] ∇ₓ LM loss, in scaled units (g-SAE)
+    token_ids: Tensor | None = None
+    scale: float = 1.0
+
+
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
+    """Weiszfeld iteration from the mean: argmin_y Σ‖x_i − y‖ for points [N, d]."""
+    y = points.mean(0)
+    for _ in range(max_iter):
+        w = 1.0 / (points - y).norm(dim=-1).clamp_min(1e-8)
+        y_new = (w[:, None] * points).sum(0) / w.sum()
+        if (y_new - y).norm() <= tol * y.norm().clamp_min(1e-8):
+            return y_new
+        y = y_new
+    return y
+
