@@ -115,7 +115,7 @@ def evaluate_core(
 
     validate_hook_name(model, hook)
     device = sae.device
-    s = _Sums(sum_x=torch.zeros(sae.d_in, dtype=torch.float64), fires=torch.zeros(sae.d_sae, dtype=torch.long))
+    acc = CoreAccumulator(sae)
     for start in tqdm(range(0, tokens.shape[0], batch_size), desc="core eval", disable=not progress):
         toks = tokens[start : start + batch_size].to(device)
         keep = token_mask(toks, special_ids)
@@ -126,21 +126,57 @@ def evaluate_core(
         x = x_full[keep]
         acts = sae.encode_sparse(x)
         x_hat = sae.decode_sparse(acts).float()
-        _accumulate(s, x, x_hat, acts)
+        acc.add_reconstruction(x, x_hat, acts)
         if downstream:
             recon = x_full.clone()
             recon[keep] = x_hat
             logits_sae = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(recon, head, keep))])
             logits_zero = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(None, head, keep))])
-            pred_mask = keep[:, :-1] & keep[:, 1:]
-            for name, lg in (("clean", logits_clean), ("sae", logits_sae), ("zero", logits_zero)):
-                s.ce[name] += ce_per_token(lg, toks)[pred_mask].sum().item()
-            for name, lg in (("sae", logits_sae), ("zero", logits_zero)):
-                s.kl[name] += kl_per_token(logits_clean, lg)[keep].sum().item()
-            s.n_pred += int(pred_mask.sum())
-    if s.n == 0:
-        raise ValueError("no tokens to evaluate (every position was a special token?)")
-    return _summarise(s, sae, downstream)
+            acc.add_downstream(toks, keep, logits_clean, logits_sae, logits_zero)
+    return acc.result(downstream)
+
+
+class CoreAccumulator:
+    """Running sums of the core metrics for one SAE, fed batch by batch.
+
+    ``evaluate_core`` uses it for one SAE; the bench runner (``evals/reconstruction.py``) feeds several
+    SAEs at one hook from a single clean forward and a single zero-ablation forward per batch.
+    """
+
+    def __init__(self, sae: SAE):
+        self.sae = sae
+        self.sums = _Sums(sum_x=torch.zeros(sae.d_in, dtype=torch.float64), fires=torch.zeros(sae.d_sae, dtype=torch.long))
+
+    def add_reconstruction(self, x: Tensor, x_hat: Tensor, acts) -> None:
+        """Non-special activations ``x`` [N, d_in], their reconstruction and the ``SparseActs``."""
+        _accumulate(self.sums, x, x_hat, acts)
+
+    def add_downstream(self, toks: Tensor, keep: Tensor, logits_clean: Tensor, logits_sae: Tensor, logits_zero: Tensor | None,
+                       ce_zero: float | None = None, kl_zero: float | None = None) -> None:
+        """One batch of spliced-forward logits [b, pos, V]; ``keep`` [b, pos] marks non-special positions.
+
+        The zero-ablation terms may be passed precomputed (``ce_zero``: summed CE over the batch's
+        predicted positions, ``kl_zero``: summed KL over kept positions) instead of ``logits_zero``,
+        since they do not depend on the SAE.
+        """
+        s = self.sums
+        pred_mask = keep[:, :-1] & keep[:, 1:]
+        s.ce["clean"] += ce_per_token(logits_clean, toks)[pred_mask].sum().item()
+        s.ce["sae"] += ce_per_token(logits_sae, toks)[pred_mask].sum().item()
+        s.kl["sae"] += kl_per_token(logits_clean, logits_sae)[keep].sum().item()
+        if logits_zero is not None:
+            s.ce["zero"] += ce_per_token(logits_zero, toks)[pred_mask].sum().item()
+            s.kl["zero"] += kl_per_token(logits_clean, logits_zero)[keep].sum().item()
+        else:
+            s.ce["zero"] += float(ce_zero)
+            s.kl["zero"] += float(kl_zero)
+        s.n_pred += int(pred_mask.sum())
+
+    def result(self, downstream: bool = True) -> dict[str, Any]:
+        """The metrics dict (as ``evaluate_core`` returns it)."""
+        if self.sums.n == 0:
+            raise ValueError("no tokens to evaluate (every position was a special token?)")
+        return _summarise(self.sums, self.sae, downstream)
 
 
 def _accumulate(s: _Sums, x: Tensor, x_hat: Tensor, acts) -> None:

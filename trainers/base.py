@@ -110,8 +110,11 @@ class Method:
             sae.b_dec.copy_(geometric_median(sample.float()).to(sae.dtype))
 
     # ----- the training step -----------------------------------------------------------------
-    def select(self, pre: Tensor, batch: "StepInput") -> tuple[Tensor, Tensor | None]:
-        """Training-time selection: (indices [B, K], valid mask or None)."""
+    def select(self, pre: Tensor, batch: "StepInput", sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
+        """Training-time selection: (indices [B, K], valid mask or None).
+
+        ``sae`` is there for rules that read the SAE's weights or thresholds (JumpReLU, g-SAE).
+        """
         return sparse.topk_select(pre, self.cfg.k), None
 
     @property
@@ -130,7 +133,7 @@ class Method:
         x = inp.x
         x_c = sae.center(x)
         pre = self.pre_acts(sae, x_c)
-        idx, valid = self.select(pre, inp)
+        idx, valid = self.select(pre, inp, sae=sae)
         vals = self.activate(sparse.gather_pre(x_c, sae.encoder_weight, sae.b_enc, pre, idx), idx, sae)
         if valid is not None:
             vals = vals * valid

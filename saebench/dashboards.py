@@ -1,0 +1,1308 @@
+"""Feature dashboards: one precompute pass over held-out tokens, stored for fast queries.
+
+``build_dashboards(sae_dir)`` harvests and encodes a token set once, keeping only the sparse codes
+(token, latent, value) of non-special positions, then walks the latents in feature batches and
+stores, per latent: the top activating examples (and, for signed SAEs, the most negative ones),
+random samples from equal-width activation intervals, density and a histogram of non-zero values,
+top ± logit effects (``W_dec · W_U``) with their histogram, nearest latents by decoder cosine and
+by activation (Pearson) correlation, and dead/dense flags.
+
+Layout of ``SAE_DIR/dashboards/``:
+
+- ``features.sqlite``: tables ``meta`` (provenance, JSON values), ``vocab``, ``features`` (one row
+  per latent), ``examples`` (window of token values around each example), ``feature_tokens`` (the
+  token at each top example's peak, for search by token), ``batches`` (finished feature batches)
+  and ``examples_fts`` (FTS5 over top-example text);
+- ``tokens.npy``: the token set ``[n_seq, context_size]`` (int32) the examples point into;
+- ``feature_stats.npz``: ``density``, ``max_act``, ``min_act``, ``n_active`` per latent, for
+  whole-SAE views without touching SQLite;
+- ``labels.sqlite``: user labels/explanations with FTS5; never touched by a rebuild;
+- ``codes.safetensors``: the harvested sparse codes while a build is unfinished (for resume).
+
+Every feature batch is written in one SQLite transaction together with its row in ``batches``, so
+a killed build resumes at the first unfinished batch and produces the same database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import math
+import os
+import random
+import re
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, NamedTuple
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saebench.io import ArtifactError, atomic_write_bytes, read_json, save_tensors, sha256_file
+from saebench.sae import CFG_FILE, SAE
+
+DASHBOARD_DIR = "dashboards"
+DB_FILE = "features.sqlite"
+LABELS_FILE = "labels.sqlite"
+TOKENS_FILE = "tokens.npy"
+STATS_FILE = "feature_stats.npz"
+CODES_FILE = "codes.safetensors"
+FORMAT_VERSION = 1
+
+__all__ = [
+    "DashboardConfig",
+    "build_dashboards",
+    "browse",
+    "Dashboard",
+    "FeatureData",
+    "Example",
+    "PromptActs",
+    "prompt_activations",
+    "top_latents_per_token",
+    "find_saes",
+    "resolve_sae",
+    "load_eval_results",
+    "dashboard_dir",
+    "build_command",
+]
+
+
+# =============================================================================================
+# Configuration
+# =============================================================================================
+
+
+class DashboardConfig(BaseModel):
+    """What a dashboard precompute computes and on which tokens (recorded as provenance)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_tokens: int = Field(131_072, gt=0, description="Tokens (positions, special tokens included) to scan for examples.")
+    corpus: str | None = Field(None, description="Text source (default: the corpus the SAE was trained on, per its cfg metadata).")
+    split: Literal["train", "eval"] = Field("eval", description="Corpus split; 'eval' is held out from SAE training.")
+    context_size: int | None = Field(None, gt=1, description="Tokens per sequence (default: the SAE's context size, else 128).")
+    exclude_special_tokens: bool = Field(True, description="Mask BOS/EOS/pad positions: they never count as activations.")
+    model_batch_size: int = Field(16, gt=0, description="Sequences per model forward while harvesting.")
+    feature_batch_size: int = Field(256, gt=0, description="Latents processed (and committed) together; the unit of resume.")
+    n_top: int = Field(20, gt=0, description="Top-activating examples stored per latent (and most negative ones for signed SAEs).")
+    n_intervals: int = Field(5, gt=0, description="Equal-width activation intervals sampled per latent (per sign for signed SAEs).")
+    per_interval: int = Field(5, gt=0, description="Random examples stored per interval.")
+    window_before: int = Field(16, ge=0, description="Context tokens stored before each example's peak token.")
+    window_after: int = Field(6, ge=0, description="Context tokens stored after each example's peak token.")
+    n_logits: int = Field(10, gt=0, description="Top positive and negative logit-effect tokens stored per latent.")
+    n_hist_bins: int = Field(50, gt=1, description="Bins of the activation and logit-effect histograms.")
+    n_neighbours: int = Field(10, gt=0, description="Nearest latents stored by decoder cosine and by activation correlation.")
+    dense_threshold: float = Field(0.1, gt=0, le=1, description="A latent active on more than this fraction of tokens is flagged dense.")
+    seed: int = Field(0, description="Seed for the interval samples.")
+    device: str = Field("cpu", description="Device for the model, the SAE and the matrix products.")
+
+
+def dashboard_dir(sae_dir: str | Path) -> Path:
+    """Where the dashboards of the SAE in ``sae_dir`` live."""
+    return Path(sae_dir) / DASHBOARD_DIR
+
+
+def build_command(sae_dir: str | Path) -> str:
+    """The shell command that builds the dashboards of ``sae_dir`` (shown by the app when missing)."""
+    return f"saebench dashboards {_shell_quote(str(sae_dir))}"
+
+
+def _shell_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+# =============================================================================================
+# SQLite helpers
+# =============================================================================================
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vocab(id INTEGER PRIMARY KEY, token TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS batches(batch INTEGER PRIMARY KEY, first INTEGER NOT NULL, stop INTEGER NOT NULL, seconds REAL);
+CREATE TABLE IF NOT EXISTS features(
+    feature INTEGER PRIMARY KEY,
+    n_active INTEGER NOT NULL,
+    density REAL NOT NULL,
+    max_act REAL, min_act REAL, mean_act REAL,
+    dead INTEGER NOT NULL, dense INTEGER NOT NULL,
+    act_hist TEXT, intervals TEXT,
+    logits_pos TEXT, logits_neg TEXT, logit_hist TEXT,
+    cos_neighbours TEXT, corr_neighbours TEXT
+);
+CREATE INDEX IF NOT EXISTS features_live ON features(dead, feature);
+CREATE TABLE IF NOT EXISTS examples(
+    feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL, bin INTEGER NOT NULL,
+    seq INTEGER NOT NULL, pos INTEGER NOT NULL, value REAL NOT NULL, start INTEGER NOT NULL, acts BLOB NOT NULL,
+    PRIMARY KEY(feature, kind, rank)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS feature_tokens(
+    token_id INTEGER NOT NULL, feature INTEGER NOT NULL, n INTEGER NOT NULL, max_value REAL NOT NULL,
+    PRIMARY KEY(token_id, feature)
+) WITHOUT ROWID;
+CREATE VIRTUAL TABLE IF NOT EXISTS examples_fts USING fts5(tokens, contexts);
+"""
+
+_LABELS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS labels(
+    feature INTEGER PRIMARY KEY, label TEXT NOT NULL DEFAULT '', explanation TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL DEFAULT 'user', updated_at TEXT NOT NULL
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS labels_fts USING fts5(label, explanation, content='labels', content_rowid='feature');
+CREATE TRIGGER IF NOT EXISTS labels_ai AFTER INSERT ON labels BEGIN
+  INSERT INTO labels_fts(rowid, label, explanation) VALUES (new.feature, new.label, new.explanation);
+END;
+CREATE TRIGGER IF NOT EXISTS labels_ad AFTER DELETE ON labels BEGIN
+  INSERT INTO labels_fts(labels_fts, rowid, label, explanation) VALUES('delete', old.feature, old.label, old.explanation);
+END;
+CREATE TRIGGER IF NOT EXISTS labels_au AFTER UPDATE ON labels BEGIN
+  INSERT INTO labels_fts(labels_fts, rowid, label, explanation) VALUES('delete', old.feature, old.label, old.explanation);
+  INSERT INTO labels_fts(rowid, label, explanation) VALUES (new.feature, new.label, new.explanation);
+END;
+"""
+
+
+def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+    else:
+        con = sqlite3.connect(path, timeout=30, check_same_thread=False)
+    con.execute("PRAGMA busy_timeout=30000")
+    return con
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[sqlite3.Connection]:
+    """A short-lived read-only connection (one per query keeps the app thread-safe)."""
+    con = _connect(path, readonly=True)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _get_meta(con: sqlite3.Connection) -> dict[str, Any]:
+    return {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
+
+
+def _set_meta(con: sqlite3.Connection, **items: Any) -> None:
+    con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in items.items()])
+
+
+def _fts_query(text: str) -> str | None:
+    """User text → an FTS5 query matching all its words as literal strings (no FTS syntax)."""
+    words = re.findall(r"\w+", text, flags=re.UNICODE)
+    if not words:
+        return None
+    return " ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+# =============================================================================================
+# Precompute
+# =============================================================================================
+
+
+def _special_ids(tokenizer) -> Tensor:
+    from saebench import text
+
+    if hasattr(text, "special_ids"):
+        return text.special_ids(tokenizer)
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids |= {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ids.discard(None)
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def _sae_hook(sae: SAE) -> tuple[str, int | None]:
+    from saebench.activations import parse_hook
+
+    name = sae.cfg.hook_name
+    if not name:
+        raise ArtifactError("the SAE's cfg.json has no hook_name; cannot run it on a model")
+    if ":" in name:
+        return parse_hook(name)
+    return name, sae.cfg.hook_head_index
+
+
+def _sae_fingerprint(sae_dir: Path) -> str:
+    """sha256 of the SAE weights (from its manifest when present: hashing is then free)."""
+    for weights in ("sae.safetensors", "sae_weights.safetensors"):
+        path = sae_dir / weights
+        if not path.exists():
+            continue
+        manifest = sae_dir / "manifest.json"
+        if manifest.exists():
+            try:
+                entry = read_json(manifest, "manifest")["files"][weights]
+                if entry.get("bytes") == path.stat().st_size:
+                    return entry["sha256"]
+            except (ArtifactError, KeyError, TypeError):
+                pass
+        return sha256_file(path)
+    raise ArtifactError(f"{sae_dir} holds no SAE weights")
+
+
+def _vocab_strings(tokenizer) -> list[str]:
+    """Each vocabulary id decoded on its own (how a token is shown in the browser)."""
+    n = len(tokenizer)
+    return [tokenizer.decode([i]) for i in range(n)]
+
+
+@torch.no_grad()
+def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, batch_size: int = 16, progress: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the model and the SAE over ``tokens`` [n_seq, ctx] once; return the non-zero codes.
+
+    Returns ``(tok, feat, val)``: flat position ``seq * ctx + pos`` (int64), latent (int32) and value
+    (float32) of every non-zero activation, sorted by position. Special positions are never encoded.
+    """
+    from saebench.activations import _flatten_site, hook_layer_of, token_mask
+    from saebench.models import validate_hook_name
+
+    hook, head = _sae_hook(sae)
+    validate_hook_name(model, hook)
+    stop = hook_layer_of(hook) + 1 if hook.startswith("blocks.") else None
+    n_seq, ctx = tokens.shape
+    device = sae.device
+    toks_out, feats_out, vals_out = [], [], []
+    positions = torch.arange(n_seq * ctx).view(n_seq, ctx)
+    for start in tqdm(range(0, n_seq, batch_size), desc="harvest + encode", disable=not progress, leave=False):
+        toks = tokens[start : start + batch_size]
+        _, cache = model.run_with_cache(toks.to(device), names_filter=lambda n: n == hook, stop_at_layer=stop)
+        x = _flatten_site(cache[hook], head)
+        if x.shape[-1] != sae.d_in:
+            raise ArtifactError(f"SAE d_in={sae.d_in} does not match the width {x.shape[-1]} of hook {hook} in this model")
+        keep = token_mask(toks, special_ids)
+        acts = sae.encode_sparse(x[keep.to(x.device)].float())
+        nz = acts.values != 0
+        pos = positions[start : start + toks.shape[0]][keep]
+        toks_out.append(pos[:, None].expand(-1, acts.indices.shape[1])[nz.cpu()])
+        feats_out.append(acts.indices[nz].to("cpu", torch.int32))
+        vals_out.append(acts.values[nz].to("cpu", torch.float32))
+        del cache
+    return torch.cat(toks_out), torch.cat(feats_out), torch.cat(vals_out)
+
+
+@dataclass
+class _Codes:
+    """Sparse codes in both orders: token-major (for windows, correlations) and feature-major."""
+
+    n_positions: int
+    n_valid: int  # non-special positions (the density denominator)
+    tok: Tensor  # [nnz] int64, token-major
+    feat: Tensor  # [nnz] int32
+    val: Tensor  # [nnz] float32
+    row_ptr: Tensor = field(init=False)  # [n_positions + 1]
+    f_tok: Tensor = field(init=False)  # feature-major copies
+    f_val: Tensor = field(init=False)
+    col_ptr: Tensor = field(init=False)  # [d_sae + 1]
+    mean: Tensor = field(init=False)  # per-latent E[f] over valid tokens (float64)
+    std: Tensor = field(init=False)
+
+    def index(self, d_sae: int) -> "_Codes":
+        counts = torch.bincount(self.tok, minlength=self.n_positions)
+        self.row_ptr = torch.zeros(self.n_positions + 1, dtype=torch.long)
+        self.row_ptr[1:] = counts.cumsum(0)
+        order = torch.argsort(self.feat, stable=True)
+        self.f_tok, self.f_val = self.tok[order], self.val[order]
+        fcounts = torch.bincount(self.feat.long(), minlength=d_sae)
+        self.col_ptr = torch.zeros(d_sae + 1, dtype=torch.long)
+        self.col_ptr[1:] = fcounts.cumsum(0)
+        v = self.val.double()
+        s1 = torch.zeros(d_sae, dtype=torch.float64).index_add_(0, self.feat.long(), v)
+        s2 = torch.zeros(d_sae, dtype=torch.float64).index_add_(0, self.feat.long(), v * v)
+        n = max(self.n_valid, 1)
+        self.mean = s1 / n
+        self.std = (s2 / n - self.mean**2).clamp_min(0).sqrt()
+        return self
+
+
+def _provenance_key(sae_dir: Path, sae: SAE, model_name: str, cfg: DashboardConfig, corpus: str, ctx: int) -> dict[str, Any]:
+    """What decides the contents of the dashboards: a resumed build must match it exactly."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "sae_sha256": _sae_fingerprint(sae_dir),
+        "model": model_name,
+        "hook_name": sae.cfg.hook_name,
+        "corpus": corpus,
+        "context_size": ctx,
+        "options": cfg.model_dump(exclude={"device", "model_batch_size", "corpus", "context_size"}),
+    }
+
+
+def build_dashboards(
+    sae_dir: str | Path,
+    *,
+    model=None,
+    n_tokens: int = 131_072,
+    batch_size: int = 16,
+    resume: bool = True,
+    progress: bool = True,
+    out_dir: str | Path | None = None,
+    **options: Any,
+) -> Path:
+    """Precompute the feature dashboards of the SAE in ``sae_dir``; return the dashboard folder.
+
+    Args:
+        sae_dir: an SAE folder (saebench or SAELens format).
+        model: a loaded model, a model name/folder, or None for the one in the SAE's cfg.json.
+        n_tokens: positions to scan (``n_tokens // context_size`` sequences of the held-out split).
+        batch_size: sequences per model forward.
+        resume: continue an unfinished build with the same settings (a finished one is returned as
+            is); with False, derived files are deleted and rebuilt (labels are kept).
+        progress: show progress bars.
+        out_dir: dashboard folder (default ``SAE_DIR/dashboards``).
+        **options: any other :class:`DashboardConfig` field (``corpus``, ``split``, ``context_size``,
+            ``feature_batch_size``, ``n_top``, ``device``, ...).
+
+    Raises:
+        ArtifactError: an existing build used other settings and ``resume`` is True.
+    """
+    cfg = DashboardConfig(n_tokens=n_tokens, model_batch_size=batch_size, **options)
+    sae_dir = Path(sae_dir)
+    out = Path(out_dir) if out_dir is not None else dashboard_dir(sae_dir)
+    t_start = time.perf_counter()
+    sae = SAE.load(sae_dir, device=cfg.device)
+    sae.requires_grad_(False)
+    model, model_name = _resolve_model(model, sae, cfg.device)
+    corpus = cfg.corpus or sae.cfg.metadata.get("corpus") or "default"
+    ctx = cfg.context_size or sae.cfg.context_size or 128
+    key = _provenance_key(sae_dir, sae, model_name, cfg, corpus, ctx)
+
+    out.mkdir(parents=True, exist_ok=True)
+    db_path = out / DB_FILE
+    if db_path.exists():
+        with contextlib.closing(_connect(db_path)) as con:
+            try:
+                old = _get_meta(con).get("key")
+            except sqlite3.DatabaseError:
+                old = None
+        if old == key and resume:
+            pass
+        elif resume and old is not None:
+            diff = sorted(k for k in set(key) | set(old) if key.get(k) != old.get(k))
+            raise ArtifactError(
+                f"{out} holds dashboards built with other settings (differences: {', '.join(diff)}); "
+                "rebuild them with resume=False (CLI: --no-resume), or write elsewhere with out_dir"
+            )
+        else:
+            _remove_derived(out)
+
+    con = _connect(db_path)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.executescript(_SCHEMA)
+        meta = _get_meta(con)
+        d_sae = sae.d_sae
+        fb = cfg.feature_batch_size
+        n_batches = math.ceil(d_sae / fb)
+        done = {b for (b,) in con.execute("SELECT batch FROM batches")}
+        if meta.get("complete") and len(done) == n_batches:
+            return out
+
+        tokenizer = model.tokenizer
+        if "key" not in meta:
+            with con:
+                con.executemany("INSERT OR REPLACE INTO vocab(id, token) VALUES (?, ?)", enumerate(_vocab_strings(tokenizer)))
+                _set_meta(con, key=key, d_sae=d_sae, n_batches=n_batches, complete=False, provenance=_provenance(sae, model_name, cfg, corpus, ctx))
+        vocab = [t for (t,) in con.execute("SELECT token FROM vocab ORDER BY id")]
+
+        t0 = time.perf_counter()
+        tokens, codes = _load_or_harvest(out, model, sae, cfg, corpus, ctx, tokenizer, progress)
+        harvest_seconds = time.perf_counter() - t0
+        codes.index(d_sae)
+        n_seq = tokens.shape[0]
+        with con:
+            _set_meta(con, n_sequences=n_seq, n_positions=codes.n_positions, n_valid_tokens=codes.n_valid,
+                      provenance=_provenance(sae, model_name, cfg, corpus, ctx) | {"n_sequences": n_seq, "n_positions": codes.n_positions, "n_tokens": codes.n_valid})
+
+        W_dec = sae.W_dec.detach().float()
+        W_dec_unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        W_U = _unembedding(model, sae.d_in)
+        todo = [b for b in range(n_batches) if b not in done]
+        t1 = time.perf_counter()
+        for b in tqdm(todo, desc="feature batches", disable=not progress):
+            tb = time.perf_counter()
+            lo, hi = b * fb, min(d_sae, (b + 1) * fb)
+            rows = _compute_batch(b, lo, hi, codes, tokens, W_dec, W_dec_unit, W_U, cfg, sae.cfg.signed, vocab)
+            _write_batch(con, b, lo, hi, rows, time.perf_counter() - tb)
+        batches_seconds = time.perf_counter() - t1
+
+        _finish(out, con, codes, d_sae, timings={"harvest_encode_s": harvest_seconds, "feature_batches_s": batches_seconds,
+                                                 "total_s": time.perf_counter() - t_start})
+    finally:
+        con.close()
+    return out
+
+
+def _resolve_model(model, sae: SAE, device: str):
+    from saebench.models import load_model
+
+    if model is None or isinstance(model, (str, os.PathLike)):
+        name = str(model) if model is not None else (sae.cfg.model_name or None)
+        return load_model(name, device=device), name or "smollm2-135m"
+    name = getattr(getattr(model, "cfg", None), "model_name", None) or sae.cfg.model_name or type(model).__name__
+    return model, str(name)
+
+
+def _provenance(sae: SAE, model_name: str, cfg: DashboardConfig, corpus: str, ctx: int) -> dict[str, Any]:
+    return {
+        "model": model_name,
+        "hook_name": sae.cfg.hook_name,
+        "architecture": sae.cfg.architecture,
+        "method": sae.cfg.method,
+        "d_sae": sae.d_sae,
+        "d_in": sae.d_in,
+        "signed": sae.cfg.signed,
+        "corpus": corpus,
+        "split": cfg.split,
+        "context_size": ctx,
+        "exclude_special_tokens": cfg.exclude_special_tokens,
+        "requested_tokens": cfg.n_tokens,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _remove_derived(out: Path) -> None:
+    for name in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm", TOKENS_FILE, STATS_FILE, CODES_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
+def _load_or_harvest(out: Path, model, sae: SAE, cfg: DashboardConfig, corpus: str, ctx: int, tokenizer, progress: bool) -> tuple[Tensor, _Codes]:
+    """The token set and its sparse codes: from the resume cache when present, else computed once."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    codes_path = out / CODES_FILE
+    if codes_path.exists() and (out / TOKENS_FILE).exists():
+        try:
+            t = load_file(str(codes_path))
+            tokens = torch.from_numpy(np.load(out / TOKENS_FILE).astype(np.int64))
+            return tokens, _Codes(tokens.numel(), int(t["n_valid"].item()), t["tok"], t["feat"], t["val"])
+        except (SafetensorError, OSError, KeyError, ValueError):
+            codes_path.unlink(missing_ok=True)  # a corrupted cache is recomputed, never trusted
+    from saebench import text
+
+    tokens = text.load_tokens(corpus, tokenizer, ctx, cfg.n_tokens, split=cfg.split)
+    special = _special_ids(tokenizer) if cfg.exclude_special_tokens else None
+    tok, feat, val = harvest_codes(model, sae, tokens, special, batch_size=cfg.model_batch_size, progress=progress)
+    from saebench.activations import token_mask
+
+    n_valid = int(token_mask(tokens, special).sum())
+    buf = _npy_bytes(tokens.numpy().astype(np.int32))
+    atomic_write_bytes(out / TOKENS_FILE, buf)
+    save_tensors(codes_path, {"tok": tok, "feat": feat, "val": val, "n_valid": torch.tensor(n_valid)})
+    return tokens, _Codes(tokens.numel(), n_valid, tok, feat, val)
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    f = io.BytesIO()
+    np.save(f, arr)
+    return f.getvalue()
+
+
+def _unembedding(model, d_in: int) -> Tensor | None:
+    """``W_U`` [d_model, vocab] when the SAE reads a d_model-wide stream, else None (no logit effects)."""
+    W_U = getattr(model, "W_U", None)
+    if W_U is None or W_U.shape[0] != d_in:
+        return None
+    return W_U.detach().float()
+
+
+class _BatchRows(NamedTuple):
+    features: list[tuple]
+    examples: list[tuple]
+    feature_tokens: list[tuple]
+    fts: list[tuple]
+    stats: dict[str, np.ndarray]
+
+
+def _hist(values: Tensor, group: Tensor, lo: Tensor, hi: Tensor, n_groups: int, n_bins: int) -> Tensor:
+    """Per-group equal-width histograms of ``values`` over [lo_g, hi_g]: [n_groups, n_bins] counts."""
+    width = (hi - lo).clamp_min(1e-12)
+    b = ((values - lo[group]) / width[group] * n_bins).floor().long().clamp_(0, n_bins - 1)
+    return torch.bincount(group * n_bins + b, minlength=n_groups * n_bins).view(n_groups, n_bins)
+
+
+def _compute_batch(b: int, lo: int, hi: int, codes: _Codes, tokens: Tensor, W_dec: Tensor, W_dec_unit: Tensor,
+                   W_U: Tensor | None, cfg: DashboardConfig, signed: bool, vocab: list[str]) -> _BatchRows:
+    """Everything stored for latents [lo, hi); pure function of its inputs (so resume is exact)."""
+    B = hi - lo
+    n_seq, ctx = tokens.shape
+    s0, s1 = int(codes.col_ptr[lo]), int(codes.col_ptr[hi])
+    counts = (codes.col_ptr[lo + 1 : hi + 1] - codes.col_ptr[lo:hi]).long()
+    local = torch.repeat_interleave(torch.arange(B), counts)
+    ft, fv = codes.f_tok[s0:s1], codes.f_val[s0:s1]
+    # Sort each latent's entries by value, descending (stable: ties keep token order).
+    p = torch.argsort(-fv, stable=True)
+    q = torch.argsort(local[p], stable=True)
+    perm = p[q]
+    ft, fv = ft[perm], fv[perm]
+    starts = torch.zeros(B, dtype=torch.long)
+    starts[1:] = counts.cumsum(0)[:-1]
+    alive = counts > 0
+    last = (starts + counts - 1).clamp_min(0)
+    max_act = torch.where(alive, fv[starts.clamp_max(max(len(fv) - 1, 0))] if len(fv) else torch.zeros(B), torch.zeros(B))
+    min_act = torch.where(alive, fv[last] if len(fv) else torch.zeros(B), torch.zeros(B))
+    sums = torch.zeros(B, dtype=torch.float64).index_add_(0, local, fv.double())
+    mean_act = torch.where(alive, sums / counts.clamp_min(1), torch.zeros(B, dtype=torch.float64))
+    n_pos = torch.bincount(local[fv > 0], minlength=B)
+    n_neg = torch.bincount(local[fv < 0], minlength=B)
+    density = counts.double() / max(codes.n_valid, 1)
+
+    # ---- examples: top, bottom (signed), interval samples ------------------------------------
+    ar = torch.arange(cfg.n_top)
+    picks: list[tuple[Tensor, Tensor, str, Tensor, Tensor]] = []  # (latent, entry, kind, rank, bin)
+    top_idx = starts[:, None] + ar
+    top_ok = ar[None, :] < n_pos[:, None]
+    fl, rk = top_ok.nonzero(as_tuple=True)
+    picks.append((fl, top_idx[fl, rk], "top", rk, torch.full_like(rk, -1)))
+    if signed:
+        bot_idx = (starts + counts - 1)[:, None] - ar
+        bot_ok = ar[None, :] < n_neg[:, None]
+        fl, rk = bot_ok.nonzero(as_tuple=True)
+        picks.append((fl, bot_idx[fl, rk], "bottom", rk, torch.full_like(rk, -1)))
+    nb = cfg.n_intervals
+    intervals: list[list[dict]] = [[] for _ in range(B)]
+    if len(fv):
+        pos_mask = fv > 0
+        mx = max_act[local].clamp_min(1e-12)
+        mn = min_act[local].clamp_max(-1e-12)
+        # Positive interval j holds values in (max·j/n, max·(j+1)/n]; negative interval j (stored as
+        # bin n+j) holds [min·(j+1)/n, min·j/n). Equal width from zero, as in sae_vis/Neuronpedia.
+        bin_pos = (torch.ceil(fv / mx * nb) - 1).clamp(0, nb - 1)
+        bin_neg = nb + (torch.ceil(fv / mn * nb) - 1).clamp(0, nb - 1)
+        bins = torch.where(pos_mask, bin_pos, bin_neg).long()
+        group = local * (2 * nb) + bins
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
+        r = torch.argsort(torch.rand(len(fv), generator=gen), stable=True)
+        order = r[torch.argsort(group[r], stable=True)]
+        gcount = torch.bincount(group, minlength=B * 2 * nb)
+        gstart = torch.zeros_like(gcount)
+        gstart[1:] = gcount.cumsum(0)[:-1]
+        rank_in = torch.arange(len(fv)) - gstart[group[order]]
+        sel = rank_in < cfg.per_interval
+        chosen = order[sel]
+        picks.append((local[chosen], chosen, "interval", rank_in[sel] + bins[chosen] * cfg.per_interval, bins[chosen]))
+        gc = gcount.view(B, 2 * nb)
+        for i in range(B):
+            c = int(counts[i])
+            if c == 0:
+                continue
+            mxi, mni = float(max_act[i]), float(min_act[i])
+            if n_pos[i] > 0:
+                for j in range(nb):
+                    intervals[i].append({"bin": j, "lo": mxi * j / nb, "hi": mxi * (j + 1) / nb, "count": int(gc[i, j]), "fraction": int(gc[i, j]) / c})
+            if n_neg[i] > 0:
+                for j in range(nb):
+                    intervals[i].append({"bin": nb + j, "lo": mni * (j + 1) / nb, "hi": mni * j / nb, "count": int(gc[i, nb + j]), "fraction": int(gc[i, nb + j]) / c})
+
+    # ---- window values around every picked example -------------------------------------------
+    ex_latent = torch.cat([p[0] for p in picks])
+    ex_entry = torch.cat([p[1] for p in picks])
+    ex_kind = [k for p in picks for k in [p[2]] * len(p[0])]
+    ex_rank = torch.cat([p[3] for p in picks])
+    ex_bin = torch.cat([p[4] for p in picks])
+    ex_tok = ft[ex_entry] if len(ex_entry) else torch.zeros(0, dtype=torch.long)
+    ex_val = fv[ex_entry] if len(ex_entry) else torch.zeros(0)
+    seq, pos = ex_tok // ctx, ex_tok % ctx
+    wb, wa = cfg.window_before, cfg.window_after
+    start = (pos - wb).clamp_min(0)
+    stop = (pos + wa + 1).clamp_max(ctx)
+    W = wb + wa + 1
+    offs = torch.arange(W)
+    wpos = start[:, None] + offs  # [E, W]
+    wvalid = wpos < stop[:, None]
+    wtok = (seq[:, None] * ctx + wpos.clamp_max(ctx - 1))
+    window_vals = _window_values(codes, wtok, (ex_latent + lo).int(), wvalid)
+
+    # ---- logit effects and neighbours -----------------------------------------------------------
+    dev = W_dec.device
+    logits_pos = logits_neg = logit_hist = None
+    if W_U is not None:
+        eff = (W_dec[lo:hi] @ W_U.to(dev)).cpu()  # [B, vocab]
+        k = min(cfg.n_logits, eff.shape[1])
+        tp = eff.topk(k, dim=1)
+        bt = (-eff).topk(k, dim=1)
+        elo, ehi = eff.min(1).values, eff.max(1).values
+        ehist = _hist(eff.flatten(), torch.arange(B).repeat_interleave(eff.shape[1]), elo, ehi, B, cfg.n_hist_bins)
+        logits_pos = [[[int(t), round(float(v), 5)] for t, v in zip(tp.indices[i], tp.values[i])] for i in range(B)]
+        logits_neg = [[[int(t), round(-float(v), 5)] for t, v in zip(bt.indices[i], bt.values[i])] for i in range(B)]
+        logit_hist = [{"lo": float(elo[i]), "hi": float(ehi[i]), "counts": ehist[i].tolist()} for i in range(B)]
+    cos = (W_dec_unit[lo:hi] @ W_dec_unit.T).cpu()
+    cos[torch.arange(B), torch.arange(lo, hi)] = -math.inf
+    kn = min(cfg.n_neighbours, max(cos.shape[1] - 1, 0))
+    cos_top = cos.topk(kn, dim=1) if kn else None
+    corr_top = _correlation_neighbours(codes, lo, hi, ft, local, fv, kn)
+
+    # ---- activation histograms ---------------------------------------------------------------------
+    # Unsigned: [0, max]; signed: [min(min, 0), max(max, 0)] so both tails are visible.
+    hlo = torch.minimum(min_act, torch.zeros(B)) if signed else torch.zeros(B)
+    hhi = torch.maximum(max_act, torch.zeros(B)) if signed else max_act
+    ahist = _hist(fv, local, hlo, hhi, B, cfg.n_hist_bins) if len(fv) else torch.zeros(B, cfg.n_hist_bins, dtype=torch.long)
+
+    # ---- rows ------------------------------------------------------------------------------------------
+    features = []
+    for i in range(B):
+        c = int(counts[i])
+        features.append((
+            lo + i, c, float(density[i]),
+            float(max_act[i]) if c else None, float(min_act[i]) if c else None, float(mean_act[i]) if c else None,
+            int(c == 0), int(float(density[i]) > cfg.dense_threshold),
+            json.dumps({"lo": float(hlo[i]), "hi": float(hhi[i]), "counts": ahist[i].tolist()}) if c else None,
+            json.dumps(intervals[i]) if c else None,
+            json.dumps(logits_pos[i]) if logits_pos else None,
+            json.dumps(logits_neg[i]) if logits_neg else None,
+            json.dumps(logit_hist[i]) if logit_hist else None,
+            json.dumps([[int(j), round(float(v), 5)] for j, v in zip(cos_top.indices[i], cos_top.values[i])]) if cos_top else "[]",
+            json.dumps(corr_top[i]),
+        ))
+    examples = []
+    ex_latent_l, ex_rank_l, ex_bin_l = ex_latent.tolist(), ex_rank.tolist(), ex_bin.tolist()
+    seq_l, pos_l, start_l, stop_l = seq.tolist(), pos.tolist(), start.tolist(), stop.tolist()
+    val_l = ex_val.tolist()
+    wv = window_vals.numpy().astype(np.float32)
+    for e in range(len(ex_latent_l)):
+        n = stop_l[e] - start_l[e]
+        examples.append((lo + ex_latent_l[e], ex_kind[e], ex_rank_l[e], ex_bin_l[e], seq_l[e], pos_l[e], val_l[e], start_l[e], wv[e, :n].tobytes()))
+    # Search rows from the top examples: the peak tokens and the window text.
+    toks_np = tokens.numpy()
+    peak_counter: dict[int, Counter] = {}
+    peak_max: dict[tuple[int, int], float] = {}
+    texts: dict[int, list[str]] = {}
+    for e in range(len(ex_latent_l)):
+        if ex_kind[e] == "interval":
+            continue
+        f = lo + ex_latent_l[e]
+        tid = int(toks_np[seq_l[e], pos_l[e]])
+        peak_counter.setdefault(f, Counter())[tid] += 1
+        peak_max[(tid, f)] = max(peak_max.get((tid, f), -math.inf), abs(val_l[e]))
+        ids = toks_np[seq_l[e], start_l[e] : stop_l[e]]
+        texts.setdefault(f, []).append("".join(vocab[t] if 0 <= t < len(vocab) else "" for t in ids))
+    feature_tokens = [(tid, f, n, peak_max[(tid, f)]) for f, cnt in peak_counter.items() for tid, n in cnt.items()]
+    fts = [(f, " ".join(dict.fromkeys(vocab[t].strip() for t in peak_counter[f] if 0 <= t < len(vocab))), "\n".join(texts[f])) for f in texts]
+    stats = {"density": density.numpy(), "max_act": max_act.numpy(), "min_act": min_act.numpy(), "n_active": counts.numpy()}
+    return _BatchRows(features, examples, feature_tokens, fts, stats)
+
+
+def _window_values(codes: _Codes, wtok: Tensor, latent: Tensor, wvalid: Tensor) -> Tensor:
+    """Activation of ``latent[e]`` at every window position ``wtok[e, w]``: [E, W] (0 where invalid)."""
+    E, W = wtok.shape
+    if E == 0:
+        return torch.zeros(0, W)
+    out = torch.zeros(E, W)
+    lens = codes.row_ptr[1:] - codes.row_ptr[:-1]
+    kmax = int(lens.max()) if len(lens) else 0
+    if kmax == 0:
+        return out
+    step = max(1, (1 << 22) // (W * kmax))
+    for s in range(0, E, step):
+        t = wtok[s : s + step]
+        base = codes.row_ptr[t]  # [e, W]
+        ln = lens[t]
+        k = torch.arange(kmax)
+        idx = base[..., None] + k
+        ok = (k < ln[..., None]) & wvalid[s : s + step, :, None]
+        idx = idx.clamp_max(len(codes.feat) - 1)
+        hit = ok & (codes.feat[idx] == latent[s : s + step, None, None])
+        out[s : s + step] = (codes.val[idx] * hit).sum(-1)
+    return out
+
+
+def _correlation_neighbours(codes: _Codes, lo: int, hi: int, ft: Tensor, local: Tensor, fv: Tensor, k: int) -> list[list]:
+    """Top-``k`` latents by Pearson correlation of activations (over valid tokens) for latents [lo, hi).
+
+    Only co-occurring pairs can correlate positively, so the co-occurrence sums Σ_t f_i f_j are
+    gathered from the codes of the tokens where each latent is active: O(nnz · K) work in all.
+    """
+    B = hi - lo
+    d_sae = len(codes.mean)
+    if k == 0 or len(ft) == 0:
+        return [[] for _ in range(B)]
+    lens = codes.row_ptr[ft + 1] - codes.row_ptr[ft]
+    cross = torch.zeros(B * d_sae, dtype=torch.float64)
+    budget = 1 << 23
+    csum = lens.cumsum(0)
+    s = 0
+    while s < len(ft):
+        # entries [s, e) expand to at most `budget` pairs (at least one entry per step)
+        base = int(csum[s - 1]) if s else 0
+        e = int(torch.searchsorted(csum, base + budget, right=True))
+        e = max(e, s + 1)
+        rep = lens[s:e]
+        owner = torch.repeat_interleave(torch.arange(s, e), rep)
+        first = torch.repeat_interleave(codes.row_ptr[ft[s:e]], rep)
+        within = torch.arange(len(owner)) - torch.repeat_interleave(torch.cumsum(rep, 0) - rep, rep)
+        idx = first + within
+        j = codes.feat[idx].long()
+        w = fv[owner].double() * codes.val[idx].double()
+        cross.index_add_(0, local[owner] * d_sae + j, w)
+        s = e
+    n = max(codes.n_valid, 1)
+    mu, sd = codes.mean, codes.std
+    cov = cross.view(B, d_sae) / n - mu[lo:hi, None] * mu[None, :]
+    denom = sd[lo:hi, None] * sd[None, :]
+    corr = torch.where(denom > 0, cov / denom.clamp_min(1e-30), torch.full_like(cov, -math.inf))
+    corr[torch.arange(B), torch.arange(lo, hi)] = -math.inf
+    top = corr.topk(min(k, d_sae), dim=1)
+    out = []
+    for i in range(B):
+        out.append([[int(j), round(float(v), 5)] for j, v in zip(top.indices[i], top.values[i]) if v > 0 and math.isfinite(v)])
+    return out
+
+
+def _write_batch(con: sqlite3.Connection, b: int, lo: int, hi: int, rows: _BatchRows, seconds: float) -> None:
+    """Commit one feature batch (and its ``batches`` row) atomically."""
+    with con:
+        con.execute("DELETE FROM features WHERE feature >= ? AND feature < ?", (lo, hi))
+        con.execute("DELETE FROM examples WHERE feature >= ? AND feature < ?", (lo, hi))
+        con.execute("DELETE FROM feature_tokens WHERE feature >= ? AND feature < ?", (lo, hi))
+        con.execute("DELETE FROM examples_fts WHERE rowid >= ? AND rowid < ?", (lo, hi))
+        con.executemany("INSERT INTO features VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows.features)
+        con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?)", rows.examples)
+        con.executemany("INSERT INTO feature_tokens VALUES (?,?,?,?)", rows.feature_tokens)
+        con.executemany("INSERT INTO examples_fts(rowid, tokens, contexts) VALUES (?,?,?)", rows.fts)
+        con.execute("INSERT OR REPLACE INTO batches VALUES (?,?,?,?)", (b, lo, hi, seconds))
+
+
+def _finish(out: Path, con: sqlite3.Connection, codes: _Codes, d_sae: int, timings: dict[str, float]) -> None:
+    """Write the per-latent numpy stats, mark the build complete and drop the resume cache."""
+    stats = {name: np.zeros(d_sae, dtype=dt) for name, dt in (("density", np.float64), ("max_act", np.float32), ("min_act", np.float32), ("n_active", np.int64))}
+    for f, n, d, mx, mn in con.execute("SELECT feature, n_active, density, max_act, min_act FROM features"):
+        stats["density"][f], stats["n_active"][f] = d, n
+        stats["max_act"][f], stats["min_act"][f] = mx or 0.0, mn or 0.0
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **stats)
+    atomic_write_bytes(out / STATS_FILE, buf.getvalue())
+    with con:
+        _set_meta(con, complete=True, timings=timings, n_live=int((stats["n_active"] > 0).sum()))
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.execute("PRAGMA journal_mode=DELETE")  # a single self-contained file once finished
+    (out / CODES_FILE).unlink(missing_ok=True)
+
+
+# =============================================================================================
+# Query layer (what the app uses)
+# =============================================================================================
+
+
+@dataclass
+class Example:
+    """One stored example: a window of tokens around the peak position and the latent's values."""
+
+    kind: str  # top | bottom | interval
+    rank: int
+    bin: int
+    seq: int
+    pos: int
+    value: float
+    start: int
+    token_ids: list[int]
+    tokens: list[str]
+    acts: list[float]
+
+    @property
+    def peak_index(self) -> int:
+        return self.pos - self.start
+
+
+@dataclass
+class FeatureData:
+    """Everything stored about one latent."""
+
+    feature: int
+    n_active: int
+    density: float
+    max_act: float | None
+    min_act: float | None
+    mean_act: float | None
+    dead: bool
+    dense: bool
+    act_hist: dict | None
+    intervals: list[dict]
+    logits_pos: list[tuple[str, float]]
+    logits_neg: list[tuple[str, float]]
+    logit_hist: dict | None
+    cos_neighbours: list[tuple[int, float]]
+    corr_neighbours: list[tuple[int, float]]
+
+    @property
+    def max_abs_act(self) -> float:
+        """The largest |activation| seen (the unit of steering strength)."""
+        return max(abs(self.max_act or 0.0), abs(self.min_act or 0.0))
+
+
+class Dashboard:
+    """Read access to one SAE's dashboards (plus its writable labels store)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.db_path = self.folder / DB_FILE
+        self.labels_path = self.folder / LABELS_FILE
+        if not self.db_path.is_file():
+            raise ArtifactError(f"no dashboards in {self.folder}: {DB_FILE} is missing")
+        with _reading(self.db_path) as con:
+            try:
+                self.meta = _get_meta(con)
+            except sqlite3.DatabaseError as e:
+                raise ArtifactError(f"{self.db_path} is not a readable dashboard database ({e})") from None
+            self.done_batches = con.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+        self.d_sae = int(self.meta.get("d_sae", 0))
+        self._tokens: np.ndarray | None = None
+        self._vocab: list[str] | None = None
+
+    # ---- whole-SAE facts -------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.meta.get("provenance", {}))
+
+    @property
+    def version(self) -> str:
+        """Changes whenever the database is rewritten (a cache key for the app)."""
+        st = self.db_path.stat()
+        return f"{st.st_mtime_ns}-{st.st_size}-{self.done_batches}"
+
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.load(self.folder / TOKENS_FILE, mmap_mode="r")
+        return self._tokens
+
+    def vocab(self) -> list[str]:
+        if self._vocab is None:
+            with _reading(self.db_path) as con:
+                self._vocab = [t for (t,) in con.execute("SELECT token FROM vocab ORDER BY id")]
+        return self._vocab
+
+    def token_str(self, token_id: int) -> str:
+        v = self.vocab()
+        return v[token_id] if 0 <= token_id < len(v) else f"<{token_id}>"
+
+    def stats(self) -> dict[str, np.ndarray]:
+        """Per-latent density / max / min / count arrays (from ``feature_stats.npz`` once complete)."""
+        path = self.folder / STATS_FILE
+        if path.exists():
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        out = {"density": np.zeros(self.d_sae), "max_act": np.zeros(self.d_sae, np.float32), "min_act": np.zeros(self.d_sae, np.float32), "n_active": np.zeros(self.d_sae, np.int64)}
+        with _reading(self.db_path) as con:
+            for f, n, d, mx, mn in con.execute("SELECT feature, n_active, density, max_act, min_act FROM features"):
+                out["density"][f], out["n_active"][f], out["max_act"][f], out["min_act"][f] = d, n, mx or 0, mn or 0
+        return out
+
+    def counts(self) -> dict[str, int]:
+        with _reading(self.db_path) as con:
+            n, live, dense = con.execute("SELECT COUNT(*), COALESCE(SUM(1 - dead), 0), COALESCE(SUM(dense), 0) FROM features").fetchone()
+        return {"computed": n, "live": live, "dead": n - live, "dense": dense}
+
+    # ---- one latent --------------------------------------------------------------------------------
+    def feature(self, i: int) -> FeatureData | None:
+        """The stored data of latent ``i``, or None if its batch has not been computed."""
+        with _reading(self.db_path) as con:
+            row = con.execute("SELECT * FROM features WHERE feature = ?", (int(i),)).fetchone()
+        if row is None:
+            return None
+        (f, n, dens, mx, mn, mean, dead, dense, ah, iv, lp, ln, lh, cn, rn) = row
+        tok = self.token_str
+        return FeatureData(
+            f, n, dens, mx, mn, mean, bool(dead), bool(dense),
+            json.loads(ah) if ah else None, json.loads(iv) if iv else [],
+            [(tok(t), v) for t, v in json.loads(lp)] if lp else [], [(tok(t), v) for t, v in json.loads(ln)] if ln else [],
+            json.loads(lh) if lh else None,
+            [tuple(x) for x in json.loads(cn or "[]")], [tuple(x) for x in json.loads(rn or "[]")],
+        )
+
+    def examples(self, i: int, kind: str | None = None) -> list[Example]:
+        """Stored examples of latent ``i`` (all kinds, or one), in rank order."""
+        q = "SELECT kind, rank, bin, seq, pos, value, start, acts FROM examples WHERE feature = ?"
+        args: tuple = (int(i),)
+        if kind is not None:
+            q += " AND kind = ?"
+            args += (kind,)
+        with _reading(self.db_path) as con:
+            rows = con.execute(q + " ORDER BY kind, rank", args).fetchall()
+        toks = self.tokens()
+        out = []
+        for kind_, rank, bin_, seq, pos, value, start, blob in rows:
+            acts = np.frombuffer(blob, dtype=np.float32).tolist()
+            ids = [int(t) for t in toks[seq, start : start + len(acts)]]
+            out.append(Example(kind_, rank, bin_, seq, pos, value, start, ids, [self.token_str(t) for t in ids], acts))
+        return out
+
+    def neighbour_stats(self, ids: list[int]) -> dict[int, tuple[float, float | None]]:
+        """(density, max_act) of a few latents, for neighbour tables."""
+        if not ids:
+            return {}
+        with _reading(self.db_path) as con:
+            q = f"SELECT feature, density, max_act FROM features WHERE feature IN ({','.join('?' * len(ids))})"
+            return {f: (d, m) for f, d, m in con.execute(q, [int(x) for x in ids])}
+
+    # ---- navigation ---------------------------------------------------------------------------------
+    def step(self, i: int, direction: int, live_only: bool = False) -> int:
+        """The next (``direction`` = 1) or previous (-1) latent from ``i``, wrapping around."""
+        if not live_only:
+            return (i + direction) % max(self.d_sae, 1)
+        with _reading(self.db_path) as con:
+            if direction > 0:
+                r = con.execute("SELECT MIN(feature) FROM features WHERE dead = 0 AND feature > ?", (i,)).fetchone()[0]
+                if r is None:
+                    r = con.execute("SELECT MIN(feature) FROM features WHERE dead = 0").fetchone()[0]
+            else:
+                r = con.execute("SELECT MAX(feature) FROM features WHERE dead = 0 AND feature < ?", (i,)).fetchone()[0]
+                if r is None:
+                    r = con.execute("SELECT MAX(feature) FROM features WHERE dead = 0").fetchone()[0]
+        return i if r is None else int(r)
+
+    def random_feature(self, rng: random.Random, live_only: bool = False) -> int:
+        with _reading(self.db_path) as con:
+            where = "WHERE dead = 0" if live_only else ""
+            n = con.execute(f"SELECT COUNT(*) FROM features {where}").fetchone()[0]
+            if n == 0:
+                return rng.randrange(max(self.d_sae, 1))
+            return int(con.execute(f"SELECT feature FROM features {where} ORDER BY feature LIMIT 1 OFFSET ?", (rng.randrange(n),)).fetchone()[0])
+
+    # ---- search ------------------------------------------------------------------------------------------
+    def search_text(self, query: str, limit: int = 20) -> list[tuple[int, str]]:
+        """Latents whose top examples contain all words of ``query``: (latent, snippet) best first."""
+        q = _fts_query(query)
+        if q is None:
+            return []
+        with _reading(self.db_path) as con:
+            rows = con.execute(
+                "SELECT rowid, snippet(examples_fts, 1, '\u27e6', '\u27e7', '…', 12) FROM examples_fts WHERE examples_fts MATCH ? "
+                "ORDER BY bm25(examples_fts, 4.0, 1.0) LIMIT ?", (q, limit)).fetchall()
+        return [(int(f), s) for f, s in rows]
+
+    def search_token(self, token: str, limit: int = 20) -> list[tuple[int, str, int, float]]:
+        """Latents whose top examples peak on a token equal to ``token`` (ignoring case and edge spaces).
+
+        Returns (latent, token string, number of top examples peaking on it, largest |value|).
+        """
+        want = token.strip().casefold()
+        if not want:
+            return []
+        ids = [i for i, t in enumerate(self.vocab()) if t.strip().casefold() == want]
+        if not ids:
+            return []
+        with _reading(self.db_path) as con:
+            q = (f"SELECT feature, token_id, n, max_value FROM feature_tokens WHERE token_id IN ({','.join('?' * len(ids))}) "
+                 "ORDER BY n DESC, max_value DESC LIMIT ?")
+            rows = con.execute(q, (*ids, limit)).fetchall()
+        return [(int(f), self.token_str(t), int(n), float(v)) for f, t, n, v in rows]
+
+    # ---- labels ------------------------------------------------------------------------------------------
+    def _labels_con(self) -> sqlite3.Connection:
+        con = _connect(self.labels_path)
+        con.executescript(_LABELS_SCHEMA)
+        return con
+
+    def label(self, i: int) -> tuple[str, str]:
+        """(label, explanation) of latent ``i`` ('' when unlabelled)."""
+        if not self.labels_path.exists():
+            return "", ""
+        with _reading(self.labels_path) as con:
+            try:
+                row = con.execute("SELECT label, explanation FROM labels WHERE feature = ?", (int(i),)).fetchone()
+            except sqlite3.OperationalError:
+                return "", ""
+        return (row[0], row[1]) if row else ("", "")
+
+    def labels(self, ids: list[int]) -> dict[int, str]:
+        if not ids or not self.labels_path.exists():
+            return {}
+        with _reading(self.labels_path) as con:
+            try:
+                q = f"SELECT feature, label FROM labels WHERE feature IN ({','.join('?' * len(ids))}) AND label != ''"
+                return {int(f): lab for f, lab in con.execute(q, [int(x) for x in ids])}
+            except sqlite3.OperationalError:
+                return {}
+
+    def set_label(self, i: int, label: str, explanation: str = "", source: str = "user") -> None:
+        """Create, update or (both empty) delete the label of latent ``i``."""
+        if not 0 <= int(i) < self.d_sae:
+            raise ValueError(f"latent {i} is out of range (d_sae={self.d_sae})")
+        with contextlib.closing(self._labels_con()) as con, con:
+            if not label.strip() and not explanation.strip():
+                con.execute("DELETE FROM labels WHERE feature = ?", (int(i),))
+            else:
+                con.execute(
+                    "INSERT INTO labels(feature, label, explanation, source, updated_at) VALUES (?,?,?,?,?) "
+                    "ON CONFLICT(feature) DO UPDATE SET label=excluded.label, explanation=excluded.explanation, "
+                    "source=excluded.source, updated_at=excluded.updated_at",
+                    (int(i), label.strip(), explanation.strip(), source, time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+
+    def search_labels(self, query: str, limit: int = 20) -> list[tuple[int, str, str]]:
+        """Latents whose label or explanation contains all words of ``query``: (latent, label, explanation)."""
+        q = _fts_query(query)
+        if q is None or not self.labels_path.exists():
+            return []
+        with _reading(self.labels_path) as con:
+            try:
+                rows = con.execute(
+                    "SELECT l.feature, l.label, l.explanation FROM labels_fts JOIN labels l ON l.feature = labels_fts.rowid "
+                    "WHERE labels_fts MATCH ? ORDER BY bm25(labels_fts, 2.0, 1.0) LIMIT ?", (q, limit)).fetchall()
+            except sqlite3.OperationalError:
+                return []
+        return [(int(f), lab, exp) for f, lab, exp in rows]
+
+
+# =============================================================================================
+# Live activations on a user's prompt
+# =============================================================================================
+
+
+class PromptActs(NamedTuple):
+    token_ids: list[int]
+    tokens: list[str]
+    special: list[bool]  # masked positions (BOS/EOS/pad): values are zeroed
+    values: Tensor  # [T, K]
+    indices: Tensor  # [T, K]
+
+    def latent(self, i: int) -> list[float]:
+        """Activation of latent ``i`` at every position."""
+        return ((self.indices == i) * self.values).sum(-1).tolist()
+
+
+@torch.no_grad()
+def prompt_activations(model, sae: SAE, prompt: str, max_tokens: int = 512) -> PromptActs:
+    """Run ``prompt`` (BOS prepended) through the model and the SAE; special positions are zeroed."""
+    from saebench.activations import _flatten_site, hook_layer_of
+
+    hook, head = _sae_hook(sae)
+    toks = model.to_tokens(prompt)[:, :max_tokens]
+    stop = hook_layer_of(hook) + 1 if hook.startswith("blocks.") else None
+    _, cache = model.run_with_cache(toks.to(sae.device), names_filter=lambda n: n == hook, stop_at_layer=stop)
+    x = _flatten_site(cache[hook], head)[0].float()
+    acts = sae.encode_sparse(x)
+    ids = toks[0].tolist()
+    special = torch.isin(toks[0], _special_ids(model.tokenizer)).tolist()
+    values = acts.values.cpu() * ~torch.tensor(special)[:, None]
+    return PromptActs(ids, [model.tokenizer.decode([t]) for t in ids], special, values, acts.indices.cpu())
+
+
+def top_latents_per_token(acts: PromptActs, n: int = 5) -> list[list[tuple[int, float]]]:
+    """For each position, the ``n`` latents with the largest |activation| (non-zero only)."""
+    out = []
+    for vals, idx in zip(acts.values, acts.indices):
+        order = vals.abs().argsort(descending=True)[:n]
+        out.append([(int(idx[j]), float(vals[j])) for j in order if vals[j] != 0])
+    return out
+
+
+# =============================================================================================
+# A folder of SAEs: discovery, safe path resolution, eval results
+# =============================================================================================
+
+_SKIP_DIRS = {DASHBOARD_DIR, ".git", ".venv", "node_modules", "__pycache__", "checkpoints", "wandb"}
+
+
+@dataclass
+class SaeEntry:
+    rel: str  # path relative to the root, '/'-separated ('.' for the root itself)
+    path: Path
+    cfg: dict[str, Any]
+
+    @property
+    def has_dashboard(self) -> bool:
+        return (self.path / DASHBOARD_DIR / DB_FILE).is_file()
+
+
+def _is_sae_dir(p: Path) -> bool:
+    return (p / CFG_FILE).is_file() and ((p / "sae.safetensors").is_file() or (p / "sae_weights.safetensors").is_file())
+
+
+def find_saes(root: str | Path, max_depth: int = 6) -> list[SaeEntry]:
+    """Every SAE folder under ``root`` (symlinks leading outside the root are not followed)."""
+    root = Path(root).resolve()
+    out: list[SaeEntry] = []
+    if not root.is_dir():
+        return out
+
+    def walk(d: Path, depth: int) -> None:
+        if _is_sae_dir(d):
+            try:
+                cfg = json.loads((d / CFG_FILE).read_text())
+            except (OSError, json.JSONDecodeError):
+                cfg = {}
+            rel = d.relative_to(root).as_posix()
+            out.append(SaeEntry(rel if rel else ".", d, cfg if isinstance(cfg, dict) else {}))
+        if depth >= max_depth:
+            return
+        try:
+            children = sorted(p for p in d.iterdir() if p.is_dir() and p.name not in _SKIP_DIRS and not p.name.startswith("."))
+        except OSError:
+            return
+        for c in children:
+            real = c.resolve()
+            if real == root or root in real.parents:
+                walk(c, depth + 1)
+
+    walk(root, 0)
+    return out
+
+
+def resolve_sae(root: str | Path, rel: str | None) -> SaeEntry | None:
+    """The SAE at ``rel`` under ``root`` if ``rel`` names one exactly; never a path outside the root."""
+    if not rel:
+        return None
+    for e in find_saes(root):
+        if e.rel == rel:
+            return e
+    return None
+
+
+def load_eval_results(root: str | Path) -> list[dict[str, Any]]:
+    """Eval metrics of the SAEs under ``root``: each ``eval_core.json`` plus bench results files.
+
+    Bench results (``evals/bench.py``) are read from ``*results*.json`` / ``*results*.csv`` files
+    under the root: a JSON list of records, or an object with a ``results`` list; CSV with a header.
+    Each record gets ``source`` (file, relative to the root) and, when known, ``sae`` (relative path).
+    """
+    root_p = Path(root).resolve()
+    records: list[dict[str, Any]] = []
+    for e in find_saes(root_p):
+        f = e.path / "eval_core.json"
+        if f.is_file():
+            try:
+                m = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(m, dict):
+                rec = {"sae": e.rel, "source": f.relative_to(root_p).as_posix(), "method": e.cfg.get("method") or e.cfg.get("architecture", "")}
+                rec |= {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
+                records.append(rec)
+    for f in _bench_files(root_p):
+        records.extend(_read_bench_file(f, root_p))
+    return records
+
+
+def _bench_files(root: Path, max_depth: int = 4) -> list[Path]:
+    out = []
+
+    def walk(d: Path, depth: int) -> None:
+        try:
+            entries = sorted(d.iterdir())
+        except OSError:
+            return
+        for p in entries:
+            if p.name.startswith(".") or p.name in _SKIP_DIRS:
+                continue
+            real = p.resolve()
+            if not (real == root or root in real.parents):
+                continue
+            if p.is_file() and "results" in p.name and p.suffix in (".json", ".csv") and p.stat().st_size < 50_000_000:
+                out.append(p)
+            elif p.is_dir() and depth < max_depth:
+                walk(p, depth + 1)
+
+    walk(root, 0)
+    return out
+
+
+def _read_bench_file(f: Path, root: Path) -> list[dict[str, Any]]:
+    rel = f.relative_to(root).as_posix()
+    try:
+        if f.suffix == ".csv":
+            import csv
+
+            with f.open(newline="") as fh:
+                rows = [dict(r) for r in csv.DictReader(fh)]
+            rows = [{k: _num(v) for k, v in r.items() if k} for r in rows]
+        else:
+            data = json.loads(f.read_text())
+            rows = data.get("results") if isinstance(data, dict) else data
+            if isinstance(data, dict) and rows is None and any(k in data for k in ("l0", "fvu")):
+                rows = [data]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return []
+    if not isinstance(rows, list):
+        return []
+    out = []
+    for r in rows:
+        if isinstance(r, dict) and any(k in r for k in ("l0", "fvu", "ce_loss_score")):
+            out.append({k: v for k, v in r.items() if isinstance(v, (int, float, str, bool)) or v is None} | {"source": rel})
+    return out
+
+
+def _num(v: str) -> Any:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        pass
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+# =============================================================================================
+# Launching the app
+# =============================================================================================
+
+APP_ROOT_ENV = "SAEBENCH_BROWSE_ROOT"
+APP_MODEL_ENV = "SAEBENCH_BROWSE_MODEL"
+APP_DEVICE_ENV = "SAEBENCH_BROWSE_DEVICE"
+
+
+def app_main_path() -> Path:
+    """The Streamlit entry script (``app/main.py``, importable as ``saebench.app``)."""
+    import saebench.app
+
+    return Path(saebench.app.__file__).with_name("main.py")
+
+
+def browse_command(root: str | Path, host: str = "127.0.0.1", port: int = 8501, model: str | None = None, device: str = "cpu") -> list[str]:
+    """The ``streamlit run`` command line that serves the browser for ``root``."""
+    import sys
+
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_main_path()),
+           "--server.address", host, "--server.port", str(port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+           "--", "--root", str(Path(root).resolve())]
+    if model:
+        cmd += ["--model", model]
+    if device != "cpu":
+        cmd += ["--device", device]
+    return cmd
+
+
+def browse(root: str | Path, host: str = "127.0.0.1", port: int = 8501, model: str | None = None, device: str = "cpu") -> int:
+    """Serve the feature browser for every SAE under ``root`` (blocks; returns streamlit's exit code).
+
+    Binds to ``host`` (localhost by default). ``model`` overrides the model named in each SAE's
+    cfg.json (e.g. a local folder when the SAE was trained elsewhere).
+    """
+    import subprocess
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"browse root {root} is not a directory")
+    env = os.environ | {APP_ROOT_ENV: str(root.resolve())}
+    if model:
+        env[APP_MODEL_ENV] = model
+    env[APP_DEVICE_ENV] = device
+    print(f"saebench browser for {root.resolve()} at http://{host}:{port}  (Ctrl-C to stop)")
+    try:
+        return subprocess.call(browse_command(root, host, port, model, device), env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def escape(text: str) -> str:
+    """HTML-escape corpus text (quotes included)."""
+    return html.escape(text, quote=True)
+

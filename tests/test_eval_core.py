@@ -1,0 +1,110 @@
+"""Core eval: every metric against its formula, and the identity/zero SAEs on a tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from saebench.evals.core import ce_loss_recovered, evaluate_core, fvu, kl_per_token, kl_score, run_core_eval
+from saebench.sae import SAE, SAEConfig
+from saebench.text import load_tokens, special_ids
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def _identity_sae(d, hook=HOOK, model_name=""):
+    sae = SAE(SAEConfig(architecture="abstopk", d_in=d, d_sae=d, k=d, hook_name=hook, model_name=model_name))
+    with torch.no_grad():
+        sae.encoder_weight.copy_(torch.eye(d))
+        sae.W_dec.copy_(torch.eye(d))
+    return sae
+
+
+def test_formulas_on_hand_made_example():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 2.0]])
+    x_hat = torch.tensor([[1.0, 1.0], [0.0, 1.0], [2.0, 2.0]])
+    sse = (x - x_hat).pow(2).sum().item()  # 1 + 1 + 1 = 3
+    mean = x.mean(0)
+    total = (x - mean).pow(2).sum().item()
+    assert fvu(sse, x.pow(2).sum().item(), x.sum(0), 3) == pytest.approx(3 / total)
+    assert ce_loss_recovered(ce_clean=2.0, ce_sae=2.5, ce_zero=7.0) == pytest.approx(0.9)
+    assert kl_score(kl_sae=0.5, kl_zero=2.0) == pytest.approx(0.75)
+    p = torch.tensor([[0.0, 1.0, 2.0]])
+    q = torch.tensor([[1.0, 1.0, 0.0]])
+    lp, lq = p.log_softmax(-1), q.log_softmax(-1)
+    assert kl_per_token(p, q).item() == pytest.approx((lp.exp() * (lp - lq)).sum().item(), rel=1e-6)
+    assert kl_per_token(p, p).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_token_metrics_match_formulas(tiny_model):
+    """Run the eval on a random SAE and recompute each token-level metric by hand."""
+    torch.manual_seed(0)
+    tokens = torch.randint(3, 1000, (3, 12))
+    tokens[:, 0] = 1  # BOS
+    sae = SAE(SAEConfig(architecture="topk", d_in=64, d_sae=96, k=5, hook_name=HOOK))
+    sae.init_tied(torch.Generator().manual_seed(0))
+    m = evaluate_core(sae, tiny_model, tokens, special_ids=torch.tensor([0, 1, 2]), downstream=False, progress=False)
+    _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n == HOOK)
+    x = cache[HOOK][:, 1:].reshape(-1, 64)  # BOS excluded
+    with torch.no_grad():
+        z = sae.encode(x)
+        x_hat = sae(x)
+    assert m["n_tokens"] == 33
+    sse = (x - x_hat).pow(2).sum()
+    assert m["fvu"] == pytest.approx((sse / (x - x.mean(0)).pow(2).sum()).item(), rel=1e-4)
+    assert m["explained_variance"] == pytest.approx(1 - m["fvu"])
+    assert m["mse"] == pytest.approx((sse / x.numel()).item(), rel=1e-4)
+    assert m["l0"] == pytest.approx((z != 0).sum(-1).float().mean().item())
+    assert m["l1"] == pytest.approx(z.abs().sum(-1).mean().item(), rel=1e-4)
+    assert m["cossim"] == pytest.approx(torch.cosine_similarity(x, x_hat, -1).mean().item(), rel=1e-4)
+    assert m["l2_ratio"] == pytest.approx((x_hat.norm(dim=-1) / x.norm(dim=-1)).mean().item(), rel=1e-4)
+    assert m["relative_reconstruction_bias"] == pytest.approx((x_hat.pow(2).sum() / (x * x_hat).sum()).item(), rel=1e-4)
+    density = (z != 0).float().mean(0)
+    assert m["dead_fraction"] == pytest.approx((density == 0).float().mean().item())
+    assert m["dead_window_tokens"] == 33
+    assert m["dense_fraction_10pct"] == pytest.approx((density > 0.1).float().mean().item())
+    assert sum(m["log10_density_histogram"]["counts"]) == int((density > 0).sum())
+
+
+def test_identity_sae_recovers_all_and_zero_sae_none(tiny_model):
+    tokens = torch.randint(3, 2000, (4, 16))
+    tokens[:, 0] = 1
+    special = torch.tensor([0, 1, 2])
+    ident = _identity_sae(64)
+    m = evaluate_core(ident, tiny_model, tokens, special_ids=special, progress=False)
+    assert m["ce_loss_score"] == pytest.approx(1.0, abs=1e-5)
+    assert m["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-6)
+    assert m["kl_div_score"] == pytest.approx(1.0, abs=1e-5)
+    assert m["fvu"] == pytest.approx(0.0, abs=1e-10)
+    assert m["ce_loss_with_ablation"] > m["ce_loss_without_sae"]
+    zero = _identity_sae(64)
+    with torch.no_grad():
+        zero.W_dec.zero_()
+    m0 = evaluate_core(zero, tiny_model, tokens, special_ids=special, progress=False)
+    assert m0["ce_loss_score"] == pytest.approx(0.0, abs=1e-5)
+    assert m0["kl_div_score"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_sae_width_must_match_hook(tiny_model):
+    sae = _identity_sae(32)
+    with pytest.raises(ValueError, match="d_in=32 does not match the width 64"):
+        evaluate_core(sae, tiny_model, torch.randint(3, 100, (1, 8)), progress=False)
+
+
+def test_unknown_hook_lists_close_matches(tiny_model):
+    from saebench.models import HookNameError
+
+    sae = _identity_sae(64, hook="blocks.0.hook_resid_pots")
+    with pytest.raises(HookNameError, match="blocks.0.hook_resid_post"):
+        evaluate_core(sae, tiny_model, torch.randint(3, 100, (1, 8)), progress=False)
+
+
+def test_run_core_eval_writes_json(tiny_model, tiny_model_dir, text_file, tmp_path):
+    sae = _identity_sae(64, model_name=str(tiny_model_dir))
+    sae.cfg = sae.cfg.model_copy(update={"context_size": 32, "metadata": {"corpus": str(text_file)}})
+    sae.save(tmp_path / "sae")
+    m = run_core_eval(tmp_path / "sae", tiny_model, eval_tokens=512, progress=False)
+    saved = json.loads((tmp_path / "sae" / "eval_core.json").read_text())
+    assert saved["ce_loss_score"] == pytest.approx(1.0, abs=1e-5) and saved["split"] == "eval"
+    assert m["n_tokens"] > 0 and m["corpus"] == str(text_file)

@@ -1,0 +1,116 @@
+"""BatchTopK (Bussmann et al. 2024, arXiv 2412.06410) and Mutual Choice (Ayonrinde 2024, arXiv 2411.02124).
+
+Training: keep the k·B largest entries of ReLU(pre) over the whole batch of B tokens, so per-token
+L0 varies and only its mean is k; loss = FVU + α·AuxK as TopK. Mutual Choice (the unconstrained
+token–feature allocation of Ayonrinde) is mathematically the same rule and is registered as an alias.
+
+Inference must not depend on the batch, so a global threshold θ is learned alongside: a
+bias-corrected EMA (β = 0.999) of the batch's smallest selected activation, updated from step
+min(threshold_start_step, total_steps // 2) on (dictionary_learning starts at step 1000 with a raw EMA
+initialised at the first value; the bias correction gives the same average without the first-value
+weight, and the cap gives short runs a threshold). θ lives in the SAE's ``log_threshold`` (broadcast to
+every latent), so the SAE exports as ``jumprelu``: z = pre·1[pre > θ].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saebench import sparse
+from saebench.sae import SAE
+from saebench.trainers.base import Method, Options, StepInput, StepOutput, register
+
+
+class ThresholdOptions(Options):
+    threshold_beta: float = 0.999  # EMA decay of the threshold statistic
+    threshold_start_step: int = 1000  # first step that updates the EMA (capped at total_steps // 2)
+
+
+class ThresholdEMA:
+    """Bias-corrected EMA of a per-latent (or broadcast global) statistic, skipping absent entries.
+
+    ``avg / weight`` is the EMA average of the values seen so far (Adam-style bias correction); entries
+    never updated read as +inf (the latent never fires at inference).
+    """
+
+    def __init__(self, size: int, beta: float, device: torch.device | str = "cpu"):
+        self.beta = beta
+        self.avg = torch.zeros(size, dtype=torch.float64, device=device)
+        self.weight = torch.zeros(size, dtype=torch.float64, device=device)
+
+    def update(self, value: Tensor, present: Tensor | None = None) -> None:
+        """Fold in ``value`` [size] (or a scalar) where ``present`` [size] is True."""
+        value = value.to(self.avg).expand_as(self.avg)
+        present = torch.ones_like(self.avg, dtype=torch.bool) if present is None else present.expand_as(self.avg)
+        b = self.beta
+        self.avg = torch.where(present, b * self.avg + (1 - b) * value, self.avg)
+        self.weight = torch.where(present, b * self.weight + (1 - b), self.weight)
+
+    def value(self) -> Tensor:
+        return torch.where(self.weight > 0, self.avg / self.weight.clamp_min(1e-300), torch.inf)
+
+    def state(self, prefix: str) -> dict[str, Tensor]:
+        return {f"{prefix}_avg": self.avg, f"{prefix}_weight": self.weight}
+
+    def load_state(self, state: dict[str, Tensor], prefix: str) -> None:
+        if f"{prefix}_avg" in state:
+            self.avg = state[f"{prefix}_avg"].to(self.avg)
+            self.weight = state[f"{prefix}_weight"].to(self.weight)
+
+
+class ThresholdMixin:
+    """Shared by the batch-selection methods: keep an EMA threshold and write it into ``log_threshold``."""
+
+    def _ema(self, size: int, device) -> ThresholdEMA:
+        if getattr(self, "_threshold_ema", None) is None:
+            self._threshold_ema = ThresholdEMA(size, self.opts.threshold_beta, device)
+            if getattr(self, "_pending_state", None):
+                self._threshold_ema.load_state(self._pending_state, "threshold")
+        return self._threshold_ema
+
+    def _threshold_active(self, step: int) -> bool:
+        return step >= min(self.opts.threshold_start_step, self.cfg.total_steps // 2)
+
+    @torch.no_grad()
+    def _set_threshold(self, sae: SAE, value: Tensor, present: Tensor | None, step: int) -> None:
+        """Fold one batch's statistic into the EMA and store log θ in the SAE (θ = +inf: never fires)."""
+        if not self._threshold_active(step):
+            return
+        ema = self._ema(value.numel() if value.dim() else 1, sae.device)
+        ema.update(value, present)
+        sae.log_threshold.copy_(ema.value().log().to(sae.dtype).expand_as(sae.log_threshold))
+
+    def state(self) -> dict[str, Tensor]:
+        ema = getattr(self, "_threshold_ema", None)
+        return {} if ema is None else ema.state("threshold")
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        self._pending_state = state
+        self._threshold_ema = None
+
+
+@register
+class BatchTopK(ThresholdMixin, Method):
+    """Top-(k·B) of ReLU(pre) over the batch in training; a learned global threshold at inference."""
+
+    name = "batchtopk"
+    architecture = "jumprelu"
+    Options = ThresholdOptions
+
+    def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
+        mask = sparse.batch_topk_mask(pre.clamp_min(0), self.cfg.k * pre.shape[0])
+        return sparse.mask_to_indices(mask, pre)
+
+    def after_step(self, sae: SAE, inp: StepInput, out: StepOutput, step: int) -> None:
+        vals = out.acts.values.detach()
+        pos = vals > 0
+        if pos.any():  # θ statistic: the batch's smallest selected (positive) activation
+            self._set_threshold(sae, vals[pos].min(), None, step)
+
+
+@register
+class MutualChoice(BatchTopK):
+    """Mutual Choice SAE (Ayonrinde 2024): the unconstrained top-(k·B) allocation, i.e. BatchTopK."""
+
+    name = "mutual_choice"

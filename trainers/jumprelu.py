@@ -1,0 +1,139 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435; Gemma Scope, arXiv 2408.05147).
+
+f = JumpReLU_θ(π) = π·H(π − θ) with a learned per-latent θ > 0 stored as log θ (the SAE's
+``log_threshold``); loss = FVU(x̂, x) + λ_t·mean_b Σ_i H(π_i − θ_i), λ warmed up linearly over
+``sparsity_warmup_steps``; or, with ``sparsity_mode="target_l0"``, c·(L0/L0_target − 1)² (dictionary_learning).
+
+Straight-through estimators with the rectangle kernel K(u) = 1[|u| < ½] and bandwidth ε:
+
+- ∂/∂θ JumpReLU_θ(π) := −(θ/ε)·K((π − θ)/ε);  ∂/∂π JumpReLU_θ(π) := 1[π > θ];
+- ∂/∂θ H(π − θ) := −(1/ε)·K((π − θ)/ε);        ∂/∂π H(π − θ) := 0 (no STE to x).
+
+The L0 is taken on π (the paper), not on f (dictionary_learning), so both halves of the kernel window
+give the threshold gradient. To stay sparse, training selects only entries with π > θ − ε/2 (outside
+that window every pseudo-derivative and value is 0, so this is exact); those below θ decode as 0.
+
+Scale of θ₀ and ε: the paper's θ₀ = ε = 0.001 assume E‖x‖² = 1. Inputs here are scaled so that
+E‖x‖ = √d (unit RMS per coordinate), which multiplies every pre-activation by about √d: 0.001·√d is
+0.02–0.05 for d = 512–2304. We default to ε = 0.05 (SAELens) and θ₀ = 0.1 (Anthropic's recipe at this
+scale), which puts the initial threshold within a few hundred Adam steps of its final value. The paper's
+optimiser is Adam(β1 = 0, β2 = 0.999): set ``adam_betas = [0.0, 0.999]`` in the TrainConfig.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from saebench import sparse
+from saebench.sae import SAE
+from saebench.trainers.base import Method, Options, SparseActs, StepInput, register
+
+
+class JumpReLUOptions(Options):
+    auxk_coef: float = 0.0  # the paper has no dead-latent loss; AuxK is available (e.g. 1/32)
+    bandwidth: float = Field(0.05, gt=0, description="KDE bandwidth ε of the rectangle-kernel STE (scaled-input units).")
+    theta_init: float = Field(0.1, gt=0, description="Initial threshold θ₀ for every latent.")
+    sparsity_mode: Literal["l0", "target_l0"] = "l0"
+    sparsity_coef: float = Field(1e-3, ge=0, description="λ (l0 mode) or c (target_l0 mode). In l0 mode it is the FVU a latent must save per token to be worth firing.")
+    sparsity_warmup_steps: int | None = Field(None, ge=0, description="Linear warmup of the sparsity coefficient; default 10% of training.")
+    target_l0: float | None = Field(None, gt=0, description="Target mean L0 for target_l0 mode; default the config's k.")
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """The rectangle kernel K(u) = 1[−½ < u < ½]."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """π·H(π − θ) with the pseudo-derivatives of Rajamanoharan et al. (elementwise; θ broadcast)."""
+
+    @staticmethod
+    def forward(ctx, pi: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pi, theta)
+        ctx.bandwidth = bandwidth
+        return pi * (pi > theta).to(pi.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pi, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pi = grad * (pi > theta).to(grad.dtype)
+        grad_theta = -(theta / eps) * rectangle((pi - theta) / eps) * grad
+        return grad_pi, _sum_to(grad_theta, theta.shape), None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(π − θ) with ∂/∂θ := −(1/ε)K((π − θ)/ε) and no gradient to π."""
+
+    @staticmethod
+    def forward(ctx, pi: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pi, theta)
+        ctx.bandwidth = bandwidth
+        return (pi > theta).to(pi.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pi, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(1.0 / eps) * rectangle((pi - theta) / eps) * grad
+        return torch.zeros_like(pi), _sum_to(grad_theta, theta.shape), None
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast gradient back to ``shape`` (θ may be per-latent [n] against π [B, n])."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    for i, s in enumerate(shape):
+        if s == 1 and grad.shape[i] != 1:
+            grad = grad.sum(i, keepdim=True)
+    return grad
+
+
+def jumprelu(pi: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+    return JumpReLUFunction.apply(pi, theta, bandwidth)
+
+
+def step_fn(pi: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+    return StepFunction.apply(pi, theta, bandwidth)
+
+
+@register
+class JumpReLU(Method):
+    """Per-latent learned thresholds trained through kernel-density straight-through estimators."""
+
+    name = "jumprelu"
+    architecture = "jumprelu"
+    Options = JumpReLUOptions
+
+    def init_sae(self, sae: SAE, sample: Tensor, generator: torch.Generator) -> None:
+        super().init_sae(sae, sample, generator)
+        with torch.no_grad():
+            sae.log_threshold.fill_(math.log(self.opts.theta_init))
+
+    def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
+        theta = sae.log_threshold.detach().exp()
+        idx, valid = sparse.mask_to_indices(pre > theta - self.opts.bandwidth / 2, pre)
+        # Scratch for this step's activate/extra_losses: which padded entries are real.
+        self._valid = valid
+        return idx, valid
+
+    def activate(self, values: Tensor, indices: Tensor, sae: SAE) -> Tensor:
+        theta = sae.log_threshold.exp()[indices]  # differentiable: the STE reaches log θ
+        return jumprelu(values, theta, self.opts.bandwidth)
+
+    def extra_losses(self, sae: SAE, inp: StepInput, pre: Tensor, acts: SparseActs, x_hat: Tensor) -> dict[str, Tensor]:
+        theta = sae.log_threshold.exp()[acts.indices]
+        pi = pre.gather(1, acts.indices)  # the step passes no gradient to π, so no need for gather_pre
+        l0 = (step_fn(pi, theta, self.opts.bandwidth) * self._valid).sum(-1).mean()
+        warm = self.opts.sparsity_warmup_steps
+        warm = int(0.1 * self.cfg.total_steps) if warm is None else warm
+        coef = self.opts.sparsity_coef * (min(1.0, (inp.step + 1) / warm) if warm else 1.0)
+        if self.opts.sparsity_mode == "target_l0":
+            target = self.opts.target_l0 or float(self.cfg.k)
+            return {"l0_loss": coef * (l0 / target - 1) ** 2}
+        return {"l0_loss": coef * l0}
