@@ -39,6 +39,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(
+            e.errno,
+            f"writing {path} failed ({e.strerror or e}); nothing was replaced, the previous version of the file is intact. "
+            "Free disk space (or raise the file-size limit) and retry; a training run resumes from its last checkpoint",
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
