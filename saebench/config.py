@@ -54,6 +54,7 @@ class TrainConfig(_Frozen):
     grad_clip_norm: float | None = Field(1.0, gt=0, description="Gradient-norm clip; null disables.")
     dead_window_tokens: int = Field(1_000_000, gt=0, description="A latent is dead after this many tokens without firing (drives AuxK and dead_fraction).")
     seed: int = Field(0, description="Seed for initialisation and data order.")
+    data_seed: int | None = Field(None, description="Seed for the data order when it should differ from `seed` (SAEs trained together share one data order); default `seed`.")
 
     # data pipeline
     activation_cache: str | None = Field(None, description="Folder for a disk cache of activations; harvested once, reused across runs and epochs.")
@@ -62,6 +63,8 @@ class TrainConfig(_Frozen):
     model_batch_size: int = Field(16, gt=0, description="Sequences per model forward while harvesting.")
     device: str = Field("cpu", description="Device: cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="SAE parameter dtype.")
+    autocast: bool = Field(False, description="Run the SAE forward and loss under bfloat16 autocast (the dense encoder product in bf16), keeping float32 master weights, gradients and Adam state.")
+    tf32: bool = Field(True, description="On CUDA, let float32 matmuls use TF32 tensor cores (torch.set_float32_matmul_precision('high')); ignored on CPU.")
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="What to do with a NaN/inf batch or loss: stop with a report (keeping the last checkpoint) or skip the step.")
 
     # output
@@ -84,6 +87,11 @@ class TrainConfig(_Frozen):
     @property
     def total_steps(self) -> int:
         return self.training_tokens // self.batch_size_tokens
+
+    @property
+    def effective_data_seed(self) -> int:
+        """The seed of the data order: ``data_seed`` if set, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
 
 
 class EvalConfig(_Frozen):
@@ -108,7 +116,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -152,3 +163,53 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
     data = read_config_file(path) if path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return build_config(cls, data)
+
+
+def load_sweep(path: str | Path, **overrides: Any) -> list[TrainConfig]:
+    """Several TrainConfigs (SAEs trained together from one activation stream) from one file.
+
+    The file has a ``base`` table of fields shared by every SAE, an optional ``grid`` table of lists
+    (one SAE per combination), and an optional ``sae`` list of tables (one SAE each, on top of every
+    grid combination). ``out_dir`` may name fields in braces, e.g. ``"runs/{hook_name}-{method}-s{seed}"``;
+    ``overrides`` (e.g. CLI flags) apply to every SAE. In TOML::
+
+        [base]
+        training_tokens = 2_000_000
+        out_dir = "runs/{hook_name}/{method}-k{k}"
+        [grid]
+        hook_name = ["blocks.6.hook_resid_post", "blocks.10.hook_resid_post"]
+        k = [32, 64]
+        [[sae]]
+        method = "topk"
+        [[sae]]
+        method = "batchtopk"
+    """
+    import itertools
+
+    data = read_config_file(path)
+    unknown = set(data) - {"base", "grid", "sae"}
+    if unknown:
+        raise ConfigError(f"sweep file {path}: unknown top-level key(s) {sorted(unknown)}; expected 'base', 'grid' and/or 'sae'")
+    base = dict(data.get("base") or {})
+    grid = data.get("grid") or {}
+    saes = data.get("sae") or [{}]
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"sweep file {path}: 'grid' must map field names to non-empty lists of values")
+    if not isinstance(saes, list) or not all(isinstance(v, dict) for v in saes):
+        raise ConfigError(f"sweep file {path}: 'sae' must be a list of tables of fields")
+    out: list[TrainConfig] = []
+    keys = list(grid)
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        for sae in saes:
+            fields = base | dict(zip(keys, combo)) | sae | {k: v for k, v in overrides.items() if v is not None}
+            if isinstance(fields.get("out_dir"), str):
+                try:
+                    fields["out_dir"] = fields["out_dir"].format(**{k: str(v).replace("/", "_") for k, v in fields.items()})
+                except (KeyError, IndexError, ValueError) as e:
+                    raise ConfigError(f"sweep file {path}: out_dir {fields['out_dir']!r} names an unknown field ({e})") from None
+            out.append(build_config(TrainConfig, fields))
+    dirs = [c.out_dir for c in out]
+    dup = sorted({d for d in dirs if dirs.count(d) > 1})
+    if dup:
+        raise ConfigError(f"sweep file {path}: several SAEs would be written to the same out_dir {dup}; put fields in braces in out_dir, e.g. 'runs/{{hook_name}}-{{method}}'")
+    return out

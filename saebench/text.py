@@ -130,7 +130,7 @@ def _read_text_file(path: Path) -> Iterator[str]:
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -146,9 +146,13 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CorpusError(f"{path} is not a readable Parquet file ({e})") from None
     if text_field not in pf.schema_arrow.names:
         raise CorpusError(
             f"{path} has no column {text_field!r} (columns: {pf.schema_arrow.names}). Pass text_field=... to name the text column."
