@@ -1,16 +1,21 @@
 """TopK training-step speed: our sparse step vs the unavoidable dense encoder matmul, side by side.
 
-Measures, in one process on identical shapes and threads:
+Measures, in one process on identical shapes and threads (interleaved rounds, so that load from other
+processes hits every variant alike; medians reported):
 - ``matmul``: the dense encoder forward x @ W_encᵀ (the work no TopK trainer can avoid);
-- ``saebench``: a full training step of the `topk` method (encode, sparse decode, AuxK off, backward,
-  decoder-gradient projection, Adam, renormalisation);
+- ``saebench``: a full training step of the `topk` method as the training loop runs it (encode, sparse
+  decode, AuxK off, backward, decoder-gradient projection, the loop's Adam, renormalisation);
+- ``saebench_autocast`` (``--autocast``): the same step under bf16 autocast (fp32 master weights);
 - ``dense_reference``: the same step written the usual dense way (scatter codes into a [B, n]
-  tensor, dense decode, dense autograd), as SAELens and dictionary_learning do.
+  tensor, dense decode, dense autograd, plain ``torch.optim.Adam``), as SAELens and dictionary_learning do.
+
+Then, in a fresh subprocess that runs only our step, the peak memory of a training step (max RSS on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA) with what it is made of.
 
 Prints the ratios and writes benchmarks/results/train_step.json. Default shapes are the issue's:
 d_in 576, 16,384 latents, k 32, batch 4,096, fp32.
 
-    python benchmarks/bench_train_step.py [--d-in 576 --n 16384 --k 32 --batch 4096 --repeats 5 --device cpu]
+    python benchmarks/bench_train_step.py [--d-in 576 --n 16384 --k 32 --batch 4096 --repeats 5 --device cpu --autocast]
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import json
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,23 +34,83 @@ import torch
 import torch.nn.functional as F
 
 from saebench.config import TrainConfig
+from saebench.precision import autocast, configure_matmul_precision
 from saebench.sae import SAE
 from saebench.trainers import get_method
 from saebench.trainers.base import StepInput
+from saebench.trainers.loop import make_optimizer
 
 
-def timed(fn, repeats: int, device: str) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_interleaved(fns: dict, repeats: int, device: str) -> dict[str, list[float]]:
+    """Run each variant once per round (after one warm-up each), ``repeats`` rounds."""
+    for fn in fns.values():
         fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            out[name].append(time.perf_counter() - t)
     return out
+
+
+def build(args):
+    torch.manual_seed(0)
+    dev = args.device
+    configure_matmul_precision(dev, True)
+    cfg = TrainConfig(hook_name="bench", d_sae=args.n, k=args.k, training_tokens=args.batch * 10, batch_size_tokens=args.batch,
+                      method_options={"auxk_coef": 0.0}, device=dev)
+    method = get_method("topk")(cfg)
+    sae = SAE(method.sae_config(args.d_in)).to(dev)
+    sae.init_tied(torch.Generator().manual_seed(0))
+    x = torch.randn(args.batch, args.d_in, device=dev)
+    return cfg, method, sae, x
+
+
+def our_step(cfg, method, sae, x, opt, use_autocast: bool):
+    def step():
+        with autocast(use_autocast, cfg.device):
+            out = method.step(sae, StepInput(x=x, dead_mask=None, step=0))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.project_decoder_grad()
+        opt.step()
+        sae.normalize_decoder()
+
+    return step
+
+
+def memory_only(args) -> None:
+    """Subprocess mode: run our step only and print its peak memory as JSON."""
+    cfg, method, sae, x = build(args)
+    opt = make_optimizer(sae.parameters(), cfg, 1e-4)
+    step = our_step(cfg, method, sae, x, opt, args.autocast)
+    step()  # Adam state and gradients now exist
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        print(json.dumps({"kind": "cuda_max_memory_allocated", "resident_MB": resident / 2**20, "peak_MB": torch.cuda.max_memory_allocated() / 2**20}))
+        return
+    resident = _rss_now_mb()
+    for _ in range(2):
+        step()
+    print(json.dumps({"kind": "cpu_max_rss", "resident_MB": resident, "peak_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def main() -> None:
@@ -54,29 +121,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--autocast", action="store_true", help="also time the step under bf16 autocast")
+    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
     args = ap.parse_args()
-    torch.manual_seed(0)
+    if args.memory_only:
+        memory_only(args)
+        return
+    cfg, method, sae, x = build(args)
     dev = args.device
-    cfg = TrainConfig(hook_name="bench", d_sae=args.n, k=args.k, training_tokens=args.batch * 10, batch_size_tokens=args.batch,
-                      method_options={"auxk_coef": 0.0})
-    method = get_method("topk")(cfg)
-    sae = SAE(method.sae_config(args.d_in)).to(dev)
-    sae.init_tied(torch.Generator().manual_seed(0))
-    x = torch.randn(args.batch, args.d_in, device=dev)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = make_optimizer(sae.parameters(), cfg, 1e-4)
+    plain_adam = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def matmul():
         with torch.no_grad():
             F.linear(x, sae.encoder_weight, sae.b_enc)
-
-    def ours():
-        out = method.step(sae, StepInput(x=x, dead_mask=None, step=0))
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.project_decoder_grad()
-        opt.step()
-        sae.normalize_decoder()
 
     def dense_reference():
         pre = F.linear(x - sae.b_dec, sae.encoder_weight, sae.b_enc)
@@ -84,34 +143,50 @@ def main() -> None:
         z = torch.zeros_like(pre).scatter(1, top.indices, F.relu(top.values))
         x_hat = z @ sae.W_dec + sae.b_dec
         loss = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        opt.zero_grad(set_to_none=True)
+        plain_adam.zero_grad(set_to_none=True)
         loss.backward()
         sae.project_decoder_grad()
-        opt.step()
+        plain_adam.step()
         sae.normalize_decoder()
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    res = {name: timed(fn, args.repeats, dev) for name, fn in (("matmul", matmul), ("saebench", ours), ("dense_reference", dense_reference))}
+    fns = {"matmul": matmul, "saebench": our_step(cfg, method, sae, x, opt, False)}
+    if args.autocast:
+        fns["saebench_autocast"] = our_step(cfg, method, sae, x, opt, True)
+    fns["dense_reference"] = dense_reference
+    res = timed_interleaved(fns, args.repeats, dev)
     med = {k: statistics.median(v) for k, v in res.items()}
+
+    cmd = [sys.executable, __file__, "--memory-only", "--d-in", str(args.d_in), "--n", str(args.n), "--k", str(args.k), "--batch", str(args.batch), "--device", dev]
+    mem = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     params = sum(p.numel() for p in sae.parameters()) * 4
+    B, n, k, d = args.batch, args.n, args.k, args.d_in
+    components = {
+        "parameters": params / 2**20,
+        "gradients": params / 2**20,
+        "adam_state (exp_avg, exp_avg_sq)": 2 * params / 2**20,
+        "batch x [B, d]": B * d * 4 / 2**20,
+        "dense pre-activations [B, n] (no autograd)": B * n * 4 / 2**20,
+        "topk workspace / indices [B, k]": B * k * 12 / 2**20,
+        "sparse backward: COO code [B·k] + x̂, residual [B, d]": (B * k * 20 + 3 * B * d * 4) / 2**20,
+    }
     report = {
-        "shapes": {"d_in": args.d_in, "n_latents": args.n, "k": args.k, "batch_tokens": args.batch, "dtype": "float32"},
+        "shapes": {"d_in": d, "n_latents": n, "k": k, "batch_tokens": B, "dtype": "float32"},
         "device": dev if dev == "cpu" else torch.cuda.get_device_name(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+        "torch": torch.__version__, "command": " ".join(sys.argv),
         "median_seconds": med, "all_seconds": res,
         "saebench_step_over_matmul": med["saebench"] / med["matmul"],
         "dense_reference_over_saebench": med["dense_reference"] / med["saebench"],
-        "memory": {
-            "parameters_MB": params / 2**20, "adam_state_MB": 2 * params / 2**20, "gradients_MB": params / 2**20,
-            "dense_pre_activations_MB": args.batch * args.n * 4 / 2**20,
-            "process_peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_rss_before_steps_MB": rss0 / 1024,
-        },
+        "memory": {"peak_of_a_training_step": mem, "components_MB": components, "components_total_MB": sum(components.values())},
     }
+    if args.autocast:
+        report["saebench_autocast_over_saebench"] = med["saebench_autocast"] / med["saebench"]
     print(f"dense encoder matmul          {med['matmul']:.3f} s")
     print(f"saebench TopK step            {med['saebench']:.3f} s   = {report['saebench_step_over_matmul']:.2f}x the matmul (target <= 1.5x)")
+    if args.autocast:
+        print(f"saebench TopK step, bf16 ac.  {med['saebench_autocast']:.3f} s   = {report['saebench_autocast_over_saebench']:.2f}x the fp32 step")
     print(f"dense-reference TopK step     {med['dense_reference']:.3f} s   = {report['dense_reference_over_saebench']:.2f}x slower than saebench")
-    print(f"memory: params {report['memory']['parameters_MB']:.0f} MB, Adam {report['memory']['adam_state_MB']:.0f} MB, grads "
-          f"{report['memory']['gradients_MB']:.0f} MB, dense pre-acts {report['memory']['dense_pre_activations_MB']:.0f} MB; "
-          f"peak RSS {report['memory']['process_peak_rss_MB']:.0f} MB")
+    print(f"peak memory of a training step ({mem['kind']}): {mem['peak_MB']:.0f} MB, of which resident between steps {mem['resident_MB']:.0f} MB")
+    print("  made of: " + ", ".join(f"{k} {v:.0f} MB" for k, v in components.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -151,19 +151,24 @@ class CoreAccumulator:
         """Non-special activations ``x`` [N, d_in], their reconstruction and the ``SparseActs``."""
         _accumulate(self.sums, x, x_hat, acts)
 
-    def add_downstream(self, toks: Tensor, keep: Tensor, logits_clean: Tensor, logits_sae: Tensor, logits_zero: Tensor | None,
-                       ce_zero: float | None = None, kl_zero: float | None = None) -> None:
+    def add_downstream(self, toks: Tensor, keep: Tensor, logits_clean: Tensor | None, logits_sae: Tensor, logits_zero: Tensor | None,
+                       ce_zero: float | None = None, kl_zero: float | None = None, ce_clean: float | None = None,
+                       logprobs_clean: Tensor | None = None) -> None:
         """One batch of spliced-forward logits [b, pos, V]; ``keep`` [b, pos] marks non-special positions.
 
-        The zero-ablation terms may be passed precomputed (``ce_zero``: summed CE over the batch's
-        predicted positions, ``kl_zero``: summed KL over kept positions) instead of ``logits_zero``,
-        since they do not depend on the SAE.
+        Terms that do not depend on the SAE may be passed precomputed, so a group of SAEs computes
+        them once: ``ce_zero`` / ``ce_clean`` (summed CE over the batch's predicted positions),
+        ``kl_zero`` (summed KL over kept positions) and ``logprobs_clean`` (log-softmax of the clean logits).
         """
         s = self.sums
         pred_mask = keep[:, :-1] & keep[:, 1:]
-        s.ce["clean"] += ce_per_token(logits_clean, toks)[pred_mask].sum().item()
+        s.ce["clean"] += ce_clean if ce_clean is not None else ce_per_token(logits_clean, toks)[pred_mask].sum().item()
         s.ce["sae"] += ce_per_token(logits_sae, toks)[pred_mask].sum().item()
-        s.kl["sae"] += kl_per_token(logits_clean, logits_sae)[keep].sum().item()
+        if logprobs_clean is not None:
+            lq = F.log_softmax(logits_sae.float(), -1)
+            s.kl["sae"] += (logprobs_clean.exp() * (logprobs_clean - lq)).sum(-1)[keep].sum().item()
+        else:
+            s.kl["sae"] += kl_per_token(logits_clean, logits_sae)[keep].sum().item()
         if logits_zero is not None:
             s.ce["zero"] += ce_per_token(logits_zero, toks)[pred_mask].sum().item()
             s.kl["zero"] += kl_per_token(logits_clean, logits_zero)[keep].sum().item()

@@ -105,20 +105,22 @@ def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, do
     if need_down:
         logits_clean, cache = model.run_with_cache(toks, names_filter=lambda nm: nm == hook)
     else:
-        logits_clean = None
         _, cache = model.run_with_cache(toks, names_filter=lambda nm: nm == hook, stop_at_layer=stop)
     x_full = _flatten(cache[hook], head).float()
     del cache
-    ce_zero = kl_zero = 0.0
+    ce_zero = kl_zero = ce_clean = 0.0
+    lp_clean = None
     if need_down:
-        # The zero-ablation terms do not depend on the SAE: one forward for the whole group.
+        # The clean and zero-ablation terms do not depend on the SAE: computed once for the whole group.
         lp_clean = F.log_softmax(logits_clean.float(), -1)
-        logits_zero = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(None, head, keep))])
         pred = keep[:, :-1] & keep[:, 1:]
+        ce_clean = ce_per_token(logits_clean, toks)[pred].sum().item()
+        del logits_clean
+        logits_zero = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(None, head, keep))])
         ce_zero = ce_per_token(logits_zero, toks)[pred].sum().item()
         lq = F.log_softmax(logits_zero.float(), -1)
         kl_zero = (lp_clean.exp() * (lp_clean - lq)).sum(-1)[keep].sum().item()
-        del logits_zero, lq, lp_clean
+        del logits_zero, lq
     flat = x_full.flatten(0, 1)
     keep_flat = keep.flatten()
     special_flat = torch.isin(toks.flatten(), special_ids.to(toks.device))
@@ -136,7 +138,7 @@ def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, do
         if need_down:
             recon = x_hat_all.view_as(x_full)
             logits_sae = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(recon, head, keep))])
-            acc.add_downstream(toks, keep, logits_clean, logits_sae, None, ce_zero=ce_zero, kl_zero=kl_zero)
+            acc.add_downstream(toks, keep, None, logits_sae, None, ce_zero=ce_zero, kl_zero=kl_zero, ce_clean=ce_clean, logprobs_clean=lp_clean)
             del logits_sae
 
 

@@ -69,28 +69,62 @@ class ActivationSource(ABC):
         """Chunk visiting order for an epoch (identity by default)."""
         return list(range(self.n_chunks or 0))
 
-    def batches(self, batch_size: int, seed: int = 0, start: Position = Position()) -> Iterator[tuple[Batch, Position]]:
+    def chunk_size(self, i: int) -> int | None:
+        """Tokens in chunk ``i`` if known without producing it (cache index, synthetic), else None."""
+        return None
+
+    def _chunk_at(self, g: int, seed: int) -> Batch:
+        """The chunk at global stream index ``g`` (epochs cycle over bounded sources)."""
+        n = self.n_chunks
+        if n is None:
+            return self.chunk(g)
+        if n == 0:
+            raise ArtifactError("activation source has no chunks")
+        return self.chunk(self.chunk_order(g // n, seed)[g % n])
+
+    def _size_at(self, g: int, seed: int) -> int | None:
+        n = self.n_chunks
+        if n is None:
+            return self.chunk_size(g)
+        return self.chunk_size(self.chunk_order(g // n, seed)[g % n]) if n else None
+
+    def batches(
+        self, batch_size: int, seed: int = 0, start: Position = Position(), *, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[Batch, Position]]:
         """Yield ``(batch, position_after)`` forever (cycling epochs over bounded sources).
 
         Tokens are shuffled within each chunk; a chunk's leftover < batch_size tokens are dropped so
         that positions stay a pure function of (chunk, batch).
+
+        Data parallelism (``world`` > 1 readers, this one ``rank``): the stream advances in rounds of
+        ``world`` chunks and rank r reads only chunk ``g + r`` of the round starting at ``g`` (disjoint
+        cache shards, disjoint harvested sequences), yielding ``batch_size`` tokens per step (its slice
+        of a global batch of ``world · batch_size``). Every rank yields the same number of batches per
+        round (the smallest chunk's count; taken from ``chunk_size`` when known, else agreed by an
+        all-reduce), so ranks never wait on each other. ``Position.chunk`` is the round's first chunk,
+        the same on every rank; with ``world`` = 1 this is the plain stream.
         """
         g = start.chunk
         first = start.batch
         while True:
-            n = self.n_chunks
-            if n is None:
-                data = self.chunk(g)
-            else:
-                if n == 0:
-                    raise ArtifactError("activation source has no chunks")
-                data = self.chunk(self.chunk_order(g // n, seed)[g % n])
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + g)
+            data = self._chunk_at(g + rank, seed)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + g + rank)
             perm = torch.randperm(len(data), generator=gen)
             n_batches = len(data) // batch_size
+            if world > 1:
+                n_batches = self._round_batches(g, world, batch_size, seed, n_batches)
             for b in range(first, n_batches):
                 yield data.index(perm[b * batch_size : (b + 1) * batch_size]), Position(g, b + 1)
-            g, first = g + 1, 0
+            g, first = g + world, 0
+
+    def _round_batches(self, g: int, world: int, batch_size: int, seed: int, mine: int) -> int:
+        """Batches every rank can give in the round starting at chunk ``g``: the minimum over its chunks."""
+        sizes = [self._size_at(g + r, seed) for r in range(world)]
+        if all(s is not None for s in sizes):
+            return min(s // batch_size for s in sizes)
+        from saebench import distributed
+
+        return distributed.min_over_ranks(mine)
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,6 +148,18 @@ def hook_layer_of(name: str) -> int:
     if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
         return int(parts[1])
     return 0
+
+
+def stop_layer_for(names: list[str]) -> int | None:
+    """``stop_at_layer`` that still fires every hook in ``names``: one past the last hooked block,
+    or None (run the whole model) when a hook sits after the blocks (``ln_final``, ``unembed``)."""
+    layers = []
+    for name in names:
+        if name.startswith("blocks.") or name.startswith(("hook_embed", "embed.", "hook_pos_embed", "pos_embed.")):
+            layers.append(hook_layer_of(name))
+        else:
+            return None
+    return max(layers) + 1
 
 
 def _flatten_site(act: Tensor, head: int | None) -> Tensor:
@@ -166,7 +212,7 @@ class HookedSource(ActivationSource):
         self.outlier_norm_factor = outlier_norm_factor
         self.with_grads = with_grads
         self.progress = progress
-        self.stop_at_layer = None if with_grads else max(hook_layer_of(n) for n, _ in self.sites) + 1
+        self.stop_at_layer = None if with_grads else stop_layer_for([n for n, _ in self.sites])
         probe = self._forward(tokens[:1, :2])
         self.d_in = {h: a.shape[-1] for h, a in zip(self.hook_names, probe[0])}
 
@@ -299,6 +345,9 @@ class CachedSource(ActivationSource):
     def n_chunks(self) -> int:
         return len(self.shards)
 
+    def chunk_size(self, i: int) -> int:
+        return self.meta[self.shards[i]]["tokens"]
+
     def chunk_order(self, epoch: int, seed: int) -> list[int]:
         if epoch == 0:
             return list(range(self.n_chunks))
@@ -366,6 +415,9 @@ class SyntheticSource(ActivationSource):
             flip = torch.rand(n, self.bidirectional, generator=gen) < 0.5
             signs[:, : self.bidirectional] = torch.where(flip, -1.0, 1.0)
         return active * mags * signs * self.feature_scales
+
+    def chunk_size(self, i: int) -> int:
+        return self.chunk_tokens
 
     def chunk(self, i: int) -> Batch:
         c = self.coefficients(i)

@@ -162,12 +162,80 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTRA_COMMANDS: list = []
+_PASSTHROUGH: dict[str, str] = {}
+
+
+def _passthrough(sub, name: str, target: str, help_text: str) -> None:
+    """A subcommand whose arguments are parsed by another module's own parser (``module:function``)."""
+    _PASSTHROUGH[name] = target
+    sub.add_parser(name, help=help_text, add_help=False)
+
+
+def _run_passthrough(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module, fn = _PASSTHROUGH[name].split(":")
+    getattr(importlib.import_module(module), fn)(argv or ["--help"])
+    return 0
+
+
+def cmd_steer(args) -> int:
+    """Default vs steered generation side by side, and the next-token log-prob shifts."""
+    from saebench import models, steering, text
+    from saebench.sae import SAE
+
+    sae = SAE.load(args.sae_dir, device=args.device)
+    model = models.load_model(args.model or sae.cfg.model_name or None, device=args.device)
+    max_act = args.max_act
+    if max_act is None:
+        toks = text.load_tokens(sae.cfg.metadata.get("corpus", "default"), model.tokenizer, sae.cfg.context_size or 128, args.max_act_tokens,
+                                split="eval", prepend_bos=sae.cfg.prepend_bos)
+        max_act = steering.max_activation(sae, model, toks, args.latent, special_ids=text.special_ids(model.tokenizer))
+        print(f"max activation of latent {args.latent} over {toks.numel():,} held-out tokens: {max_act:.4g}")
+    gen = dict(max_new_tokens=args.tokens, seed=args.seed, temperature=args.temperature, top_p=args.top_p, use_kv_cache=not args.no_kv_cache)
+    default, steered = steering.steered_pair(model, sae, args.prompt, args.latent, args.strength, max_act, scope=args.scope, **gen)
+    print(f"\nDEFAULT  | {default.text}\nSTEERED  | {steered.text}   (latent {args.latent}, strength {args.strength:+g} x max_act, scope {args.scope})")
+    print("\nnext-token log-prob change under steering:")
+    for tok, delta in steering.next_token_logprob_diff(model, sae, args.prompt, args.latent, args.strength, max_act, scope=args.scope):
+        print(f"  {tok!r:>20}  {delta:+.3f}")
+    return 0
+
+
+def _register_steer(sub) -> None:
+    p = sub.add_parser("steer", help="Steer generation with one latent: default vs steered, same seed.")
+    p.add_argument("sae_dir")
+    p.add_argument("--latent", type=int, required=True)
+    p.add_argument("--strength", type=float, required=True, help="In units of the latent's max activation; negative allowed.")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-act", type=float, default=None, help="Max activation (default: measured on held-out text).")
+    p.add_argument("--max-act-tokens", type=int, default=16_384, help="Held-out tokens used to measure the max activation.")
+    p.add_argument("--scope", choices=["prompt", "generated", "all"], default="all")
+    p.add_argument("--tokens", type=int, default=30, help="New tokens to generate.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--no-kv-cache", action="store_true")
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=cmd_steer)
+
+
+_EXTRA_COMMANDS: list = [
+    _register_steer,
+    lambda sub: _passthrough(sub, "bench", "saebench.evals.bench:bench_main", "Evaluate many SAE folders with many evals; table + figures (resumable)."),
+    lambda sub: _passthrough(sub, "dead", "saebench.evals.dead:main", "Dead/dense-latent eval of one SAE over stated token windows."),
+    lambda sub: _passthrough(sub, "steering-eval", "saebench.evals.steering:main", "Quantified steering sweep with controls and a Pareto curve."),
+    lambda sub: _passthrough(sub, "circuits", "saebench.evals.circuits:main", "Feature circuits (attribution patching / IG) with faithfulness and completeness."),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _PASSTHROUGH:
+        args = argparse.Namespace(command=argv[0], fn=lambda a: _run_passthrough(argv[0], argv[1:]))
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.fn(args)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:

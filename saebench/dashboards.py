@@ -292,7 +292,7 @@ def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, b
 
 @dataclass
 class _Codes:
-    """Sparse codes in both orders: token-major (for windows, correlations) and feature-major."""
+    """Sparse codes in both orders: token-major (for co-occurrence) and feature-major (examples)."""
 
     n_positions: int
     n_valid: int  # non-special positions (the density denominator)
@@ -300,9 +300,12 @@ class _Codes:
     feat: Tensor  # [nnz] int32
     val: Tensor  # [nnz] float32
     row_ptr: Tensor = field(init=False)  # [n_positions + 1]
-    f_tok: Tensor = field(init=False)  # feature-major copies
+    f_tok: Tensor = field(init=False)  # feature-major copies (tokens ascending within a latent)
     f_val: Tensor = field(init=False)
+    f_key: Tensor = field(init=False)  # latent * n_positions + token, ascending: a sorted lookup key
     col_ptr: Tensor = field(init=False)  # [d_sae + 1]
+    pad_feat: Tensor | None = field(init=False)  # [n_positions, K_max] latent ids (-1 = none), if compact
+    pad_val: Tensor | None = field(init=False)
     mean: Tensor = field(init=False)  # per-latent E[f] over valid tokens (float64)
     std: Tensor = field(init=False)
 
@@ -310,11 +313,22 @@ class _Codes:
         counts = torch.bincount(self.tok, minlength=self.n_positions)
         self.row_ptr = torch.zeros(self.n_positions + 1, dtype=torch.long)
         self.row_ptr[1:] = counts.cumsum(0)
-        order = torch.argsort(self.feat, stable=True)
+        order = torch.argsort(self.feat, stable=True)  # stable: tokens stay ascending within a latent
         self.f_tok, self.f_val = self.tok[order], self.val[order]
+        self.f_key = self.feat[order].long() * self.n_positions + self.f_tok
         fcounts = torch.bincount(self.feat.long(), minlength=d_sae)
         self.col_ptr = torch.zeros(d_sae + 1, dtype=torch.long)
         self.col_ptr[1:] = fcounts.cumsum(0)
+        # A padded token-major copy makes co-occurrence a plain gather; skip it when a few tokens
+        # with a huge L0 would make it much larger than the codes themselves (ReLU/JumpReLU).
+        k_max = int(counts.max()) if len(counts) else 0
+        self.pad_feat = self.pad_val = None
+        if 0 < k_max and self.n_positions * k_max <= 4 * len(self.tok) + 1024:
+            slot = torch.arange(len(self.tok)) - self.row_ptr[self.tok]
+            self.pad_feat = torch.full((self.n_positions, k_max), -1, dtype=torch.int32)
+            self.pad_val = torch.zeros(self.n_positions, k_max)
+            self.pad_feat[self.tok, slot] = self.feat
+            self.pad_val[self.tok, slot] = self.val
         v = self.val.double()
         s1 = torch.zeros(d_sae, dtype=torch.float64).index_add_(0, self.feat.long(), v)
         s2 = torch.zeros(d_sae, dtype=torch.float64).index_add_(0, self.feat.long(), v * v)
@@ -411,8 +425,9 @@ def build_dashboards(
         if "key" not in meta:
             with con:
                 con.executemany("INSERT OR REPLACE INTO vocab(id, token) VALUES (?, ?)", enumerate(_vocab_strings(tokenizer)))
-                _set_meta(con, key=key, d_sae=d_sae, n_batches=n_batches, complete=False, provenance=_provenance(sae, model_name, cfg, corpus, ctx))
-        vocab = [t for (t,) in con.execute("SELECT token FROM vocab ORDER BY id")]
+                _set_meta(con, key=key, d_sae=d_sae, n_batches=n_batches, complete=False, provenance=_provenance(sae, model_name, cfg, corpus, ctx),
+                          special_ids=_special_ids(tokenizer).tolist())
+        vocab = np.array([t for (t,) in con.execute("SELECT token FROM vocab ORDER BY id")], dtype=object)
 
         t0 = time.perf_counter()
         tokens, codes = _load_or_harvest(out, model, sae, cfg, corpus, ctx, tokenizer, progress)
@@ -533,8 +548,29 @@ def _hist(values: Tensor, group: Tensor, lo: Tensor, hi: Tensor, n_groups: int, 
     return torch.bincount(group * n_bins + b, minlength=n_groups * n_bins).view(n_groups, n_bins)
 
 
+def _desc_order_bits(v: Tensor) -> Tensor:
+    """int64 keys in [0, 2^32) whose ascending order is the *descending* order of float32 ``v``."""
+    bits = v.float().contiguous().view(torch.int32).long()
+    # IEEE-754 → unsigned order-preserving integer: flip all bits of negatives, the sign bit of positives
+    ordered = torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
+    return 0xFFFFFFFF - ordered
+
+
+def _row_hist(x: Tensor, lo: Tensor, hi: Tensor, n_bins: int, rows_per_chunk: int = 128) -> Tensor:
+    """Equal-width histogram of every row of ``x`` [R, C] over its own [lo_r, hi_r]: [R, n_bins]."""
+    out = []
+    for s in range(0, x.shape[0], rows_per_chunk):
+        e = x[s : s + rows_per_chunk]
+        lo_c = lo[s : s + rows_per_chunk, None]
+        scale = n_bins / (hi[s : s + rows_per_chunk, None] - lo_c).clamp_min(1e-12)
+        b = (e - lo_c).mul_(scale).clamp_(0, n_bins - 1).to(torch.int32)
+        b += (torch.arange(e.shape[0], dtype=torch.int32) * n_bins)[:, None]
+        out.append(torch.bincount(b.flatten(), minlength=e.shape[0] * n_bins).view(-1, n_bins))
+    return torch.cat(out) if out else torch.zeros(0, n_bins, dtype=torch.long)
+
+
 def _compute_batch(b: int, lo: int, hi: int, codes: _Codes, tokens: Tensor, W_dec: Tensor, W_dec_unit: Tensor,
-                   W_U: Tensor | None, cfg: DashboardConfig, signed: bool, vocab: list[str]) -> _BatchRows:
+                   W_U: Tensor | None, cfg: DashboardConfig, signed: bool, vocab: np.ndarray) -> _BatchRows:
     """Everything stored for latents [lo, hi); pure function of its inputs (so resume is exact)."""
     B = hi - lo
     n_seq, ctx = tokens.shape
@@ -542,10 +578,9 @@ def _compute_batch(b: int, lo: int, hi: int, codes: _Codes, tokens: Tensor, W_de
     counts = (codes.col_ptr[lo + 1 : hi + 1] - codes.col_ptr[lo:hi]).long()
     local = torch.repeat_interleave(torch.arange(B), counts)
     ft, fv = codes.f_tok[s0:s1], codes.f_val[s0:s1]
-    # Sort each latent's entries by value, descending (stable: ties keep token order).
-    p = torch.argsort(-fv, stable=True)
-    q = torch.argsort(local[p], stable=True)
-    perm = p[q]
+    # Sort each latent's entries by value, descending; one stable sort of (latent, -value) keys,
+    # so ties keep token order and the result is deterministic.
+    perm = torch.argsort((local << 32) | _desc_order_bits(fv), stable=True)
     ft, fv = ft[perm], fv[perm]
     starts = torch.zeros(B, dtype=torch.long)
     starts[1:] = counts.cumsum(0)[:-1]
@@ -584,8 +619,8 @@ def _compute_batch(b: int, lo: int, hi: int, codes: _Codes, tokens: Tensor, W_de
         bins = torch.where(pos_mask, bin_pos, bin_neg).long()
         group = local * (2 * nb) + bins
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
-        r = torch.argsort(torch.rand(len(fv), generator=gen), stable=True)
-        order = r[torch.argsort(group[r], stable=True)]
+        noise = torch.randint(0, 1 << 31, (len(fv),), generator=gen, dtype=torch.int64)
+        order = torch.argsort((group << 31) | noise, stable=True)  # random order within each interval
         gcount = torch.bincount(group, minlength=B * 2 * nb)
         gstart = torch.zeros_like(gcount)
         gstart[1:] = gcount.cumsum(0)[:-1]
@@ -632,16 +667,20 @@ def _compute_batch(b: int, lo: int, hi: int, codes: _Codes, tokens: Tensor, W_de
         eff = (W_dec[lo:hi] @ W_U.to(dev)).cpu()  # [B, vocab]
         k = min(cfg.n_logits, eff.shape[1])
         tp = eff.topk(k, dim=1)
-        bt = (-eff).topk(k, dim=1)
-        elo, ehi = eff.min(1).values, eff.max(1).values
-        ehist = _hist(eff.flatten(), torch.arange(B).repeat_interleave(eff.shape[1]), elo, ehi, B, cfg.n_hist_bins)
-        logits_pos = [[[int(t), round(float(v), 5)] for t, v in zip(tp.indices[i], tp.values[i])] for i in range(B)]
-        logits_neg = [[[int(t), round(-float(v), 5)] for t, v in zip(bt.indices[i], bt.values[i])] for i in range(B)]
-        logit_hist = [{"lo": float(elo[i]), "hi": float(ehi[i]), "counts": ehist[i].tolist()} for i in range(B)]
+        bt = eff.topk(k, dim=1, largest=False)
+        elo, ehi = bt.values[:, 0].contiguous(), tp.values[:, 0].contiguous()  # topk is sorted: these are min and max
+        ehist = _row_hist(eff, elo, ehi, cfg.n_hist_bins)
+        pi, pv, ni, nv = tp.indices.tolist(), tp.values.tolist(), bt.indices.tolist(), bt.values.tolist()
+        logits_pos = [[[t, round(v, 5)] for t, v in zip(pi[r], pv[r])] for r in range(B)]
+        logits_neg = [[[t, round(v, 5)] for t, v in zip(ni[r], nv[r])] for r in range(B)]
+        lo_l, hi_l = elo.tolist(), ehi.tolist()
+        logit_hist = [{"lo": lo_l[r], "hi": hi_l[r], "counts": ehist[r].tolist()} for r in range(B)]
+        del eff
     cos = (W_dec_unit[lo:hi] @ W_dec_unit.T).cpu()
     cos[torch.arange(B), torch.arange(lo, hi)] = -math.inf
     kn = min(cfg.n_neighbours, max(cos.shape[1] - 1, 0))
     cos_top = cos.topk(kn, dim=1) if kn else None
+    cos_lists = [[[j, round(v, 5)] for j, v in zip(ji, vi)] for ji, vi in zip(cos_top.indices.tolist(), cos_top.values.tolist())] if kn else [[] for _ in range(B)]
     corr_top = _correlation_neighbours(codes, lo, hi, ft, local, fv, kn)
 
     # ---- activation histograms ---------------------------------------------------------------------
@@ -663,7 +702,7 @@ def _compute_batch(b: int, lo: int, hi: int, codes: _Codes, tokens: Tensor, W_de
             json.dumps(logits_pos[i]) if logits_pos else None,
             json.dumps(logits_neg[i]) if logits_neg else None,
             json.dumps(logit_hist[i]) if logit_hist else None,
-            json.dumps([[int(j), round(float(v), 5)] for j, v in zip(cos_top.indices[i], cos_top.values[i])]) if cos_top else "[]",
+            json.dumps(cos_lists[i]),
             json.dumps(corr_top[i]),
         ))
     examples = []
@@ -686,78 +725,67 @@ def _compute_batch(b: int, lo: int, hi: int, codes: _Codes, tokens: Tensor, W_de
         tid = int(toks_np[seq_l[e], pos_l[e]])
         peak_counter.setdefault(f, Counter())[tid] += 1
         peak_max[(tid, f)] = max(peak_max.get((tid, f), -math.inf), abs(val_l[e]))
-        ids = toks_np[seq_l[e], start_l[e] : stop_l[e]]
-        texts.setdefault(f, []).append("".join(vocab[t] if 0 <= t < len(vocab) else "" for t in ids))
+        texts.setdefault(f, []).append("".join(vocab[toks_np[seq_l[e], start_l[e] : stop_l[e]]]))
     feature_tokens = [(tid, f, n, peak_max[(tid, f)]) for f, cnt in peak_counter.items() for tid, n in cnt.items()]
-    fts = [(f, " ".join(dict.fromkeys(vocab[t].strip() for t in peak_counter[f] if 0 <= t < len(vocab))), "\n".join(texts[f])) for f in texts]
+    fts = [(f, " ".join(dict.fromkeys(vocab[t].strip() for t in peak_counter[f])), "\n".join(texts[f])) for f in texts]
     stats = {"density": density.numpy(), "max_act": max_act.numpy(), "min_act": min_act.numpy(), "n_active": counts.numpy()}
     return _BatchRows(features, examples, feature_tokens, fts, stats)
 
 
 def _window_values(codes: _Codes, wtok: Tensor, latent: Tensor, wvalid: Tensor) -> Tensor:
-    """Activation of ``latent[e]`` at every window position ``wtok[e, w]``: [E, W] (0 where invalid)."""
-    E, W = wtok.shape
-    if E == 0:
-        return torch.zeros(0, W)
-    out = torch.zeros(E, W)
-    lens = codes.row_ptr[1:] - codes.row_ptr[:-1]
-    kmax = int(lens.max()) if len(lens) else 0
-    if kmax == 0:
-        return out
-    step = max(1, (1 << 22) // (W * kmax))
-    for s in range(0, E, step):
-        t = wtok[s : s + step]
-        base = codes.row_ptr[t]  # [e, W]
-        ln = lens[t]
-        k = torch.arange(kmax)
-        idx = base[..., None] + k
-        ok = (k < ln[..., None]) & wvalid[s : s + step, :, None]
-        idx = idx.clamp_max(len(codes.feat) - 1)
-        hit = ok & (codes.feat[idx] == latent[s : s + step, None, None])
-        out[s : s + step] = (codes.val[idx] * hit).sum(-1)
-    return out
+    """Activation of ``latent[e]`` at every window position ``wtok[e, w]``: [E, W] (0 where invalid).
+
+    A binary search in the sorted (latent, token) keys: O(E·W·log nnz), independent of L0.
+    """
+    if wtok.numel() == 0 or len(codes.f_key) == 0:
+        return torch.zeros(wtok.shape)
+    q = latent.long()[:, None] * codes.n_positions + wtok
+    idx = torch.searchsorted(codes.f_key, q).clamp_max_(len(codes.f_key) - 1)
+    hit = (codes.f_key[idx] == q) & wvalid
+    return torch.where(hit, codes.f_val[idx], torch.zeros((), dtype=codes.f_val.dtype))
 
 
 def _correlation_neighbours(codes: _Codes, lo: int, hi: int, ft: Tensor, local: Tensor, fv: Tensor, k: int) -> list[list]:
     """Top-``k`` latents by Pearson correlation of activations (over valid tokens) for latents [lo, hi).
 
     Only co-occurring pairs can correlate positively, so the co-occurrence sums Σ_t f_i f_j are
-    gathered from the codes of the tokens where each latent is active: O(nnz · K) work in all.
+    gathered from the codes of the tokens where each latent is active: O(nnz · L0) work in all.
     """
     B = hi - lo
     d_sae = len(codes.mean)
     if k == 0 or len(ft) == 0:
         return [[] for _ in range(B)]
-    lens = codes.row_ptr[ft + 1] - codes.row_ptr[ft]
     cross = torch.zeros(B * d_sae, dtype=torch.float64)
-    budget = 1 << 23
-    csum = lens.cumsum(0)
-    s = 0
-    while s < len(ft):
-        # entries [s, e) expand to at most `budget` pairs (at least one entry per step)
-        base = int(csum[s - 1]) if s else 0
-        e = int(torch.searchsorted(csum, base + budget, right=True))
-        e = max(e, s + 1)
-        rep = lens[s:e]
-        owner = torch.repeat_interleave(torch.arange(s, e), rep)
-        first = torch.repeat_interleave(codes.row_ptr[ft[s:e]], rep)
-        within = torch.arange(len(owner)) - torch.repeat_interleave(torch.cumsum(rep, 0) - rep, rep)
-        idx = first + within
-        j = codes.feat[idx].long()
-        w = fv[owner].double() * codes.val[idx].double()
-        cross.index_add_(0, local[owner] * d_sae + j, w)
-        s = e
+    if codes.pad_feat is not None:
+        step = max(1, (1 << 22) // codes.pad_feat.shape[1])
+        for s in range(0, len(ft), step):
+            t = ft[s : s + step]
+            j = codes.pad_feat[t].long()
+            w = codes.pad_val[t] * fv[s : s + step, None]
+            idx = local[s : s + step, None] * d_sae + j.clamp_min(0)
+            cross.index_add_(0, idx.flatten(), w.flatten().double())  # padding has value 0
+    else:
+        lens = codes.row_ptr[ft + 1] - codes.row_ptr[ft]
+        csum = lens.cumsum(0)
+        s = 0
+        while s < len(ft):
+            base = int(csum[s - 1]) if s else 0
+            e = max(int(torch.searchsorted(csum, base + (1 << 22), right=True)), s + 1)
+            rep = lens[s:e]
+            owner = torch.repeat_interleave(torch.arange(s, e), rep)
+            within = torch.arange(len(owner)) - torch.repeat_interleave(torch.cumsum(rep, 0) - rep, rep)
+            idx = codes.row_ptr[ft[owner]] + within
+            w = fv[owner].double() * codes.val[idx].double()
+            cross.index_add_(0, local[owner] * d_sae + codes.feat[idx].long(), w)
+            s = e
     n = max(codes.n_valid, 1)
     mu, sd = codes.mean, codes.std
-    cov = cross.view(B, d_sae) / n - mu[lo:hi, None] * mu[None, :]
-    denom = sd[lo:hi, None] * sd[None, :]
-    corr = torch.where(denom > 0, cov / denom.clamp_min(1e-30), torch.full_like(cov, -math.inf))
+    corr = cross.view(B, d_sae).div_(n).sub_(mu[lo:hi, None] * mu[None, :])  # covariance, in place
+    corr.div_(sd[lo:hi, None] * sd[None, :]).nan_to_num_(nan=-math.inf)  # 0/0 (dead latents) → -inf
     corr[torch.arange(B), torch.arange(lo, hi)] = -math.inf
     top = corr.topk(min(k, d_sae), dim=1)
-    out = []
-    for i in range(B):
-        out.append([[int(j), round(float(v), 5)] for j, v in zip(top.indices[i], top.values[i]) if v > 0 and math.isfinite(v)])
-    return out
+    vals, inds = top.values.tolist(), top.indices.tolist()
+    return [[[j, round(v, 5)] for j, v in zip(inds[i], vals[i]) if v > 0 and math.isfinite(v)] for i in range(B)]
 
 
 def _write_batch(con: sqlite3.Connection, b: int, lo: int, hi: int, rows: _BatchRows, seconds: float) -> None:
@@ -811,6 +839,7 @@ class Example:
     token_ids: list[int]
     tokens: list[str]
     acts: list[float]
+    special: list[bool]  # BOS/EOS/pad positions (masked: never active)
 
     @property
     def peak_index(self) -> int:
@@ -861,6 +890,7 @@ class Dashboard:
         self.d_sae = int(self.meta.get("d_sae", 0))
         self._tokens: np.ndarray | None = None
         self._vocab: list[str] | None = None
+        self.special_ids = frozenset(int(t) for t in self.meta.get("special_ids", []))
 
     # ---- whole-SAE facts -------------------------------------------------------------------------
     @property
@@ -940,7 +970,8 @@ class Dashboard:
         for kind_, rank, bin_, seq, pos, value, start, blob in rows:
             acts = np.frombuffer(blob, dtype=np.float32).tolist()
             ids = [int(t) for t in toks[seq, start : start + len(acts)]]
-            out.append(Example(kind_, rank, bin_, seq, pos, value, start, ids, [self.token_str(t) for t in ids], acts))
+            out.append(Example(kind_, rank, bin_, seq, pos, value, start, ids, [self.token_str(t) for t in ids], acts,
+                               [t in self.special_ids for t in ids]))
         return out
 
     def neighbour_stats(self, ids: list[int]) -> dict[int, tuple[float, float | None]]:
@@ -1030,6 +1061,16 @@ class Dashboard:
                 return {int(f): lab for f, lab in con.execute(q, [int(x) for x in ids])}
             except sqlite3.OperationalError:
                 return {}
+
+    def all_labels(self, limit: int = 200) -> list[tuple[int, str]]:
+        """(latent, label) of labelled latents, by latent index."""
+        if not self.labels_path.exists():
+            return []
+        with _reading(self.labels_path) as con:
+            try:
+                return [(int(f), lab) for f, lab in con.execute("SELECT feature, label FROM labels WHERE label != '' ORDER BY feature LIMIT ?", (limit,))]
+            except sqlite3.OperationalError:
+                return []
 
     def set_label(self, i: int, label: str, explanation: str = "", source: str = "user") -> None:
         """Create, update or (both empty) delete the label of latent ``i``."""
@@ -1169,25 +1210,35 @@ def load_eval_results(root: str | Path) -> list[dict[str, Any]]:
     """Eval metrics of the SAEs under ``root``: each ``eval_core.json`` plus bench results files.
 
     Bench results (``evals/bench.py``) are read from ``*results*.json`` / ``*results*.csv`` files
-    under the root: a JSON list of records, or an object with a ``results`` list; CSV with a header.
-    Each record gets ``source`` (file, relative to the root) and, when known, ``sae`` (relative path).
+    under the root (a JSON list of records, or an object with a ``results`` list; CSV with a
+    header); of a ``results.json`` + ``results.csv`` pair only the JSON is read. Each record gets
+    ``source`` (file, relative to the root); SAE records get ``sae`` (folder relative to the root).
+    An SAE that a bench row covers (its ``sae_dir``) is not listed a second time from eval_core.json.
     """
     root_p = Path(root).resolve()
+    bench: list[dict[str, Any]] = []
+    for f in _bench_files(root_p):
+        bench.extend(_read_bench_file(f, root_p))
+    covered = set()
+    for r in bench:
+        d = r.get("sae_dir")
+        if isinstance(d, str) and d:
+            p = Path(d) if Path(d).is_absolute() else root_p / d
+            covered.add(str(p.resolve()))
     records: list[dict[str, Any]] = []
     for e in find_saes(root_p):
         f = e.path / "eval_core.json"
-        if f.is_file():
-            try:
-                m = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if isinstance(m, dict):
-                rec = {"sae": e.rel, "source": f.relative_to(root_p).as_posix(), "method": e.cfg.get("method") or e.cfg.get("architecture", "")}
-                rec |= {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
-                records.append(rec)
-    for f in _bench_files(root_p):
-        records.extend(_read_bench_file(f, root_p))
-    return records
+        if not f.is_file() or str(e.path.resolve()) in covered:
+            continue
+        try:
+            m = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(m, dict):
+            rec = {"sae": e.rel, "source": f.relative_to(root_p).as_posix(), "method": e.cfg.get("method") or e.cfg.get("architecture", "")}
+            rec |= {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
+            records.append(rec)
+    return records + bench
 
 
 def _bench_files(root: Path, max_depth: int = 4) -> list[Path]:
@@ -1205,6 +1256,8 @@ def _bench_files(root: Path, max_depth: int = 4) -> list[Path]:
             if not (real == root or root in real.parents):
                 continue
             if p.is_file() and "results" in p.name and p.suffix in (".json", ".csv") and p.stat().st_size < 50_000_000:
+                if p.suffix == ".csv" and p.with_suffix(".json").is_file():
+                    continue  # the bench writes the same rows as .json and .csv
                 out.append(p)
             elif p.is_dir() and depth < max_depth:
                 walk(p, depth + 1)
@@ -1271,7 +1324,7 @@ def browse_command(root: str | Path, host: str = "127.0.0.1", port: int = 8501, 
 
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_main_path()),
            "--server.address", host, "--server.port", str(port), "--server.headless", "true",
-           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer",
            "--", "--root", str(Path(root).resolve())]
     if model:
         cmd += ["--model", model]

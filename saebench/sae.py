@@ -189,9 +189,10 @@ class SAE(nn.Module):
         """Remove the component of each decoder row's gradient parallel to the row (keeps ‖d_i‖ = 1)."""
         if self.W_dec.grad is None:
             return
-        unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        parallel = (self.W_dec.grad * unit).sum(-1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * unit)
+        # g ← g − (g·d / ‖d‖²)·d per row, in place: two row reductions and one fused update, no [n, d] temporaries.
+        dots = torch.einsum("nd,nd->n", self.W_dec.grad, self.W_dec)
+        sq = self.W_dec.norm(dim=-1).square().clamp_min(1e-16)
+        self.W_dec.grad.addcmul_(self.W_dec, (dots / sq).unsqueeze(-1), value=-1)
 
     @torch.no_grad()
     def init_tied(self, generator: torch.Generator | None = None) -> None:

@@ -16,6 +16,10 @@ reproducible: one Gumbel noise vector per step is drawn from a CPU ``torch.Gener
 from ``softmax(logits / T)``). The noise does not depend on the logits, so the same seed gives the
 same tokens with and without the KV cache, and a steered and an unsteered run with the same seed
 share their noise (matched samples, as in Neuronpedia's DEFAULT vs STEERED).
+
+The functions taking an ``sae`` read only ``sae.cfg.hook_name``, ``sae.cfg.hook_head_index``,
+``sae.cfg.d_sae`` and ``sae.W_dec`` (plus ``encode_sparse`` in :func:`max_activation`), so a light
+view with another hook name works too (the app uses one to steer at a different layer).
 """
 
 from __future__ import annotations
@@ -258,9 +262,9 @@ def generate_tokens(
             h.position_offset = offset
         if use_kv_cache:
             if past is None:
-                return model(inp, return_type="logits_and_cache", use_cache=True)
-            return model(inp, return_type="logits_and_cache", past_key_values=past)
-        return model(inp), None
+                return _call_last(model, inp, return_type="logits_and_cache", use_cache=True)
+            return _call_last(model, inp, return_type="logits_and_cache", past_key_values=past)
+        return _call_last(model, inp), None
 
     with model.hooks(fwd_hooks=list(hooks)):
         logits, past = forward(tokens, 0, None)
@@ -281,6 +285,16 @@ def generate_tokens(
     for _, h in hooks:
         h.position_offset = None
     return tokens
+
+
+def _call_last(model, inp: Tensor, **kwargs):
+    """``model(inp, **kwargs)`` computing the logits of the last position only where HF allows it."""
+    if not getattr(model, "_saebench_no_logits_to_keep", False):
+        try:
+            return model(inp, logits_to_keep=1, **kwargs)
+        except TypeError:
+            model._saebench_no_logits_to_keep = True
+    return model(inp, **kwargs)
 
 
 def _decode(model, toks: Tensor) -> str:

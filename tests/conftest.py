@@ -8,7 +8,8 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tests run two at a time (pytest -n 2); one thread each keeps the 2 cores busy without contention.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

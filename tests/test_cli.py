@@ -93,3 +93,24 @@ def test_wheel_and_editable_import_the_same_layout(tmp_path):
     assert str(tmp_path / "site") in out.splitlines()[0]
     editable = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert out.splitlines()[1] == editable.splitlines()[1]
+
+
+def test_steer_command_prints_both_generations(tiny_model_dir, tmp_path, capsys):
+    import torch
+
+    from saebench.sae import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(architecture="topk", d_in=64, d_sae=32, k=4, hook_name="blocks.1.hook_resid_post", model_name=str(tiny_model_dir)))
+    sae.init_tied(torch.Generator().manual_seed(0))
+    sae.save(tmp_path / "sae")
+    assert main(["steer", str(tmp_path / "sae"), "--latent", "3", "--strength", "-4", "--max-act", "2.0", "--prompt", "The cat", "--tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "DEFAULT  | The cat" in out and "STEERED  | The cat" in out and "strength -4" in out and "log-prob change" in out
+
+
+def test_passthrough_commands_have_their_own_help(capsys):
+    for cmd in ("bench", "dead", "steering-eval", "circuits"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    assert "sae_dirs" in capsys.readouterr().out

@@ -223,3 +223,20 @@ def test_verify_reports_what_is_wrong(tmp_path):
     p.write_bytes(bytes(data))
     problems = verify_folder(folder)
     assert len(problems) == 1 and "sae.safetensors" in problems[0] and "checksum" in problems[0]
+
+
+def test_sparse_decode_backward_matches_dense_autograd():
+    """decode's gradients (to the values via embedding_bag, to W_dec via the sparse product) equal dense autograd."""
+    torch.manual_seed(2)
+    W = torch.randn(48, 16, requires_grad=True)
+    idx = torch.randint(0, 48, (9, 5))
+    idx[0, 1] = idx[0, 0]  # a repeated latent in one row (padding does this) sums
+    vals = torch.randn(9, 5, requires_grad=True)
+    upstream = torch.randn(9, 16)
+    (sparse.decode(sparse.SparseActs(vals, idx), W) * upstream).sum().backward()
+    got = (W.grad.clone(), vals.grad.clone())
+    W.grad = vals.grad = None
+    dense = torch.zeros(9, 48).index_put((torch.arange(9)[:, None].expand(-1, 5), idx), vals, accumulate=True)
+    ((dense @ W) * upstream).sum().backward()
+    torch.testing.assert_close(got[0], W.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], vals.grad, rtol=1e-5, atol=1e-6)

@@ -41,7 +41,7 @@ class AbsTopK(ThresholdMixin, Method):
         self.architecture = "abstopk" if self.opts.variant == "token" else "abs_jumprelu"
 
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
-        if self.opts.variant == "token":
+        if self.opts.variant == "token" or self._warming_up(batch):
             return sparse.topk_select(pre.abs(), self.cfg.k), None
         mask = sparse.batch_topk_mask(pre.abs(), self.cfg.k * pre.shape[0])
         return sparse.mask_to_indices(mask, pre)

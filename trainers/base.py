@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
-from saebench import sparse
+from saebench import distributed, sparse
 from saebench.activations import Batch
 from saebench.config import ConfigError, TrainConfig
 from saebench.sae import SAE, SAEConfig
@@ -65,8 +65,29 @@ class StepOutput:
 
 
 def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
-    """Σ‖x − x̂‖² / Σ‖x − x̄‖² over the batch (the batch FVU); scale-free."""
+    """Σ‖x − x̂‖² / Σ‖x − x̄‖² over the batch (the batch FVU); scale-free.
+
+    In a data-parallel step the sums run over the global batch: the denominator is reduced across
+    ranks and the rank's numerator is scaled by the number of ranks, so the ranks' mean (what gradient
+    averaging computes) is the global FVU.
+    """
+    if distributed.active():
+        return (x_hat - x).pow(2).sum() * distributed.dp_world_size() / total_variance(x)
     return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def total_variance(x: Tensor) -> Tensor:
+    """Σ_b ‖x_b − x̄‖² over the batch [B, d] (over the global batch in a data-parallel step); no gradient.
+
+    The denominator of every FVU-normalised loss term; methods whose loss divides by the batch's
+    variance should call this so that they stay exact under data parallelism.
+    """
+    if not distributed.active():
+        return (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    x = x.detach()
+    stats = distributed.all_reduce_sum(torch.cat([x.double().sum(0), x.new_tensor([x.shape[0]], dtype=torch.float64)]))
+    mean = (stats[:-1] / stats[-1]).to(x.dtype)
+    return distributed.all_reduce_sum((x - mean).pow(2).sum()).clamp_min(1e-12)
 
 
 class Method:

@@ -8,13 +8,15 @@ Inference must not depend on the batch, so a global threshold θ is learned alon
 bias-corrected EMA (β = 0.999) of the batch's smallest selected activation, updated from step
 min(threshold_start_step, total_steps // 2) on (dictionary_learning starts at step 1000 with a raw EMA
 initialised at the first value; the bias correction gives the same average without the first-value
-weight, and the cap gives short runs a threshold). θ lives in the SAE's ``log_threshold`` (broadcast to
+weight, and the cap gives short runs a threshold). ``topk_warmup_steps`` (default 0) optionally trains
+with per-token TopK first. θ lives in the SAE's ``log_threshold`` (broadcast to
 every latent), so the SAE exports as ``jumprelu``: z = pre·1[pre > θ].
 """
 
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from saebench import sparse
@@ -23,8 +25,13 @@ from saebench.trainers.base import Method, Options, StepInput, StepOutput, regis
 
 
 class ThresholdOptions(Options):
-    threshold_beta: float = 0.999  # EMA decay of the threshold statistic
-    threshold_start_step: int = 1000  # first step that updates the EMA (capped at total_steps // 2)
+    """Options of the batch-selection methods (BatchTopK/Mutual Choice, batch AbsTopK, Feature Choice)."""
+
+    threshold_beta: float = Field(0.999, gt=0, lt=1, description="EMA decay of the inference-threshold statistic.")
+    threshold_start_step: int = Field(1000, ge=0, description="First step that updates the threshold EMA (capped at total_steps // 2).")
+    topk_warmup_steps: int = Field(0, ge=0, description=(
+        "Select per token (TopK) for this many steps before the batch rule: a warm start that keeps early batch "
+        "allocation from locking in merged latents."))
 
 
 class ThresholdEMA:
@@ -70,7 +77,12 @@ class ThresholdMixin:
         return self._threshold_ema
 
     def _threshold_active(self, step: int) -> bool:
-        return step >= min(self.opts.threshold_start_step, self.cfg.total_steps // 2)
+        start = min(self.opts.threshold_start_step, self.cfg.total_steps // 2)
+        return step >= max(start, self.opts.topk_warmup_steps)
+
+    def _warming_up(self, batch: StepInput | None) -> bool:
+        """Whether this step still uses the per-token TopK warm start."""
+        return batch is not None and batch.step < self.opts.topk_warmup_steps
 
     @torch.no_grad()
     def _set_threshold(self, sae: SAE, value: Tensor, present: Tensor | None, step: int) -> None:
@@ -99,6 +111,8 @@ class BatchTopK(ThresholdMixin, Method):
     Options = ThresholdOptions
 
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
+        if self._warming_up(batch):
+            return sparse.topk_select(pre, self.cfg.k), None
         mask = sparse.batch_topk_mask(pre.clamp_min(0), self.cfg.k * pre.shape[0])
         return sparse.mask_to_indices(mask, pre)
 

@@ -39,7 +39,8 @@ class JumpReLUOptions(Options):
     bandwidth: float = Field(0.05, gt=0, description="KDE bandwidth ε of the rectangle-kernel STE (scaled-input units).")
     theta_init: float = Field(0.1, gt=0, description="Initial threshold θ₀ for every latent.")
     sparsity_mode: Literal["l0", "target_l0"] = "l0"
-    sparsity_coef: float = Field(1e-3, ge=0, description="λ (l0 mode) or c (target_l0 mode). In l0 mode it is the FVU a latent must save per token to be worth firing.")
+    sparsity_coef: float = Field(1e-3, ge=0, description=(
+        "λ (l0 mode) or c (target_l0 mode). In l0 mode it is the FVU a latent must save per token to be worth firing."))
     sparsity_warmup_steps: int | None = Field(None, ge=0, description="Linear warmup of the sparsity coefficient; default 10% of training.")
     target_l0: float | None = Field(None, gt=0, description="Target mean L0 for target_l0 mode; default the config's k.")
 

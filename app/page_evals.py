@@ -1,0 +1,41 @@
+"""Eval dashboard: every SAE's core metrics and the bench results under the root, with Pareto plots."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from saebench import dashboards as D
+from saebench.app import render as R
+from saebench.app import state as S
+
+COLUMNS = ["sae / run", "method", "architecture", "d_sae", "l0", "fvu", "explained_variance", "ce_loss_score", "kl_div_score",
+           "dead_fraction", "dense_fraction_1pct", "n_tokens", "source"]
+
+
+@st.cache_data(ttl=20, show_spinner=False)
+def eval_records(root: str) -> list[dict]:
+    return D.load_eval_results(root)
+
+
+def render(cfg: S.AppConfig) -> None:
+    st.header("Evals")
+    records = eval_records(str(cfg.root))
+    if not records:
+        st.info(f"No eval results under `{cfg.root}` yet. The core eval writes `SAE_DIR/eval_core.json`; the benchmark "
+                "writes `*results*.json` / `*results*.csv` files. Both are picked up here:")
+        st.code("saebench eval SAE_DIR\nsaebench bench ...", language="bash")
+        return
+    records = [{"sae / run": r.get("sae") or r.get("name") or r.get("run") or r.get("source", "")} | r for r in records]
+    cols = [c for c in COLUMNS if any(c in r for r in records)]
+    extra = sorted({k for r in records for k in r} - set(cols) - {"sae", "name", "run"})
+    st.caption(f"{len(records)} result{'s' if len(records) != 1 else ''}: lower L0 and FVU are better, higher CE loss recovered is better.")
+    st.dataframe([{c: r.get(c) for c in cols + extra} for r in records], hide_index=True, width="stretch", key="evals_table")
+    a, b = st.columns(2)
+    with a:
+        if any("ce_loss_score" in r for r in records):
+            st.plotly_chart(R.pareto_figure(records, "ce_loss_score", "CE loss recovered", maximize=True), key="pareto_ce")
+        else:
+            st.caption("No CE loss recovered values (run the core eval with downstream metrics).")
+    with b:
+        if any("fvu" in r for r in records):
+            st.plotly_chart(R.pareto_figure(records, "fvu", "FVU", maximize=False), key="pareto_fvu")

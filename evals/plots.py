@@ -1,0 +1,121 @@
+"""Plotly figures for bench results (also usable from the Streamlit app): Pareto views, dead latents,
+steering curves, faithfulness/completeness curves. Every function takes plain dicts/lists and returns
+a ``plotly.graph_objects.Figure``; :func:`write_figures` saves them as standalone HTML that works
+offline (one shared ``plotly.min.js`` next to the pages)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) -> list[int]:
+    """Indices of the points on the Pareto front of (x ↓, y ↑ or ↓), ordered by x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1] if higher_is_better else points[i][1]))
+    front, best = [], -math.inf if higher_is_better else math.inf
+    for i in order:
+        y = points[i][1]
+        if (higher_is_better and y > best) or (not higher_is_better and y < best):
+            front.append(i)
+            best = y
+    return front
+
+
+def pareto_figure(rows: Sequence[Mapping[str, Any]], x: str = "l0", y: str = "ce_loss_score", *, color_by: str = "method",
+                  higher_is_better: bool = True, title: str | None = None, log_x: bool = True) -> go.Figure:
+    """Scatter of ``y`` against ``x`` (one trace per ``color_by`` group) with the overall Pareto front."""
+    pts = [r for r in rows if _finite(r.get(x)) and _finite(r.get(y))]
+    fig = go.Figure()
+    groups: dict[str, list] = {}
+    for r in pts:
+        groups.setdefault(str(r.get(color_by) or r.get("architecture") or "sae"), []).append(r)
+    for i, (g, rs) in enumerate(sorted(groups.items())):
+        fig.add_trace(go.Scatter(
+            x=[r[x] for r in rs], y=[r[y] for r in rs], mode="markers", name=g,
+            marker=dict(size=10, color=_PALETTE[i % len(_PALETTE)]),
+            text=[r.get("sae", "") for r in rs], hovertemplate=f"%{{text}}<br>{x}=%{{x:.4g}}<br>{y}=%{{y:.4g}}<extra>{g}</extra>",
+        ))
+    if len(pts) > 1:
+        front = pareto_front([(r[x], r[y]) for r in pts], higher_is_better)
+        fig.add_trace(go.Scatter(x=[pts[i][x] for i in front], y=[pts[i][y] for i in front], mode="lines", name="Pareto front",
+                                 line=dict(color="black", dash="dot")))
+    better = "higher" if higher_is_better else "lower"
+    fig.update_layout(title=title or f"{y} vs {x} ({better} is better)", xaxis_title=x, yaxis_title=y, template="plotly_white")
+    if log_x and all(r[x] > 0 for r in pts):
+        fig.update_xaxes(type="log")
+    return fig
+
+
+def dead_latents_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Grouped bars per SAE: dead fraction (with its window), dense > 1 %, dense > 10 %, special-token-only."""
+    rs = [r for r in rows if _finite(r.get("dead_fraction"))]
+    names = [f"{r.get('sae', '?')}<br>({int(r.get('dead_window_tokens', 0)):,} tok)" for r in rs]
+    fig = go.Figure()
+    for key, label, color in (("dead_fraction", "dead", "#d62728"), ("dense_fraction_1pct", "dense > 1%", "#ff7f0e"),
+                              ("dense_fraction_10pct", "dense > 10%", "#9467bd"), ("special_only_fraction", "special-token only", "#7f7f7f")):
+        if any(_finite(r.get(key)) for r in rs):
+            fig.add_trace(go.Bar(x=names, y=[r.get(key) if _finite(r.get(key)) else None for r in rs], name=label, marker_color=color))
+    fig.update_layout(barmode="group", title="Dead and dense latents (fraction of latents; window in tokens)", yaxis_title="fraction of latents",
+                      template="plotly_white")
+    return fig
+
+
+def steering_figure(results: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """Per SAE (and concept): target effect vs strength (latent vs random control), and effect vs KL cost."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("target effect vs strength", "effect vs fluency cost (KL on neutral text)"))
+    for i, (name, res) in enumerate(results.items()):
+        color = _PALETTE[i % len(_PALETTE)]
+        key = res.get("effect_key", "delta_latent_act")
+        for cond, dash in (("sae", "solid"), ("random", "dash")):
+            pts = sorted((e for e in res.get("curve", []) if e["condition"] == cond), key=lambda e: e["strength"])
+            if not pts:
+                continue
+            fig.add_trace(go.Scatter(x=[e["strength"] for e in pts], y=[e.get(key) for e in pts], mode="lines+markers", name=f"{name} [{cond}]",
+                                     line=dict(color=color, dash=dash), legendgroup=name), row=1, col=1)
+            pos = [e for e in pts if e["strength"] > 0]
+            fig.add_trace(go.Scatter(x=[e["kl_neutral"] for e in pos], y=[e.get(key) for e in pos], mode="lines+markers", showlegend=False,
+                                     text=[f"s={e['strength']}" for e in pos], line=dict(color=color, dash=dash), legendgroup=name), row=1, col=2)
+    fig.update_xaxes(title_text="strength (× max activation)", row=1, col=1)
+    fig.update_xaxes(title_text="KL(unsteered ‖ steered) per token", row=1, col=2)
+    fig.update_yaxes(title_text="target effect", row=1, col=1)
+    fig.update_layout(title="Steering sweeps (solid: SAE latent, dashed: random direction of equal norm)", template="plotly_white")
+    return fig
+
+
+def circuit_figure(results: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """Faithfulness F(C) and complement faithfulness F(M∖C) against circuit size, per SAE/task."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("faithfulness F(C)", "completeness: F(M \\ C) (0 = complete)"))
+    for i, (name, res) in enumerate(results.items()):
+        c = res.get("curve", {})
+        sizes = [max(s, 0.5) for s in c.get("sizes", [])]  # size 0 drawn at 0.5 on the log axis
+        color = _PALETTE[i % len(_PALETTE)]
+        fig.add_trace(go.Scatter(x=sizes, y=c.get("faithfulness"), mode="lines+markers", name=name, line=dict(color=color), legendgroup=name),
+                      row=1, col=1)
+        fig.add_trace(go.Scatter(x=sizes, y=c.get("complement_faithfulness"), mode="lines+markers", name=name, showlegend=False,
+                                 line=dict(color=color), legendgroup=name), row=1, col=2)
+    for col in (1, 2):
+        fig.update_xaxes(type="log", title_text="nodes in circuit", row=1, col=col)
+    fig.update_layout(title="Feature circuits: mean-ablation faithfulness curves (test split)", template="plotly_white")
+    return fig
+
+
+def write_figures(figs: Mapping[str, go.Figure], out_dir: str | Path) -> dict[str, Path]:
+    """Write each figure to ``out_dir/<name>.html`` (offline: plotly.min.js is written once beside them)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, fig in figs.items():
+        path = out / f"{name}.html"
+        fig.write_html(str(path), include_plotlyjs="directory", full_html=True)
+        paths[name] = path
+    return paths

@@ -1,0 +1,235 @@
+"""The Streamlit browser under ``streamlit.testing.v1.AppTest``: every page, with widget interactions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dashboard_fixture as F  # noqa: E402
+
+from saebench import dashboards as D  # noqa: E402
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_model_dir, tiny_model):
+    return F.build_root(tmp_path_factory.mktemp("app") / "root", tiny_model_dir, tiny_model)
+
+
+def open_app(monkeypatch, root: Path, **params) -> AppTest:
+    monkeypatch.setenv(D.APP_ROOT_ENV, str(root))
+    monkeypatch.delenv(D.APP_MODEL_ENV, raising=False)
+    at = AppTest.from_file(APP, default_timeout=90)
+    for k, v in params.items():
+        at.query_params[k] = str(v)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def html(at: AppTest) -> str:
+    return "\n".join(h.proto.body for h in at.html)
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+def test_empty_root_says_what_to_do(monkeypatch, tmp_path):
+    at = open_app(monkeypatch, tmp_path)
+    assert texts(at.main.title) == ["No SAEs here yet"]
+    assert "no SAE folder under" in at.info[0].value
+    at.sidebar.radio(key="page").set_value("Evals").run()
+    assert not at.exception and "No eval results" in at.info[0].value
+
+
+# Widgets inside a form keep their new values only until the form is submitted: set them, then
+# click the submit button, with no run() in between.
+
+
+def test_feature_page_deep_link(monkeypatch, root):
+    at = open_app(monkeypatch, root, sae="saes/topk", feature=F.PLANTED)
+    assert texts(at.header) == [f"Latent {F.PLANTED}"]
+    assert at.sidebar.selectbox(key="sae").value == "saes/topk" and at.sidebar.number_input(key="feature").value == F.PLANTED
+    metrics = {m.label: m.value for m in at.metric}
+    db = D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR)
+    f = db.feature(F.PLANTED)
+    assert metrics["Active on"] == f"{f.n_active:,} tokens" and metrics["Max activation"] == f"{f.max_act:.4g}"
+    body = html(at)
+    assert 'id="top-examples"' in body and body.count('class="row"') >= 20 + 5
+    assert "Interval" in body and "contains" in body
+    assert 'title="&#x27; fox&#x27; = ' in body  # hover value on the peak token
+    assert "2048" not in at.caption[0].value and "tokens (64 sequences × 32)" in at.caption[0].value
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert len(charts) == 2  # activation histogram and logit-effect histogram
+    assert "density" in charts[0]["layout"]["title"]["text"]
+    assert any(b.label.startswith("#") and "cos" in b.label for b in at.button)  # decoder neighbours
+    assert any(b.label.startswith("#") and " r " in b.label for b in at.button)  # correlated latents
+    assert at.query_params["feature"] == [str(F.PLANTED)] or at.query_params["feature"] == str(F.PLANTED)
+
+
+def test_corpus_html_is_escaped(monkeypatch, root):
+    db = D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR)
+    feature = next(f for f, _ in db.search_text("script alert") if any("script" in "".join(e.tokens) for e in db.examples(f, "top")))
+    at = open_app(monkeypatch, root, sae="saes/topk", feature=feature)
+    body = html(at)
+    assert "script" in body and "&lt;" in body and "&gt;" in body
+    assert "<script" not in body and "</script" not in body and "<b>" not in body
+
+
+def test_navigation_and_live_only(monkeypatch, root):
+    at = open_app(monkeypatch, root, sae="saes/topk", feature=F.DEAD - 1)
+    at.sidebar.button(key="nav_next").click().run()
+    assert at.session_state["feature"] == F.DEAD and "is dead" in at.warning[0].value
+    assert {m.label: m.value for m in at.metric}["Flags"] == "dead"
+    at.sidebar.button(key="nav_prev").click().run()
+    assert at.session_state["feature"] == F.DEAD - 1
+    at.sidebar.checkbox(key="live_only").check().run()
+    at.sidebar.button(key="nav_next").click().run()
+    assert at.session_state["feature"] == F.DEAD + 1
+    assert at.query_params["feature"] in (str(F.DEAD + 1), [str(F.DEAD + 1)])
+    db = D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR)
+    for _ in range(5):
+        at.sidebar.button(key="nav_random").click().run()
+        assert not db.feature(at.session_state["feature"]).dead
+    at.sidebar.number_input(key="feature").set_value(95).run()
+    at.sidebar.button(key="nav_next").click().run()
+    assert at.session_state["feature"] == 0 and texts(at.header) == ["Latent 0"]
+
+
+def test_bad_url_params_never_leave_the_root(monkeypatch, root):
+    at = open_app(monkeypatch, root, sae="../../etc", feature="abc", page="Nope")
+    warnings = " ".join(texts(at.warning))
+    assert "No SAE '../../etc'" in warnings and "Ignoring feature='abc'" in warnings and "Unknown page" in warnings
+    assert at.session_state["sae"] == "saes/abstopk"
+    at = open_app(monkeypatch, root, sae=str(root / "saes" / "topk"), feature=10_000)
+    assert at.session_state["sae"] == "saes/abstopk" and at.session_state["feature"] == 0
+
+
+def test_missing_dashboard_shows_the_build_command(monkeypatch, root):
+    at = open_app(monkeypatch, root, sae="saes/nodash", feature=3)
+    assert "No dashboards" in at.info[0].value
+    assert at.code[0].value == D.build_command(root / "saes" / "nodash")
+    for page in ("SAE", "Search"):
+        at.sidebar.radio(key="page").set_value(page).run()
+        assert not at.exception and at.code[0].value.startswith("saebench dashboards ")
+
+
+def test_signed_sae_shows_both_tails(monkeypatch, root):
+    db = D.Dashboard(root / "saes" / "abstopk" / D.DASHBOARD_DIR)
+    feature = next(i for i in range(db.d_sae) if db.examples(i, "bottom") and db.examples(i, "top"))
+    at = open_app(monkeypatch, root, sae="saes/abstopk", feature=feature)
+    body = html(at)
+    assert 'id="top-examples"' in body and 'id="bottom-examples"' in body
+    assert "Min activation" in {m.label for m in at.metric}
+    assert "rgba(30,110,255" in body  # negative values coloured blue
+
+
+def test_test_a_prompt_marks_the_histogram(monkeypatch, root):
+    at = open_app(monkeypatch, root, sae="saes/topk", feature=F.PLANTED)
+    at.text_area(key="test_prompt_text").input("the quick brown fox jumps")
+    next(b for b in at.button if b.label == "Run on my text").click().run()
+    assert not at.exception
+    body = html(at)
+    assert 'id="test-prompt-result"' in body and "fox" in body
+    chart = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert any("your prompt" in a.get("text", "") for a in chart["layout"].get("annotations", []))
+    assert any(s.get("type") == "line" for s in chart["layout"].get("shapes", []))
+
+
+def test_label_editing_and_label_search(monkeypatch, root):
+    at = open_app(monkeypatch, root, sae="saes/topk", feature=F.PLANTED)
+    at.text_input(key=f"label_saes/topk_{F.PLANTED}").input("Fox detector")
+    at.text_area(key=f"expl_saes/topk_{F.PLANTED}").input("Fires on the word fox")
+    next(b for b in at.button if b.label == "Save label").click().run()
+    assert not at.exception and texts(at.header) == [f"Latent {F.PLANTED} · Fox detector"]
+    assert "Label saved." in texts(at.success)
+    assert D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR).label(F.PLANTED) == ("Fox detector", "Fires on the word fox")
+    at.sidebar.radio(key="page").set_value("Search").run()
+    at.radio(key="search_mode").set_value("Label / explanation").run()
+    at.text_input(key="search_query").input("detector")
+    next(b for b in at.button if b.label == "Search").click().run()
+    hits = [b for b in at.button if b.key and b.key.startswith("hit_")]
+    assert [b.label for b in hits] == [f"#{F.PLANTED}"]
+    hits[0].click().run()
+    assert at.session_state["page"] == "Feature" and at.session_state["feature"] == F.PLANTED
+
+
+@pytest.mark.parametrize("mode,query", [("Text in top examples", "fox"), ("Token", "fox")])
+def test_search_opens_a_latent(monkeypatch, root, mode, query):
+    at = open_app(monkeypatch, root, sae="saes/topk", page="Search")
+    at.radio(key="search_mode").set_value(mode).run()
+    at.text_input(key="search_query").input(query)
+    next(b for b in at.button if b.label == "Search").click().run()
+    hits = [b for b in at.button if b.key and b.key.startswith("hit_")]
+    assert len(hits) >= 3 and f"#{F.PLANTED}" in [b.label for b in hits]
+    if mode == "Token":
+        assert hits[0].label == f"#{F.PLANTED}"
+    assert "<mark>" in html(at) if mode.startswith("Text") else "peaks on" in html(at)
+    target = next(b for b in hits if b.label == f"#{F.PLANTED}")
+    target.click().run()
+    assert at.session_state["page"] == "Feature" and texts(at.header)[0].startswith(f"Latent {F.PLANTED}")
+
+
+def test_prompt_to_top_latents(monkeypatch, root):
+    at = open_app(monkeypatch, root, sae="saes/topk", page="Search")
+    at.radio(key="search_mode").set_value("Prompt → top latents").run()
+    at.text_area(key="prompt_search_text").input("a lazy fox")
+    next(b for b in at.button if b.label == "Find latents").click().run()
+    assert not at.exception
+    df = at.dataframe[0].value
+    assert list(df["token"]) == ["'<|im_start|>'", "'a'", "' lazy'", "' fox'"]
+    assert df["top latents"][0] == "(special token, masked)" and f"#{F.PLANTED} " in df["top latents"][3]
+    at.selectbox(key="prompt_search_pick").set_value(F.PLANTED).run()
+    at.button(key="prompt_search_open").click().run()
+    assert at.session_state["page"] == "Feature" and at.session_state["feature"] == F.PLANTED
+
+
+def test_steering_side_by_side(monkeypatch, root, tiny_model):
+    from saebench import steering
+    from saebench.sae import SAE
+
+    at = open_app(monkeypatch, root, sae="saes/topk", feature=F.PLANTED, page="Steer")
+    assert texts(at.header)[0].startswith(f"Steer with latent {F.PLANTED}")
+    assert at.selectbox(key="steer_hook").options[0] == F.HOOK and "blocks.1.hook_resid_post" in at.selectbox(key="steer_hook").options
+    at.text_area(key="steer_prompt").input("The fox")
+    at.slider(key="steer_strength").set_value(-8.0)
+    at.slider(key="steer_tokens").set_value(8)
+    at.selectbox(key="steer_scope").set_value("prompt")
+    next(b for b in at.button if b.label == "Generate").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    body = html(at)
+    assert 'id="steer-default"' in body and 'id="steer-steered"' in body
+    sae = SAE.load(root / "saes" / "topk")
+    max_act = D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR).feature(F.PLANTED).max_abs_act
+    default, steered = steering.steered_pair(tiny_model, sae, "The fox", F.PLANTED, -8.0, max_act, scope="prompt", max_new_tokens=8, seed=0)
+    from saebench.app.render import esc
+
+    assert esc(default.new_text) in body.split('id="steer-default"')[1].split("</div>")[0]
+    assert esc(steered.new_text) in body.split('id="steer-steered"')[1].split("</div>")[0]
+    assert default.new_text != steered.new_text
+    chart = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert "log-prob" in chart["layout"]["title"]["text"] and len(chart["data"][0]["x"]) == 20
+    assert any("-8 × " in m.value for m in at.markdown)
+
+
+def test_evals_and_overview_pages(monkeypatch, root):
+    at = open_app(monkeypatch, root, page="Evals")
+    df = at.dataframe[0].value
+    assert len(df) == 4 and {"l0", "fvu", "ce_loss_score"} <= set(df.columns)
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert titles == ["CE loss recovered vs L0", "FVU vs L0"]
+    at.sidebar.radio(key="page").set_value("SAE").run()
+    at.sidebar.selectbox(key="sae").set_value("saes/topk").run()
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["L0"] == "6" and metrics["Dead"] == "1" and metrics["Latents computed"] == "96 / 96"
+    assert "architecture" in html(at)

@@ -1,0 +1,197 @@
+"""The browser in a real Chromium: the main journey, driven with Python playwright.
+
+Needs Debian's chromium at /usr/bin/chromium (``apt-get install -y chromium``) and the ``playwright``
+package (``pip install playwright``; its own browser download is not needed). Screenshots of every
+step go to ``test-artifacts/browser/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dashboard_fixture as F  # noqa: E402
+
+from saebench import dashboards as D  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("SAEBENCH_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "browser"
+HEADLESS_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed (pip install playwright)")
+expect = sync_api.expect
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir, tiny_model):
+    root = F.build_root(tmp_path_factory.mktemp("browser") / "root", tiny_model_dir, tiny_model)
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
+    proc = subprocess.Popen(D.browse_command(root, port=port), stdout=log, stderr=subprocess.STDOUT,
+                            env=os.environ | {D.APP_ROOT_ENV: str(root)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log.flush()
+                pytest.fail(f"streamlit did not start: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url, root
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if ARTIFACTS.exists():
+        shutil.rmtree(ARTIFACTS)
+    ARTIFACTS.mkdir(parents=True)
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=HEADLESS_FLAGS,
+                                                   viewport={"width": 1400, "height": 1800})
+        pg = ctx.new_page()
+        pg.set_default_timeout(45_000)
+        dialogs: list[str] = []
+        pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        pg.dialogs = dialogs
+        yield pg
+        ctx.close()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def settle(pg) -> None:
+    """Wait until the rerun has finished: the URL mirrors the state at the very end of each run, and
+    no running indicator, skeleton or spinner is left."""
+    time.sleep(0.3)
+    pg.wait_for_function(
+        "() => !document.querySelector('[data-testid=stStatusWidgetRunningIcon]')"
+        " && !document.querySelector('[data-testid=stSkeleton]') && !document.querySelector('[data-testid=stSpinner]')")
+    time.sleep(0.7)
+
+
+def shot(pg, name: str) -> None:
+    pg.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def heading(pg, text: str) -> None:
+    pg.get_by_role("heading", name=re.compile(re.escape(text))).first.wait_for()
+    settle(pg)
+
+
+def test_main_journey(server, page):
+    url, root = server
+    pg = page
+    # 1. open the browser: SAE picker lists every SAE under the root
+    pg.goto(url)
+    pg.get_by_test_id("stSidebar").wait_for()
+    heading(pg, "Latent 0")
+    pg.get_by_test_id("stSelectbox").first.click()
+    options = pg.get_by_role("option").all_inner_texts()
+    assert [o.split(" · ")[0] for o in options] == ["saes/abstopk", "saes/nodash", "saes/topk"]
+    pg.get_by_role("option").filter(has_text="saes/topk").click()
+    heading(pg, "Latent 0")
+    expect(pg).to_have_url(re.compile("sae=saes(%2F|/)topk"))
+    shot(pg, "01-sae-picked")
+
+    # 2. open a feature by number; examples render with heat colours and hover values
+    box = pg.get_by_label(re.compile("Latent \\(0 – 95\\)"))
+    box.fill(str(F.PLANTED))
+    box.press("Enter")
+    heading(pg, f"Latent {F.PLANTED}")
+    expect(pg).to_have_url(re.compile(f"feature={F.PLANTED}&"))
+    peak = pg.locator("#top-examples .tok.peak").first
+    expect(peak).to_have_text(" fox")
+    assert re.search(r"= 0\.\d+", peak.get_attribute("title"))
+    assert pg.locator("#top-examples .row").count() >= 20
+    assert pg.locator(".js-plotly-plot").count() >= 2  # activation + logit histograms
+    shot(pg, "02-feature")
+
+    # 3. corpus text with HTML in it is shown as text, never run
+    db = D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR)
+    script_feature = next(f for f, _ in db.search_text("script alert") if any("script" in "".join(e.tokens) for e in db.examples(f, "top")))
+    pg.goto(f"{url}/?sae=saes/topk&feature={script_feature}")
+    heading(pg, f"Latent {script_feature}")
+    text = pg.locator("#top-examples").inner_text()
+    assert "script" in text and "<" in text and ">" in text
+    assert pg.locator("#top-examples script, #top-examples b").count() == 0 and pg.dialogs == []
+    shot(pg, "03-escaped-html")
+
+    # 4. search by text in top examples, open a hit
+    pg.get_by_test_id("stSidebar").get_by_text("Search", exact=True).click()
+    heading(pg, "Search latents")
+    pg.get_by_label("Query", exact=True).fill("fox")
+    pg.get_by_role("button", name="Search", exact=True).click()
+    hit = pg.get_by_role("button", name=f"#{F.PLANTED}", exact=True)
+    hit.wait_for()
+    settle(pg)
+    assert pg.locator(".sb-snippet mark").count() >= 1
+    shot(pg, "04-search")
+    hit.click()
+    heading(pg, f"Latent {F.PLANTED}")
+
+    # 5. test a prompt: live activations, marked on the histogram
+    pg.get_by_label("Test a prompt", exact=True).fill("the quick brown fox jumps")
+    pg.get_by_role("button", name="Run on my text").click()
+    pg.locator("#test-prompt-result").wait_for()
+    settle(pg)
+    result = pg.locator("#test-prompt-result")
+    assert "fox" in result.inner_text() and result.locator(".tok.peak").inner_text().strip() == "fox"
+    assert pg.get_by_text(re.compile("your prompt: 0\\.")).count() >= 1
+    shot(pg, "05-test-prompt")
+
+    # 6. steer: default and steered side by side, same seed
+    pg.get_by_role("button", name="Steer with this latent →").click()
+    heading(pg, f"Steer with latent {F.PLANTED}")
+    pg.get_by_label("Prompt", exact=True).fill("The fox")
+    pg.get_by_role("button", name="Generate").click()
+    pg.locator("#steer-steered").wait_for()
+    settle(pg)
+    default, steered = pg.locator("#steer-default").inner_text(), pg.locator("#steer-steered").inner_text()
+    assert default.startswith("The fox") and steered.startswith("The fox") and default != steered
+    assert pg.get_by_text("DEFAULT", exact=True).count() == 1 and pg.get_by_text("STEERED", exact=True).count() == 1
+    assert pg.locator(".js-plotly-plot").count() == 1  # next-token log-prob changes
+    shot(pg, "06-steer")
+
+    # 7. evals page, and a dead latent
+    pg.goto(f"{url}/?page=Evals")
+    heading(pg, "Evals")
+    assert pg.locator(".js-plotly-plot").count() == 2
+    shot(pg, "07-evals")
+    pg.goto(f"{url}/?sae=saes/topk&feature={F.DEAD}")
+    heading(pg, f"Latent {F.DEAD}")
+    assert pg.get_by_text(re.compile(f"Latent {F.DEAD} is dead")).count() == 1
+    shot(pg, "08-dead-latent")

@@ -1,0 +1,307 @@
+"""Dashboard precompute and query layer: checked against brute force on a tiny model and SAE."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dashboard_fixture as F  # noqa: E402
+
+from saebench import dashboards as D  # noqa: E402
+from saebench.io import ArtifactError  # noqa: E402
+from saebench.sae import SAE  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_model_dir, tiny_model):
+    return F.build_root(tmp_path_factory.mktemp("browse") / "root", tiny_model_dir, tiny_model)
+
+
+@pytest.fixture(scope="module", params=["topk", "abstopk"])
+def case(request, root, tiny_model):
+    """(Dashboard, SAE, dense activations [n_seq*ctx, d_sae] with special positions zeroed)."""
+    folder = root / "saes" / request.param
+    db = D.Dashboard(folder / D.DASHBOARD_DIR)
+    sae = SAE.load(folder)
+    toks = torch.from_numpy(np.asarray(db.tokens()).astype(np.int64))
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(toks, names_filter=lambda n: n == F.HOOK, stop_at_layer=1)
+        dense = sae.encode(cache[F.HOOK].float()).reshape(-1, sae.d_sae)
+    special = D._special_ids(tiny_model.tokenizer)
+    dense[torch.isin(toks.flatten(), special)] = 0
+    return db, sae, dense
+
+
+def test_provenance_recorded(case):
+    db, sae, dense = case
+    p = db.provenance
+    assert p["hook_name"] == F.HOOK and p["context_size"] == F.CTX and p["split"] == "eval"
+    assert p["corpus"].endswith("corpus.txt") and p["model"]
+    assert p["n_positions"] == dense.shape[0] == F.N_TOKENS
+    assert p["n_tokens"] < F.N_TOKENS  # BOS/EOS positions were masked
+    assert db.complete and not (db.folder / D.CODES_FILE).exists()
+    assert p["signed"] == sae.cfg.signed
+
+
+def test_density_counts_and_flags(case):
+    db, sae, dense = case
+    n_valid = db.provenance["n_tokens"]
+    active = (dense != 0).sum(0)
+    stats = db.stats()
+    for i in range(sae.d_sae):
+        f = db.feature(i)
+        assert f.n_active == int(active[i]) == stats["n_active"][i]
+        assert f.density == pytest.approx(int(active[i]) / n_valid)
+        assert f.dead == (active[i] == 0)
+        assert f.dense == (f.density > 0.1)
+        if not f.dead:
+            assert sum(f.act_hist["counts"]) == f.n_active
+            nz = dense[:, i][dense[:, i] != 0]
+            assert f.max_act == pytest.approx(float(nz.max()), rel=1e-5)
+            assert f.min_act == pytest.approx(float(nz.min()), rel=1e-5)
+    if sae.cfg.architecture == "topk":
+        f = db.feature(F.DEAD)
+        assert f.dead and f.n_active == 0 and db.examples(F.DEAD) == [] and f.logits_pos  # decoder facts still there
+
+
+def test_top_examples_are_the_true_top(case):
+    db, sae, dense = case
+    ctx = F.CTX
+    for i in range(sae.d_sae):
+        col = dense[:, i]
+        top = db.examples(i, "top")
+        pos_vals = col[col > 0]
+        want = torch.sort(pos_vals, descending=True).values[: len(top)]
+        assert len(top) == min(20, len(pos_vals))
+        got = torch.tensor([e.value for e in top])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for e in top:
+            assert col[e.seq * ctx + e.pos].item() == pytest.approx(e.value, rel=1e-5)
+            # the stored window is the latent's activation on the neighbouring tokens
+            window = col[e.seq * ctx + e.start : e.seq * ctx + e.start + len(e.acts)]
+            torch.testing.assert_close(torch.tensor(e.acts), window, rtol=1e-5, atol=1e-6)
+            assert e.start <= e.pos < e.start + len(e.acts) and e.tokens[e.peak_index] == db.token_str(e.token_ids[e.peak_index])
+        if sae.cfg.signed:
+            bottom = db.examples(i, "bottom")
+            neg = torch.sort(col[col < 0]).values[: len(bottom)]
+            assert len(bottom) == min(20, int((col < 0).sum()))
+            torch.testing.assert_close(torch.tensor([e.value for e in bottom]), neg, rtol=1e-5, atol=1e-6)
+
+
+def test_interval_samples_lie_in_their_bins(case):
+    db, sae, dense = case
+    n_with_neg = 0
+    for i in range(sae.d_sae):
+        f = db.feature(i)
+        if f.dead:
+            continue
+        assert sum(iv["count"] for iv in f.intervals) == f.n_active
+        assert sum(iv["fraction"] for iv in f.intervals) == pytest.approx(1.0)
+        bins = {iv["bin"]: iv for iv in f.intervals}
+        assert sum(1 for b in bins if b < 5) in (0, 5)
+        n_with_neg += any(b >= 5 for b in bins)
+        inter = db.examples(i, "interval")
+        per_bin: dict[int, int] = {}
+        for e in inter:
+            iv = bins[e.bin]
+            assert iv["lo"] - 1e-6 <= e.value <= iv["hi"] + 1e-6, (i, e.value, iv)
+            assert (e.value > 0) == (iv["hi"] > 0)
+            per_bin[e.bin] = per_bin.get(e.bin, 0) + 1
+        for b, iv in bins.items():
+            assert per_bin.get(b, 0) == min(5, iv["count"])
+    assert (n_with_neg > 0) == sae.cfg.signed
+
+
+def test_logit_effects_and_neighbours_match_brute_force(case, tiny_model):
+    db, sae, dense = case
+    W_dec = sae.W_dec.detach()
+    eff = W_dec @ tiny_model.W_U.detach().float()
+    unit = W_dec / W_dec.norm(dim=-1, keepdim=True)
+    cos = unit @ unit.T
+    cos.fill_diagonal_(-math.inf)
+    x = dense[torch.from_numpy(np.asarray(db.tokens()).astype(np.int64)).flatten().apply_(lambda t: t not in (0, 1, 2)).bool()].double()
+    corr = torch.from_numpy(np.nan_to_num(np.corrcoef(x.T.numpy()), nan=-np.inf))
+    corr.fill_diagonal_(-math.inf)
+    for i in (0, 3, 7, sae.d_sae - 1):
+        f = db.feature(i)
+        want = eff[i].topk(10)
+        assert [v for _, v in f.logits_pos] == pytest.approx(want.values.tolist(), abs=1e-4)
+        assert [t for t, _ in f.logits_pos] == [db.token_str(int(j)) for j in want.indices]
+        assert [v for _, v in f.logits_neg] == pytest.approx((-(-eff[i]).topk(10).values).tolist(), abs=1e-4)
+        assert sum(f.logit_hist["counts"]) == eff.shape[1]
+        assert [j for j, _ in f.cos_neighbours] == cos[i].topk(10).indices.tolist()
+        if not f.dead:
+            top = corr[i].topk(10)
+            want_corr = [(int(j), float(v)) for j, v in zip(top.indices, top.values) if v > 0]
+            assert [j for j, _ in f.corr_neighbours] == [j for j, _ in want_corr]
+            assert [v for _, v in f.corr_neighbours] == pytest.approx([v for _, v in want_corr], abs=1e-4)
+
+
+def _dump(folder: Path) -> dict:
+    con = sqlite3.connect(folder / D.DB_FILE)
+    out = {}
+    for t in ("vocab", "features", "examples", "feature_tokens"):
+        out[t] = con.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall() if t != "vocab" else con.execute("SELECT * FROM vocab").fetchall()
+    out["fts"] = con.execute("SELECT rowid, tokens, contexts FROM examples_fts ORDER BY rowid").fetchall()
+    out["batches"] = con.execute("SELECT batch, first, stop FROM batches ORDER BY batch").fetchall()
+    meta = dict(con.execute("SELECT key, value FROM meta"))
+    for k in ("timings", "provenance"):
+        meta.pop(k)
+    out["meta"] = meta
+    con.close()
+    with np.load(folder / D.STATS_FILE) as z:
+        out["stats"] = {k: z[k].tolist() for k in z.files}
+    out["tokens"] = np.load(folder / D.TOKENS_FILE).tolist()
+    return out
+
+
+def test_interrupted_build_resumes_to_the_same_database(root, tiny_model, tmp_path, monkeypatch):
+    sae_dir = root / "saes" / "topk"
+    reference = _dump(sae_dir / D.DASHBOARD_DIR)
+    out = tmp_path / "dash"
+    real_write = D._write_batch
+    written = []
+
+    def crash_after_two(con, b, *a, **k):
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        real_write(con, b, *a, **k)
+        written.append(b)
+
+    monkeypatch.setattr(D, "_write_batch", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        D.build_dashboards(sae_dir, model=tiny_model, n_tokens=F.N_TOKENS, feature_batch_size=32, progress=False, out_dir=out)
+    partial = D.Dashboard(out)
+    assert not partial.complete and partial.done_batches == 2 and (out / D.CODES_FILE).exists()
+    assert partial.feature(0) is not None and partial.feature(95) is None
+
+    computed = []
+    real_compute = D._compute_batch
+    monkeypatch.setattr(D, "_write_batch", real_write)
+    monkeypatch.setattr(D, "_compute_batch", lambda b, *a, **k: computed.append(b) or real_compute(b, *a, **k))
+    monkeypatch.setattr(D, "harvest_codes", lambda *a, **k: pytest.fail("resume must reuse the harvested codes"))
+    D.build_dashboards(sae_dir, model=tiny_model, n_tokens=F.N_TOKENS, feature_batch_size=32, progress=False, out_dir=out)
+    assert computed == [2]  # only the unfinished batch
+    assert _dump(out) == reference
+    # a finished build is returned as is
+    computed.clear()
+    D.build_dashboards(sae_dir, model=tiny_model, n_tokens=F.N_TOKENS, feature_batch_size=32, progress=False, out_dir=out)
+    assert computed == []
+
+
+def test_other_settings_refuse_to_resume_and_rebuild_keeps_labels(root, tiny_model, tmp_path):
+    sae_dir = root / "saes" / "abstopk"
+    out = tmp_path / "dash"
+    D.build_dashboards(sae_dir, model=tiny_model, n_tokens=1024, feature_batch_size=48, progress=False, out_dir=out)
+    D.Dashboard(out).set_label(3, "kept label")
+    with pytest.raises(ArtifactError, match="other settings.*options"):
+        D.build_dashboards(sae_dir, model=tiny_model, n_tokens=2048, feature_batch_size=48, progress=False, out_dir=out)
+    D.build_dashboards(sae_dir, model=tiny_model, n_tokens=2048, feature_batch_size=48, progress=False, out_dir=out, resume=False)
+    db = D.Dashboard(out)
+    assert db.provenance["n_positions"] == 2048 and db.label(3) == ("kept label", "")
+
+
+def test_search_text_token_and_labels(root):
+    db = D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR)
+    hits = db.search_token(" Fox ")
+    assert hits and hits[0][0] == F.PLANTED and hits[0][1].strip() == "fox"
+    for f, _, n, _ in hits:
+        peaks = [e.tokens[e.peak_index].strip().lower() for e in db.examples(f, "top")]
+        assert peaks.count("fox") == n
+    text_hits = db.search_text("fox")
+    assert F.PLANTED in [f for f, _ in text_hits] and all("⟦" in s for _, s in text_hits)
+    # FTS syntax in user input is treated as plain words, never as an error
+    for q in ['"', "fox AND", "NEAR(", "*", "<script>", "fox OR -dog", ""]:
+        db.search_text(q)
+        db.search_labels(q)
+    assert db.search_token("no-such-token-xyz") == []
+
+    db.set_label(11, "Animal words", "Fires on foxes and dogs")
+    db.set_label(12, "River", "")
+    assert [f for f, *_ in db.search_labels("foxes")] == [11]
+    assert [f for f, *_ in db.search_labels("animal")] == [11]
+    db.set_label(11, "Canines", "dogs")
+    assert db.search_labels("animal") == [] and db.label(11) == ("Canines", "dogs")
+    assert db.labels([11, 12, 13]) == {11: "Canines", 12: "River"}
+    db.set_label(12, "", "")
+    assert db.label(12) == ("", "") and db.search_labels("river") == []
+    with pytest.raises(ValueError):
+        db.set_label(10_000, "x")
+    db.set_label(11, "", "")
+
+
+def test_navigation_only_live(root):
+    db = D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR)
+    assert db.step(F.DEAD - 1, 1, live_only=True) == F.DEAD + 1
+    assert db.step(F.DEAD + 1, -1, live_only=True) == F.DEAD - 1
+    assert db.step(F.DEAD - 1, 1) == F.DEAD
+    assert db.step(95, 1) == 0 and db.step(0, -1) == 95
+    import random
+
+    rng = random.Random(0)
+    assert all(not db.feature(db.random_feature(rng, live_only=True)).dead for _ in range(30))
+
+
+def test_prompt_activations_match_the_sae(root, tiny_model):
+    sae = SAE.load(root / "saes" / "topk")
+    acts = D.prompt_activations(tiny_model, sae, "the quick brown fox")
+    assert acts.special[0] and not any(acts.special[1:]) and acts.tokens[0] == "<|im_start|>"
+    toks = tiny_model.to_tokens("the quick brown fox")
+    _, cache = tiny_model.run_with_cache(toks, names_filter=lambda n: n == F.HOOK)
+    dense = sae.encode(cache[F.HOOK][0].float())
+    assert acts.latent(F.PLANTED)[1:] == pytest.approx(dense[1:, F.PLANTED].tolist(), abs=1e-5)
+    assert acts.latent(F.PLANTED)[0] == 0
+    top = D.top_latents_per_token(acts, 3)
+    assert top[0] == [] and all(len(t) == 3 for t in top[1:])
+    assert top[-1][0][0] == F.PLANTED  # " fox"
+
+
+def test_find_saes_stays_inside_the_root(root, tmp_path):
+    rels = [e.rel for e in D.find_saes(root)]
+    assert rels == ["saes/abstopk", "saes/nodash", "saes/topk"]
+    assert D.resolve_sae(root, "saes/topk").path == (root / "saes" / "topk").resolve()
+    for bad in ("../root/saes/topk", "/etc", str(root / "saes" / "topk"), "saes/../saes/topk", "", None):
+        assert D.resolve_sae(root, bad) is None
+    # a symlink leading outside the root is not followed
+    outside = tmp_path / "outside"
+    SAE.load(root / "saes" / "nodash").save(outside / "secret")
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (inner / "link").symlink_to(outside)
+    assert D.find_saes(inner) == []
+
+
+def test_eval_results_and_commands(root):
+    recs = D.load_eval_results(root)
+    assert {r.get("sae") for r in recs if "sae" in r} == {"saes/topk", "saes/abstopk"}
+    assert {r["name"] for r in recs if "name" in r} == {"bench-a", "bench-b"}
+    assert all("source" in r and "l0" in r for r in recs)
+    assert D.build_command("/x/my sae") == "saebench dashboards '/x/my sae'"
+    cmd = D.browse_command(root, port=8600)
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[-1] == str(root.resolve())
+    assert D.load_eval_results(root / "saes" / "nodash") == []
+
+
+def test_eval_results_read_bench_tables_once(root, tmp_path):
+    import json as _json
+    import shutil
+
+    r = tmp_path / "r"
+    shutil.copytree(root / "saes" / "topk", r / "saes" / "topk", ignore=shutil.ignore_patterns(D.DASHBOARD_DIR))
+    rows = [{"sae": "topk", "sae_dir": str(r / "saes" / "topk"), "method": "topk", "l0": 6.0, "fvu": 0.3, "ce_loss_score": 0.8}]
+    (r / "bench").mkdir()
+    (r / "bench" / "results.json").write_text(_json.dumps(rows))
+    (r / "bench" / "results.csv").write_text("sae,sae_dir,method,l0,fvu,ce_loss_score\ntopk,x,topk,6.0,0.3,0.8\n")
+    recs = D.load_eval_results(r)
+    assert len(recs) == 1 and recs[0]["source"] == "bench/results.json"  # eval_core.json of the same SAE not repeated
+    (r / "bench" / "results.json").unlink()
+    recs = D.load_eval_results(r)
+    assert sorted(x["source"] for x in recs) == ["bench/results.csv", "saes/topk/eval_core.json"]
+    assert next(x for x in recs if x["source"] == "bench/results.csv")["l0"] == 6.0

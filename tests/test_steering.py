@@ -1,0 +1,139 @@
+"""Steering: vectors, position-scoped hooks, exact seeded generation (KV cache or not), the steering eval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_evals import hand_sae, plant_token
+from saebench import steering as st
+from saebench.evals.steering import SteeringConfig, evaluate_steering, sweep_strengths
+from saebench.models import make_tiny_model
+
+
+SITE = "blocks.1.hook_resid_post"  # the last residual of the 2-layer tiny model
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A tiny model whose logit for ' ocean' is driven by the last-residual direction u (planted by scaling W_U[:, t])."""
+    model = make_tiny_model(tmp_path_factory.mktemp("tiny_steer"))
+    token = model.tokenizer(" ocean", add_special_tokens=False)["input_ids"][0]
+    u = plant_token(model, token)
+    resid = st.site_activations(model, SITE, None, model.to_tokens("Tell me about the weather today please"))
+    norm = float(resid[0, 1:].norm(dim=-1).median())
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(8, u.numel(), generator=g)
+    W[0] = u
+    W = W / W.norm(dim=1, keepdim=True)
+    sae = hand_sae(W, SITE)
+    return model, sae, token, norm
+
+
+def test_steering_vector_is_strength_times_max_act_times_decoder_row(planted):
+    _, sae, _, _ = planted
+    v = st.steering_vector(sae, 3, -2.5, 4.0)
+    torch.testing.assert_close(v, -10.0 * sae.W_dec[3].detach())
+    assert not v.requires_grad
+    with pytest.raises(IndexError, match="out of range"):
+        st.steering_vector(sae, 8, 1.0, 1.0)
+
+
+def test_hook_adds_only_in_scope_and_tracks_kv_cache_positions():
+    d, vec = 4, torch.ones(4)
+    act = torch.zeros(1, 5, d)
+    for scope, expect in (("prompt", [1, 1, 1, 0, 0]), ("generated", [0, 0, 0, 1, 1]), ("all", [1, 1, 1, 1, 1])):
+        out = st.steering_hook(vec, scope, prompt_len=3)(act, None)
+        assert out[0, :, 0].tolist() == expect, scope
+    # KV-cache decoding: a full prompt pass, then one position per call; positions continue at 3, 4, ...
+    h = st.steering_hook(vec, "generated", prompt_len=3)
+    assert h(torch.zeros(1, 3, d))[0, :, 0].tolist() == [0, 0, 0]
+    assert h(torch.zeros(1, 1, d))[0, 0, 0] == 1  # position 3 is generated
+    h.reset()
+    assert h(torch.zeros(1, 1, d))[0, 0, 0] == 0  # a fresh 1-token prompt: position 0
+    # per-row vectors and one head of hook_z
+    rows = st.SteeringHook(torch.tensor([[1.0] * d, [-1.0] * d]), "all", 2)(torch.zeros(2, 2, d))
+    assert rows[:, 0, 0].tolist() == [1.0, -1.0]
+    z = st.SteeringHook(torch.ones(3), "all", 1, head=1)(torch.zeros(1, 2, 2, 3))
+    assert z[0, :, 1].eq(1).all() and z[0, :, 0].eq(0).all()
+
+
+@pytest.mark.parametrize("scope", ["all", "prompt", "generated"])
+def test_generation_identical_with_and_without_kv_cache(planted, scope):
+    model, _, token, norm = planted
+    # Steer at layer 0 so prompt-position steering reaches later tokens through attention's K/V.
+    g = torch.Generator().manual_seed(0)
+    vec = torch.randn(64, generator=g) * 4 * norm
+    prompt = "Write a short story about a walk"
+    outs = {}
+    for steered in (False, True):
+        for cache in (True, False):
+            kw = dict(vector=vec, hook_name="blocks.0.hook_resid_post", scope=scope) if steered else {}
+            outs[steered, cache] = st.generate(model, prompt, 12, seed=5, temperature=0.3, top_p=0.95, use_kv_cache=cache, **kw)
+    for steered in (False, True):
+        assert torch.equal(outs[steered, True].tokens, outs[steered, False].tokens), (scope, steered)
+    res = outs[True, True]
+    assert res.prompt_len == model.to_tokens(prompt).shape[1]
+    assert res.tokens.shape == (1, res.prompt_len + 12)
+    assert res.text.startswith(prompt) and res.text.endswith(res.new_text)
+    if scope == "all":
+        assert not torch.equal(outs[True, True].tokens, outs[False, True].tokens), "the steering vector should change the sample"
+
+
+def test_generation_is_seeded(planted):
+    model, _, _, _ = planted
+    a = st.generate(model, "Once upon a time", 8, seed=1)
+    b = st.generate(model, "Once upon a time", 8, seed=1)
+    c = st.generate(model, "Once upon a time", 8, seed=2)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    greedy = st.generate(model, model.to_tokens("Once upon a time")[0], 4, temperature=0)
+    assert greedy.tokens.shape[1] == greedy.prompt_len + 4
+
+
+def test_steered_pair_and_logprob_diff_follow_the_planted_direction(planted):
+    model, sae, token, norm = planted
+    default, steered = st.steered_pair(model, sae, "Tell me about your day.", 0, 4.0, norm, max_new_tokens=6, seed=3)
+    assert default.prompt_len == steered.prompt_len
+    assert steered.tokens[0, steered.prompt_len:].eq(token).all()
+    up = st.next_token_logprob_diff(model, sae, "Tell me about your day.", 0, 2.0, norm, top_n=5)
+    assert len(up) == 10 and up[0][0] == " ocean" and up[0][1] > 0
+    assert [v for _, v in up[:5]] == sorted([v for _, v in up[:5]], reverse=True)
+    down = st.next_token_logprob_diff(model, sae, "Tell me about your day.", 0, -2.0, norm, top_n=5)
+    assert down[5][0] == " ocean" and down[5][1] < 0  # negative strength: the planted token falls most
+    none = st.next_token_logprob_diff(model, sae, "Tell me about your day.", 0, 2.0, norm, scope="generated", top_n=3)
+    assert all(v == 0 for _, v in none)
+
+
+def test_max_activation_matches_a_direct_encoding(planted):
+    model, sae, _, _ = planted
+    toks = model.to_tokens(["the sea and the waves", "a quiet street at dawn"])
+    x = st.site_activations(model, SITE, None, toks)
+    expect = sae.encode(x)[..., 2].abs().max().item()
+    assert st.max_activation(sae, model, toks, 2) == pytest.approx(expect, rel=1e-5)
+
+
+def test_steering_eval_planted_latent_beats_random_and_negative_lowers(planted):
+    model, sae, token, norm = planted
+    cfg = SteeringConfig(strengths=(0.02, 0.1, 0.5), max_new_tokens=5, n_prompts=4, neutral_tokens=96, concept_metric="lexicon")
+    res = evaluate_steering(model, sae, latent=0, target_tokens=[token], max_act=norm, config=cfg, progress=False)
+    assert res["strengths"] == sweep_strengths(cfg) == [-0.5, -0.1, -0.02, 0.0, 0.02, 0.1, 0.5]
+    curve = {(e["condition"], e["strength"]): e for e in res["curve"]}
+    eff = [curve["sae", s]["delta_target_logprob"] for s in (0.02, 0.1, 0.5)]
+    assert 0 < eff[0] < eff[1] < eff[2], eff  # the effect grows with strength
+    assert curve["sae", -0.1]["delta_target_logprob"] < 0 and curve["sae", -0.5]["delta_target_logprob"] < curve["sae", -0.02]["delta_target_logprob"]
+    for s in (0.1, 0.5):  # random direction of equal norm: smaller effect
+        assert abs(curve["random", s]["delta_target_logprob"]) < curve["sae", s]["delta_target_logprob"]
+        assert curve["random", s]["vector_norm"] == pytest.approx(curve["sae", s]["vector_norm"], rel=1e-5)
+    assert curve["sae", 0.5]["lexicon_rate"] == 1.0
+    assert curve["sae", 0.0]["kl_neutral"] == 0.0 and curve["sae", 0.5]["kl_neutral"] > 0
+    assert res["best_strength"] in (0.02, 0.1, 0.5) and 0 <= res["score"] <= 1
+    assert set(res["split"]["select"]).isdisjoint(res["split"]["test"])
+    assert "sae" in res["pareto_strengths"] and res["effect_key"] == "delta_target_logprob"
+
+
+def test_steering_eval_needs_a_latent_or_concept(planted):
+    model, sae, _, _ = planted
+    with pytest.raises(ValueError, match="latent index or a concept"):
+        evaluate_steering(model, sae, config=SteeringConfig(n_prompts=2), progress=False)
+    with pytest.raises(ValueError, match="unknown concept"):
+        evaluate_steering(model, sae, concept="nope", progress=False)

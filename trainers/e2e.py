@@ -1,0 +1,251 @@
+"""End-to-end SAEs (Braun et al., arXiv 2405.12241; ApolloResearch/e2e_sae): trained through the frozen model.
+
+The SAE is a ReLU SAE (architecture ``relu``), c = ReLU(W_enc(x − b_dec) + b_enc), spliced into the
+frozen model at the hook: the model runs once clean (no grad) and once with x̂ in place of x at every
+non-special position, and the loss compares the two runs:
+
+- ``e2e``:    L = 1.0·KL(p_clean ‖ p_spliced) + 1.5·mean_t ‖c_t‖₁ / d_in
+- ``e2e_ds``: L = 0.5·KL + 1.5·mean_t ‖c_t‖₁ / d_in + (2.5 / n_ds)·Σ_h MSE(h_spliced, h_clean)
+
+KL is per position, averaged over all positions of the batch's sequences, with the clean distribution as
+the target (Apollo's code; its docstring has the direction backwards). The downstream MSE is the mean
+over positions and dimensions, in the model's raw units, at the residual stream after every later block
+(``downstream_hooks`` overrides). c is in the SAE's (scaled-input) units. With ``kl_coef = 0`` the
+forward passes stop after the last downstream hook. The model's parameters are frozen on attach and
+never receive gradient; backprop runs only from the logits down to the hook.
+
+Tokens, not activations: the method needs whole sequences. Train with ``TokenSequenceSource`` (whole
+sequences per batch: ``token_ids`` [n_seq, context]); with any other source (e.g. the loop's default
+``HookedSource``, whose token ids are shuffled single tokens), the method ignores the batch and draws
+``batch_size_tokens // context_size`` sequences per step itself, as a pure function of the step, from
+``cfg.corpus`` tokenised with the model's tokenizer. The loop's ``mse_loss`` is reported detached (the
+local reconstruction is a metric here, not a loss term).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from saebench import sparse
+from saebench.activations import ActivationSource, Batch, Position, _flatten_site, hook_layer_of, parse_hook, token_mask
+from saebench.config import ConfigError
+from saebench.sae import SAE
+from saebench.trainers.base import Method, Options, StepInput, StepOutput, register
+
+
+class E2EOptions(Options):
+    auxk_coef: float = 0.0  # ReLU SAE: no AuxK
+    kl_coef: float = Field(1.0, ge=0, description="Weight of KL(p_clean ‖ p_spliced) per position.")
+    sparsity_coef: float = Field(1.5, ge=0, description="Weight of mean ‖c‖₁ / d_in.")
+    downstream_coef: float = Field(0.0, ge=0, description="Total weight of the downstream MSE terms, split evenly over the hooks.")
+    downstream_hooks: list[str] | None = Field(None, description="Hooks for the downstream MSE (default: resid_post of every later block).")
+
+
+class E2EDownstreamOptions(E2EOptions):
+    kl_coef: float = Field(0.5, ge=0, description="Weight of KL(p_clean ‖ p_spliced) per position.")
+    downstream_coef: float = Field(2.5, ge=0, description="Total weight of the downstream MSE terms, split evenly over the hooks.")
+
+
+def kl_clean_to_spliced(logits_clean: Tensor, logits_new: Tensor) -> Tensor:
+    """KL(p_clean ‖ p_new) per position, [...], in float32: Σ_v p_clean (log p_clean − log p_new)."""
+    lp = F.log_softmax(logits_clean.float(), -1)
+    lq = F.log_softmax(logits_new.float(), -1)
+    return F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
+
+
+def later_resid_hooks(hook: str, n_layers: int) -> list[str]:
+    """``blocks.l.hook_resid_post`` for every block after the one the hook reads (its own if it is inside it)."""
+    layer = hook_layer_of(hook)
+    first = layer + 1 if hook.endswith("hook_resid_post") else layer
+    if not hook.startswith("blocks."):
+        first = 0  # embeddings
+    return [f"blocks.{layer_}.hook_resid_post" for layer_ in range(first, n_layers)]
+
+
+@register
+class EndToEnd(Method):
+    """A ReLU SAE trained to preserve the model's output distribution (and downstream activations)."""
+
+    name = "e2e"
+    architecture = "relu"
+    Options = E2EOptions
+    needs_model = True
+
+    def attach_model(self, model) -> None:
+        """Freeze ``model`` and resolve the hook, downstream hooks and special tokens."""
+        if model is None:
+            raise ConfigError(f"method {self.name!r} runs the model itself; train() was given none")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        self.model = model
+        self.hook, self.head = parse_hook(self.cfg.hook_name)
+        n_layers = model.cfg.n_layers
+        ds = self.opts.downstream_hooks
+        self.downstream = [] if not self.opts.downstream_coef else (list(ds) if ds is not None else later_resid_hooks(self.hook, n_layers))
+        if self.opts.downstream_coef and not self.downstream:
+            raise ConfigError(f"method {self.name!r}: no block follows hook {self.hook!r}, so there is no downstream activation "
+                              "to match; set downstream_hooks")
+        for h in self.downstream:
+            if hook_layer_of(h) < hook_layer_of(self.hook):
+                raise ConfigError(f"downstream hook {h!r} comes before the SAE's hook {self.hook!r}")
+        # Stop the forward passes after the last hook the loss reads when the logits are not needed.
+        last = max((hook_layer_of(h) for h in self.downstream), default=n_layers) + 1
+        self.stop_at_layer = None if self.opts.kl_coef or last >= n_layers else last
+        tok = getattr(model, "tokenizer", None)
+        self.special_ids = None
+        if self.cfg.exclude_special_tokens and tok is not None:
+            from saebench import text
+
+            self.special_ids = text.special_ids(tok)
+        self._tokens: Tensor | None = None
+
+    # ----- where the token sequences come from --------------------------------------------------
+    def sequences(self, inp: StepInput) -> Tensor:
+        """This step's token sequences [n_seq, context]: the batch's, or drawn from cfg.corpus."""
+        if inp.token_ids is not None and inp.token_ids.dim() == 2:
+            return inp.token_ids
+        if self._tokens is None:
+            from saebench import text
+
+            n_tok = int(self.cfg.training_tokens * 1.05) + self.cfg.context_size
+            self._tokens = text.load_tokens(self.cfg.corpus, self.model.tokenizer, self.cfg.context_size, n_tok, split="train",
+                                            prepend_bos=self.cfg.prepend_bos)
+        n_rows = self._tokens.shape[0]
+        per_step = max(1, self.cfg.batch_size_tokens // self.cfg.context_size)
+        rows = []
+        for j in range(inp.step * per_step, (inp.step + 1) * per_step):
+            epoch, pos = divmod(j, n_rows)
+            gen = torch.Generator().manual_seed(getattr(self.cfg, "effective_data_seed", self.cfg.seed) * 1_000_003 + epoch)
+            rows.append(int(torch.randperm(n_rows, generator=gen)[pos]))
+        return self._tokens[rows]
+
+    # ----- the step -----------------------------------------------------------------------------
+    def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
+        return sparse.mask_to_indices(pre > 0, pre)
+
+    def _site(self, act: Tensor) -> Tensor:
+        """The SAE's view [b, pos, d] of a hook activation (a view, so writes go through)."""
+        return _flatten_site(act, self.head)
+
+    def run(self, tokens: Tensor, splice=None) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        """One forward: (output, downstream activations, the hook's activation [b, pos, d]).
+
+        ``splice`` writes the replacement into a copy of the hook's [b, pos, d] activation; None runs clean.
+        """
+        seen: dict[str, Tensor] = {}
+
+        def at_hook(act, hook):
+            seen["x"] = self._site(act)
+            if splice is None:
+                return act
+            new = act.clone()
+            splice(self._site(new))
+            return new
+
+        def grab(name):
+            def fn(act, hook):
+                seen[name] = act
+
+            return fn
+
+        hooks = [(self.hook, at_hook)] + [(h, grab(h)) for h in self.downstream]
+        out = self.model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=self.stop_at_layer)
+        x = seen.pop("x")
+        return out, seen, x
+
+    def step(self, sae: SAE, inp: StepInput) -> StepOutput:
+        tokens = self.sequences(inp).to(self.cfg.device)
+        keep = token_mask(tokens, self.special_ids)
+        with torch.no_grad():
+            logits_clean, ds_clean, x_clean = self.run(tokens)
+        x = x_clean[keep].to(sae.dtype) * inp.scale
+        local = super().step(sae, StepInput(x=x, dead_mask=inp.dead_mask, step=inp.step, scale=inp.scale))
+
+        def splice(site: Tensor) -> None:
+            site[keep] = (local.x_hat / inp.scale).to(site.dtype)
+
+        logits_new, ds_new, _ = self.run(tokens, splice)
+        losses = {"mse_loss": local.losses["mse_loss"].detach()}
+        if "auxiliary_reconstruction_loss" in local.losses:
+            losses["auxiliary_reconstruction_loss"] = local.losses["auxiliary_reconstruction_loss"]
+        if self.opts.kl_coef:
+            losses["kl_loss"] = self.opts.kl_coef * kl_clean_to_spliced(logits_clean, logits_new).mean()
+        losses["sparsity_loss"] = self.opts.sparsity_coef * local.acts.values.abs().sum(-1).mean() / sae.d_in
+        if self.downstream:
+            w = self.opts.downstream_coef / len(self.downstream)
+            losses["downstream_loss"] = w * sum(F.mse_loss(ds_new[h].float(), ds_clean[h].float()) for h in self.downstream)
+        return StepOutput(losses, local.acts, local.x_hat)
+
+
+@register
+class EndToEndDownstream(EndToEnd):
+    """e2e + downstream reconstruction (Braun et al.'s e2e+ds)."""
+
+    name = "e2e_ds"
+    Options = E2EDownstreamOptions
+
+
+class TokenSequenceSource(ActivationSource):
+    """Whole token sequences with their activations at one hook, for methods that run the model (e2e).
+
+    A chunk is a block of sequences; ``batches`` shuffles *sequences* within a chunk (seeded by
+    (seed, chunk), so a stream is a pure function of its position) and yields ``Batch`` objects whose
+    ``token_ids`` are [n_seq, context] and whose activations are those sequences' non-special tokens.
+    """
+
+    def __init__(self, model, hook_name: str, tokens: Tensor, *, special_ids: Tensor | None = None,
+                 shuffle_buffer_tokens: int = 65_536, model_batch_size: int = 16):
+        if tokens.dim() != 2 or tokens.shape[0] == 0:
+            raise ValueError(f"tokens must be a non-empty [n_seq, context] tensor, got {tuple(tokens.shape)}")
+        self.model, self.tokens, self.special_ids = model, tokens, special_ids
+        self.hook, self.head = parse_hook(hook_name)
+        self.hook_names = [hook_name]
+        self.rows_per_chunk = max(1, shuffle_buffer_tokens // tokens.shape[1])
+        self.model_batch_size = model_batch_size
+        self.d_in = {hook_name: self._acts(tokens[:1]).shape[-1]}
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.tokens.shape[0] / self.rows_per_chunk)
+
+    def _acts(self, rows: Tensor) -> Tensor:
+        """Activations [rows, context, d] at the hook, running the model only up to the hook's block."""
+        out = []
+        for s in range(0, rows.shape[0], self.model_batch_size):
+            seen = {}
+
+            def grab(act, hook):
+                seen["x"] = act
+
+            stop = hook_layer_of(self.hook) + 1
+            self.model.run_with_hooks(rows[s : s + self.model_batch_size], fwd_hooks=[(self.hook, grab)], stop_at_layer=stop)
+            out.append(_flatten_site(seen["x"], self.head).detach().float().cpu())
+        return torch.cat(out)
+
+    def _rows(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        rows = self.tokens[i * self.rows_per_chunk : (i + 1) * self.rows_per_chunk]
+        with torch.no_grad():
+            acts = self._acts(rows)
+        return rows, acts, token_mask(rows, self.special_ids)
+
+    def chunk(self, i: int) -> Batch:
+        rows, acts, keep = self._rows(i)
+        return Batch({self.hook_names[0]: acts[keep]}, rows)
+
+    def batches(self, batch_size: int, seed: int = 0, start: Position = Position()) -> Iterator[tuple[Batch, Position]]:
+        g, first = start.chunk, start.batch
+        while True:
+            rows, acts, keep = self._rows(self.chunk_order(g // self.n_chunks, seed)[g % self.n_chunks])
+            perm = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed * 1_000_003 + g))
+            per = max(1, batch_size // rows.shape[1])
+            for b in range(first, rows.shape[0] // per):
+                sel = perm[b * per : (b + 1) * per]
+                yield Batch({self.hook_names[0]: acts[sel][keep[sel]]}, rows[sel]), Position(g, b + 1)
+            g, first = g + 1, 0
