@@ -173,3 +173,32 @@ def test_resume_refuses_a_different_run(tmp_path):
     src.batches = orig
     with pytest.raises(ConfigError, match="fields differ: k"):
         train(cfg.model_copy(update={"k": 3}), source=src, progress=False)
+
+
+def test_wandb_logging_uses_saelens_keys(tmp_path, monkeypatch):
+    """wandb is optional and off by default; when on, keys follow SAELens conventions."""
+    import sys
+    import types
+
+    logged, inits = [], []
+
+    class Run:
+        def log(self, data, step):
+            logged.append((step, data))
+
+        def finish(self):
+            pass
+
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or Run(), Histogram=lambda values: ("hist", len(values)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    src = SyntheticSource(d=16, m=32, n_active=2, seed=3, chunk_tokens=2048)
+    cfg = _cfg(tmp_path, d_sae=64, k=2, training_tokens=256 * 20, batch_size_tokens=256, log_every_steps=1, wandb=True, wandb_project="p")
+    train(cfg, source=src, progress=False)
+    assert inits and inits[0]["project"] == "p"
+    keys = set().union(*(d.keys() for _, d in logged))
+    assert {"losses/mse_loss", "losses/overall_loss", "metrics/l0", "metrics/explained_variance", "sparsity/dead_features",
+            "details/current_learning_rate", "plots/feature_density_line_chart"} <= keys
+    # off by default: no wandb import needed at all
+    logged.clear()
+    train(cfg.model_copy(update={"wandb": False, "out_dir": str(tmp_path / "off")}), source=src, progress=False)
+    assert not logged
