@@ -8,7 +8,6 @@ navigation state lives in the URL (``?sae=...&feature=...&page=...``), so every 
 from __future__ import annotations
 
 import streamlit as st
-
 from saebench.app import page_evals, page_feature, page_overview, page_search, page_steer
 from saebench.app import state as S
 

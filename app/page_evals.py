@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import streamlit as st
-
-from saebench import dashboards as D
 from saebench.app import render as R
 from saebench.app import state as S
+
+from saebench import dashboards as D
 
 COLUMNS = ["sae / run", "method", "architecture", "d_sae", "l0", "fvu", "explained_variance", "ce_loss_score", "kl_div_score",
            "dead_fraction", "dense_fraction_1pct", "n_tokens", "source"]

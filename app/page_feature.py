@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import streamlit as st
-
-from saebench import dashboards as D
 from saebench.app import render as R
 from saebench.app import state as S
+
+from saebench import dashboards as D
 
 
 def missing_dashboard(path: str, what: str = "this SAE") -> None:

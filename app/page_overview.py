@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import streamlit as st
-
-from saebench import dashboards as D
 from saebench.app import render as R
 from saebench.app import state as S
 from saebench.app.page_feature import missing_dashboard, provenance_caption
+
+from saebench import dashboards as D
 
 CFG_KEYS = ("architecture", "method", "d_in", "d_sae", "k", "model_name", "hook_name", "context_size")
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import streamlit as st
-
-from saebench import dashboards as D
 from saebench.app import render as R
 from saebench.app import state as S
 from saebench.app.page_feature import _mtime, missing_dashboard
+
+from saebench import dashboards as D
 
 MODES = ("Text in top examples", "Token", "Label / explanation", "Prompt → top latents")
 
@@ -83,6 +83,6 @@ def _prompt_search(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None
     if best:
         order = sorted(best, key=lambda j: -best[j])
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-        pick = c1.selectbox("Open a latent", order, key="prompt_search_pick",
+        c1.selectbox("Open a latent", order, key="prompt_search_pick",
                             format_func=lambda j: f"#{j} · max {best[j]:.3g}" + (f" · {labels[j]}" if j in labels else ""))
         c2.button("Open", key="prompt_search_open", on_click=lambda: S.go_to(int(st.session_state["prompt_search_pick"])), width="stretch")

@@ -10,11 +10,11 @@ import re
 from types import SimpleNamespace
 
 import streamlit as st
-
-from saebench import dashboards as D
 from saebench.app import render as R
 from saebench.app import state as S
 from saebench.app.page_feature import _mtime
+
+from saebench import dashboards as D
 
 SCOPE_HELP = {
     "all": "every position (prompt and generated tokens)",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import plotly.graph_objects as go
 
@@ -127,7 +127,7 @@ def histogram_figure(hist: dict, title: str, color: str = "rgb(255,128,0)", mark
     for x, label in marks:
         fig.add_vline(x=x, line_color="crimson", line_width=2, line_dash="dash",
                       annotation_text=esc(label), annotation_position="top")
-    fig.update_layout(title=dict(text=esc(title), font=dict(size=14)), height=230, margin=dict(l=10, r=10, t=40, b=30),
+    fig.update_layout(title={"text": esc(title), "font": {"size": 14}}, height=230, margin={"l": 10, "r": 10, "t": 40, "b": 30},
                       xaxis_title=xlabel, yaxis_title="count", bargap=0.02, showlegend=False)
     if log_y:
         fig.update_yaxes(type="log")
@@ -139,8 +139,8 @@ def bar_figure(labels: Sequence[str], values: Sequence[float], title: str) -> go
     colors = [f"rgb{POS_RGB}" if v >= 0 else f"rgb{NEG_RGB}" for v in values]
     fig = go.Figure(go.Bar(y=[esc(repr(visible_token(t))) for t in labels], x=list(values), orientation="h", marker_color=colors,
                            hovertemplate="%{y}: %{x:+.3f}<extra></extra>"))
-    fig.update_layout(title=dict(text=esc(title), font=dict(size=14)), height=max(220, 22 * len(labels) + 60),
-                      margin=dict(l=10, r=10, t=40, b=30), yaxis=dict(autorange="reversed"), xaxis_title="Δ log-prob")
+    fig.update_layout(title={"text": esc(title), "font": {"size": 14}}, height=max(220, 22 * len(labels) + 60),
+                      margin={"l": 10, "r": 10, "t": 40, "b": 30}, yaxis={"autorange": "reversed"}, xaxis_title="Δ log-prob")
     return fig
 
 
@@ -183,14 +183,14 @@ def pareto_figure(records: Sequence[dict], y: str, ylabel: str, maximize: bool) 
         by_method.setdefault(str(r.get("method") or r.get("architecture") or "?"), []).append(r)
     for m, rs in sorted(by_method.items()):
         fig.add_trace(go.Scatter(
-            x=[r["l0"] for r in rs], y=[r[y] for r in rs], mode="markers", name=esc(m), marker=dict(size=10),
+            x=[r["l0"] for r in rs], y=[r[y] for r in rs], mode="markers", name=esc(m), marker={"size": 10},
             text=[esc(str(r.get("sae") or r.get("name") or r.get("source", ""))) for r in rs],
             hovertemplate="%{text}<br>L0 %{x:.2f}<br>" + esc(ylabel) + " %{y:.4f}<extra></extra>"))
     front = pareto_front([r["l0"] for r in pts], [r[y] for r in pts], maximize)
     if len(front) > 1:
         fp = sorted((pts[i]["l0"], pts[i][y]) for i in front)
         fig.add_trace(go.Scatter(x=[p[0] for p in fp], y=[p[1] for p in fp], mode="lines", name="Pareto front",
-                                 line=dict(color="grey", dash="dot"), hoverinfo="skip"))
-    fig.update_layout(title=dict(text=esc(f"{ylabel} vs L0"), font=dict(size=14)), height=360, margin=dict(l=10, r=10, t=40, b=30),
+                                 line={"color": "grey", "dash": "dot"}, hoverinfo="skip"))
+    fig.update_layout(title={"text": esc(f"{ylabel} vs L0"), "font": {"size": 14}}, height=360, margin={"l": 10, "r": 10, "t": 40, "b": 30},
                       xaxis_title="L0 (active latents per token)", yaxis_title=esc(ylabel))
     return fig

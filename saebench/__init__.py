@@ -19,11 +19,16 @@ def __getattr__(name):
         from saebench.api import train_and_evaluate
 
         return train_and_evaluate
-    if name == "train":
-        from saebench.trainers.loop import train
+    if name == "train_and_evaluate_many":
+        from saebench.api import train_and_evaluate_many
 
-        return train
+        return train_and_evaluate_many
+    if name in ("train", "train_many"):
+        from saebench.trainers import loop
+
+        return getattr(loop, name)
     raise AttributeError(name)
 
 
-__all__ = ["SAE", "SAEConfig", "SparseActs", "TrainConfig", "EvalConfig", "load_sae", "train_and_evaluate", "train"]
+__all__ = ["SAE", "SAEConfig", "SparseActs", "TrainConfig", "EvalConfig", "load_sae", "train_and_evaluate", "train_and_evaluate_many", "train",
+           "train_many"]

@@ -35,9 +35,10 @@ import re
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -57,20 +58,20 @@ CODES_FILE = "codes.safetensors"
 FORMAT_VERSION = 1
 
 __all__ = [
-    "DashboardConfig",
-    "build_dashboards",
-    "browse",
     "Dashboard",
-    "FeatureData",
+    "DashboardConfig",
     "Example",
+    "FeatureData",
     "PromptActs",
-    "prompt_activations",
-    "top_latents_per_token",
-    "find_saes",
-    "resolve_sae",
-    "load_eval_results",
-    "dashboard_dir",
+    "browse",
     "build_command",
+    "build_dashboards",
+    "dashboard_dir",
+    "find_saes",
+    "load_eval_results",
+    "prompt_activations",
+    "resolve_sae",
+    "top_latents_per_token",
 ]
 
 
@@ -309,7 +310,7 @@ class _Codes:
     mean: Tensor = field(init=False)  # per-latent E[f] over valid tokens (float64)
     std: Tensor = field(init=False)
 
-    def index(self, d_sae: int) -> "_Codes":
+    def index(self, d_sae: int) -> _Codes:
         counts = torch.bincount(self.tok, minlength=self.n_positions)
         self.row_ptr = torch.zeros(self.n_positions + 1, dtype=torch.long)
         self.row_ptr[1:] = counts.cumsum(0)
@@ -463,7 +464,9 @@ def _resolve_model(model, sae: SAE, device: str):
     if model is None or isinstance(model, (str, os.PathLike)):
         name = str(model) if model is not None else (sae.cfg.model_name or None)
         return load_model(name, device=device), name or "smollm2-135m"
-    name = getattr(getattr(model, "cfg", None), "model_name", None) or sae.cfg.model_name or type(model).__name__
+    # A loaded model is taken to be the SAE's own (its cfg names it); TransformerLens' cfg.model_name is
+    # only a path, which would make the same build look different when resumed from the CLI.
+    name = sae.cfg.model_name or getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__
     return model, str(name)
 
 
@@ -573,7 +576,7 @@ def _compute_batch(b: int, lo: int, hi: int, codes: _Codes, tokens: Tensor, W_de
                    W_U: Tensor | None, cfg: DashboardConfig, signed: bool, vocab: np.ndarray) -> _BatchRows:
     """Everything stored for latents [lo, hi); pure function of its inputs (so resume is exact)."""
     B = hi - lo
-    n_seq, ctx = tokens.shape
+    ctx = tokens.shape[1]
     s0, s1 = int(codes.col_ptr[lo]), int(codes.col_ptr[hi])
     counts = (codes.col_ptr[lo + 1 : hi + 1] - codes.col_ptr[lo:hi]).long()
     local = torch.repeat_interleave(torch.arange(B), counts)
@@ -628,18 +631,14 @@ def _compute_batch(b: int, lo: int, hi: int, codes: _Codes, tokens: Tensor, W_de
         sel = rank_in < cfg.per_interval
         chosen = order[sel]
         picks.append((local[chosen], chosen, "interval", rank_in[sel] + bins[chosen] * cfg.per_interval, bins[chosen]))
-        gc = gcount.view(B, 2 * nb)
-        for i in range(B):
-            c = int(counts[i])
-            if c == 0:
-                continue
-            mxi, mni = float(max_act[i]), float(min_act[i])
-            if n_pos[i] > 0:
-                for j in range(nb):
-                    intervals[i].append({"bin": j, "lo": mxi * j / nb, "hi": mxi * (j + 1) / nb, "count": int(gc[i, j]), "fraction": int(gc[i, j]) / c})
-            if n_neg[i] > 0:
-                for j in range(nb):
-                    intervals[i].append({"bin": nb + j, "lo": mni * (j + 1) / nb, "hi": mni * j / nb, "count": int(gc[i, nb + j]), "fraction": int(gc[i, nb + j]) / c})
+        gc = gcount.view(B, 2 * nb).tolist()
+        for i, (c, mxi, mni, npos, nneg) in enumerate(zip(counts.tolist(), max_act.tolist(), min_act.tolist(), n_pos.tolist(), n_neg.tolist())):
+            if npos:
+                intervals[i] += [{"bin": j, "lo": mxi * j / nb, "hi": mxi * (j + 1) / nb, "count": gc[i][j], "fraction": gc[i][j] / c}
+                                 for j in range(nb)]
+            if nneg:
+                intervals[i] += [{"bin": nb + j, "lo": mni * (j + 1) / nb, "hi": mni * j / nb, "count": gc[i][nb + j],
+                                  "fraction": gc[i][nb + j] / c} for j in range(nb)]
 
     # ---- window values around every picked example -------------------------------------------
     ex_latent = torch.cat([p[0] for p in picks])
@@ -691,13 +690,12 @@ def _compute_batch(b: int, lo: int, hi: int, codes: _Codes, tokens: Tensor, W_de
 
     # ---- rows ------------------------------------------------------------------------------------------
     features = []
-    for i in range(B):
-        c = int(counts[i])
+    ah, hlo_l, hhi_l = ahist.tolist(), hlo.tolist(), hhi.tolist()
+    rows = zip(counts.tolist(), density.tolist(), max_act.tolist(), min_act.tolist(), mean_act.tolist())
+    for i, (c, dens, mx, mn, mean) in enumerate(rows):
         features.append((
-            lo + i, c, float(density[i]),
-            float(max_act[i]) if c else None, float(min_act[i]) if c else None, float(mean_act[i]) if c else None,
-            int(c == 0), int(float(density[i]) > cfg.dense_threshold),
-            json.dumps({"lo": float(hlo[i]), "hi": float(hhi[i]), "counts": ahist[i].tolist()}) if c else None,
+            lo + i, c, dens, mx if c else None, mn if c else None, mean if c else None, int(c == 0), int(dens > cfg.dense_threshold),
+            json.dumps({"lo": hlo_l[i], "hi": hhi_l[i], "counts": ah[i]}) if c else None,
             json.dumps(intervals[i]) if c else None,
             json.dumps(logits_pos[i]) if logits_pos else None,
             json.dumps(logits_neg[i]) if logits_neg else None,
@@ -746,10 +744,12 @@ def _window_values(codes: _Codes, wtok: Tensor, latent: Tensor, wvalid: Tensor) 
 
 
 def _correlation_neighbours(codes: _Codes, lo: int, hi: int, ft: Tensor, local: Tensor, fv: Tensor, k: int) -> list[list]:
-    """Top-``k`` latents by Pearson correlation of activations (over valid tokens) for latents [lo, hi).
+    """Top-``k`` co-occurring latents by Pearson correlation of activations (over valid tokens), for [lo, hi).
 
-    Only co-occurring pairs can correlate positively, so the co-occurrence sums Σ_t f_i f_j are
-    gathered from the codes of the tokens where each latent is active: O(nnz · L0) work in all.
+    For ReLU-type latents only co-occurring pairs can correlate positively; for signed ones a pair
+    that never co-occurs has r = −μ_i μ_j / σ_i σ_j, which says nothing about the latents, so
+    neighbours are drawn from co-occurring latents in both cases. The sums Σ_t f_i f_j are gathered
+    from the codes of the tokens where each latent is active: O(nnz · L0) work in all.
     """
     B = hi - lo
     d_sae = len(codes.mean)
@@ -778,14 +778,25 @@ def _correlation_neighbours(codes: _Codes, lo: int, hi: int, ft: Tensor, local: 
             w = fv[owner].double() * codes.val[idx].double()
             cross.index_add_(0, local[owner] * d_sae + codes.feat[idx].long(), w)
             s = e
+    # Pearson r only where Σ f_i f_j ≠ 0 (co-occurring pairs): no dense [B, d_sae] arithmetic.
+    nz = cross.nonzero().squeeze(1)
+    row, j = nz // d_sae, nz % d_sae
+    i = row + lo
     n = max(codes.n_valid, 1)
     mu, sd = codes.mean, codes.std
-    corr = cross.view(B, d_sae).div_(n).sub_(mu[lo:hi, None] * mu[None, :])  # covariance, in place
-    corr.div_(sd[lo:hi, None] * sd[None, :]).nan_to_num_(nan=-math.inf)  # 0/0 (dead latents) → -inf
-    corr[torch.arange(B), torch.arange(lo, hi)] = -math.inf
-    top = corr.topk(min(k, d_sae), dim=1)
-    vals, inds = top.values.tolist(), top.indices.tolist()
-    return [[[j, round(v, 5)] for j, v in zip(inds[i], vals[i]) if v > 0 and math.isfinite(v)] for i in range(B)]
+    den = sd[i] * sd[j]
+    r = torch.where(den > 0, (cross[nz] / n - mu[i] * mu[j]) / den.clamp_min(1e-300), torch.zeros_like(den))
+    keep = (r > 0) & (j != i)
+    row, j, r = row[keep], j[keep], r[keep]
+    order = torch.argsort((row << 32) | _desc_order_bits(r.float()), stable=True)
+    row, j, r = row[order], j[order], r[order]
+    start = torch.zeros(B, dtype=torch.long)
+    start[1:] = torch.bincount(row, minlength=B).cumsum(0)[:-1]
+    sel = (torch.arange(len(row)) - start[row]) < k
+    out: list[list] = [[] for _ in range(B)]
+    for a, b, v in zip(row[sel].tolist(), j[sel].tolist(), r[sel].tolist()):
+        out[a].append([b, round(v, 5)])
+    return out
 
 
 def _write_batch(con: sqlite3.Connection, b: int, lo: int, hi: int, rows: _BatchRows, seconds: float) -> None:

@@ -70,6 +70,13 @@ def rank_device(device: str) -> str:
     return f"cuda:{local_rank()}" if device == "cuda" and is_distributed() else device
 
 
+def comm_device() -> torch.device:
+    """Where tensors must live for this process group's collectives: the rank's GPU for NCCL, else CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -170,29 +177,36 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(t.data, src)
 
 
-def broadcast_float(value: float, src: int = 0, device: str | torch.device = "cpu") -> float:
+@torch.no_grad()
+def broadcast_tensor(t: Tensor, src: int = 0) -> None:
+    """Overwrite ``t`` in place with rank ``src``'s copy."""
+    if is_distributed():
+        dist.broadcast(t.data, src)
+
+
+def broadcast_float(value: float, src: int = 0) -> float:
     """Rank ``src``'s ``value`` on every rank (e.g. the activation scale)."""
     if not is_distributed():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = torch.tensor([value], dtype=torch.float64, device=comm_device())
     dist.broadcast(t, src)
     return float(t.item())
 
 
-def any_rank(flag: bool, device: str | torch.device = "cpu") -> bool:
+def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is True on any rank (used for skip/stop decisions)."""
     if not is_distributed():
         return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
-def min_over_ranks(value: int, device: str | torch.device = "cpu") -> int:
+def min_over_ranks(value: int) -> int:
     """The smallest ``value`` over all ranks (e.g. how many batches every rank's chunk can give)."""
     if not is_distributed():
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+    t = torch.tensor([value], dtype=torch.int64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 
@@ -207,9 +221,12 @@ def gather_objects(obj) -> list:
 
 
 def all_gather_rows(t: Tensor) -> Tensor:
-    """Concatenate ``t`` [n, ...] from every rank along dim 0 (equal n), outside any step span."""
+    """Concatenate ``t`` [n, ...] from every rank along dim 0 (equal n), outside any step span.
+
+    The result is on the collective's device (the rank's GPU under NCCL)."""
     if not is_distributed():
         return t
+    t = t.to(comm_device()).contiguous()
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
+    dist.all_gather(parts, t)
     return torch.cat(parts)

@@ -90,9 +90,12 @@ def _scatter_rows(indices: Tensor, coef: Tensor, rows: Tensor, n: int) -> Tensor
     Duplicate (i, b) pairs, e.g. padding, are summed.
     """
     B, K = indices.shape
-    tokens = torch.arange(B, device=indices.device).repeat_interleave(K)
-    c = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), tokens]), coef.reshape(-1).to(rows.dtype), (n, B), check_invariants=False)
-    return torch.sparse.mm(c, rows)
+    coo = torch.empty(2, B * K, dtype=torch.long, device=indices.device)
+    coo[0] = indices.reshape(-1)
+    coo[1] = torch.arange(B, device=indices.device).unsqueeze(1).expand(B, K).reshape(-1)
+    c = torch.sparse_coo_tensor(coo, coef.reshape(-1).to(rows.dtype), (n, B), check_invariants=False)
+    # addmm with beta=0 zeroes its output once; torch.sparse.mm allocates zeros and zeroes them again.
+    return torch.addmm(rows.new_empty(n, rows.shape[1]), c, rows, beta=0)
 
 
 def gather_pre(x: Tensor, weight: Tensor, bias: Tensor, pre: Tensor, indices: Tensor) -> Tensor:

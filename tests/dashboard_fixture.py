@@ -25,8 +25,7 @@ CTX = 32
 N_TOKENS = 2048
 DEAD = 5
 PLANTED = 7  # a TopK latent aimed at the token " fox"
-WORDS = ("the quick brown fox jumps over lazy dog while a curious cat watches from old wooden fence and birds "
-         "sing in tall green trees near quiet river bank").split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "while", "a", "curious", "cat", "watches", "from", "old", "wooden", "fence", "and", "birds", "sing", "in", "tall", "green", "trees", "near", "quiet", "river", "bank"]
 SCRIPT = "<script>alert('x')</script>"
 
 

@@ -13,9 +13,10 @@ import torch
 
 torch.set_num_threads(1)
 
+from saebench.trainers.loop import train_many  # noqa: E402
+
 from saebench import distributed  # noqa: E402
 from saebench.activations import SyntheticSource  # noqa: E402
-from saebench.trainers.loop import train_many  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_common import SOURCE, configs  # noqa: E402

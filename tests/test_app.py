@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+import dashboard_fixture as F
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import dashboard_fixture as F  # noqa: E402
-
-from saebench import dashboards as D  # noqa: E402
+from saebench import dashboards as D
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
 

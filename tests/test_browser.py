@@ -12,18 +12,15 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+import dashboard_fixture as F
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import dashboard_fixture as F  # noqa: E402
-
-from saebench import dashboards as D  # noqa: E402
+from saebench import dashboards as D
 
 pytestmark = pytest.mark.browser
 
@@ -48,7 +45,7 @@ def _free_port() -> int:
 def server(tmp_path_factory, tiny_model_dir, tiny_model):
     root = F.build_root(tmp_path_factory.mktemp("browser") / "root", tiny_model_dir, tiny_model)
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
+    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")  # noqa: SIM115 - closed in finally, after the server
     proc = subprocess.Popen(D.browse_command(root, port=port), stdout=log, stderr=subprocess.STDOUT,
                             env=os.environ | {D.APP_ROOT_ENV: str(root)})
     url = f"http://127.0.0.1:{port}"

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from saebench.trainers.base import normalized_mse
+from saebench.trainers.loop import load_training_log, train_many
 
 from saebench import distributed, sparse
 from saebench.activations import SyntheticSource
 from saebench.sae import SAE
-from saebench.trainers.base import normalized_mse
-from saebench.trainers.loop import load_training_log, train_many
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_common import SOURCE, WORLD, GlobalBatches, configs  # noqa: E402
@@ -82,6 +82,6 @@ def test_reductions_are_no_ops_without_a_process_group():
     x, x_hat = torch.randn(32, 8), torch.randn(32, 8)
     with distributed.data_parallel():
         assert not distributed.active()
-        assert torch.equal(normalized_mse(x_hat, x), (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+        torch.testing.assert_close(normalized_mse(x_hat, x), (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
         assert int(sparse.batch_topk_mask(torch.randn(8, 20), 13).sum()) == 13
     assert distributed.init_from_env() == (0, 1)

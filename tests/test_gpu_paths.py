@@ -3,13 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from saebench.trainers import get_method
+from saebench.trainers.base import StepInput
+from saebench.trainers.loop import train
 
 from saebench import distributed, precision, sparse
 from saebench.activations import SyntheticSource
 from saebench.config import TrainConfig
-from saebench.trainers import get_method
-from saebench.trainers.base import StepInput
-from saebench.trainers.loop import train
 
 
 def test_gather_pre_under_bf16_keeps_fp32_values_and_exact_sparse_backward():

@@ -223,7 +223,9 @@ def test_batchtopk_trains_with_exactly_k_times_B_nonzeros_and_infers_batch_free(
     with torch.no_grad():
         full = sae.encode(x)
         for rows in (torch.arange(1), torch.arange(7, 300, 3), torch.randperm(512)[:100]):
-            assert torch.equal(sae.encode(x[rows]), full[rows])
+            part = sae.encode(x[rows])
+            # Same latents fire; values equal up to the matmul's batch-size-dependent rounding.
+            assert torch.equal(part != 0, full[rows] != 0) and torch.allclose(part, full[rows], atol=1e-6)
         l0 = (full != 0).sum(-1).float().mean().item()
     assert 2.4 < l0 < 3.6  # the threshold reproduces the training L0 (k = 3) at inference
 

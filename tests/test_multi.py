@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from saebench.trainers.loop import train, train_many
 
 from saebench.activations import HookedSource, SyntheticSource
 from saebench.config import ConfigError, TrainConfig, load_sweep
 from saebench.sae import SAE
-from saebench.trainers.loop import train, train_many
 
 
 def _cfg(root, name, **kw):
@@ -118,3 +118,22 @@ def test_sweep_file_expands_grid_and_sae_list(tmp_path):
     p.write_text('[bse]\nk = 8\n')
     with pytest.raises(ConfigError, match="unknown top-level key"):
         load_sweep(p)
+
+
+def test_train_and_evaluate_many_from_a_sweep_file(tiny_model, tiny_model_dir, text_file, tmp_path):
+    """The API path the CLI uses: a sweep file → one harvest of two hooks → two SAEs, each core-evaluated."""
+    from saebench.api import train_and_evaluate_many
+
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(
+        f'[base]\nmodel = "{tiny_model_dir}"\ncorpus = "{text_file}"\ncontext_size = 32\nk = 4\nexpansion_factor = 2\n'
+        f'training_tokens = 2048\nbatch_size_tokens = 512\neval_tokens = 512\nlr_warmup_steps = 2\nout_dir = "{tmp_path}/{{hook_name}}-{{method}}"\n'
+        '[grid]\nhook_name = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]\n[[sae]]\nmethod = "topk"\n[[sae]]\nmethod = "batchtopk"\n'
+    )
+    results = train_and_evaluate_many(sweep, model=tiny_model, progress=False)
+    assert len(results) == 4
+    for (res, metrics), (hook, method) in zip(results, [(h, m) for h in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+                                                         for m in ("topk", "batchtopk")]):
+        assert res.out_dir.name == f"{hook}-{method}" and res.steps == 4
+        assert res.sae.cfg.hook_name == hook and res.sae.cfg.method == method
+        assert metrics is not None and metrics["n_tokens"] > 0 and (res.out_dir / "eval_core.json").exists()

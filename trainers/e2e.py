@@ -105,6 +105,7 @@ class EndToEnd(Method):
 
             self.special_ids = text.special_ids(tok)
         self._tokens: Tensor | None = None
+        self._perm: tuple[int, Tensor | None] = (-1, None)
 
     # ----- where the token sequences come from --------------------------------------------------
     def sequences(self, inp: StepInput) -> Tensor:
@@ -114,16 +115,21 @@ class EndToEnd(Method):
         if self._tokens is None:
             from saebench import text
 
+            if getattr(self.model, "tokenizer", None) is None:
+                raise ConfigError(f"method {self.name!r} needs whole token sequences: the batches carry single tokens and the model has "
+                                  "no tokenizer to read cfg.corpus with; train with source=TokenSequenceSource(model, hook, tokens)")
             n_tok = int(self.cfg.training_tokens * 1.05) + self.cfg.context_size
             self._tokens = text.load_tokens(self.cfg.corpus, self.model.tokenizer, self.cfg.context_size, n_tok, split="train",
                                             prepend_bos=self.cfg.prepend_bos)
         n_rows = self._tokens.shape[0]
         per_step = max(1, self.cfg.batch_size_tokens // self.cfg.context_size)
+        seed = getattr(self.cfg, "effective_data_seed", self.cfg.seed)
         rows = []
         for j in range(inp.step * per_step, (inp.step + 1) * per_step):
             epoch, pos = divmod(j, n_rows)
-            gen = torch.Generator().manual_seed(getattr(self.cfg, "effective_data_seed", self.cfg.seed) * 1_000_003 + epoch)
-            rows.append(int(torch.randperm(n_rows, generator=gen)[pos]))
+            if self._perm[0] != epoch:  # one shuffle of the sequences per epoch
+                self._perm = (epoch, torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)))
+            rows.append(int(self._perm[1][pos]))
         return self._tokens[rows]
 
     # ----- the step -----------------------------------------------------------------------------

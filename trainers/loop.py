@@ -17,20 +17,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from saebench.trainers.base import Method, StepInput, get_method
+from saebench.trainers.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from tqdm.auto import tqdm
 
 from saebench.activations import ActivationSource, Batch, CachedSource, HookedSource, Position, hook_layer_of, parse_hook, write_cache
 from saebench.config import ConfigError, TrainConfig
 from saebench.distributed import (
-    all_gather_cat, all_gather_rows, all_reduce_max, all_reduce_mean, any_rank, average_gradients, barrier, broadcast_float, broadcast_module, data_parallel,
-    gather_objects, init_from_env, rank, rank_device,
+    all_gather_cat,
+    all_gather_rows,
+    all_reduce_max,
+    all_reduce_mean,
+    any_rank,
+    average_gradients,
+    broadcast_float,
+    broadcast_module,
+    broadcast_tensor,
+    data_parallel,
+    gather_objects,
+    init_from_env,
+    rank,
+    rank_device,
 )
 from saebench.io import write_json
 from saebench.precision import autocast, configure_matmul_precision
 from saebench.sae import SAE
 from saebench.sparse import SparseActs
-from saebench.trainers.base import Method, StepInput, get_method
-from saebench.trainers.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 
 # Fields that may change between a run and its resumption without changing the result.
 _RESUME_FREE = {"out_dir", "resume", "log_every_steps", "checkpoint_every_steps", "wandb", "wandb_project", "eval_tokens", "device", "model_batch_size", "on_nonfinite"}
@@ -113,12 +125,21 @@ def make_source(cfg: TrainConfig, model=None, progress: bool = True, with_grads:
         return source
     provenance = {"model": cfg.model, "corpus": cfg.corpus, "context_size": cfg.context_size, "tokens": tokens.shape[0] * tokens.shape[1],
                   "exclude_special_tokens": cfg.exclude_special_tokens, "outlier_norm_factor": cfg.outlier_norm_factor, "with_grads": with_grads}
-    if rank() != 0:  # rank 0 fills the cache; the others wait for it, then read it
-        barrier()
-        return CachedSource(cfg.activation_cache)
-    cache = write_cache(source, cfg.activation_cache, provenance=provenance, progress=progress)
-    barrier()
-    return cache
+    if rank() != 0:  # rank 0 fills the cache; the others wait for it (polling: a harvest outlasts collective timeouts)
+        return _wait_for_cache(cfg.activation_cache)
+    return write_cache(source, cfg.activation_cache, provenance=provenance, progress=progress)
+
+
+def _wait_for_cache(folder: str, poll_seconds: float = 5.0) -> CachedSource:
+    """The cache rank 0 is writing into ``folder`` (on a filesystem every rank sees), once complete."""
+    index = Path(folder) / "cache.json"
+    while True:
+        try:
+            if index.exists() and json.loads(index.read_text()).get("complete"):
+                return CachedSource(folder)
+        except (OSError, ValueError):
+            pass  # caught mid-replace; look again
+        time.sleep(poll_seconds)
 
 
 def train(cfg: TrainConfig, source: ActivationSource | None = None, model=None, progress: bool = True) -> TrainResult:
@@ -328,7 +349,7 @@ def _start_run(cfg: TrainConfig, method: Method, source: ActivationSource, model
         run.scale = activation_scale(sample, cfg.normalize_activations)
         method.init_sae(sae, (sample[: cfg.batch_size_tokens] * run.scale).to(cfg.device), gen)
         if replicated:  # replicas start identical even where a harvest is not bit-reproducible
-            run.scale = broadcast_float(run.scale, device=cfg.device)
+            run.scale = broadcast_float(run.scale)
             broadcast_module(sae)
     return run
 
@@ -364,7 +385,7 @@ def _train_step(r: _Run, batch: Batch, pos: Position, dp: bool, world: int) -> N
                 out = replace(out, acts=_gather_acts(out.acts))
             r.method.after_step(sae, inp, out, step)
             if dp and hasattr(sae, "log_threshold"):
-                broadcast_module(sae)  # a safety net: thresholds are set outside the optimizer
+                broadcast_tensor(sae.log_threshold)  # a safety net: thresholds are set outside the optimizer
             _count_firing(r, out, x.shape[0] * (world if dp else 1))
             r.step += 1
             if r.step % cfg.log_every_steps == 0 or r.step == r.total:
@@ -498,7 +519,7 @@ def _check_finite(t: torch.Tensor, cfg: TrainConfig, step: int, what: str, extra
 def _finite_or_skip(t: torch.Tensor, cfg: TrainConfig, step: int, what: str, extra: dict | None = None, dp: bool = False) -> bool:
     """True if ``t`` is finite (on every rank under ``dp``, so that ranks skip or stop together)."""
     local_ok = bool(torch.isfinite(t).all())
-    if dp and any_rank(not local_ok, device=t.device):
+    if dp and any_rank(not local_ok):
         if local_ok:
             if cfg.on_nonfinite == "skip":
                 return False
@@ -523,7 +544,7 @@ def _log_wandb(run, rec: dict, out, fire_counts: torch.Tensor, step: int, cfg: T
     """SAELens-style keys: losses/*, metrics/*, sparsity/*, details/*."""
     import wandb
 
-    log = {f"losses/{k}": float(v) for k, v in out.losses.items()} | {
+    log = {f"losses/{k}": float(v.detach()) for k, v in out.losses.items()} | {
         "losses/overall_loss": rec["loss"], "metrics/l0": rec["l0"], "metrics/explained_variance": 1 - rec["fvu"],
         "sparsity/dead_features": rec["dead_fraction"], "details/current_learning_rate": rec["lr"],
     }
