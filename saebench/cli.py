@@ -66,13 +66,7 @@ def collect(args: argparse.Namespace, cls: type[BaseModel], base: dict[str, Any]
         if val is None:
             continue
         if isinstance(val, list) and (typing.get_origin(_unwrap(field.annotation)) is dict):
-            opts = dict(data.get(name) or {})
-            for item in val:
-                if "=" not in item:
-                    raise ConfigError(f"--{name.replace('_', '-')} expects KEY=VALUE, got {item!r}")
-                k, v = item.split("=", 1)
-                opts[k] = _parse_value(v)
-            val = opts
+            val = dict(data.get(name) or {}) | _kv(val)
         data[name] = val
     return build_config(cls, data)
 
@@ -80,6 +74,8 @@ def collect(args: argparse.Namespace, cls: type[BaseModel], base: dict[str, Any]
 def cmd_train(args) -> int:
     from saebench.api import train_and_evaluate
 
+    if args.sweep:
+        return _train_sweep(args)
     cfg = collect(args, TrainConfig)
     result, metrics = train_and_evaluate(cfg, progress=not args.quiet)
     print(f"\nSAE written to {result.out_dir.resolve()}  ({result.steps} steps, {result.seconds:.0f} s of training)")
@@ -89,6 +85,55 @@ def cmd_train(args) -> int:
         print(format_table(metrics))
         print(f"metrics: {(result.out_dir / 'eval_core.json').resolve()}")
     return 0
+
+
+def _train_sweep(args) -> int:
+    """Several SAEs from one harvest: a sweep file plus flags that apply to every SAE."""
+    from saebench.api import train_and_evaluate_many
+    from saebench.config import load_sweep
+    from saebench.evals.core import format_table
+
+    if args.config:
+        raise ConfigError("use either --config (one SAE) or --sweep (several SAEs), not both")
+    flags = {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name, None) is not None}
+    if "method_options" in flags:
+        flags["method_options"] = _kv(flags["method_options"])
+    cfgs = load_sweep(args.sweep, **flags)
+    results = train_and_evaluate_many(cfgs, progress=not args.quiet, distribute_modules=args.distribute_modules)
+    for item in results:
+        if item is None:
+            continue
+        result, metrics = item
+        print(f"\nSAE written to {result.out_dir.resolve()}  ({result.steps} steps)")
+        if metrics is not None:
+            print(format_table(metrics))
+    return 0
+
+
+def _kv(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--method-options expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = _parse_value(v)
+    return out
+
+
+def cmd_dashboards(args) -> int:
+    from saebench.dashboards import build_dashboards
+
+    folder = build_dashboards(args.sae_dir, model=args.model, n_tokens=args.n_tokens, batch_size=args.batch_size, resume=not args.no_resume,
+                              progress=not args.quiet, device=args.device)
+    print(f"dashboards written to {Path(folder).resolve()}\nbrowse them with: saebench browse {Path(args.sae_dir).resolve().parent}")
+    return 0
+
+
+def cmd_browse(args) -> int:
+    from saebench.dashboards import browse
+
+    print(f"serving the feature browser for SAEs under {Path(args.root).resolve()} on http://{args.host}:{args.port}")
+    return browse(args.root, host=args.host, port=args.port, model=args.model, device=args.device)
 
 
 def cmd_eval(args) -> int:
@@ -139,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="Train an SAE (then run the core eval).")
     p.add_argument("--config", help="TOML/YAML/JSON file of TrainConfig fields; flags override it.")
+    p.add_argument("--sweep", help="Sweep file (base / grid / sae tables): several SAEs trained from one harvest; flags apply to every SAE.")
+    p.add_argument("--distribute-modules", action="store_true", help="Under torchrun with --sweep: each SAE lives on one rank (stored once).")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     add_config_flags(p, TrainConfig)
     p.set_defaults(fn=cmd_train)
@@ -149,6 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     add_config_flags(p, EvalConfig, skip=("sae",))
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("dashboards", help="Precompute an SAE's feature dashboards for the browser (resumable).")
+    p.add_argument("sae_dir")
+    p.add_argument("--n-tokens", type=int, default=131_072, help="Held-out token positions to scan.")
+    p.add_argument("--batch-size", type=int, default=16, help="Sequences per model forward.")
+    p.add_argument("--model", default=None, help="Model (default: the SAE's cfg.json model_name).")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-resume", action="store_true", help="Rebuild from scratch (labels are kept).")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_dashboards)
+
+    p = sub.add_parser("browse", help="Serve the Streamlit feature browser for every SAE folder under ROOT (localhost).")
+    p.add_argument("root")
+    p.add_argument("--host", default="127.0.0.1", help="Bind address (default localhost only).")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=cmd_browse)
 
     p = sub.add_parser("methods", help="List training methods and their options.")
     p.set_defaults(fn=cmd_methods)

@@ -114,3 +114,29 @@ def test_passthrough_commands_have_their_own_help(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
     assert "sae_dirs" in capsys.readouterr().out
+
+
+def test_sweep_trains_several_saes_from_one_harvest_then_dashboards(tiny_model_dir, text_file, tmp_path, capsys):
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(f"""
+[base]
+model = "{tiny_model_dir}"
+corpus = "{text_file}"
+context_size = 32
+expansion_factor = 2
+k = 4
+training_tokens = 2048
+batch_size_tokens = 512
+eval_tokens = 256
+out_dir = "{tmp_path}/runs/{{hook_name}}-{{method}}"
+[grid]
+hook_name = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+method = ["topk", "batchtopk"]
+""")
+    assert main(["train", "--quiet", "--sweep", str(sweep), "--lr-warmup-steps", "1"]) == 0
+    dirs = sorted((tmp_path / "runs").iterdir())
+    assert len(dirs) == 4 and all((d / "eval_core.json").exists() for d in dirs)
+    assert json.loads((dirs[0] / "cfg.json").read_text())["metadata"]["train_config"]["lr_warmup_steps"] == 1
+    assert main(["dashboards", str(dirs[0]), "--n-tokens", "512", "--quiet"]) == 0
+    assert "dashboards written to" in capsys.readouterr().out
+    assert (dirs[0] / "dashboards" / "features.sqlite").exists()
