@@ -17,7 +17,7 @@ def test_train_and_evaluate_topk_on_smollm2(smollm2, tmp_path):
     from saebench import TrainConfig, load_sae
     from saebench.api import train_and_evaluate
 
-    cfg = TrainConfig(hook_name="blocks.3.hook_resid_post", k=16, expansion_factor=2, training_tokens=8 * 1024, batch_size_tokens=1024,
+    cfg = TrainConfig(hook_name="blocks.3.hook_resid_post", k=16, expansion_factor=2, training_tokens=24 * 1024, batch_size_tokens=1024,
                       context_size=64, lr=2e-3, lr_warmup_steps=2, eval_tokens=1024, out_dir=str(tmp_path / "sae"), model_batch_size=8)
     result, metrics = train_and_evaluate(cfg, model=smollm2, progress=False)
     sae = load_sae(result.out_dir)
