@@ -84,7 +84,7 @@ def _test_prompt(cfg: S.AppConfig, rel: str, path: str, i: int, f: D.FeatureData
         if not text.strip():
             st.warning("Type some text first.")
         else:
-            sae = S.get_sae(path, cfg.device, _mtime(path))
+            sae = S.sae_for(cfg, path)
             model, err = S.model_for(cfg, sae)
             if err:
                 st.error(err)
@@ -183,13 +183,3 @@ def _save_label(db: D.Dashboard, rel: str, i: int) -> None:
         st.session_state["label_flash"] = (True, "Label saved.")
     except Exception as e:  # noqa: BLE001 - e.g. a read-only folder
         st.session_state["label_flash"] = (False, f"Could not save the label: {e}")
-
-
-def _mtime(path: str) -> float:
-    from pathlib import Path
-
-    p = Path(path)
-    w = p / "sae.safetensors"
-    if not w.exists():
-        w = p / "sae_weights.safetensors"
-    return w.stat().st_mtime if w.exists() else 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 from saebench.app import render as R
 from saebench.app import state as S
-from saebench.app.page_feature import _mtime, missing_dashboard
+from saebench.app.page_feature import missing_dashboard
 
 from saebench import dashboards as D
 
@@ -59,7 +59,7 @@ def _prompt_search(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None
         n = st.slider("Latents per token", 1, 10, 5, key="prompt_search_n")
         go = st.form_submit_button("Find latents")
     if go and text.strip():
-        sae = S.get_sae(path, cfg.device, _mtime(path))
+        sae = S.sae_for(cfg, path)
         model, err = S.model_for(cfg, sae)
         if err:
             st.error(err)

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import streamlit as st
 from saebench.app import render as R
 from saebench.app import state as S
-from saebench.app.page_feature import _mtime
 
 from saebench import dashboards as D
 
@@ -53,7 +52,7 @@ def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae:
     except ImportError as e:
         st.error(f"Steering is not available: {e}")
         return
-    sae = S.get_sae(path, cfg.device, _mtime(path))
+    sae = S.sae_for(cfg, path)
     model, err = S.model_for(cfg, sae)
     if err:
         st.error(err)

@@ -66,12 +66,20 @@ def get_model(name: str | None, device: str):
 
 
 @st.cache_resource(show_spinner="Loading the SAE…", max_entries=8)
-def get_sae(path: str, device: str, _mtime: float):
+def get_sae(path: str, device: str, mtime: float):
+    """The SAE in ``path`` (``mtime`` of its weights is part of the cache key: a retrained SAE reloads)."""
     from saebench.sae import SAE
 
     sae = SAE.load(path, device=device)
     sae.requires_grad_(False)
     return sae
+
+
+def sae_for(cfg: AppConfig, path: str):
+    """The (cached) SAE of the folder ``path``."""
+    p = Path(path)
+    weights = p / "sae.safetensors" if (p / "sae.safetensors").exists() else p / "sae_weights.safetensors"
+    return get_sae(path, cfg.device, weights.stat().st_mtime if weights.exists() else 0.0)
 
 
 def _db_version(folder: Path) -> str:

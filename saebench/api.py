@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from saebench.config import TrainConfig, load_config
-from saebench.trainers.loop import TrainResult, make_source, train
+from saebench.trainers.loop import TrainResult
 
 
 def train_and_evaluate(cfg: TrainConfig | str | Path, *, model=None, progress: bool = True, **overrides: Any) -> tuple[TrainResult, dict | None]:
@@ -16,30 +16,13 @@ def train_and_evaluate(cfg: TrainConfig | str | Path, *, model=None, progress: b
     ``cfg`` may be a TrainConfig or a config file path (``overrides`` are applied on top). The model is
     loaded once and shared by harvesting and evaluation.
     """
-    from saebench import models
-    from saebench.evals.core import run_core_eval
-    from saebench.trainers import get_method
-
     if not isinstance(cfg, TrainConfig):
         cfg = load_config(TrainConfig, cfg, **overrides)
     elif overrides:
         cfg = cfg.model_copy(update=overrides)
-    method = get_method(cfg.method)  # fail fast on an unknown method, before loading anything
-    method(cfg)  # and on bad method options
-    if model is None:
-        model = models.load_model(cfg.model, device=cfg.device)
-    from saebench.models import validate_hook_name
-    from saebench.activations import parse_hook
-
-    validate_hook_name(model, parse_hook(cfg.hook_name)[0])
-    source = None if method.needs_model and not method.needs_grads else make_source(cfg, model, progress, with_grads=method.needs_grads)
-    result = train(cfg, source=source, model=model, progress=progress)
-    metrics = None
-    if cfg.eval_tokens:
-        metrics = run_core_eval(result.out_dir, model, corpus=cfg.corpus, eval_tokens=cfg.eval_tokens, context_size=cfg.context_size,
-                                batch_size=cfg.model_batch_size, exclude_special_tokens=cfg.exclude_special_tokens, device=cfg.device,
-                                progress=progress)
-    return result, metrics
+    # One SAE is the one-element case of several: the same model/device handling under torchrun.
+    (result,) = train_and_evaluate_many([cfg], model=model, progress=progress)
+    return result
 
 
 def train_and_evaluate_many(
@@ -51,7 +34,8 @@ def train_and_evaluate_many(
     ``base`` table, an optional ``grid`` of lists and an optional ``sae`` list); ``overrides`` apply to
     every SAE. The model is loaded once and shared by harvesting and evaluation. Under ``torchrun`` the
     training is data parallel (or ``distribute_modules``: each SAE on one rank); an SAE is evaluated by
-    the rank that wrote it, and the other ranks get ``None`` in its place.
+    the rank that wrote it (data parallel: rank 0; the other ranks get ``(result, None)``; with
+    ``distribute_modules`` a rank gets ``None`` for SAEs it does not hold).
     """
     from saebench import distributed, models
     from saebench.activations import parse_hook
@@ -75,8 +59,11 @@ def train_and_evaluate_many(
     results = train_many(cfgs, model=model, progress=progress, distribute_modules=distribute_modules)
     out: list[tuple[TrainResult, dict | None] | None] = []
     for cfg, result in zip(cfgs, results):
-        if result is None or (not distribute_modules and distributed.rank() != 0):
+        if result is None:  # distribute_modules: another rank trained this SAE
             out.append(None)
+            continue
+        if not distribute_modules and distributed.rank() != 0:  # data parallel: rank 0 evaluates
+            out.append((result, None))
             continue
         metrics = None
         if cfg.eval_tokens:

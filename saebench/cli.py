@@ -78,6 +78,8 @@ def cmd_train(args) -> int:
         return _train_sweep(args)
     cfg = collect(args, TrainConfig)
     result, metrics = train_and_evaluate(cfg, progress=not args.quiet)
+    if not _is_main_rank():
+        return 0  # under torchrun only rank 0 reports
     print(f"\nSAE written to {result.out_dir.resolve()}  ({result.steps} steps, {result.seconds:.0f} s of training)")
     if metrics is not None:
         from saebench.evals.core import format_table
@@ -100,6 +102,8 @@ def _train_sweep(args) -> int:
         flags["method_options"] = _kv(flags["method_options"])
     cfgs = load_sweep(args.sweep, **flags)
     results = train_and_evaluate_many(cfgs, progress=not args.quiet, distribute_modules=args.distribute_modules)
+    if not _is_main_rank() and not args.distribute_modules:
+        return 0  # data parallel: rank 0 wrote and reports every SAE
     for item in results:
         if item is None:
             continue
@@ -108,6 +112,12 @@ def _train_sweep(args) -> int:
         if metrics is not None:
             print(format_table(metrics))
     return 0
+
+
+def _is_main_rank() -> bool:
+    from saebench.distributed import rank
+
+    return rank() == 0
 
 
 def _kv(items: list[str]) -> dict[str, Any]:

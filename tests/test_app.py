@@ -230,3 +230,22 @@ def test_evals_and_overview_pages(monkeypatch, root):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["L0"] == "6" and metrics["Dead"] == "1" and metrics["Latents computed"] == "96 / 96"
     assert "architecture" in html(at)
+
+
+def test_render_helpers_escape_and_pareto():
+    from saebench.app import render as R
+
+    html_ = R.examples_html([(1.0, ["<script>", "a\n", ""], [1.0, -0.5, 0.0], 0, [False, False, True])], scale=1.0, css_id='x"y')
+    assert "<script>" not in html_ and "&lt;script&gt;" in html_ and 'id="x&quot;y"' in html_
+    assert "↵" in html_ and "∅" in html_ and "tok peak" in html_ and "tok special" in html_
+    assert R.md("*bold* <b> $x$ [l](u)") == "\\*bold\\* \\<b\\> \\$x\\$ \\[l\\]\\(u\\)"
+    assert R.code("a`b") == "`a'b`"
+    assert R.fmt_density(0.5) == "50.00%" and R.fmt_density(1.234e-4) == "0.0123%" and R.fmt_density(0) == "0%"
+    # lower L0 is better; higher CE recovered is better: (1, .5) and (2, .9) are the front, (3, .8) is dominated
+    assert R.pareto_front([1, 2, 3, float("nan")], [0.5, 0.9, 0.8, 1.0], maximize=True) == [0, 1]
+    assert R.pareto_front([1, 2, 3], [0.5, 0.4, 0.6], maximize=False) == [0, 1]
+
+
+def test_browse_refuses_a_missing_root(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        D.browse(tmp_path / "missing")

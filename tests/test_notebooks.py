@@ -216,3 +216,9 @@ def test_analysis_helpers(tmp_path, tiny_model, text_file):
     assert pos == sorted(pos, reverse=True) and all(v > 0 for v in pos) and all(v < 0 for v in neg)
     assert all("«" in e["context"] and "»" in e["context"] for e in ext["positive"] + ext["negative"])
     assert pos or neg
+
+
+def test_readme_describes_every_notebook():
+    readme = (NOTEBOOK_DIR / "README.md").read_text()
+    for py in NOTEBOOKS:
+        assert py.stem in readme, f"notebooks/README.md does not describe {py.stem}"
