@@ -1131,13 +1131,19 @@ class PromptActs(NamedTuple):
 
 @torch.no_grad()
 def prompt_activations(model, sae: SAE, prompt: str, max_tokens: int = 512) -> PromptActs:
-    """Run ``prompt`` (BOS prepended) through the model and the SAE; special positions are zeroed."""
+    """Run ``prompt`` (BOS prepended) through the model and the SAE; special positions are zeroed.
+
+    Holds the model's :func:`saebench.steering.model_lock` for the forward pass, so a model shared by
+    threads (the browser's sessions) is never run with another thread's hooks attached.
+    """
     from saebench.activations import _flatten_site, hook_layer_of
+    from saebench.steering import model_lock
 
     hook, head = _sae_hook(sae)
     toks = model.to_tokens(prompt)[:, :max_tokens]
     stop = hook_layer_of(hook) + 1 if hook.startswith("blocks.") else None
-    _, cache = model.run_with_cache(toks.to(sae.device), names_filter=lambda n: n == hook, stop_at_layer=stop)
+    with model_lock(model):
+        _, cache = model.run_with_cache(toks.to(sae.device), names_filter=lambda n: n == hook, stop_at_layer=stop)
     x = _flatten_site(cache[hook], head)[0].float()
     acts = sae.encode_sparse(x)
     ids = toks[0].tolist()

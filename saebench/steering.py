@@ -20,12 +20,20 @@ share their noise (matched samples, as in Neuronpedia's DEFAULT vs STEERED).
 The functions taking an ``sae`` read only ``sae.cfg.hook_name``, ``sae.cfg.hook_head_index``,
 ``sae.cfg.d_sae`` and ``sae.W_dec`` (plus ``encode_sparse`` in :func:`max_activation`), so a light
 view with another hook name works too (the app uses one to steer at a different layer).
+
+Thread safety: TransformerLens hooks live on the model's modules, so a hook added by one thread acts
+on every forward pass another thread runs at the same time (a steering vector leaks into an
+unsteered run; a ``stop_at_layer`` hook aborts someone else's generation). Every function here that
+runs the model, and :func:`saebench.dashboards.prompt_activations`, holds :func:`model_lock` while
+it does, so one model can be shared by threads (the browser's sessions share one cached model).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import threading
+import weakref
 from typing import Literal, NamedTuple, Sequence
 
 import torch
@@ -50,6 +58,7 @@ __all__ = [
     "sae_site",
     "site_activations",
     "stop_layer",
+    "model_lock",
 ]
 
 
@@ -60,6 +69,29 @@ class GenerationResult(NamedTuple):
     text: str  # the whole sequence decoded (a leading BOS left out)
     new_text: str  # the new tokens decoded
     prompt_len: int  # number of prompt tokens (BOS included)
+
+
+# --------------------------------------------------------------------------- sharing a model between threads
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+_FALLBACK_LOCK = threading.RLock()  # for models that cannot be weakly referenced
+
+
+def model_lock(model) -> threading.RLock:
+    """The re-entrant lock that serialises runs of ``model`` (one per model object).
+
+    Hold it around any forward pass, hooked or not, of a model other threads may run: hooks are
+    attached to the model itself, so two overlapping runs would see each other's hooks.
+    """
+    with _MODEL_LOCKS_GUARD:
+        try:
+            lock = _MODEL_LOCKS.get(model)
+            if lock is None:
+                lock = _MODEL_LOCKS[model] = threading.RLock()
+        except TypeError:
+            lock = _FALLBACK_LOCK
+        return lock
 
 
 # --------------------------------------------------------------------------- sites
@@ -101,7 +133,8 @@ def site_activations(model, hook_name: str, head: int | None, tokens: Tensor, ba
     stop = stop_layer(hook_name)
     device = model.cfg.device
     for s in range(0, tokens.shape[0], batch_size):
-        _, cache = model.run_with_cache(tokens[s : s + batch_size].to(device), names_filter=lambda n: n == hook_name, stop_at_layer=stop)
+        with model_lock(model):
+            _, cache = model.run_with_cache(tokens[s : s + batch_size].to(device), names_filter=lambda n: n == hook_name, stop_at_layer=stop)
         out.append(_flatten(cache[hook_name], head).float())
     return torch.cat(out)
 
@@ -266,24 +299,25 @@ def generate_tokens(
             return _call_last(model, inp, return_type="logits_and_cache", past_key_values=past)
         return _call_last(model, inp), None
 
-    with model.hooks(fwd_hooks=list(hooks)):
-        logits, past = forward(tokens, 0, None)
-        for t in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
-            last = logits[:, -1]
-            vocab = vocab or last.shape[-1]
-            nxt = _pick(last, _gumbel(gen, vocab), temperature, top_p)
-            if eos is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-                done |= nxt == eos
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            if t == max_new_tokens - 1 or bool(done.all()):
-                break
-            if use_kv_cache:
-                logits, past = forward(nxt[:, None], tokens.shape[1] - 1, past)
-            else:
-                logits, _ = forward(tokens, 0, None)
-    for _, h in hooks:
-        h.position_offset = None
+    with model_lock(model):
+        with model.hooks(fwd_hooks=list(hooks)):
+            logits, past = forward(tokens, 0, None)
+            for t in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
+                last = logits[:, -1]
+                vocab = vocab or last.shape[-1]
+                nxt = _pick(last, _gumbel(gen, vocab), temperature, top_p)
+                if eos is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                    done |= nxt == eos
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                if t == max_new_tokens - 1 or bool(done.all()):
+                    break
+                if use_kv_cache:
+                    logits, past = forward(nxt[:, None], tokens.shape[1] - 1, past)
+                else:
+                    logits, _ = forward(tokens, 0, None)
+        for _, h in hooks:
+            h.position_offset = None
     return tokens
 
 
@@ -373,8 +407,9 @@ def next_token_logprob_diff(model, sae, prompt: str | Tensor, latent: int, stren
     toks = _prompt_tokens(model, prompt)
     hook, head = sae_site(sae)
     vec = steering_vector(sae, latent, strength, max_act)
-    base = F.log_softmax(model(toks)[0, -1].float(), -1)
-    steered = F.log_softmax(model.run_with_hooks(toks, fwd_hooks=[(hook, SteeringHook(vec, scope, toks.shape[1], head))])[0, -1].float(), -1)
+    with model_lock(model):
+        base = F.log_softmax(model(toks)[0, -1].float(), -1)
+        steered = F.log_softmax(model.run_with_hooks(toks, fwd_hooks=[(hook, SteeringHook(vec, scope, toks.shape[1], head))])[0, -1].float(), -1)
     diff = steered - base
     n = min(top_n, diff.numel())
     up = diff.topk(n)

@@ -137,3 +137,61 @@ def test_steering_eval_needs_a_latent_or_concept(planted):
         evaluate_steering(model, sae, config=SteeringConfig(n_prompts=2), progress=False)
     with pytest.raises(ValueError, match="unknown concept"):
         evaluate_steering(model, sae, concept="nope", progress=False)
+
+
+def test_threads_sharing_a_model_never_run_with_each_others_hooks(planted):
+    """The browser's sessions share one cached model, and TransformerLens hooks live on the model.
+
+    A steering generation is paused in its first forward pass (its hook attached) while two other
+    threads run an unsteered generation and a live-prompt encoding on the same model. They must wait
+    for the model (``model_lock``) and then give exactly what they give alone; without the lock they
+    ran through the steering hook and came out steered (or died on another run's stop_at_layer)."""
+    import threading
+
+    from saebench import dashboards as D
+
+    model, sae, token, norm = planted
+    prompt = "Tell me about your day."
+    alone_gen = st.generate(model, prompt, 6, seed=3)
+    alone_acts = D.prompt_activations(model, sae, prompt)
+    attached, release = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    class PausingHook(st.SteeringHook):
+        def __call__(self, act, hook=None):
+            if threading.current_thread().name == "steerer" and not attached.is_set():
+                attached.set()
+                release.wait(20)
+            return super().__call__(act, hook)
+
+    def steer():
+        toks = model.to_tokens(prompt)
+        hook = PausingHook(st.steering_vector(sae, 0, 8.0, norm), "all", toks.shape[1])
+        results["steered"] = st.generate_tokens(model, toks, 6, hooks=[(SITE, hook)], seed=3)
+
+    def run(name, fn):
+        try:
+            results[name] = fn()
+        except Exception as e:  # noqa: BLE001 - reported by the assertions below
+            results[name] = e
+
+    steerer = threading.Thread(target=steer, name="steerer")
+    steerer.start()
+    assert attached.wait(20), "the steering run never reached its hook"
+    others = [threading.Thread(target=run, args=("gen", lambda: st.generate(model, prompt, 6, seed=3))),
+              threading.Thread(target=run, args=("acts", lambda: D.prompt_activations(model, sae, prompt)))]
+    for t in others:
+        t.start()
+    for t in others:
+        t.join(1.0)  # with the lock they are still waiting; without it they have run through the hook
+    waited = [t.is_alive() for t in others]
+    release.set()
+    for t in [steerer, *others]:
+        t.join(30)
+        assert not t.is_alive()
+    assert results["steered"][0, alone_gen.prompt_len:].eq(token).all()  # the steering run itself was steered
+    assert not isinstance(results["gen"], Exception) and torch.equal(results["gen"].tokens, alone_gen.tokens)
+    assert not isinstance(results["acts"], Exception)
+    assert torch.equal(results["acts"].values, alone_acts.values) and torch.equal(results["acts"].indices, alone_acts.indices)
+    assert waited == [True, True], "the unsteered runs did not wait for the model while another thread's hook was attached"
+    assert st.model_lock(model) is st.model_lock(model) and not st.model_lock(model)._is_owned()
