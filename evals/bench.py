@@ -14,6 +14,14 @@
 4. writes ``results.csv``, ``results.parquet`` and ``results.json`` (one row per SAE), and the
    figures as offline HTML: CE loss recovered vs L0 and FVU vs L0 Pareto views, dead/dense latents,
    steering curves, faithfulness/completeness curves.
+
+Timings. Work is done in *jobs*: ``core+dead`` (or ``core`` / ``dead`` alone) is one shared pass for
+all SAEs at a hook; ``steering``, ``circuits`` and ``compat`` are one job per SAE. Each cached result
+records the wall time of the job that produced it, the SAEs that shared it, and this SAE's share
+(job seconds / SAEs in it). The table gets one ``seconds[<job>]`` column per job (the SAE's share,
+as recorded when the result was computed, also when it now comes from the cache) and
+``seconds_total``; ``timings.json`` (and ``BenchResult.timings``) has this run's wall times: model
+load, eval-token loading, every job, and the whole run.
 """
 
 from __future__ import annotations
@@ -107,6 +115,9 @@ class BenchResult:
     computed: list[tuple[str, str]] = field(default_factory=list)
     cached: list[tuple[str, str]] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
+    # This run's wall times: ``model_load_seconds``, ``tokens_seconds``, ``jobs`` (one dict per job: job, hook,
+    # saes, evals, seconds), ``total_seconds``. Cached results cost nothing here.
+    timings: dict[str, Any] = field(default_factory=dict)
 
 
 def expand_sae_dirs(sae_dirs: str | Sequence[str | Path]) -> list[Path]:
@@ -181,6 +192,7 @@ def run_bench(
         steering, circuits: their configs (defaults: ``SteeringConfig()``, ``CircuitConfig()``).
         force: recompute even when a cached result exists.
     """
+    t_start = time.time()
     evals = [ALIASES.get(e, e) for e in evals]
     unknown = [e for e in evals if e not in EVALS]
     if unknown:
@@ -213,7 +225,8 @@ def run_bench(
     # Model identity for cache keys without loading anything: the given name/object, else cfg.model_name.
     cfg_model = {str(d): _cfg_model_name(d) for d in dirs}
     results: dict[str, dict[str, Any]] = {str(d): {} for d in dirs}
-    res = BenchResult([], results)
+    times: dict[str, dict[str, dict[str, Any]]] = {str(d): {} for d in dirs}  # sae dir -> eval -> job timing record
+    res = BenchResult([], results, timings={"model_load_seconds": 0.0, "tokens_seconds": 0.0, "jobs": []})
     pending: dict[str, list[str]] = defaultdict(list)  # eval -> sae dirs
     for d in dirs:
         d = str(d)
@@ -221,22 +234,46 @@ def run_bench(
         for ev in evals:
             path = cache_path(d, ev, mid)
             if path.exists() and not force:
-                results[d][ev] = read_json(path, f"cached {ev} result")["result"]
+                cached = read_json(path, f"cached {ev} result")
+                results[d][ev] = cached["result"]
+                times[d][ev] = _timing_record(cached, ev)
                 res.cached.append((d, ev))
             else:
                 pending[ev].append(d)
 
     if pending:
-        _compute(pending, results, res, model=model, cache_path=cache_path, cfg_model=cfg_model, checksums=checksums, corpus=corpus,
+        _compute(pending, results, times, res, model=model, cache_path=cache_path, cfg_model=cfg_model, checksums=checksums, corpus=corpus,
                  eval_tokens=eval_tokens, dead_tokens=dead_tokens, context_size=context_size, batch_size=batch_size, tokens=tokens,
                  windows=windows, steering=steering, circuits=circuits, device=device, progress=progress, eval_config=eval_config)
 
     labels = sae_labels(dirs)
-    res.rows = [_row(d, results[str(d)], labels[str(d)]) for d in dirs]
+    res.rows = [_row(d, results[str(d)], labels[str(d)]) | _timing_columns(times[str(d)]) for d in dirs]
     res.files |= write_table(res.rows, out)
     if figures:
         res.files |= _figures(res.rows, {labels[d]: r for d, r in results.items()}, out)
+    res.timings["total_seconds"] = time.time() - t_start
+    res.timings["jobs"] = [j | {"saes": [labels[s] for s in j["saes"]]} for j in res.timings["jobs"]]
+    res.files["timings"] = out / "timings.json"
+    write_json(res.files["timings"], res.timings)
     return res
+
+
+def _timing_record(cached: dict[str, Any], ev: str) -> dict[str, Any]:
+    """The job timing stored with a result (older cache files have only ``seconds``)."""
+    seconds = cached.get("seconds")
+    return {"job": cached.get("job", ev), "seconds": seconds, "job_seconds": cached.get("job_seconds", seconds),
+            "job_saes": cached.get("job_saes", 1)}
+
+
+def _timing_columns(times: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``seconds[<job>]`` (this SAE's share of each job that produced one of its results) and ``seconds_total``."""
+    cols: dict[str, float] = {}
+    for rec in times.values():
+        if isinstance(rec.get("seconds"), (int, float)):
+            cols[f"seconds[{rec['job']}]"] = float(rec["seconds"])  # evals of one job share one record
+    if cols:
+        cols["seconds_total"] = sum(cols.values())
+    return cols
 
 
 def sae_labels(dirs: Sequence[Path]) -> dict[str, str]:
@@ -254,20 +291,28 @@ def _cfg_model_name(d: Path) -> str:
     return raw.get("model_name") or (raw.get("metadata") or {}).get("model_name", "") or ""
 
 
-def _compute(pending, results, res, *, model, cache_path, cfg_model, checksums, corpus, eval_tokens, dead_tokens, context_size, batch_size,
+def _compute(pending, results, times, res, *, model, cache_path, cfg_model, checksums, corpus, eval_tokens, dead_tokens, context_size, batch_size,
              tokens, windows, steering, circuits, device, progress, eval_config) -> None:
     from saebench import models as model_lib
 
-    def save(d: str, ev: str, mid: str, result: dict, seconds: float) -> None:
+    def save(d: str, ev: str, mid: str, result: dict, job: dict[str, Any]) -> None:
+        timing = {"job": job["job"], "seconds": job["seconds"] / len(job["saes"]), "job_seconds": job["seconds"], "job_saes": len(job["saes"])}
         write_json(cache_path(d, ev, mid), {"eval": ev, "sae_dir": d, "sae_checksum": checksums[d], "config": eval_config(ev, mid),
-                                            "seconds": seconds, "result": result})
+                                            **timing, "result": result})
         results[d][ev] = result
+        times[d][ev] = timing
         res.computed.append((d, ev))
+
+    def job(name: str, saes: list[str], evals: list[str], t0: float, hook: str | None = None) -> dict[str, Any]:
+        j = {"job": name, "hook": hook, "saes": saes, "evals": evals, "seconds": time.time() - t0}
+        res.timings["jobs"].append(j)
+        return j
 
     # SAEBench compatibility needs no model.
     for d in pending.pop("compat", []):
         t = time.time()
-        save(d, "compat", "", check_saebench_compat(SAE.load(d, device=device)), time.time() - t)
+        r = check_saebench_compat(SAE.load(d, device=device))
+        save(d, "compat", "", r, job("compat", [d], ["compat"], t))
     if not pending:
         return
 
@@ -280,7 +325,9 @@ def _compute(pending, results, res, *, model, cache_path, cfg_model, checksums, 
         if model is not None and not isinstance(model, str):
             lm = model
         else:
+            t = time.time()
             lm = model_lib.load_model(model if isinstance(model, str) else (key or None), device=device)
+            res.timings["model_load_seconds"] += time.time() - t
         mid = _model_key(model, key)
         saes = {d: SAE.load(d, device=device) for d in sorted(dset)}
         special = special_ids_of(lm.tokenizer)
@@ -289,7 +336,9 @@ def _compute(pending, results, res, *, model, cache_path, cfg_model, checksums, 
         toks = tokens
         if toks is None and (need_core or need_dead or "steering" in pending):
             n = max(eval_tokens if need_core else 0, dead_tokens if need_dead else 0, steering.max_act_tokens if "steering" in pending else 0)
+            t = time.time()
             toks = load_eval_tokens(lm, corpus, n, context_size)
+            res.timings["tokens_seconds"] += time.time() - t
 
         # Core + dead: one shared pass per hook.
         groups: dict[tuple, list[str]] = defaultdict(list)
@@ -302,11 +351,12 @@ def _compute(pending, results, res, *, model, cache_path, cfg_model, checksums, 
             out = evaluate_hook_group([saes[d] for d in ds], lm, sub, special_ids=special, core=[d in need_core for d in ds],
                                       dead=[d in need_dead for d in ds], core_tokens=eval_tokens, windows=windows, batch_size=batch_size,
                                       progress=progress)
-            secs = (time.time() - t) / len(ds)
+            group_evals = [ev for ev in ("core", "dead") if any(ev in r for r in out)]
+            j = job("+".join(group_evals), list(ds), group_evals, t, hook=site[0] if site[1] is None else f"{site[0]}:{site[1]}")
             for d, r in zip(ds, out):
                 for ev in ("core", "dead"):
                     if ev in r:
-                        save(d, ev, mid, r[ev] | {"corpus": corpus if tokens is None else "given tokens", "context_size": int(toks.shape[1])}, secs)
+                        save(d, ev, mid, r[ev] | {"corpus": corpus if tokens is None else "given tokens", "context_size": int(toks.shape[1])}, j)
 
         for d in tqdm([d for d in pending.get("steering", []) if d in saes], desc="steering evals", disable=not progress):
             t = time.time()
@@ -315,7 +365,7 @@ def _compute(pending, results, res, *, model, cache_path, cfg_model, checksums, 
             neutral = toks[: max(1, steering.neutral_tokens // steering.neutral_context), : steering.neutral_context]
             per = {c: evaluate_steering(lm, sae, concept=c, config=steering, max_act_tokens=max_tok, neutral_tokens=neutral, special_ids=special,
                                         progress=progress) for c in steering.concepts}
-            save(d, "steering", mid, _steering_summary(per), time.time() - t)
+            save(d, "steering", mid, _steering_summary(per), job("steering", [d], ["steering"], t))
 
         for d in tqdm([d for d in pending.get("circuits", []) if d in saes], desc="circuit evals", disable=not progress):
             t = time.time()
@@ -325,7 +375,7 @@ def _compute(pending, results, res, *, model, cache_path, cfg_model, checksums, 
                                              train_fraction=circuits.train_fraction, n_patch_check=circuits.n_patch_check,
                                              batch_size=circuits.batch_size, seed=circuits.seed, max_curve_points=circuits.max_curve_points,
                                              progress=progress)
-            save(d, "circuits", mid, {"tasks": per}, time.time() - t)
+            save(d, "circuits", mid, {"tasks": per}, job("circuits", [d], ["circuits"], t))
 
 
 def _steering_summary(per: dict[str, dict]) -> dict[str, Any]:
@@ -482,7 +532,7 @@ def bench_main(argv: list[str] | None = None) -> BenchResult:
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A compact text table of the headline columns."""
     cols = [c for c in ("sae", "l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "dead_window_tokens", "dense_fraction_1pct",
-                        "steering_score", "saebench_compatible") if any(c in r for r in rows)]
+                        "steering_score", "saebench_compatible", "seconds_total") if any(c in r for r in rows)]
 
     def fmt(v):
         if isinstance(v, float):

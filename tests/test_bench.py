@@ -100,12 +100,26 @@ def test_bench_two_saes_all_evals_then_resume(tiny, toks, tmp_path):
 
     assert pq.read_table(out / "results.parquet").num_rows == 2
 
+    # timings: one shared core+dead job for both SAEs, one steering/circuits/compat job per SAE, shares in the rows
+    tm = first.timings
+    assert sorted(j["job"] for j in tm["jobs"]) == ["circuits"] * 2 + ["compat"] * 2 + ["core+dead"] + ["steering"] * 2
+    shared = next(j for j in tm["jobs"] if j["job"] == "core+dead")
+    assert sorted(shared["saes"]) == ["topk16", "topk4"] and shared["hook"] == HOOK and shared["seconds"] > 0
+    assert tm["total_seconds"] >= sum(j["seconds"] for j in tm["jobs"]) and tm["model_load_seconds"] == 0.0  # the model was given
+    assert json.loads((out / "timings.json").read_text())["jobs"] == tm["jobs"]
+    for r in rows:
+        assert r["seconds[core+dead]"] == pytest.approx(shared["seconds"] / 2)
+        mine = [j["seconds"] for j in tm["jobs"] if j["saes"] == [r["sae"]]]
+        assert r["seconds_total"] == pytest.approx(shared["seconds"] / 2 + sum(mine))
+        assert {"seconds[steering]", "seconds[circuits]", "seconds[compat]"} <= set(r)
+
     mtimes = _cache_files(out)
     assert len(mtimes) == 10
     second = run_bench(str(tmp_path / "saes" / "*"), evals, tiny, **kw)
     assert second.computed == [] and len(second.cached) == 10
     assert _cache_files(out) == mtimes  # nothing rewritten
-    assert second.rows == first.rows
+    assert second.rows == first.rows  # incl. the seconds columns, read back from the cache
+    assert second.timings["jobs"] == []
 
     # an interrupted run: one result missing is the only one recomputed
     victim = next(p for p in mtimes if p.name.startswith("dead-"))
