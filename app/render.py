@@ -10,6 +10,10 @@ import html
 import math
 from collections.abc import Sequence
 
+# Imported here, before any session runs: plotly only looks pandas up in sys.modules, so a figure
+# built while another session's thread is still importing pandas (st.dataframe imports it lazily)
+# would see a half-initialised module ("partially initialized module 'pandas' has no attribute 'Series'").
+import pandas  # noqa: F401
 import plotly.graph_objects as go
 
 POS_RGB = (255, 128, 0)  # orange: positive activation

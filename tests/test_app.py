@@ -249,3 +249,27 @@ def test_render_helpers_escape_and_pareto():
 def test_browse_refuses_a_missing_root(tmp_path):
     with pytest.raises(FileNotFoundError):
         D.browse(tmp_path / "missing")
+
+
+def test_figures_never_see_a_half_imported_pandas():
+    """plotly looks pandas up in ``sys.modules`` without importing it, so one session building a figure
+    while another session's first ``st.dataframe`` is still importing pandas got "partially initialized
+    module 'pandas' has no attribute 'Series'" (found by tests/test_browser_sessions.py). The app's
+    render module imports pandas itself; run in a fresh interpreter, racing a pandas import."""
+    import subprocess
+    import sys
+
+    code = """
+import threading
+from saebench.app import render as R
+importer = threading.Thread(target=lambda: __import__("pandas"))
+importer.start()
+n = 0
+while importer.is_alive() or n < 3:
+    R.histogram_figure({"lo": 0.0, "hi": 1.0, "counts": [1, 2, 3]}, "t", marks=[(0.5, "m")])
+    n += 1
+importer.join()
+print("figures", n)
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "figures" in out.stdout, out.stderr[-2000:]
