@@ -234,14 +234,18 @@ class HookedSource(ActivationSource):
             return [_flatten_site(cache[n], h).float() for n, h in self.sites], None
         captured: dict[str, Tensor] = {}
 
-        def grab(act, hook):
-            # A fresh leaf so autograd.grad gives ∂loss/∂act without touching model parameters.
-            act = act.detach().requires_grad_(True)
-            captured[hook.name] = act
-            return act
+        def grab(name: str):
+            # Keyed by the name asked for: a TransformerBridge reports its own alias (blocks.L.hook_out) as hook.name.
+            def fn(act, hook):
+                # A fresh leaf so autograd.grad gives ∂loss/∂act without touching model parameters.
+                act = act.detach().requires_grad_(True)
+                captured[name] = act
+                return act
+
+            return fn
 
         with torch.enable_grad():
-            logits = self.model.run_with_hooks(toks, fwd_hooks=[(n, grab) for n in names])
+            logits = self.model.run_with_hooks(toks, fwd_hooks=[(n, grab(n)) for n in names])
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), toks[:, 1:].flatten())
             order = sorted(names)
             grads = torch.autograd.grad(loss, [captured[n] for n in order])

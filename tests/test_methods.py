@@ -7,6 +7,7 @@ and cached per module, so a run trained once serves its recovery, save/load and 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from types import SimpleNamespace
 
@@ -317,6 +318,24 @@ def test_jumprelu_thresholds_separate_off_from_on_and_l0_falls_with_lambda(runs,
 # ----------------------------------------------------------------------------------------------
 # AbsTopK
 # ----------------------------------------------------------------------------------------------
+
+
+def test_jumprelu_quantile_init_starts_at_the_target_l0(planted, tmp_path):
+    """theta_init_mode='quantile': every latent fires on target/d_sae of the init batch, so L0 starts at the target."""
+    x = planted.chunk(0).acts[HOOK][:2048]
+    for target in (3.0, 12.0):
+        method = get_method("jumprelu")(config("jumprelu", tmp_path, opts={"theta_init_mode": "quantile", "target_l0": target}))
+        sae = SAE(method.sae_config(32))
+        method.init_sae(sae, x, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            fires = sae.encode(x) != 0
+        assert abs(fires.sum(1).float().mean().item() - target) < 0.05 * target
+        per_latent = fires.sum(0)
+        assert per_latent.min() >= 1 and per_latent.max() <= per_latent.min() + 1  # uniform use of the budget
+    const = get_method("jumprelu")(config("jumprelu", tmp_path))
+    sae = SAE(const.sae_config(32))
+    const.init_sae(sae, x, torch.Generator().manual_seed(0))
+    assert torch.allclose(sae.log_threshold.exp(), torch.full((128,), 0.1))
 
 
 def test_hard_thresholding_is_the_l0_constrained_projection():
@@ -680,11 +699,13 @@ def test_e2e_trains_through_the_frozen_model_without_touching_it(tiny, tmp_path,
 
 
 def test_e2e_draws_its_own_sequences_from_the_default_source(tiny, tmp_path):
-    """With the loop's default (shuffled-token) source, e2e takes whole sequences of cfg.corpus by step."""
+    """With the default (shuffled-token) harvest source, e2e takes whole sequences of cfg.corpus by step."""
+    from saebench.trainers.loop import make_source
+
     model, _, _ = tiny
     cfg = config("e2e", tmp_path, hook_name="blocks.0.hook_resid_post", batch=32, steps=2, d_sae=64, k=4, context_size=8,
                  corpus="default", shuffle_buffer_tokens=256, normalize_activations="expected_average_only_in")
-    result = train(cfg, model=model, progress=False)
+    result = train(cfg, source=make_source(cfg, model, progress=False), model=model, progress=False)
     assert result.steps == 2 and "loss/kl_loss" in result.history[-1]
     method = get_method("e2e")(cfg)
     method.attach_model(model)
@@ -708,3 +729,83 @@ def test_e2e_downstream_only_stops_before_the_logits(tiny, tmp_path):
     assert out.shape[-1] == 64 and set(ds) == set(method.downstream)  # the residual, not vocabulary logits
     with pytest.raises(ConfigError, match="no block follows"):
         get_method("e2e_ds")(config("e2e_ds", tmp_path, hook_name="blocks.1.hook_resid_post")).attach_model(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# the source hook: the loop asks the method what to read (Method.make_source)
+# ----------------------------------------------------------------------------------------------
+
+
+def _forbid_harvest(monkeypatch):
+    """Make every activation harvest (HookedSource, write_cache) raise; return the calls seen."""
+    import saebench.activations as acts
+    import saebench.trainers.loop as loop
+
+    calls = []
+
+    def refuse(*a, **kw):
+        calls.append(a)
+        raise AssertionError("an activation harvest was started")
+
+    monkeypatch.setattr(loop, "HookedSource", refuse)
+    monkeypatch.setattr(loop, "write_cache", refuse)
+    monkeypatch.setattr(acts, "write_cache", refuse)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["e2e", "e2e_ds"])
+def test_e2e_through_the_api_trains_without_harvesting_activations(tiny, tmp_path, monkeypatch, name):
+    from saebench.api import train_and_evaluate
+    from saebench.trainers.e2e import TokenSequenceSource
+
+    model, _, _ = tiny
+    calls = _forbid_harvest(monkeypatch)
+    built = []
+    original = TokenSequenceSource.__init__
+
+    def spy(self, *a, **kw):
+        original(self, *a, **kw)
+        built.append(self)
+
+    monkeypatch.setattr(TokenSequenceSource, "__init__", spy)
+    cfg = TrainConfig(model="tiny", method=name, hook_name="blocks.0.hook_resid_pre", corpus="default", context_size=16, d_sae=64, k=4,
+                      training_tokens=512, batch_size_tokens=128, lr_warmup_steps=1, eval_tokens=256, out_dir=str(tmp_path / name),
+                      activation_cache=str(tmp_path / "cache"))  # a cache folder must not be filled either
+    result, metrics = train_and_evaluate(cfg, model=model, progress=False)
+    assert not calls and len(built) == 1 and not built[0].batch_acts
+    assert not (tmp_path / "cache").exists()
+    assert result.steps == 4 and "loss/kl_loss" in result.history[-1] and math.isfinite(result.history[-1]["loss"])
+    assert SAE.load(result.out_dir).cfg.architecture == "relu" and math.isfinite(metrics["ce_loss_score"])
+
+
+def test_e2e_through_the_cli_trains_without_harvesting_activations(tiny_model_dir, tmp_path, monkeypatch):
+    from saebench.cli import main
+
+    calls = _forbid_harvest(monkeypatch)
+    out = tmp_path / "sae"
+    assert main(["train", "--quiet", "--model", str(tiny_model_dir), "--method", "e2e", "--hook-name", "blocks.0.hook_resid_post",
+                 "--context-size", "16", "--d-sae", "64", "--training-tokens", "256", "--batch-size-tokens", "128",
+                 "--lr-warmup-steps", "1", "--eval-tokens", "0", "--out-dir", str(out)]) == 0
+    assert not calls
+    assert (out / "cfg.json").is_file() and json.loads((out / "training_log.json").read_text())["steps"] == 2
+
+
+def test_the_loop_builds_the_harvest_for_activation_methods_and_for_mixed_runs(tiny, tmp_path, monkeypatch):
+    """Methods that keep the default source still harvest (with gradients for g-SAE); e2e trained with them reads the harvest."""
+    import saebench.trainers.loop as loop
+
+    model, _, _ = tiny
+    seen = []
+    original = loop.make_source
+
+    def spy(cfg, model=None, progress=True, with_grads=False, hook_names=None):
+        seen.append((with_grads, hook_names))
+        return original(cfg, model, progress, with_grads=with_grads, hook_names=hook_names)
+
+    monkeypatch.setattr(loop, "make_source", spy)
+    common = dict(hook_name="blocks.0.hook_resid_post", corpus="default", context_size=16, d_sae=64, k=4, training_tokens=256,
+                  batch_size_tokens=128, lr_warmup_steps=1, normalize_activations="expected_average_only_in")
+    cfgs = [config(m, tmp_path / m, **common) for m in ("topk", "gsae", "e2e")]
+    results = loop.train_many(cfgs, model=model, progress=False)
+    assert seen == [(True, ["blocks.0.hook_resid_post"])]
+    assert [r.steps for r in results] == [2, 2, 2] and "loss/kl_loss" in results[2].history[-1]

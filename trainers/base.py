@@ -10,7 +10,7 @@ never changes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from saebench import distributed, sparse
 from saebench.config import ConfigError, TrainConfig
 from saebench.sae import SAE, SAEConfig
 from saebench.sparse import SparseActs
+
+if TYPE_CHECKING:
+    from saebench.activations import ActivationSource
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -99,6 +102,21 @@ class Method:
     Options: ClassVar[type[BaseModel]] = Options
     needs_grads: ClassVar[bool] = False  # the source must provide ∇ₓ of the LM loss (g-SAE)
     needs_model: ClassVar[bool] = False  # the method runs the model itself (end-to-end)
+
+    @classmethod
+    def make_source(cls, cfg: TrainConfig, model, *, hook_names: list[str], with_grads: bool = False,
+                    progress: bool = True) -> "ActivationSource":
+        """The data source the loop builds for this method when it is given none.
+
+        Default: activations harvested at ``hook_names`` (into ``cfg.activation_cache`` when set), with
+        ∇ₓ of the LM loss when ``with_grads`` (some method of the run ``needs_grads``). A method that
+        trains on something else overrides this classmethod (e2e: whole token sequences, no harvest);
+        the loop asks the methods and never changes. When SAEs trained together disagree on their
+        source, the loop builds this default one, so an override must still train from it.
+        """
+        from saebench.trainers.loop import make_source
+
+        return make_source(cfg, model, progress, with_grads=with_grads, hook_names=hook_names)
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

@@ -14,9 +14,11 @@ over positions and dimensions, in the model's raw units, at the residual stream 
 forward passes stop after the last downstream hook. The model's parameters are frozen on attach and
 never receive gradient; backprop runs only from the logits down to the hook.
 
-Tokens, not activations: the method needs whole sequences. Train with ``TokenSequenceSource`` (whole
-sequences per batch: ``token_ids`` [n_seq, context]); with any other source (e.g. the loop's default
-``HookedSource``, whose token ids are shuffled single tokens), the method ignores the batch and draws
+Tokens, not activations: the method needs whole sequences. When the loop builds the source
+(``train``/``train_many``/``saebench.api``/the CLI without ``source=``), ``make_source`` gives a
+``TokenSequenceSource`` (whole sequences per batch: ``token_ids`` [n_seq, context]) and nothing is
+harvested. With any other source (e.g. the default ``HookedSource`` when e2e is trained together with
+activation methods, whose token ids are shuffled single tokens), the method ignores the batch and draws
 ``batch_size_tokens // context_size`` sequences per step itself, as a pure function of the step, from
 ``cfg.corpus`` tokenised with the model's tokenizer. The loop's ``mse_loss`` is reported detached (the
 local reconstruction is a metric here, not a loss term).
@@ -76,6 +78,24 @@ class EndToEnd(Method):
     architecture = "relu"
     Options = E2EOptions
     needs_model = True
+
+    @classmethod
+    def make_source(cls, cfg, model, *, hook_names: list[str], with_grads: bool = False, progress: bool = True) -> ActivationSource:
+        """Whole token sequences of ``cfg.corpus`` (``TokenSequenceSource``), not harvested activations.
+
+        The step runs the model itself, so the batches carry no activations (``batch_acts=False``) and
+        nothing is harvested or cached. Several hooks at once, or several ranks, fall back to the
+        default source, from which the step draws its own sequences (see ``sequences``).
+        """
+        from saebench import distributed, text
+
+        if len(hook_names) != 1 or distributed.world_size() > 1 or getattr(model, "tokenizer", None) is None:
+            return super().make_source(cfg, model, hook_names=hook_names, with_grads=with_grads, progress=progress)
+        tokens = text.load_tokens(cfg.corpus, model.tokenizer, cfg.context_size, int(cfg.training_tokens * 1.05) + cfg.context_size,
+                                  split="train", prepend_bos=cfg.prepend_bos)
+        special = text.special_ids(model.tokenizer) if cfg.exclude_special_tokens else None
+        return TokenSequenceSource(model, hook_names[0], tokens, special_ids=special, shuffle_buffer_tokens=cfg.shuffle_buffer_tokens,
+                                   model_batch_size=cfg.model_batch_size, batch_acts=False)
 
     def attach_model(self, model) -> None:
         """Freeze ``model`` and resolve the hook, downstream hooks and special tokens."""
@@ -204,10 +224,15 @@ class TokenSequenceSource(ActivationSource):
     A chunk is a block of sequences; ``batches`` shuffles *sequences* within a chunk (seeded by
     (seed, chunk), so a stream is a pure function of its position) and yields ``Batch`` objects whose
     ``token_ids`` are [n_seq, context] and whose activations are those sequences' non-special tokens.
+
+    ``batch_acts=False`` is for methods that run the model on the tokens themselves (e2e): the batches
+    then carry an all-zero placeholder of the right shape [n_non_special, d] (a broadcast view, no
+    memory) instead of activations, saving a forward to the hook per batch. ``chunk`` (the loop's
+    scaling and initialisation sample) always has the real activations.
     """
 
     def __init__(self, model, hook_name: str, tokens: Tensor, *, special_ids: Tensor | None = None,
-                 shuffle_buffer_tokens: int = 65_536, model_batch_size: int = 16):
+                 shuffle_buffer_tokens: int = 65_536, model_batch_size: int = 16, batch_acts: bool = True):
         if tokens.dim() != 2 or tokens.shape[0] == 0:
             raise ValueError(f"tokens must be a non-empty [n_seq, context] tensor, got {tuple(tokens.shape)}")
         self.model, self.tokens, self.special_ids = model, tokens, special_ids
@@ -215,6 +240,7 @@ class TokenSequenceSource(ActivationSource):
         self.hook_names = [hook_name]
         self.rows_per_chunk = max(1, shuffle_buffer_tokens // tokens.shape[1])
         self.model_batch_size = model_batch_size
+        self.batch_acts = batch_acts
         self.d_in = {hook_name: self._acts(tokens[:1]).shape[-1]}
 
     @property
@@ -247,11 +273,18 @@ class TokenSequenceSource(ActivationSource):
 
     def batches(self, batch_size: int, seed: int = 0, start: Position = Position()) -> Iterator[tuple[Batch, Position]]:
         g, first = start.chunk, start.batch
+        hook, d = self.hook_names[0], self.d_in[self.hook_names[0]]
         while True:
-            rows, acts, keep = self._rows(self.chunk_order(g // self.n_chunks, seed)[g % self.n_chunks])
+            i = self.chunk_order(g // self.n_chunks, seed)[g % self.n_chunks]
+            if self.batch_acts:
+                rows, acts, keep = self._rows(i)
+            else:
+                rows = self.tokens[i * self.rows_per_chunk : (i + 1) * self.rows_per_chunk]
+                keep = token_mask(rows, self.special_ids)
             perm = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed * 1_000_003 + g))
             per = max(1, batch_size // rows.shape[1])
             for b in range(first, rows.shape[0] // per):
                 sel = perm[b * per : (b + 1) * per]
-                yield Batch({self.hook_names[0]: acts[sel][keep[sel]]}, rows[sel]), Position(g, b + 1)
+                x = acts[sel][keep[sel]] if self.batch_acts else torch.zeros(1, d).expand(int(keep[sel].sum()), d)
+                yield Batch({hook: x}, rows[sel]), Position(g, b + 1)
             g, first = g + 1, 0

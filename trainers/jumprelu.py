@@ -26,6 +26,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
@@ -37,7 +38,11 @@ from saebench.trainers.base import Method, Options, SparseActs, StepInput, regis
 class JumpReLUOptions(Options):
     auxk_coef: float = 0.0  # the paper has no dead-latent loss; AuxK is available (e.g. 1/32)
     bandwidth: float = Field(0.05, gt=0, description="KDE bandwidth ε of the rectangle-kernel STE (scaled-input units).")
-    theta_init: float = Field(0.1, gt=0, description="Initial threshold θ₀ for every latent.")
+    theta_init: float = Field(0.1, gt=0, description="Initial threshold θ₀ for every latent (theta_init_mode='constant').")
+    theta_init_mode: Literal["constant", "quantile"] = Field("constant", description=(
+        "'quantile': each latent's θ starts where it fires on L0_target/d_sae of the initialisation batch (L0_target = target_l0 or k), "
+        "so training starts at the target L0. For short runs: log θ moves about lr per Adam step, so a constant θ₀ far from its "
+        "final value takes thousands of steps to get there."))
     sparsity_mode: Literal["l0", "target_l0"] = "l0"
     sparsity_coef: float = Field(1e-3, ge=0, description=(
         "λ (l0 mode) or c (target_l0 mode). In l0 mode it is the FVU a latent must save per token to be worth firing."))
@@ -103,6 +108,17 @@ def step_fn(pi: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
     return StepFunction.apply(pi, theta, bandwidth)
 
 
+@torch.no_grad()
+def quantile_thresholds(sae: SAE, sample: Tensor, target_l0: float) -> Tensor:
+    """θ [d_sae]: latent i's θ_i is exceeded by round(B·target_l0/d_sae) of the B sample pre-activations (so L0 ≈ target_l0).
+
+    Floored at 1e-3 (θ must stay positive: it is stored as log θ).
+    """
+    pre = F.linear(sae.center(sample.to(sae.dtype)), sae.encoder_weight, sae.b_enc)
+    n_fire = min(pre.shape[0] - 1, max(1, round(pre.shape[0] * target_l0 / pre.shape[1])))
+    return pre.topk(n_fire + 1, dim=0).values[-1].clamp_min(1e-3)
+
+
 @register
 class JumpReLU(Method):
     """Per-latent learned thresholds trained through kernel-density straight-through estimators."""
@@ -114,7 +130,10 @@ class JumpReLU(Method):
     def init_sae(self, sae: SAE, sample: Tensor, generator: torch.Generator) -> None:
         super().init_sae(sae, sample, generator)
         with torch.no_grad():
-            sae.log_threshold.fill_(math.log(self.opts.theta_init))
+            if self.opts.theta_init_mode == "quantile":
+                sae.log_threshold.copy_(quantile_thresholds(sae, sample, self.opts.target_l0 or float(self.cfg.k)).log())
+            else:
+                sae.log_threshold.fill_(math.log(self.opts.theta_init))
 
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         theta = sae.log_threshold.detach().exp()

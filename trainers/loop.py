@@ -213,9 +213,7 @@ def train_many(cfgs: list[TrainConfig], source: ActivationSource | None = None, 
 
         model = models.load_model(cfgs[0].model, device=cfgs[0].device)
     if source is None:
-        hooks = list(dict.fromkeys(c.hook_name for c in cfgs))
-        longest = cfgs[0].model_copy(update={"training_tokens": max(c.training_tokens for c in cfgs)})
-        source = make_source(longest, model, progress and rank_ == 0, with_grads=any(m.needs_grads for m in methods), hook_names=hooks)
+        source = _source_for(cfgs, methods, model, progress and rank_ == 0)
     for c in cfgs:
         if c.hook_name not in source.hook_names:
             raise ConfigError(f"hook {c.hook_name!r} is not provided by the activation source (it has {source.hook_names})")
@@ -273,6 +271,15 @@ def train_many(cfgs: list[TrainConfig], source: ActivationSource | None = None, 
     for r in runs.values():
         r.seconds = r.seconds or time.time() - t0
     return [_finish(runs[i], world) if i in runs else None for i in range(len(cfgs))]
+
+
+def _source_for(cfgs: list[TrainConfig], methods: list[Method], model, progress: bool) -> ActivationSource:
+    """The source the methods ask for (``Method.make_source``): their own when they all agree on one, else the harvest."""
+    hooks = list(dict.fromkeys(c.hook_name for c in cfgs))
+    longest = cfgs[0].model_copy(update={"training_tokens": max(c.training_tokens for c in cfgs)})
+    builders = {type(m).make_source.__func__: type(m) for m in methods}
+    owner = next(iter(builders.values())) if len(builders) == 1 else Method
+    return owner.make_source(longest, model, hook_names=hooks, with_grads=any(m.needs_grads for m in methods), progress=progress)
 
 
 def _shared_stream_configs(cfgs: list[TrainConfig], have_source: bool) -> list[TrainConfig]:

@@ -1,0 +1,53 @@
+"""The method benchmark's smoke mode: every method trained, evaluated and tabulated on the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "bench_methods.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_mode_gives_one_finite_row_per_method_and_resumes(tmp_path, monkeypatch):
+    bench = _bench()
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    rows = bench.main(["--tiny", "--quiet", "--out", str(out), "--runs-dir", str(runs)])
+    keys = [r["key"] for r in rows]
+    # Every method once, plus the TopK reference at the model methods' (smaller) budget.
+    assert keys == bench.ALL_METHODS + ["topk@256"]
+    for r in rows:
+        for k in ("l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "train_seconds", "tokens_per_second"):
+            assert isinstance(r[k], float) and math.isfinite(r[k]), (r["key"], k, r[k])
+        assert r["l0"] > 0 and 0 <= r["dead_fraction"] <= 1 and r["eval_tokens"] > 0
+    by = {r["key"]: r for r in rows}
+    assert by["topk"]["l0"] == 4.0 and by["e2e"]["architecture"] == "relu" and by["gsae"]["train_tokens"] == 256
+    saved = json.loads((out / "methods_comparison.json").read_text())
+    assert [r["key"] for r in saved["rows"]] == keys and saved["meta"]["machine"]["cpu_count"]
+    csv_lines = (out / "methods_comparison.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == len(keys) + 1 and csv_lines[0].startswith("key,method,train_tokens,l0,fvu,ce_loss_score")
+    md = (out / "methods_comparison.md").read_text()
+    assert md.count("\n| ") >= len(keys) and "CE loss recovered" in md
+    assert (out / "methods_ce_vs_l0.html").stat().st_size > 1000
+
+    # Resumable: with every row present nothing is trained or evaluated again ...
+    import saebench.trainers.loop as loop
+
+    def refuse(*a, **kw):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(loop, "train_many", refuse)
+    again = bench.main(["--tiny", "--quiet", "--out", str(out), "--runs-dir", str(runs)])
+    assert [r["key"] for r in again] == keys and again[0]["fvu"] == rows[0]["fvu"]
+    monkeypatch.undo()
+    # ... and --force redoes only the named methods.
+    redo = bench.main(["--tiny", "--quiet", "--out", str(out), "--runs-dir", str(runs), "--methods", "topk", "--force"])
+    assert [r["key"] for r in redo] == keys
