@@ -7,7 +7,7 @@ baseline. Three ratios are reported: wall clock, process CPU time (much less sen
 jobs on a shared machine), and the build's total over its own harvest + encode phase. Then the
 app's queries are timed on the result.
 
-    python benchmarks/bench_dashboards.py                         # SmolLM2-135M, 16k-latent random TopK SAE
+    python benchmarks/bench_dashboards.py                         # SmolLM2-135M, 16k-latent random TopK SAE, 131k tokens
     python benchmarks/bench_dashboards.py --tiny --n-tokens 8192  # seconds, for a smoke run
 
 Writes ``benchmarks/results/bench_dashboards.json`` (or ``--out``).
@@ -87,7 +87,8 @@ def main() -> None:
     ap.add_argument("--hook", default=None, help="hook (default blocks.15.hook_resid_post; blocks.1 for --tiny)")
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--n-tokens", type=int, default=65_536)
+    ap.add_argument("--n-tokens", type=int, default=131_072, help="positions scanned (default: build_dashboards' own default)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--context-size", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--feature-batch-size", type=int, default=1024)
@@ -99,6 +100,8 @@ def main() -> None:
     from saebench import models, text
     from saebench.sae import SAE, SAEConfig
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="bench_dashboards_"))
     if args.tiny:
