@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results", help="where the table and the figure go")
     p.add_argument("--force", action="store_true", help="redo the named methods even if their rows exist (their SAEs are retrained)")
     p.add_argument("--tiny", action="store_true", help="smoke mode: a tiny random model, a few hundred tokens, seconds")
+    p.add_argument("--train-only", action="store_true", help="train the SAEs that are missing and stop (a later run evaluates them): lets a second process train the model methods alongside")
+    p.add_argument("--import-rows", nargs="+", default=[], metavar="JSON", help=(
+        "rows from other runs' methods_comparison.json (e.g. parts run side by side on a busy machine, each with its own --out) "
+        "to put in this table; they must have been evaluated on as many held-out tokens"))
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -95,7 +99,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
                     batch_size_tokens=128, lr=args.lr, lr_warmup_steps=1, dead_window_tokens=512, checkpoint_every_steps=2, log_every_steps=1,
                     harvest_tokens=1_024, model_batch_size=8, eval_tokens=0, seed=0)
     return dict(model="smollm2-135m", hook_name="blocks.15.hook_resid_post", corpus="default", context_size=128, k=args.k,
-                expansion_factor=args.expansion_factor, batch_size_tokens=args.batch_size_tokens, lr=args.lr, lr_warmup_steps=10,
+                expansion_factor=args.expansion_factor, batch_size_tokens=args.batch_size_tokens, lr=args.lr,
+                lr_warmup_steps=max(1, min(10, args.tokens // args.batch_size_tokens // 5)),
                 dead_window_tokens=args.tokens, checkpoint_every_steps=10, log_every_steps=5, harvest_tokens=args.harvest_tokens,
                 model_batch_size=16, eval_tokens=0, seed=0)
 
@@ -304,6 +309,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     base = settings(args)
     entries = plan(args)
     rows = load_rows(out)
+    for path in args.import_rows:
+        for key, r in load_rows(Path(path).parent if Path(path).suffix == ".json" else Path(path)).items():
+            if r.get("eval_tokens") is not None and rows and any(x.get("eval_tokens") not in (None, r["eval_tokens"]) for x in rows.values()):
+                raise SystemExit(f"row {key} of {path} was evaluated on {r['eval_tokens']} tokens, the table's rows on a different number")
+            rows.setdefault(key, r | {"imported_from": str(path)})
     if args.force:
         rows = {k: v for k, v in rows.items() if k not in {e["key"] for e in entries}}
     todo = [e for e in entries if e["key"] not in rows]
@@ -332,6 +342,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         per, wall = train_group([c], model, None, progress)
         seconds |= per
         data_seconds[e["key"]] = wall - sum(per.values())
+    if args.train_only:
+        log(f"trained {', '.join(need) or 'nothing'} (--train-only: no evaluation, no table)")
+        return []
     # 3. One evaluation pass over every SAE that has no row yet.
     if todo:
         dirs = [Path(cfgs[e["key"]].out_dir) for e in todo]
