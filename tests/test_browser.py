@@ -1,74 +1,34 @@
 """The browser in a real Chromium: the main journey, driven with Python playwright.
 
-Needs Debian's chromium at /usr/bin/chromium (``apt-get install -y chromium``) and the ``playwright``
-package (``pip install playwright``; its own browser download is not needed). Screenshots of every
+Needs Debian's chromium and the ``playwright`` package (see ``browser_helpers``). Screenshots of every
 step go to ``test-artifacts/browser/``.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
+import browser_helpers as B
 import dashboard_fixture as F
 import pytest
 
 from saebench import dashboards as D
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = os.environ.get("SAEBENCH_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "browser"
-HEADLESS_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
-
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed (pip install playwright)")
+B.require_browser()
+sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ARTIFACTS = B.ARTIFACTS_ROOT / "browser"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir, tiny_model):
     root = F.build_root(tmp_path_factory.mktemp("browser") / "root", tiny_model_dir, tiny_model)
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")  # noqa: SIM115 - closed in finally, after the server
-    proc = subprocess.Popen(D.browse_command(root, port=port), stdout=log, stderr=subprocess.STDOUT,
-                            env=os.environ | {D.APP_ROOT_ENV: str(root)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                log.flush()
-                pytest.fail(f"streamlit did not start: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield url, root
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with B.serve(root, tmp_path_factory.mktemp("log")) as srv:
+        yield srv.url, root
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +38,7 @@ def page(server):
     ARTIFACTS.mkdir(parents=True)
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     with sync_api.sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=HEADLESS_FLAGS,
+        ctx = p.chromium.launch_persistent_context(profile, executable_path=B.CHROMIUM, headless=True, args=B.HEADLESS_FLAGS,
                                                    viewport={"width": 1400, "height": 1800})
         pg = ctx.new_page()
         pg.set_default_timeout(45_000)
@@ -94,9 +54,7 @@ def settle(pg) -> None:
     """Wait until the rerun has finished: the URL mirrors the state at the very end of each run, and
     no running indicator, skeleton or spinner is left."""
     time.sleep(0.2)
-    pg.wait_for_function(
-        "() => !document.querySelector('[data-testid=stStatusWidgetRunningIcon]')"
-        " && !document.querySelector('[data-testid=stSkeleton]') && !document.querySelector('[data-testid=stSpinner]')")
+    pg.wait_for_function(B.IDLE_JS)
     time.sleep(0.4)
 
 
