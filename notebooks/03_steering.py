@@ -157,7 +157,7 @@ pd.DataFrame({f"rises at +{s_abs:g}": [t for t, _ in up[:6]], "Δ (+)": [d for _
 # %%
 abs_res = evaluate_steering(model, abs_sae, latent=abs_latent, concept=CONCEPT, max_act=abs_max, config=steer_cfg)
 signed = pd.DataFrame([e for e in abs_res["curve"] if e["condition"] == "sae"])[["strength", "latent_act", "delta_latent_act", "kl_neutral"]]
-print("mean activation of the latent on the generated text, by steering strength (negative strengths push it below zero):")
+print("mean signed activation of the latent on the generated text, by steering strength (a signed latent can go below zero):")
 signed
 
 # %%
