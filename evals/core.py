@@ -61,6 +61,28 @@ def ce_per_token(logits: Tensor, tokens: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none").view(tokens.shape[0], -1)
 
 
+def ce_from_logprobs(lp: Tensor, tokens: Tensor) -> Tensor:
+    """Next-token cross-entropy [b, pos-1] from log-probabilities [b, pos, V] (no second softmax)."""
+    return -lp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+def clean_terms(lp_clean: Tensor) -> tuple[Tensor, Tensor]:
+    """(p_clean, Σ_v p log p) per position: the parts of KL(p_clean ‖ q) shared by every q."""
+    p = lp_clean.exp()
+    return p, _rowdot(p, lp_clean)
+
+
+def kl_from_logprobs(p_clean: Tensor, neg_entropy: Tensor, lq: Tensor) -> Tensor:
+    """KL(p_clean ‖ q) per position = Σ p log p − Σ p log q, with no [b, pos, V] temporaries."""
+    return neg_entropy - _rowdot(p_clean, lq)
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_v a[..., v] · b[..., v] as a batched matrix product (no elementwise-product tensor)."""
+    shape = a.shape[:-1]
+    return (a.reshape(-1, 1, a.shape[-1]) @ b.reshape(-1, b.shape[-1], 1)).view(shape)
+
+
 def splice_hook(replace: Tensor | None, head: int | None, keep: Tensor):
     """A hook that substitutes ``replace`` (zeros if None) at positions where ``keep`` [b, pos] is True."""
 
@@ -76,6 +98,24 @@ def splice_hook(replace: Tensor | None, head: int | None, keep: Tensor):
         return mixed
 
     return fn
+
+
+def spliced_logits(model, hook: str, head: int | None, toks: Tensor, site: Tensor, replace: Tensor | None, keep: Tensor,
+                   logits_clean: Tensor | None = None) -> Tensor:
+    """Logits with the activations at ``hook`` replaced by ``replace`` (zeros if None) where ``keep``.
+
+    ``site`` [b, pos, d] are the clean activations at the hook (already computed by the clean pass).
+    At a residual-stream hook of a supported model the forward resumes from the hook's layer
+    (``saebench.models.resume_forward``), so the blocks before it are not run again; the resumed pass
+    is checked once per model and hook against ``logits_clean`` (the full forward's) and not used if
+    it disagrees. Anywhere else the whole model runs with a splice hook.
+    """
+    from saebench.models import resume_forward, resume_matches
+
+    if head is None and logits_clean is not None and resume_matches(model, hook, site, logits_clean):
+        new = torch.zeros_like(site) if replace is None else replace.to(site.dtype).view_as(site)
+        return resume_forward(model, hook)(torch.where(keep[..., None], new, site))
+    return model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(replace, head, keep))])
 
 
 @dataclass
@@ -130,8 +170,9 @@ def evaluate_core(
         if downstream:
             recon = x_full.clone()
             recon[keep] = x_hat
-            logits_sae = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(recon, head, keep))])
-            logits_zero = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(None, head, keep))])
+            site = x_full if head is None else None
+            logits_sae = spliced_logits(model, hook, head, toks, site, recon, keep, logits_clean)
+            logits_zero = spliced_logits(model, hook, head, toks, site, None, keep, logits_clean)
             acc.add_downstream(toks, keep, logits_clean, logits_sae, logits_zero)
     return acc.result(downstream)
 
@@ -159,20 +200,21 @@ class CoreAccumulator:
         Terms that do not depend on the SAE may be passed precomputed, so a group of SAEs computes
         them once: ``ce_zero`` / ``ce_clean`` (summed CE over the batch's predicted positions),
         ``kl_zero`` (summed KL over kept positions) and ``logprobs_clean`` (log-softmax of the clean logits).
+        Each logits tensor is log-softmaxed once; CE and KL are read from the log-probabilities.
         """
         s = self.sums
         pred_mask = keep[:, :-1] & keep[:, 1:]
-        s.ce["clean"] += ce_clean if ce_clean is not None else ce_per_token(logits_clean, toks)[pred_mask].sum().item()
-        s.ce["sae"] += ce_per_token(logits_sae, toks)[pred_mask].sum().item()
-        if logprobs_clean is not None:
-            lq = F.log_softmax(logits_sae.float(), -1)
-            s.kl["sae"] += (logprobs_clean.exp() * (logprobs_clean - lq)).sum(-1)[keep].sum().item()
-        else:
-            s.kl["sae"] += kl_per_token(logits_clean, logits_sae)[keep].sum().item()
-        if logits_zero is not None:
-            s.ce["zero"] += ce_per_token(logits_zero, toks)[pred_mask].sum().item()
-            s.kl["zero"] += kl_per_token(logits_clean, logits_zero)[keep].sum().item()
-        else:
+        lp_clean = logprobs_clean if logprobs_clean is not None else F.log_softmax(logits_clean.float(), -1)
+        p_clean, neg_h = clean_terms(lp_clean)
+        s.ce["clean"] += ce_clean if ce_clean is not None else ce_from_logprobs(lp_clean, toks)[pred_mask].sum().item()
+        for name, logits in (("sae", logits_sae), ("zero", logits_zero)):
+            if logits is None:
+                continue
+            lq = F.log_softmax(logits.float(), -1)
+            s.ce[name] += ce_from_logprobs(lq, toks)[pred_mask].sum().item()
+            s.kl[name] += kl_from_logprobs(p_clean, neg_h, lq)[keep].sum().item()
+            del lq
+        if logits_zero is None:
             s.ce["zero"] += float(ce_zero)
             s.kl["zero"] += float(kl_zero)
         s.n_pred += int(pred_mask.sum())

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from saebench.evals.core import CoreAccumulator, ce_from_logprobs, clean_terms, format_table, kl_from_logprobs, spliced_logits
+from saebench.evals.dead import DEFAULT_WINDOWS, DeadLatentCounter
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.activations import token_mask
-from saebench.evals.core import CoreAccumulator, ce_per_token, format_table, splice_hook
-from saebench.evals.dead import DEFAULT_WINDOWS, DeadLatentCounter
 from saebench.sae import SAE
 from saebench.sparse import SparseActs
 from saebench.steering import _flatten, sae_site, stop_layer
@@ -114,13 +115,13 @@ def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, do
         # The clean and zero-ablation terms do not depend on the SAE: computed once for the whole group.
         lp_clean = F.log_softmax(logits_clean.float(), -1)
         pred = keep[:, :-1] & keep[:, 1:]
-        ce_clean = ce_per_token(logits_clean, toks)[pred].sum().item()
-        del logits_clean
-        logits_zero = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(None, head, keep))])
-        ce_zero = ce_per_token(logits_zero, toks)[pred].sum().item()
+        ce_clean = ce_from_logprobs(lp_clean, toks)[pred].sum().item()
+        logits_zero = spliced_logits(model, hook, head, toks, x_full if head is None else None, None, keep, logits_clean)
         lq = F.log_softmax(logits_zero.float(), -1)
-        kl_zero = (lp_clean.exp() * (lp_clean - lq)).sum(-1)[keep].sum().item()
-        del logits_zero, lq
+        del logits_zero
+        ce_zero = ce_from_logprobs(lq, toks)[pred].sum().item()
+        kl_zero = kl_from_logprobs(*clean_terms(lp_clean), lq)[keep].sum().item()
+        del lq
     flat = x_full.flatten(0, 1)
     keep_flat = keep.flatten()
     special_flat = torch.isin(toks.flatten(), special_ids.to(toks.device))
@@ -137,7 +138,7 @@ def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, do
         acc.add_reconstruction(flat[keep_flat], x_hat_all[keep_flat], SparseActs(acts_all.values[kf], acts_all.indices[kf]))
         if need_down:
             recon = x_hat_all.view_as(x_full)
-            logits_sae = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(recon, head, keep))])
+            logits_sae = spliced_logits(model, hook, head, toks, x_full if head is None else None, recon, keep, logits_clean)
             acc.add_downstream(toks, keep, None, logits_sae, None, ce_zero=ce_zero, kl_zero=kl_zero, ce_clean=ce_clean, logprobs_clean=lp_clean)
             del logits_sae
 
@@ -170,8 +171,9 @@ def evaluate_reconstruction(
 def run_reconstruction_eval(sae_dir: str | Path, model=None, *, corpus: str = "default", eval_tokens: int = 65_536, context_size: int = 128,
                             batch_size: int = 8, device: str = "cpu", out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Load an SAE folder, evaluate the core metrics on held-out text, write ``eval_reconstruction.json``."""
-    from saebench import models
     from saebench.evals.common import load_eval_tokens, special_ids_of
+
+    from saebench import models
     from saebench.io import write_json
 
     sae = SAE.load(sae_dir, device=device)

@@ -455,3 +455,71 @@ def model_d_in(model, hook_name: str) -> int:
         _, cache = model.run_with_cache(tokens, names_filter=[hook_name], stop_at_layer=stop)
     shape = cache[hook_name].shape
     return int(torch.Size(shape[2:]).numel())
+
+
+# =============================================================================================
+# Resuming a forward pass at a residual-stream hook (no wasted compute in spliced evaluations)
+# =============================================================================================
+
+_RESID_HOOK = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
+
+
+def _decoder_parts(model):
+    """(layers, final norm, rotary embedding, lm_head) of a Llama-family HF model under the bridge, or None."""
+    hf = getattr(model, "original_model", None)
+    inner = getattr(hf, "model", None)
+    parts = (getattr(inner, "layers", None), getattr(inner, "norm", None), getattr(inner, "rotary_emb", None), getattr(hf, "lm_head", None))
+    return None if any(p is None for p in parts) else parts
+
+
+def resume_forward(model, hook_name: str):
+    """A function ``h -> logits`` that runs the model from residual-stream hook ``hook_name`` onward.
+
+    ``h`` [batch, pos, d_model] is the residual stream at the hook (e.g. an SAE reconstruction spliced
+    into it); only the blocks after the hook, the final norm and the unembedding run, so an
+    evaluation that needs logits for several substitutions at layer L pays the first L blocks once.
+    Returns None where this is not supported (hooks inside a block, non-Llama-family architectures);
+    callers then run the whole model with a hook. :func:`resume_matches` checks it on real data.
+    """
+    m = _RESID_HOOK.fullmatch(hook_name)
+    parts = _decoder_parts(model)
+    if m is None or parts is None:
+        return None
+    start = int(m[1]) + (m[2] == "post")
+    layers, norm, rotary, lm_head = parts
+    if start > len(layers):
+        return None
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        h = h.to(lm_head.weight.dtype)
+        b, s, _ = h.shape
+        pos = torch.arange(s, device=h.device)[None].expand(b, -1)
+        pe = rotary(h, pos)
+        causal = torch.full((s, s), float("-inf"), device=h.device, dtype=h.dtype).triu(1)[None, None].expand(b, 1, s, s)
+        for layer in layers[start:]:
+            out = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=pe)
+            h = out[0] if isinstance(out, tuple) else out
+        return lm_head(norm(h))
+
+    return run
+
+
+def resume_matches(model, hook_name: str, acts: torch.Tensor, logits: torch.Tensor, rtol: float = 1e-4) -> bool:
+    """Whether resuming from the clean ``acts`` at ``hook_name`` reproduces the full forward's ``logits``.
+
+    Checked once per model and hook (the answer is cached on the model), on the first batch an
+    evaluation sees; a mismatch (an architecture detail the resumed pass misses) disables resuming.
+    """
+    memo = model.__dict__.setdefault("_saebench_resume_ok", {})
+    if hook_name not in memo:
+        run = resume_forward(model, hook_name)
+        ok = False
+        if run is not None:
+            try:
+                with torch.no_grad():
+                    got = run(acts.to(logits.dtype))
+                ok = got.shape == logits.shape and bool((got - logits).abs().max() <= rtol * max(1.0, float(logits.abs().max())))
+            except Exception:  # noqa: BLE001 - any failure means: use the full forward
+                ok = False
+        memo[hook_name] = ok
+    return memo[hook_name]

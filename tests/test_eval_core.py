@@ -108,3 +108,62 @@ def test_run_core_eval_writes_json(tiny_model, tiny_model_dir, text_file, tmp_pa
     saved = json.loads((tmp_path / "sae" / "eval_core.json").read_text())
     assert saved["ce_loss_score"] == pytest.approx(1.0, abs=1e-5) and saved["split"] == "eval"
     assert m["n_tokens"] > 0 and m["corpus"] == str(text_file)
+
+
+def test_resumed_forward_equals_the_full_forward_with_a_splice(tiny_model):
+    """Running only the blocks after a residual hook gives the logits of the full spliced forward."""
+    from saebench.evals.core import splice_hook
+    from saebench.models import resume_forward, resume_matches
+
+    torch.manual_seed(0)
+    tokens = torch.randint(3, 1000, (2, 10))
+    n_layers = tiny_model.cfg.n_layers
+    for hook in ["blocks.0.hook_resid_pre", HOOK, f"blocks.{n_layers - 1}.hook_resid_post"]:
+        with torch.no_grad():
+            logits, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n, h=hook: n == h)
+            run = resume_forward(tiny_model, hook)
+            assert run is not None
+            torch.testing.assert_close(run(cache[hook]), logits, rtol=1e-5, atol=1e-5)
+            assert resume_matches(tiny_model, hook, cache[hook], logits)
+            keep = torch.rand(tokens.shape) < 0.6
+            new = torch.randn_like(cache[hook])
+            want = tiny_model.run_with_hooks(tokens, fwd_hooks=[(hook, splice_hook(new, None, keep))])
+            torch.testing.assert_close(run(torch.where(keep[..., None], new, cache[hook])), want, rtol=1e-5, atol=1e-5)
+    assert resume_forward(tiny_model, "blocks.0.hook_mlp_out") is None  # inside a block: full forward
+
+
+def test_core_eval_same_with_and_without_resuming(tiny_model, monkeypatch):
+    """The core metrics do not depend on whether the spliced passes resume at the hook."""
+    import saebench.models as M
+
+    torch.manual_seed(0)
+    tokens = torch.randint(3, 1000, (4, 16))
+    tokens[:, 0] = 1
+    sae = SAE(SAEConfig(architecture="topk", d_in=64, d_sae=96, k=5, hook_name=HOOK))
+    sae.init_tied(torch.Generator().manual_seed(0))
+    ids = torch.tensor([0, 1, 2])
+    calls = []
+    real = M.resume_forward
+    monkeypatch.setattr(M, "resume_forward", lambda *a: calls.append(a) or real(*a))
+    tiny_model.__dict__.pop("_saebench_resume_ok", None)
+    resumed = evaluate_core(sae, tiny_model, tokens, special_ids=ids, progress=False)
+    assert calls, "the eval did not resume at the residual hook"
+    monkeypatch.setattr(M, "resume_forward", lambda *a: None)
+    tiny_model.__dict__.pop("_saebench_resume_ok", None)
+    full = evaluate_core(sae, tiny_model, tokens, special_ids=ids, progress=False)
+    tiny_model.__dict__.pop("_saebench_resume_ok", None)
+    for key in ("ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation", "ce_loss_score", "kl_div_with_sae", "kl_div_score"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+
+
+def test_resume_falls_back_on_a_mismatch(tiny_model):
+    """A resumed pass that disagrees with the full forward is never used (checked once, remembered)."""
+    from saebench.models import resume_matches
+
+    tokens = torch.randint(3, 1000, (2, 8))
+    with torch.no_grad():
+        logits, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n == HOOK)
+    tiny_model.__dict__.pop("_saebench_resume_ok", None)
+    assert not resume_matches(tiny_model, HOOK, cache[HOOK], logits + 1.0)
+    assert not resume_matches(tiny_model, HOOK, cache[HOOK], logits)  # remembered for this model and hook
+    tiny_model.__dict__.pop("_saebench_resume_ok", None)
