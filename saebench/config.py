@@ -77,7 +77,7 @@ class TrainConfig(_Frozen):
     eval_tokens: int = Field(65_536, ge=0, description="Held-out tokens for the core eval after training; 0 skips it.")
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.d_sae is not None and self.k > self.d_sae:
             raise ValueError(f"k={self.k} must be <= d_sae={self.d_sae}")
         if self.batch_size_tokens > self.training_tokens:
@@ -148,7 +148,7 @@ def build_config(cls: type[C], data: dict[str, Any]) -> C:
     if unknown:
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, list(cls.model_fields), n=1)
+            close = difflib.get_close_matches(key, list(cls.model_fields), n=1) if isinstance(key, str) else []
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"unknown config field(s) for {cls.__name__}: {', '.join(hints)}")
     try:
