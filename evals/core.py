@@ -51,14 +51,8 @@ def kl_score(kl_sae: float, kl_zero: float) -> float:
 
 def kl_per_token(logits_clean: Tensor, logits_new: Tensor) -> Tensor:
     """KL(p_clean ‖ p_new) per position, in float32 via log_softmax (no NaN from log(0))."""
-    lp = F.log_softmax(logits_clean.float(), -1)
     lq = F.log_softmax(logits_new.float(), -1)
-    return (lp.exp() * (lp - lq)).sum(-1)
-
-
-def ce_per_token(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Next-token cross-entropy [b, pos-1] (position t predicts token t+1)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none").view(tokens.shape[0], -1)
+    return kl_from_logprobs(*clean_terms(F.log_softmax(logits_clean.float(), -1)), lq)
 
 
 def ce_from_logprobs(lp: Tensor, tokens: Tensor) -> Tensor:
@@ -194,18 +188,19 @@ class CoreAccumulator:
 
     def add_downstream(self, toks: Tensor, keep: Tensor, logits_clean: Tensor | None, logits_sae: Tensor, logits_zero: Tensor | None,
                        ce_zero: float | None = None, kl_zero: float | None = None, ce_clean: float | None = None,
-                       logprobs_clean: Tensor | None = None) -> None:
+                       logprobs_clean: Tensor | None = None, clean: tuple[Tensor, Tensor] | None = None) -> None:
         """One batch of spliced-forward logits [b, pos, V]; ``keep`` [b, pos] marks non-special positions.
 
         Terms that do not depend on the SAE may be passed precomputed, so a group of SAEs computes
         them once: ``ce_zero`` / ``ce_clean`` (summed CE over the batch's predicted positions),
-        ``kl_zero`` (summed KL over kept positions) and ``logprobs_clean`` (log-softmax of the clean logits).
+        ``kl_zero`` (summed KL over kept positions), ``logprobs_clean`` (log-softmax of the clean logits)
+        and ``clean`` (``clean_terms(logprobs_clean)``).
         Each logits tensor is log-softmaxed once; CE and KL are read from the log-probabilities.
         """
         s = self.sums
         pred_mask = keep[:, :-1] & keep[:, 1:]
         lp_clean = logprobs_clean if logprobs_clean is not None else F.log_softmax(logits_clean.float(), -1)
-        p_clean, neg_h = clean_terms(lp_clean)
+        p_clean, neg_h = clean if clean is not None else clean_terms(lp_clean)
         s.ce["clean"] += ce_clean if ce_clean is not None else ce_from_logprobs(lp_clean, toks)[pred_mask].sum().item()
         for name, logits in (("sae", logits_sae), ("zero", logits_zero)):
             if logits is None:

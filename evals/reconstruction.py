@@ -110,7 +110,7 @@ def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, do
     x_full = _flatten(cache[hook], head).float()
     del cache
     ce_zero = kl_zero = ce_clean = 0.0
-    lp_clean = None
+    lp_clean = clean = None
     if need_down:
         # The clean and zero-ablation terms do not depend on the SAE: computed once for the whole group.
         lp_clean = F.log_softmax(logits_clean.float(), -1)
@@ -120,7 +120,8 @@ def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, do
         lq = F.log_softmax(logits_zero.float(), -1)
         del logits_zero
         ce_zero = ce_from_logprobs(lq, toks)[pred].sum().item()
-        kl_zero = kl_from_logprobs(*clean_terms(lp_clean), lq)[keep].sum().item()
+        clean = clean_terms(lp_clean)  # shared by the zero-ablation term and every SAE's KL
+        kl_zero = kl_from_logprobs(*clean, lq)[keep].sum().item()
         del lq
     flat = x_full.flatten(0, 1)
     keep_flat = keep.flatten()
@@ -139,7 +140,7 @@ def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, do
         if need_down:
             recon = x_hat_all.view_as(x_full)
             logits_sae = spliced_logits(model, hook, head, toks, x_full if head is None else None, recon, keep, logits_clean)
-            acc.add_downstream(toks, keep, None, logits_sae, None, ce_zero=ce_zero, kl_zero=kl_zero, ce_clean=ce_clean, logprobs_clean=lp_clean)
+            acc.add_downstream(toks, keep, None, logits_sae, None, ce_zero=ce_zero, kl_zero=kl_zero, ce_clean=ce_clean, logprobs_clean=lp_clean, clean=clean)
             del logits_sae
 
 

@@ -146,11 +146,7 @@ def comparison_configs(run_dir: str | Path = "runs/notebooks", methods: Sequence
     import json
 
     preset = _preset(size)
-    if "hook_name" in overrides:
-        if hooks is not None:
-            raise ValueError("give hooks or hook_name, not both")
-        hooks = [overrides.pop("hook_name")]
-    hooks = list(hooks or [preset["hook_name"]])
+    hooks = _comparison_hooks(preset, hooks, overrides)
     methods = list(methods or preset["methods"])
     if not methods or not hooks:
         raise ValueError("a comparison needs at least one method and one hook")
@@ -170,6 +166,15 @@ def comparison_configs(run_dir: str | Path = "runs/notebooks", methods: Sequence
     return out
 
 
+def _comparison_hooks(preset: dict[str, Any], hooks: Sequence[str] | None, overrides: dict[str, Any]) -> list[str]:
+    """The hooks of a comparison: ``hooks``, or ``hook_name`` popped from ``overrides``, or the preset's."""
+    if "hook_name" in overrides:
+        if hooks is not None:
+            raise ValueError("give hooks or hook_name, not both")
+        hooks = [overrides.pop("hook_name")]
+    return list(hooks or [preset["hook_name"]])
+
+
 def ensure_comparison_saes(run_dir: str | Path = "runs/notebooks", methods: Sequence[str] | None = None, *, hooks: Sequence[str] | None = None,
                            size: str = "full", model=None, progress: bool = True, **overrides: Any) -> list[Path]:
     """The folders of a comparison's SAEs, training (from one harvest) only the ones not there yet.
@@ -183,11 +188,7 @@ def ensure_comparison_saes(run_dir: str | Path = "runs/notebooks", methods: Sequ
     Returns the SAE folders in (hook, method) order.
     """
     preset = _preset(size)
-    if "hook_name" in overrides:
-        if hooks is not None:
-            raise ValueError("give hooks or hook_name, not both")
-        hooks = [overrides.pop("hook_name")]
-    hooks = list(hooks or [preset["hook_name"]])
+    hooks = _comparison_hooks(preset, hooks, overrides)
     wanted: list[tuple[str, str]] = []
     for hook in hooks:
         if methods is None:
