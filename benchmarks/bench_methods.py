@@ -21,8 +21,8 @@ What it does:
   batch, JumpReLU runs in target-L0 mode at 32, AbsTopK per token; the ReLU e2e SAEs have no k, so
   their L0 is whatever their L1 coefficient gives) and the same optimiser, schedule and batch size.
 - All SAEs are evaluated on the same held-out tokens with the core metrics of ``evals/core.py``
-  (``CoreAccumulator`` via ``evals.reconstruction.evaluate_hook_group``, which shares the clean and
-  zero-ablated forwards between SAEs and computes exactly ``evaluate_core``'s numbers).
+  (``CoreAccumulator`` via ``evals.reconstruction.evaluate_hook_group``, which shares the clean
+  forward and the zero-ablation terms between SAEs and computes exactly ``evaluate_core``'s numbers).
 - Training time per SAE is the time spent in its own steps (``trainers.loop._train_step``, timed here),
   so SAEs trained together in one pass are not charged for each other; the shared data reading is
   reported once (``data_seconds``). tokens/s = training tokens / training seconds.
@@ -55,6 +55,10 @@ MODEL_METHODS = ("gsae", "e2e", "e2e_ds")  # sources of their own (gradients / t
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     # c = 1 as dictionary_learning's target-L0 form; θ starts at the target L0 (a constant θ₀ = 0.1 cannot reach it in 60 steps).
     "jumprelu": {"sparsity_mode": "target_l0", "sparsity_coef": 1.0, "theta_init_mode": "quantile"},
+    # The paper's ReLU + L1 e2e SAEs have no k: their L0 is whatever the L1 term reaches (thousands after 60 steps from the tied
+    # init). The TopK form keeps their losses (KL, and the downstream MSE for e2e_ds) at the common k.
+    "e2e": {"activation": "topk", "sparsity_coef": 0.0},
+    "e2e_ds": {"activation": "topk", "sparsity_coef": 0.0},
 }
 TABLE_COLUMNS = [("method", "method"), ("train_tokens", "training tokens"), ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_score", "CE loss recovered"),
                  ("kl_div_score", "KL score"), ("dead_fraction", "dead fraction"), ("train_seconds", "training time (s)"),

@@ -10,8 +10,8 @@
    cache; the runner's own timings (``BenchResult.timings``: model load, tokens, each job, and each
    SAE's share) are the figures reported.
 3. Shared-pass savings: the same core + dead evals once per SAE alone (one run_bench per SAE), against
-   the shared pass of step 2 (one clean and one zero-ablation forward per batch for all SAEs at the
-   hook, then one spliced forward per SAE).
+   the shared pass of step 2 (one clean forward and the zero-ablation terms per batch for all SAEs
+   at the hook, then one spliced forward per SAE).
 
 Writes benchmarks/results/bench_suite.json and bench_suite.md.
 

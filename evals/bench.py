@@ -8,8 +8,8 @@
    is cached is not recomputed, so an interrupted run resumes where it stopped (the model is not
    even loaded when everything is cached);
 3. runs ``core`` (= ``reconstruction``) and ``dead`` for all SAEs at one hook in one shared pass
-   (``evals/reconstruction.evaluate_hook_group``: one clean forward and one zero-ablation forward
-   per batch for the whole group, one spliced forward per SAE), then ``steering``, ``circuits`` and
+   (``evals/reconstruction.evaluate_hook_group``: one clean forward per batch and the zero-ablation
+   terms for the whole group, one spliced forward per SAE), then ``steering``, ``circuits`` and
    ``compat`` per SAE, writing each result as soon as it is done;
 4. writes ``results.csv``, ``results.parquet`` and ``results.json`` (one row per SAE), and the
    figures as offline HTML: CE loss recovered vs L0 and FVU vs L0 Pareto views, dead/dense latents,

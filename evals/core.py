@@ -11,8 +11,13 @@ Definitions (EVALS.md §1.3; SAEBench names where they exist):
 - ``dead_fraction``: latents that never fired in the ``window_tokens`` evaluated tokens;
   ``dense_fraction_1pct`` / ``_10pct``: latents firing on more than 1% / 10% of them.
 
-BOS/EOS/pad positions are excluded from every metric; the SAE (or the zero ablation) is spliced
-in at every other position and special positions keep their clean activation, matching training.
+BOS/EOS/pad positions are excluded from every metric. The SAE is spliced in at every other position
+(special positions keep their clean activation, matching training); the zero ablation, as in SAEBench,
+zeroes the site at *every* position, BOS included, so ``ce_loss_with_ablation``, ``ce_loss_score`` and
+``kl_div_score`` are SAEBench's numbers. At a residual-stream hook the zero-ablated model sees nothing
+of the tokens (the rest of the network reads only the residual stream and the positions), so its
+logits are one row per position: computed once per eval for a single sequence and broadcast
+(:class:`ZeroAblation`), not once per batch.
 """
 
 from __future__ import annotations
@@ -112,6 +117,49 @@ def spliced_logits(model, hook: str, head: int | None, toks: Tensor, site: Tenso
     return model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(replace, head, keep))])
 
 
+class ZeroAblation:
+    """Log-probabilities of the model with the SAE's site zeroed at every position (SAEBench's zero ablation).
+
+    ``logprobs`` returns [b, pos, V], or [1, pos, V] to broadcast. Where the forward resumes at a
+    residual-stream hook (:func:`saebench.models.resume_forward`, checked against the full forward),
+    the resumed function reads only the residual stream and the positions, so zeroing the stream at
+    every position leaves nothing that depends on the tokens: one row of zeros is run once per
+    sequence length and reused for every batch of this eval (one object per eval, so a model whose
+    weights change between evals is never served stale rows). Elsewhere (hooks inside a block, heads,
+    models that do not resume) every batch runs the whole model with the site zeroed.
+    """
+
+    def __init__(self, model, hook: str, head: int | None):
+        self.model, self.hook, self.head = model, hook, head
+        self._rows: dict[tuple[int, str], Tensor] = {}
+
+    def logprobs(self, toks: Tensor, site: Tensor | None, logits_clean: Tensor | None) -> Tensor:
+        from saebench.models import resume_forward, resume_matches
+
+        if self.head is None and site is not None and logits_clean is not None and resume_matches(self.model, self.hook, site, logits_clean):
+            key = (site.shape[1], str(site.device))
+            if key not in self._rows:
+                self._rows[key] = F.log_softmax(resume_forward(self.model, self.hook)(torch.zeros_like(site[:1])).float(), -1)
+            return self._rows[key]
+        every = torch.ones(toks.shape, dtype=torch.bool, device=toks.device)
+        return F.log_softmax(self.model.run_with_hooks(toks, fwd_hooks=[(self.hook, splice_hook(None, self.head, every))]).float(), -1)
+
+
+def zero_terms(lp_zero: Tensor, toks: Tensor, keep: Tensor, clean: tuple[Tensor, Tensor]) -> tuple[float, float]:
+    """(Σ CE over predicted positions, Σ KL(p_clean ‖ p_zero) over kept positions) for one batch.
+
+    ``lp_zero`` [b or 1, pos, V] from :class:`ZeroAblation`; a single row is broadcast without copying.
+    """
+    pred = keep[:, :-1] & keep[:, 1:]
+    ce = ce_from_logprobs(lp_zero.expand(toks.shape[0], -1, -1), toks)[pred].sum().item()
+    p_clean, neg_h = clean
+    if lp_zero.shape[0] == 1 and toks.shape[0] > 1:  # Σ_v p[b, t, v]·lq[t, v] as one matmul per position
+        cross = torch.bmm(p_clean.transpose(0, 1), lp_zero[0].unsqueeze(-1)).squeeze(-1).T
+    else:
+        cross = _rowdot(p_clean, lp_zero)
+    return ce, (neg_h - cross)[keep].sum().item()
+
+
 @dataclass
 class _Sums:
     n: int = 0
@@ -150,6 +198,7 @@ def evaluate_core(
     validate_hook_name(model, hook)
     device = sae.device
     acc = CoreAccumulator(sae)
+    zero = ZeroAblation(model, hook, head)
     for start in tqdm(range(0, tokens.shape[0], batch_size), desc="core eval", disable=not progress):
         toks = tokens[start : start + batch_size].to(device)
         keep = token_mask(toks, special_ids)
@@ -165,9 +214,11 @@ def evaluate_core(
             recon = x_full.clone()
             recon[keep] = x_hat
             site = x_full if head is None else None
+            lp_clean = F.log_softmax(logits_clean.float(), -1)
+            clean = clean_terms(lp_clean)
+            ce_zero, kl_zero = zero_terms(zero.logprobs(toks, site, logits_clean), toks, keep, clean)
             logits_sae = spliced_logits(model, hook, head, toks, site, recon, keep, logits_clean)
-            logits_zero = spliced_logits(model, hook, head, toks, site, None, keep, logits_clean)
-            acc.add_downstream(toks, keep, logits_clean, logits_sae, logits_zero)
+            acc.add_downstream(toks, keep, logits_sae, logprobs_clean=lp_clean, clean=clean, ce_zero=ce_zero, kl_zero=kl_zero)
     return acc.result(downstream)
 
 
@@ -175,7 +226,7 @@ class CoreAccumulator:
     """Running sums of the core metrics for one SAE, fed batch by batch.
 
     ``evaluate_core`` uses it for one SAE; the bench runner (``evals/reconstruction.py``) feeds several
-    SAEs at one hook from a single clean forward and a single zero-ablation forward per batch.
+    SAEs at one hook from a single clean forward and one set of zero-ablation terms per batch.
     """
 
     def __init__(self, sae: SAE):
@@ -186,32 +237,26 @@ class CoreAccumulator:
         """Non-special activations ``x`` [N, d_in], their reconstruction and the ``SparseActs``."""
         _accumulate(self.sums, x, x_hat, acts)
 
-    def add_downstream(self, toks: Tensor, keep: Tensor, logits_clean: Tensor | None, logits_sae: Tensor, logits_zero: Tensor | None,
-                       ce_zero: float | None = None, kl_zero: float | None = None, ce_clean: float | None = None,
-                       logprobs_clean: Tensor | None = None, clean: tuple[Tensor, Tensor] | None = None) -> None:
+    def add_downstream(self, toks: Tensor, keep: Tensor, logits_sae: Tensor, *, logprobs_clean: Tensor, ce_zero: float, kl_zero: float,
+                       clean: tuple[Tensor, Tensor] | None = None, ce_clean: float | None = None) -> None:
         """One batch of spliced-forward logits [b, pos, V]; ``keep`` [b, pos] marks non-special positions.
 
-        Terms that do not depend on the SAE may be passed precomputed, so a group of SAEs computes
-        them once: ``ce_zero`` / ``ce_clean`` (summed CE over the batch's predicted positions),
-        ``kl_zero`` (summed KL over kept positions), ``logprobs_clean`` (log-softmax of the clean logits)
-        and ``clean`` (``clean_terms(logprobs_clean)``).
-        Each logits tensor is log-softmaxed once; CE and KL are read from the log-probabilities.
+        The terms that do not depend on the SAE come precomputed, so a group of SAEs computes them
+        once per batch: ``logprobs_clean`` (log-softmax of the clean logits), ``clean``
+        (``clean_terms(logprobs_clean)``), ``ce_zero`` / ``kl_zero`` (:func:`zero_terms`) and
+        optionally ``ce_clean`` (summed CE over the batch's predicted positions). The SAE's logits are
+        log-softmaxed once; CE and KL are read from the log-probabilities.
         """
         s = self.sums
         pred_mask = keep[:, :-1] & keep[:, 1:]
-        lp_clean = logprobs_clean if logprobs_clean is not None else F.log_softmax(logits_clean.float(), -1)
-        p_clean, neg_h = clean if clean is not None else clean_terms(lp_clean)
-        s.ce["clean"] += ce_clean if ce_clean is not None else ce_from_logprobs(lp_clean, toks)[pred_mask].sum().item()
-        for name, logits in (("sae", logits_sae), ("zero", logits_zero)):
-            if logits is None:
-                continue
-            lq = F.log_softmax(logits.float(), -1)
-            s.ce[name] += ce_from_logprobs(lq, toks)[pred_mask].sum().item()
-            s.kl[name] += kl_from_logprobs(p_clean, neg_h, lq)[keep].sum().item()
-            del lq
-        if logits_zero is None:
-            s.ce["zero"] += float(ce_zero)
-            s.kl["zero"] += float(kl_zero)
+        p_clean, neg_h = clean if clean is not None else clean_terms(logprobs_clean)
+        s.ce["clean"] += ce_clean if ce_clean is not None else ce_from_logprobs(logprobs_clean, toks)[pred_mask].sum().item()
+        lq = F.log_softmax(logits_sae.float(), -1)
+        s.ce["sae"] += ce_from_logprobs(lq, toks)[pred_mask].sum().item()
+        s.kl["sae"] += kl_from_logprobs(p_clean, neg_h, lq)[keep].sum().item()
+        del lq
+        s.ce["zero"] += float(ce_zero)
+        s.kl["zero"] += float(kl_zero)
         s.n_pred += int(pred_mask.sum())
 
     def result(self, downstream: bool = True) -> dict[str, Any]:

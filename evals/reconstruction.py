@@ -2,12 +2,14 @@
 
 The metrics and their definitions are exactly ``evaluate_core``'s (FVU, EV, MSE, cossim, L0, L1,
 CE loss recovered, KL score, ...). What changes is the cost when several SAEs sit at one hook:
-``evaluate_core`` runs three forwards per batch and SAE (clean, spliced, zero-ablated); here a
-batch gets **one** clean forward (activations + logits) and **one** zero-ablation forward shared by
-every SAE at that hook, then one spliced forward per SAE. For N SAEs that is N + 2 forwards per
-batch instead of 3N. The same pass also feeds the dead-latent counters of ``evals/dead.py`` (every
-position encoded, special ones kept apart), and can run further than the downstream window on
-cheap truncated forwards (``stop_at_layer``) when the dead-latent window is longer.
+``evaluate_core`` runs two forwards per batch and SAE (clean, spliced); here a batch gets **one**
+clean forward (activations + logits) shared by every SAE at that hook, then one spliced forward per
+SAE (resumed at the hook where the model allows). The zero-ablation terms are shared too (at a
+residual hook they cost one single-sequence pass per eval, see ``core.ZeroAblation``). For N SAEs
+that is N + 1 forwards per batch instead of 2N. The same pass also feeds the dead-latent counters
+of ``evals/dead.py`` (every position encoded, special ones kept apart), and can run further than
+the downstream window on cheap truncated forwards (``stop_at_layer``) when the dead-latent window
+is longer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from saebench.evals.core import CoreAccumulator, ce_from_logprobs, clean_terms, format_table, kl_from_logprobs, spliced_logits
+from saebench.evals.core import CoreAccumulator, ZeroAblation, ce_from_logprobs, clean_terms, format_table, spliced_logits, zero_terms
 from saebench.evals.dead import DEFAULT_WINDOWS, DeadLatentCounter
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -76,16 +78,17 @@ def evaluate_hook_group(
     core_rows = tokens.shape[0] if core_tokens is None else max(1, core_tokens // tokens.shape[1])
     device = model.cfg.device
     stop = stop_layer(hook)
+    zero = ZeroAblation(model, hook, head)
     for start in tqdm(range(0, tokens.shape[0], batch_size), desc=f"shared pass {hook}" + (f":{head}" if head is not None else ""),
                       disable=not progress):
         toks = tokens[start : start + batch_size].to(device)
         in_core = any(core) and start < core_rows
         if in_core and start + toks.shape[0] > core_rows:
             toks = toks[: core_rows - start]  # the core window ends inside this batch: split it
-            _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, True, stop)
+            _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, True, stop, zero)
             toks = tokens[start + toks.shape[0] : start + batch_size].to(device)
             in_core = False
-        _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, in_core, stop)
+        _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, in_core, stop, zero)
     out = []
     tok = getattr(model, "tokenizer", None)
     for s, acc, ctr in zip(saes, accs, counters):
@@ -98,7 +101,7 @@ def evaluate_hook_group(
     return out
 
 
-def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, in_core, stop) -> None:
+def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, in_core, stop, zero) -> None:
     if toks.shape[0] == 0:
         return
     need_down = in_core and downstream
@@ -116,13 +119,8 @@ def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, do
         lp_clean = F.log_softmax(logits_clean.float(), -1)
         pred = keep[:, :-1] & keep[:, 1:]
         ce_clean = ce_from_logprobs(lp_clean, toks)[pred].sum().item()
-        logits_zero = spliced_logits(model, hook, head, toks, x_full if head is None else None, None, keep, logits_clean)
-        lq = F.log_softmax(logits_zero.float(), -1)
-        del logits_zero
-        ce_zero = ce_from_logprobs(lq, toks)[pred].sum().item()
         clean = clean_terms(lp_clean)  # shared by the zero-ablation term and every SAE's KL
-        kl_zero = kl_from_logprobs(*clean, lq)[keep].sum().item()
-        del lq
+        ce_zero, kl_zero = zero_terms(zero.logprobs(toks, x_full if head is None else None, logits_clean), toks, keep, clean)
     flat = x_full.flatten(0, 1)
     keep_flat = keep.flatten()
     special_flat = torch.isin(toks.flatten(), special_ids.to(toks.device))
@@ -140,7 +138,7 @@ def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, do
         if need_down:
             recon = x_hat_all.view_as(x_full)
             logits_sae = spliced_logits(model, hook, head, toks, x_full if head is None else None, recon, keep, logits_clean)
-            acc.add_downstream(toks, keep, None, logits_sae, None, ce_zero=ce_zero, kl_zero=kl_zero, ce_clean=ce_clean, logprobs_clean=lp_clean, clean=clean)
+            acc.add_downstream(toks, keep, logits_sae, logprobs_clean=lp_clean, clean=clean, ce_zero=ce_zero, kl_zero=kl_zero, ce_clean=ce_clean)
             del logits_sae
 
 

@@ -61,8 +61,8 @@ pd.DataFrame([{"sae": name, "architecture": s.cfg.architecture, "hook": s.cfg.ho
 # %% [markdown]
 # ## Run the benchmark
 #
-# Core and dead run in one shared pass per hook: one clean and one zero-ablation forward per batch
-# for all SAEs, plus one spliced forward per SAE. The dead-latent window is stated in tokens.
+# Core and dead run in one shared pass per hook: one clean forward and the zero-ablation terms per
+# batch for all SAEs, plus one spliced forward per SAE. The dead-latent window is stated in tokens.
 
 # %%
 context = next(iter(saes.values())).cfg.context_size or 128

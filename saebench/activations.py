@@ -213,6 +213,7 @@ class HookedSource(ActivationSource):
         self.with_grads = with_grads
         self.progress = progress
         self.stop_at_layer = None if with_grads else stop_layer_for([n for n, _ in self.sites])
+        self._last: tuple[int, Batch] | None = None
         probe = self._forward(tokens[:1, :2])
         self.d_in = {h: a.shape[-1] for h, a in zip(self.hook_names, probe[0])}
 
@@ -255,6 +256,16 @@ class HookedSource(ActivationSource):
         return acts, gs
 
     def chunk(self, i: int) -> Batch:
+        """Chunk ``i``, harvested; the last chunk is kept, so the trainer's initialisation sample (chunk 0)
+        is not harvested again when the stream starts with it (it is released when another is asked for)."""
+        if self._last is not None and self._last[0] == i:
+            return self._last[1]
+        self._last = None
+        batch = self._harvest(i)
+        self._last = (i, batch)
+        return batch
+
+    def _harvest(self, i: int) -> Batch:
         rows = self.tokens[i * self.rows_per_chunk : (i + 1) * self.rows_per_chunk]
         acts: list[list[Tensor]] = [[] for _ in self.sites]
         grads: list[list[Tensor]] = [[] for _ in self.sites]

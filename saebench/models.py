@@ -46,7 +46,7 @@ import socket
 import tempfile
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from unittest import mock
 from urllib.parse import urlparse
@@ -472,12 +472,18 @@ def _decoder_parts(model):
     return None if any(p is None for p in parts) else parts
 
 
-def resume_forward(model, hook_name: str):
+def resume_forward(model, hook_name: str, *, record: Sequence[int] = (), stop_at_layer: int | None = None):
     """A function ``h -> logits`` that runs the model from residual-stream hook ``hook_name`` onward.
 
     ``h`` [batch, pos, d_model] is the residual stream at the hook (e.g. an SAE reconstruction spliced
     into it); only the blocks after the hook, the final norm and the unembedding run, so an
     evaluation that needs logits for several substitutions at layer L pays the first L blocks once.
+    Gradients flow through it (end-to-end training resumes here too).
+
+    ``record``: layers whose output (``blocks.l.hook_resid_post``) to return as well; ``stop_at_layer``:
+    run blocks up to (not including) this one and skip the unembedding. With either, the function
+    returns ``(logits or None, {hook name: activation})``.
+
     Returns None where this is not supported (hooks inside a block, non-Llama-family architectures);
     callers then run the whole model with a hook. :func:`resume_matches` checks it on real data.
     """
@@ -489,17 +495,24 @@ def resume_forward(model, hook_name: str):
     layers, norm, rotary, lm_head = parts
     if start > len(layers):
         return None
+    stop = len(layers) if stop_at_layer is None else min(stop_at_layer, len(layers))
+    record = set(record)
+    detailed = bool(record) or stop_at_layer is not None
 
-    def run(h: torch.Tensor) -> torch.Tensor:
+    def run(h: torch.Tensor):
         h = h.to(lm_head.weight.dtype)
         b, s, _ = h.shape
         pos = torch.arange(s, device=h.device)[None].expand(b, -1)
         pe = rotary(h, pos)
         causal = torch.full((s, s), float("-inf"), device=h.device, dtype=h.dtype).triu(1)[None, None].expand(b, 1, s, s)
-        for layer in layers[start:]:
-            out = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=pe)
+        seen = {}
+        for i in range(start, stop):
+            out = layers[i](h, attention_mask=causal, position_ids=pos, position_embeddings=pe)
             h = out[0] if isinstance(out, tuple) else out
-        return lm_head(norm(h))
+            if i in record:
+                seen[f"blocks.{i}.hook_resid_post"] = h
+        logits = lm_head(norm(h)) if stop == len(layers) else None
+        return (logits, seen) if detailed else logits
 
     return run
 
@@ -507,8 +520,9 @@ def resume_forward(model, hook_name: str):
 def resume_matches(model, hook_name: str, acts: torch.Tensor, logits: torch.Tensor, rtol: float = 1e-4) -> bool:
     """Whether resuming from the clean ``acts`` at ``hook_name`` reproduces the full forward's ``logits``.
 
-    Checked once per model and hook (the answer is cached on the model), on the first batch an
-    evaluation sees; a mismatch (an architecture detail the resumed pass misses) disables resuming.
+    Checked once per model and hook (the answer is cached on the model), on the first sequence of the
+    first batch an evaluation sees (one row keeps the check cheap: ~1/batch of a resumed pass); a
+    mismatch (an architecture detail the resumed pass misses) disables resuming.
     """
     memo = model.__dict__.setdefault("_saebench_resume_ok", {})
     if hook_name not in memo:
@@ -516,6 +530,7 @@ def resume_matches(model, hook_name: str, acts: torch.Tensor, logits: torch.Tens
         ok = False
         if run is not None:
             try:
+                acts, logits = acts[:1], logits[:1]
                 with torch.no_grad():
                     got = run(acts.to(logits.dtype))
                 ok = got.shape == logits.shape and bool((got - logits).abs().max() <= rtol * max(1.0, float(logits.abs().max())))

@@ -34,6 +34,25 @@ def test_several_hooks_in_one_forward_match_a_full_cache(tiny_model):
     assert torch.equal(chunk.token_ids, toks[:4].flatten()[keep])
 
 
+def test_training_harvests_the_first_chunk_once(tiny_model, tmp_path):
+    """The initialisation sample and the stream's first chunk (and g-SAE's gradient check) share one harvest."""
+    from saebench.config import TrainConfig
+    from saebench.trainers.loop import train
+
+    hook = "blocks.0.hook_resid_post"
+    src = HookedSource(tiny_model, [hook], _tokens(n_seq=8), special_ids=SPECIAL, shuffle_buffer_tokens=256, with_grads=True)
+    harvested = []
+    real = src._harvest
+    src._harvest = lambda i: harvested.append(i) or real(i)
+    assert src.n_chunks == 1
+    cfg = TrainConfig(method="gsae", hook_name=hook, d_sae=32, k=2, batch_size_tokens=32, training_tokens=64, out_dir=str(tmp_path),
+                      normalize_activations="none", checkpoint_every_steps=10**6)
+    train(cfg, source=src, model=tiny_model, progress=False)
+    assert harvested == [0]
+    again = src.chunk(0)
+    assert src.chunk(0) is again and harvested == [0]
+
+
 def test_stop_layer_runs_no_further_than_needed():
     assert stop_layer_for(["blocks.3.hook_resid_post", "blocks.0.hook_mlp_out"]) == 4
     assert stop_layer_for(["hook_embed"]) == 1

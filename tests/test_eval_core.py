@@ -77,11 +77,12 @@ def test_identity_sae_recovers_all_and_zero_sae_none(tiny_model):
     assert m["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-6)
     assert m["kl_div_score"] == pytest.approx(1.0, abs=1e-5)
     assert m["fvu"] == pytest.approx(0.0, abs=1e-10)
-    assert m["ce_loss_with_ablation"] > m["ce_loss_without_sae"]
+    assert m["ce_loss_with_ablation"] != m["ce_loss_without_sae"]
     zero = _identity_sae(64)
     with torch.no_grad():
         zero.W_dec.zero_()
-    m0 = evaluate_core(zero, tiny_model, tokens, special_ids=special, progress=False)
+    # With no special positions the zero SAE's splice is the zero ablation itself (which spares no position).
+    m0 = evaluate_core(zero, tiny_model, tokens, special_ids=torch.empty(0, dtype=torch.long), progress=False)
     assert m0["ce_loss_score"] == pytest.approx(0.0, abs=1e-5)
     assert m0["kl_div_score"] == pytest.approx(0.0, abs=1e-5)
 
@@ -154,6 +155,38 @@ def test_core_eval_same_with_and_without_resuming(tiny_model, monkeypatch):
     tiny_model.__dict__.pop("_saebench_resume_ok", None)
     for key in ("ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation", "ce_loss_score", "kl_div_with_sae", "kl_div_score"):
         assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+
+
+def test_zero_ablation_zeroes_every_position_as_saebench_does(tiny_model):
+    """CE/KL with ablation: the site zeroed at *every* position, BOS included (SAEBench's convention)."""
+    import torch.nn.functional as F
+
+    from saebench.evals.core import ZeroAblation
+
+    torch.manual_seed(1)
+    tokens = torch.randint(3, 1000, (3, 12))
+    tokens[:, 0] = 1
+    ids = torch.tensor([0, 1, 2])
+    sae = _identity_sae(64)
+    m = evaluate_core(sae, tiny_model, tokens, special_ids=ids, progress=False)
+    with torch.no_grad():
+        clean = tiny_model(tokens)
+        zeroed = tiny_model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda act, hook: torch.zeros_like(act))])
+    lp, lq = F.log_softmax(clean.float(), -1), F.log_softmax(zeroed.float(), -1)
+    ce = -lq[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)  # every target here is a non-special token
+    kl = (lp.exp() * (lp - lq)).sum(-1)[:, 1:]  # KL over the non-BOS positions
+    assert m["ce_loss_with_ablation"] == pytest.approx(ce[:, 1:].mean().item(), rel=1e-5)
+    assert m["kl_div_with_ablation"] == pytest.approx(kl.mean().item(), rel=1e-3, abs=1e-5)  # float32 Σp·log p − Σp·log q
+    # A bias-free Llama carries nothing forward from an all-zero residual stream: uniform logits, CE = ln V.
+    assert m["ce_loss_with_ablation"] == pytest.approx(math.log(tiny_model.cfg.d_vocab), rel=1e-5)
+    # At a residual hook the zero-ablated logits do not depend on the tokens: one row, computed once per eval.
+    za = ZeroAblation(tiny_model, HOOK, None)
+    with torch.no_grad():
+        logits, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n == HOOK)
+        row = za.logprobs(tokens, cache[HOOK], logits)
+        assert row.shape == (1, 12, tiny_model.cfg.d_vocab)
+        torch.testing.assert_close(row.expand_as(lq), lq, rtol=1e-5, atol=1e-5)
+        assert za.logprobs(tokens[:2], cache[HOOK][:2], logits[:2]) is row
 
 
 def test_resume_falls_back_on_a_mismatch(tiny_model):

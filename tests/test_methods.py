@@ -89,7 +89,8 @@ def runs(tmp_path_factory, planted):
     cache = {}
     specs = {
         "batchtopk": dict(steps=500, lr=1e-2, opts={"threshold_start_step": 100}, normalize_activations="expected_average_only_in"),
-        "jumprelu": dict(opts={"sparsity_coef": 0.05}),
+        # lr 5e-3 × 2: a threshold step of 1e-2, as the default scale 10 gives at the usual lr 1e-3.
+        "jumprelu": dict(opts={"sparsity_coef": 0.05, "threshold_lr_scale": 2.0}),
         # Batch selection from the first step locks in merged latents on this data (recovery ~0.78 at
         # any lr we tried); a per-token warm start avoids it (0.95-0.97).
         "abstopk_batch": dict(method="abstopk", opts={"variant": "batch", "threshold_start_step": 100, "topk_warmup_steps": 200}),
@@ -336,6 +337,36 @@ def test_jumprelu_quantile_init_starts_at_the_target_l0(planted, tmp_path):
     sae = SAE(const.sae_config(32))
     const.init_sae(sae, x, torch.Generator().manual_seed(0))
     assert torch.allclose(sae.log_threshold.exp(), torch.full((128,), 0.1))
+
+
+def test_jumprelu_thresholds_get_their_own_learning_rate(tmp_path):
+    """log θ is an Adam group of its own at threshold_lr_scale × lr; the schedule scales both groups."""
+    from saebench.trainers.loop import _start_run
+
+    cfg = config("jumprelu", tmp_path, lr=1e-3, opts={"threshold_lr_scale": 7.0})
+    method = get_method("jumprelu")(cfg)
+    src = MemorySource(SyntheticSource(d=32, m=64, n_active=3), n_chunks=1)
+    run = _start_run(cfg, method, src, None, lambda: src.chunk(0), 1, False)
+    groups = run.opt.param_groups
+    assert [len(g["params"]) for g in groups] == [len(list(run.sae.parameters())) - 1, 1]
+    assert groups[1]["params"][0] is run.sae.log_threshold
+    assert groups[0]["initial_lr"] == pytest.approx(1e-3) and groups[1]["initial_lr"] == pytest.approx(7e-3)
+    assert groups[1]["lr"] / groups[0]["lr"] == pytest.approx(7.0)  # warmup scales both alike
+    assert get_method("jumprelu")(config("jumprelu", tmp_path)).opts.threshold_lr_scale == 10.0
+
+
+def test_jumprelu_target_l0_is_reached_in_a_short_run(planted, tmp_path):
+    """Target-L0 mode reaches a target the data alone would not give (6 for 3 planted features) in 150 steps,
+    which the paper's threshold lr (scale 1) cannot: its thresholds barely move from the initialisation."""
+    x = planted.held_out(107).acts[HOOK][:4096]
+    l0 = {}
+    for scale in (1.0, 10.0):
+        opts = {"sparsity_mode": "target_l0", "sparsity_coef": 1.0, "theta_init_mode": "quantile", "target_l0": 6.0, "threshold_lr_scale": scale}
+        sae = train(config("jumprelu", tmp_path / str(scale), steps=150, lr=1e-3, opts=opts), source=planted, progress=False).sae
+        with torch.no_grad():
+            l0[scale] = (sae.encode(x) != 0).sum(-1).float().mean().item()
+    assert abs(l0[10.0] - 6.0) < 1.0, l0
+    assert l0[1.0] < 4.0, l0
 
 
 def test_hard_thresholding_is_the_l0_constrained_projection():
@@ -696,6 +727,53 @@ def test_e2e_trains_through_the_frozen_model_without_touching_it(tiny, tmp_path,
     assert {"loss/kl_loss", "loss/sparsity_loss"} <= terms
     assert ("loss/downstream_loss" in terms) == (name == "e2e_ds")
     assert_reloads(result, src.chunk(0).acts["blocks.0.hook_resid_post"][:64])
+
+
+@pytest.mark.parametrize("name,hook", [("e2e", "blocks.0.hook_resid_post"), ("e2e_ds", "blocks.0.hook_resid_pre")])
+def test_e2e_resumed_step_equals_the_full_spliced_forward(tiny, tmp_path, name, hook):
+    """Resuming the spliced forward at the hook gives the same losses and SAE gradients as the whole model."""
+    from saebench.sae import SAE
+
+    model, special, tokens = tiny
+    cfg = config(name, tmp_path, hook_name=hook, batch=32, d_sae=96, k=4)
+    got = []
+    for resume in (True, False):
+        method = get_method(name)(cfg)
+        method.attach_model(model)
+        if not resume:
+            method._resume = False  # decided: run the whole model
+        sae = SAE(method.sae_config(64))
+        sae.init_tied(torch.Generator().manual_seed(0))
+        out = method.step(sae, StepInput(x=torch.zeros(1), dead_mask=None, step=0, token_ids=tokens[:4]))
+        out.loss.backward()
+        got.append(({k: v.item() for k, v in out.losses.items()}, [p.grad.clone() for p in sae.parameters() if p.grad is not None]))
+        if resume:
+            assert callable(method._resume), "the step did not resume at the residual hook"
+    (loss_r, grad_r), (loss_f, grad_f) = got
+    assert loss_r.keys() == loss_f.keys() and ("downstream_loss" in loss_r) == (name == "e2e_ds")
+    for key in loss_r:
+        assert loss_r[key] == pytest.approx(loss_f[key], rel=1e-4, abs=1e-7), key
+    assert len(grad_r) == len(grad_f) > 0
+    for a, b in zip(grad_r, grad_f):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_e2e_topk_variant_holds_k_and_exports_a_topk_sae(tiny, tmp_path):
+    """activation='topk': the end-to-end losses on a TopK SAE (fixed L0), recorded in cfg.json."""
+    from saebench.trainers.e2e import TokenSequenceSource
+
+    model, special, tokens = tiny
+    src = TokenSequenceSource(model, "blocks.0.hook_resid_post", tokens, special_ids=special, shuffle_buffer_tokens=256)
+    cfg = config("e2e", tmp_path, hook_name="blocks.0.hook_resid_post", batch=32, steps=3, d_sae=64, k=4, lr=1e-3,
+                 opts={"activation": "topk", "sparsity_coef": 0.0})
+    result = train(cfg, source=src, model=model, progress=False)
+    assert result.sae.cfg.architecture == "topk" and result.sae.cfg.k == 4 and result.sae.cfg.method == "e2e"
+    x = src.chunk(0).acts["blocks.0.hook_resid_post"][:64]
+    with torch.no_grad():
+        assert ((result.sae.encode(x) != 0).sum(-1) <= 4).all()
+    assert result.history[-1]["loss/sparsity_loss"] == 0.0 and "loss/kl_loss" in result.history[-1]
+    assert_reloads(result, x)
+    assert get_method("e2e")(config("e2e", tmp_path)).architecture == "relu"  # the paper's SAE by default
 
 
 def test_e2e_draws_its_own_sequences_from_the_default_source(tiny, tmp_path):

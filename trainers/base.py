@@ -149,6 +149,11 @@ class Method:
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(sample.float()).to(sae.dtype))
 
+    def param_groups(self, sae: SAE, lr: float) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one group at the run's ``lr`` unless a method needs more
+        (JumpReLU's thresholds take their own learning rate). The schedule scales every group alike."""
+        return [{"params": list(sae.parameters())}]
+
     # ----- the training step -----------------------------------------------------------------
     def select(self, pre: Tensor, batch: "StepInput", sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         """Training-time selection: (indices [B, K], valid mask or None).

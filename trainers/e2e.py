@@ -1,6 +1,7 @@
 """End-to-end SAEs (Braun et al., arXiv 2405.12241; ApolloResearch/e2e_sae): trained through the frozen model.
 
-The SAE is a ReLU SAE (architecture ``relu``), c = ReLU(W_enc(x − b_dec) + b_enc), spliced into the
+The SAE is a ReLU SAE (architecture ``relu``; ``activation="topk"`` makes it a TopK SAE with the same
+losses, for comparisons at a fixed L0), c = ReLU(W_enc(x − b_dec) + b_enc), spliced into the
 frozen model at the hook: the model runs once clean (no grad) and once with x̂ in place of x at every
 non-special position, and the loss compares the two runs:
 
@@ -12,7 +13,10 @@ the target (Apollo's code; its docstring has the direction backwards). The downs
 over positions and dimensions, in the model's raw units, at the residual stream after every later block
 (``downstream_hooks`` overrides). c is in the SAE's (scaled-input) units. With ``kl_coef = 0`` the
 forward passes stop after the last downstream hook. The model's parameters are frozen on attach and
-never receive gradient; backprop runs only from the logits down to the hook.
+never receive gradient; backprop runs only from the logits down to the hook. At a residual-stream hook
+of a model that supports it, the spliced forward resumes at the hook (only the later blocks run again;
+``EndToEnd.resumed``), so a step costs one clean forward, half a forward and its backward at a middle
+layer.
 
 Tokens, not activations: the method needs whole sequences. When the loop builds the source
 (``train``/``train_many``/``saebench.api``/the CLI without ``source=``), ``make_source`` gives a
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +48,10 @@ from saebench.trainers.base import Method, Options, StepInput, StepOutput, regis
 
 class E2EOptions(Options):
     auxk_coef: float = 0.0  # ReLU SAE: no AuxK
+    activation: Literal["relu", "topk"] = Field("relu", description=(
+        "'relu': the paper's SAE, whose L0 is whatever the L1 term gives. 'topk': the same end-to-end losses on a TopK SAE "
+        "(k from the config; set sparsity_coef = 0 for no L1), so e2e can be compared with the other methods at a fixed L0 "
+        "(our extension, not in the paper)."))
     kl_coef: float = Field(1.0, ge=0, description="Weight of KL(p_clean ‖ p_spliced) per position.")
     sparsity_coef: float = Field(1.5, ge=0, description="Weight of mean ‖c‖₁ / d_in.")
     downstream_coef: float = Field(0.0, ge=0, description="Total weight of the downstream MSE terms, split evenly over the hooks.")
@@ -97,6 +106,10 @@ class EndToEnd(Method):
         return TokenSequenceSource(model, hook_names[0], tokens, special_ids=special, shuffle_buffer_tokens=cfg.shuffle_buffer_tokens,
                                    model_batch_size=cfg.model_batch_size, batch_acts=False)
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.architecture = self.opts.activation  # an instance's choice: "relu" (the paper) or "topk"
+
     def attach_model(self, model) -> None:
         """Freeze ``model`` and resolve the hook, downstream hooks and special tokens."""
         if model is None:
@@ -126,6 +139,7 @@ class EndToEnd(Method):
             self.special_ids = text.special_ids(tok)
         self._tokens: Tensor | None = None
         self._perm: tuple[int, Tensor | None] = (-1, None)
+        self._resume = None  # the resumed spliced forward, False where it does not apply (decided on the first step)
 
     # ----- where the token sequences come from --------------------------------------------------
     def sequences(self, inp: StepInput) -> Tensor:
@@ -154,6 +168,8 @@ class EndToEnd(Method):
 
     # ----- the step -----------------------------------------------------------------------------
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
+        if self.architecture == "topk":
+            return sparse.topk_select(pre, self.cfg.k), None
         return sparse.mask_to_indices(pre > 0, pre)
 
     def _site(self, act: Tensor) -> Tensor:
@@ -186,6 +202,25 @@ class EndToEnd(Method):
         x = seen.pop("x")
         return out, seen, x
 
+    def resumed(self, x_clean: Tensor, logits_clean: Tensor | None):
+        """The spliced forward resumed at the hook (``saebench.models.resume_forward``), or None.
+
+        It runs only the blocks after the hook: the blocks before it would compute the clean
+        activations again. Used at a residual-stream hook of a model that resumes, when the loss reads
+        the logits and every downstream hook is a later block's ``hook_resid_post``; checked once
+        against the clean forward's logits (``resume_matches``). Otherwise the whole model runs.
+        """
+        if self._resume is None:
+            from saebench.models import _RESID_HOOK, resume_forward, resume_matches
+
+            m = _RESID_HOOK.fullmatch(self.hook)
+            first = None if m is None else int(m[1]) + (m[2] == "post")
+            layers = [int(h.split(".")[1]) if h.endswith("hook_resid_post") and h.startswith("blocks.") else -1 for h in self.downstream]
+            ok = (first is not None and self.head is None and logits_clean is not None and all(layer >= first for layer in layers)
+                  and resume_matches(self.model, self.hook, x_clean, logits_clean))
+            self._resume = resume_forward(self.model, self.hook, record=layers) if ok else False
+        return self._resume or None
+
     def step(self, sae: SAE, inp: StepInput) -> StepOutput:
         tokens = self.sequences(inp).to(self.cfg.device)
         keep = token_mask(tokens, self.special_ids)
@@ -197,7 +232,14 @@ class EndToEnd(Method):
         def splice(site: Tensor) -> None:
             site[keep] = (local.x_hat / inp.scale).to(site.dtype)
 
-        logits_new, ds_new, _ = self.run(tokens, splice)
+        run = self.resumed(x_clean, logits_clean)
+        if run is not None:
+            h = x_clean.clone()
+            splice(h)
+            out = run(h)
+            logits_new, ds_new = out if isinstance(out, tuple) else (out, {})
+        else:
+            logits_new, ds_new, _ = self.run(tokens, splice)
         losses = {"mse_loss": local.losses["mse_loss"].detach()}
         if "auxiliary_reconstruction_loss" in local.losses:
             losses["auxiliary_reconstruction_loss"] = local.losses["auxiliary_reconstruction_loss"]

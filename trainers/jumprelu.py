@@ -43,6 +43,11 @@ class JumpReLUOptions(Options):
         "'quantile': each latent's θ starts where it fires on L0_target/d_sae of the initialisation batch (L0_target = target_l0 or k), "
         "so training starts at the target L0. For short runs: log θ moves about lr per Adam step, so a constant θ₀ far from its "
         "final value takes thousands of steps to get there."))
+    threshold_lr_scale: float = Field(10.0, gt=0, description=(
+        "Learning rate of log θ as a multiple of the run's lr (1 = the paper). Adam moves log θ by about its lr per step whatever "
+        "the size of its gradient, so at lr 1e-3 and scale 1 a threshold changes ~0.1% a step: too slow to follow the encoder in a "
+        "run of hundreds of steps (measured in docs/METHODS_IMPLEMENTED.md: target L0 32 ends at 18.7 after 60 steps with scale 1, "
+        "31.5 with 10)."))
     sparsity_mode: Literal["l0", "target_l0"] = "l0"
     sparsity_coef: float = Field(1e-3, ge=0, description=(
         "λ (l0 mode) or c (target_l0 mode). In l0 mode it is the FVU a latent must save per token to be worth firing."))
@@ -134,6 +139,10 @@ class JumpReLU(Method):
                 sae.log_threshold.copy_(quantile_thresholds(sae, sample, self.opts.target_l0 or float(self.cfg.k)).log())
             else:
                 sae.log_threshold.fill_(math.log(self.opts.theta_init))
+
+    def param_groups(self, sae: SAE, lr: float) -> list[dict]:
+        rest = [p for p in sae.parameters() if p is not sae.log_threshold]
+        return [{"params": rest}, {"params": [sae.log_threshold], "lr": lr * self.opts.threshold_lr_scale}]
 
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         theta = sae.log_threshold.detach().exp()

@@ -79,10 +79,13 @@ def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> floa
 def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Adam:
     """Adam with the config's betas and eps; the fused kernel (one pass per tensor) where the device has one.
 
-    On CPU the fused step is ~6x faster than the per-tensor loop for a 16k-latent SAE (docs/PERFORMANCE.md).
+    ``params``: tensors, or parameter groups (dicts with "params" and optionally their own "lr"), as
+    ``Method.param_groups`` gives them. On CPU the fused step is ~6x faster than the per-tensor loop
+    for a 16k-latent SAE (docs/PERFORMANCE.md).
     """
     params = list(params)
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
     return torch.optim.Adam(params, lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused or None)
 
 
@@ -217,18 +220,18 @@ def train_many(cfgs: list[TrainConfig], source: ActivationSource | None = None, 
     for c in cfgs:
         if c.hook_name not in source.hook_names:
             raise ConfigError(f"hook {c.hook_name!r} is not provided by the activation source (it has {source.hook_names})")
-    if any(m.needs_grads for m in methods) and source.chunk(0).grads is None:
-        bad = next(c.method for c, m in zip(cfgs, methods) if m.needs_grads)
-        raise ConfigError(f"method {bad!r} needs LM-loss gradients; the activation source has none")
-    for c in cfgs:
-        configure_matmul_precision(c.device, c.tf32)
-
     first: list = []  # chunk 0, read once for the initialisation of every fresh run
 
     def first_chunk() -> Batch:
         if not first:
             first.append(source.chunk(0))
         return first[0]
+
+    if any(m.needs_grads for m in methods) and first_chunk().grads is None:
+        bad = next(c.method for c, m in zip(cfgs, methods) if m.needs_grads)
+        raise ConfigError(f"method {bad!r} needs LM-loss gradients; the activation source has none")
+    for c in cfgs:
+        configure_matmul_precision(c.device, c.tf32)
 
     writes = rank_ == 0 or distribute_modules
     runs = {i: _start_run(cfgs[i], methods[i], source, model, first_chunk, world, writes, replicated=dp) for i in owned}
@@ -328,7 +331,7 @@ def _start_run(cfg: TrainConfig, method: Method, source: ActivationSource, model
     )
     sae = SAE(sae_cfg).to(cfg.device)
     lr = cfg.lr or default_lr(sae_cfg.d_sae)
-    opt = make_optimizer(sae.parameters(), cfg, lr)
+    opt = make_optimizer(method.param_groups(sae, lr), cfg, lr)
     total = cfg.total_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.lr_warmup_steps, cfg.lr_decay_fraction))
     counters = [torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=cfg.device) for _ in range(2)]
