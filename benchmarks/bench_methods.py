@@ -60,7 +60,8 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "e2e": {"activation": "topk", "sparsity_coef": 0.0},
     "e2e_ds": {"activation": "topk", "sparsity_coef": 0.0},
 }
-TABLE_COLUMNS = [("method", "method"), ("train_tokens", "training tokens"), ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_score", "CE loss recovered"),
+TABLE_COLUMNS = [("method", "method"), ("train_tokens", "training tokens"), ("l0", "L0"), ("fvu", "FVU"),
+                 ("fvu_without_outliers", "FVU w/o outlier tokens"), ("ce_loss_score", "CE loss recovered"),
                  ("kl_div_score", "KL score"), ("dead_fraction", "dead fraction"), ("train_seconds", "training time (s)"),
                  ("tokens_per_second", "tokens/s")]
 RESULT_STEM = "methods_comparison"
@@ -359,7 +360,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if secs is None:  # trained by an earlier, interrupted run of this script: its own training log
                 secs = _logged_seconds(d)
             rows[e["key"]] = {
-                "key": e["key"], "method": e["method"], "train_tokens": e["tokens"], "l0": m["l0"], "fvu": m["fvu"], "ce_loss_score": m.get("ce_loss_score"),
+                "key": e["key"], "method": e["method"], "train_tokens": e["tokens"], "l0": m["l0"], "fvu": m["fvu"], "fvu_without_outliers": m.get("fvu_without_outliers"),
+                "n_outlier_tokens": m.get("n_outlier_tokens"), "ce_loss_score": m.get("ce_loss_score"),
                 "kl_div_score": m.get("kl_div_score"), "dead_fraction": m["dead_fraction"], "train_seconds": secs,
                 "tokens_per_second": e["tokens"] / secs if secs else None, "explained_variance": m["explained_variance"], "cossim": m["cossim"],
                 "ce_loss_without_sae": m.get("ce_loss_without_sae"), "ce_loss_with_sae": m.get("ce_loss_with_sae"),

@@ -388,8 +388,9 @@ def _steering_summary(per: dict[str, dict]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- table and figures
 
-_CORE_COLS = ("l0", "l1", "fvu", "explained_variance", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias", "ce_loss_score",
-              "kl_div_score", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "kl_div_with_sae", "kl_div_with_ablation")
+_CORE_COLS = ("l0", "l1", "fvu", "fvu_without_outliers", "n_outlier_tokens", "explained_variance", "mse", "cossim", "l2_ratio",
+              "relative_reconstruction_bias", "ce_loss_score", "kl_div_score", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation",
+              "kl_div_with_sae", "kl_div_with_ablation")
 _DEAD_COLS = ("dead_fraction", "dead_window_tokens", "frac_alive", "dense_fraction_1pct", "dense_fraction_10pct", "special_only_fraction",
               "n_special_only")
 

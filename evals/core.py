@@ -3,6 +3,11 @@
 Definitions (EVALS.md §1.3; SAEBench names where they exist):
 
 - ``fvu`` = Σ‖x − x̂‖² / Σ‖x − x̄‖² over all evaluated tokens (x̄: their mean); ``explained_variance`` = 1 − fvu.
+- ``fvu_without_outliers``: the same without the ``n_outlier_tokens`` tokens whose norm exceeds
+  ``OUTLIER_NORM_FACTOR`` (10, the harvest's default ``outlier_norm_factor``) times the median norm of
+  their batch. Training drops such tokens (attention-sink-like positions with norms 10–100x the
+  rest); a handful of them can dominate the eval's FVU, most of all for threshold SAEs, which fire
+  hundreds of latents on them. ``fvu`` keeps them, as SAEBench does.
 - ``mse`` = Σ‖x − x̂‖² / (N·d_in); ``cossim`` = mean cos(x, x̂); ``l2_ratio`` = mean ‖x̂‖/‖x‖;
   ``relative_reconstruction_bias`` = E‖x̂‖² / E⟨x, x̂⟩ (1 = no shrinkage).
 - ``l0`` = mean #{i: f_i ≠ 0} (non-zero, so signed SAEs count correctly); ``l1`` = mean Σ|f_i|.
@@ -160,12 +165,19 @@ def zero_terms(lp_zero: Tensor, toks: Tensor, keep: Tensor, clean: tuple[Tensor,
     return ce, (neg_h - cross)[keep].sum().item()
 
 
+OUTLIER_NORM_FACTOR = 10.0
+
+
 @dataclass
 class _Sums:
     n: int = 0
     sse: float = 0.0
     sum_sq: float = 0.0
     sum_x: Tensor | None = None
+    n_out: int = 0  # outlier-norm tokens, and the FVU sums without them
+    sse_in: float = 0.0
+    sum_sq_in: float = 0.0
+    sum_x_in: Tensor | None = None
     cos: float = 0.0
     l2_ratio: float = 0.0
     xhat_sq: float = 0.0
@@ -231,7 +243,8 @@ class CoreAccumulator:
 
     def __init__(self, sae: SAE):
         self.sae = sae
-        self.sums = _Sums(sum_x=torch.zeros(sae.d_in, dtype=torch.float64), fires=torch.zeros(sae.d_sae, dtype=torch.long))
+        self.sums = _Sums(sum_x=torch.zeros(sae.d_in, dtype=torch.float64), sum_x_in=torch.zeros(sae.d_in, dtype=torch.float64),
+                          fires=torch.zeros(sae.d_sae, dtype=torch.long))
 
     def add_reconstruction(self, x: Tensor, x_hat: Tensor, acts) -> None:
         """Non-special activations ``x`` [N, d_in], their reconstruction and the ``SparseActs``."""
@@ -268,9 +281,17 @@ class CoreAccumulator:
 
 def _accumulate(s: _Sums, x: Tensor, x_hat: Tensor, acts) -> None:
     s.n += x.shape[0]
-    s.sse += (x - x_hat).pow(2).sum().item()
-    s.sum_sq += x.double().pow(2).sum().item()
+    err = (x - x_hat).pow(2).sum(-1)
+    sq = x.double().pow(2).sum(-1)
+    s.sse += err.sum().item()
+    s.sum_sq += sq.sum().item()
     s.sum_x += x.double().sum(0)
+    if x.shape[0]:
+        inl = sq.sqrt() <= OUTLIER_NORM_FACTOR * sq.sqrt().median()
+        s.n_out += int((~inl).sum())
+        s.sse_in += err[inl].sum().item()
+        s.sum_sq_in += sq[inl].sum().item()
+        s.sum_x_in += x[inl].double().sum(0)
     s.cos += F.cosine_similarity(x, x_hat, dim=-1).sum().item()
     s.l2_ratio += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum().item()
     s.xhat_sq += x_hat.pow(2).sum().item()
@@ -296,6 +317,8 @@ def _summarise(s: _Sums, sae: SAE, downstream: bool) -> dict[str, Any]:
         "n_tokens": s.n,
         "fvu": f,
         "explained_variance": 1 - f,
+        "fvu_without_outliers": fvu(s.sse_in, s.sum_sq_in, s.sum_x_in, s.n - s.n_out) if s.n > s.n_out else math.nan,
+        "n_outlier_tokens": s.n_out,
         "mse": s.sse / (s.n * sae.d_in),
         "cossim": s.cos / s.n,
         "l2_ratio": s.l2_ratio / s.n,
@@ -325,7 +348,7 @@ def _summarise(s: _Sums, sae: SAE, downstream: bool) -> dict[str, Any]:
 
 
 SUMMARY_KEYS = [
-    ("l0", "L0"), ("fvu", "FVU"), ("explained_variance", "explained variance"), ("cossim", "cosine"),
+    ("l0", "L0"), ("fvu", "FVU"), ("fvu_without_outliers", "FVU w/o outlier tokens"), ("explained_variance", "explained variance"), ("cossim", "cosine"),
     ("ce_loss_score", "CE loss recovered"), ("kl_div_score", "KL score"), ("ce_loss_without_sae", "CE clean"),
     ("ce_loss_with_sae", "CE with SAE"), ("ce_loss_with_ablation", "CE zero-ablated"), ("dead_fraction", "dead fraction"),
     ("dense_fraction_1pct", "dense >1%"), ("dense_fraction_10pct", "dense >10%"), ("relative_reconstruction_bias", "shrinkage (rel. bias)"),

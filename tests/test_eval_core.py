@@ -67,6 +67,33 @@ def test_token_metrics_match_formulas(tiny_model):
     assert sum(m["log10_density_histogram"]["counts"]) == int((density > 0).sum())
 
 
+def test_fvu_without_outliers_drops_only_huge_norm_tokens():
+    """fvu keeps every token (as SAEBench); fvu_without_outliers drops norms > 10x the batch median."""
+    from saebench.evals.core import CoreAccumulator
+    from saebench.sparse import SparseActs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g)
+    x[[3, 77]] *= 50.0  # two attention-sink-like tokens
+    x_hat = x + 0.1 * torch.randn(200, 8, generator=g)
+    x_hat[[3, 77]] = 0.0  # reconstructed terribly
+    sae = SAE(SAEConfig(architecture="topk", d_in=8, d_sae=4, k=1))
+    acc = CoreAccumulator(sae)
+    acts = SparseActs(torch.ones(200, 1), torch.zeros(200, 1, dtype=torch.long))
+    acc.add_reconstruction(x[:120], x_hat[:120], SparseActs(acts.values[:120], acts.indices[:120]))
+    acc.add_reconstruction(x[120:], x_hat[120:], SparseActs(acts.values[120:], acts.indices[120:]))
+    m = acc.result(downstream=False)
+
+    def ref(a, b):
+        return ((a - b).pow(2).sum() / (a - a.mean(0)).pow(2).sum()).item()
+
+    inl = torch.ones(200, dtype=torch.bool)
+    inl[[3, 77]] = False
+    assert m["n_outlier_tokens"] == 2
+    assert m["fvu"] == pytest.approx(ref(x, x_hat), rel=1e-5) and m["fvu"] > 0.9
+    assert m["fvu_without_outliers"] == pytest.approx(ref(x[inl], x_hat[inl]), rel=1e-5) and m["fvu_without_outliers"] < 0.02
+
+
 def test_identity_sae_recovers_all_and_zero_sae_none(tiny_model):
     tokens = torch.randint(3, 2000, (4, 16))
     tokens[:, 0] = 1
