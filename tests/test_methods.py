@@ -355,6 +355,17 @@ def test_jumprelu_thresholds_get_their_own_learning_rate(tmp_path):
     assert get_method("jumprelu")(config("jumprelu", tmp_path)).opts.threshold_lr_scale == 10.0
 
 
+def test_jumprelu_target_mode_has_its_own_defaults(tmp_path):
+    """sparsity_mode='target_l0' alone gives c = 1 and quantile θ init; explicit values win; l0 mode keeps the paper's."""
+    opts = get_method("jumprelu")(config("jumprelu", tmp_path, opts={"sparsity_mode": "target_l0"})).opts
+    assert (opts.sparsity_coef, opts.theta_init_mode) == (1.0, "quantile")
+    opts = get_method("jumprelu")(config("jumprelu", tmp_path, opts={"sparsity_mode": "target_l0", "sparsity_coef": 0.3,
+                                                                      "theta_init_mode": "constant"})).opts
+    assert (opts.sparsity_coef, opts.theta_init_mode) == (0.3, "constant")
+    opts = get_method("jumprelu")(config("jumprelu", tmp_path)).opts
+    assert (opts.sparsity_mode, opts.sparsity_coef, opts.theta_init_mode) == ("l0", 1e-3, "constant")
+
+
 def test_jumprelu_target_l0_is_reached_in_a_short_run(planted, tmp_path):
     """Target-L0 mode reaches a target the data alone would not give (6 for 3 planted features) in 150 steps,
     which the paper's threshold lr (scale 1) cannot: its thresholds barely move from the initialisation."""

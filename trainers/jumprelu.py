@@ -23,11 +23,11 @@ optimiser is Adam(β1 = 0, β2 = 0.999): set ``adam_betas = [0.0, 0.999]`` in th
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from saebench import sparse
@@ -40,7 +40,7 @@ class JumpReLUOptions(Options):
     bandwidth: float = Field(0.05, gt=0, description="KDE bandwidth ε of the rectangle-kernel STE (scaled-input units).")
     theta_init: float = Field(0.1, gt=0, description="Initial threshold θ₀ for every latent (theta_init_mode='constant').")
     theta_init_mode: Literal["constant", "quantile"] = Field("constant", description=(
-        "'quantile': each latent's θ starts where it fires on L0_target/d_sae of the initialisation batch (L0_target = target_l0 or k), "
+        "Default 'constant' in l0 mode, 'quantile' in target_l0 mode. 'quantile': each latent's θ starts where it fires on L0_target/d_sae of the initialisation batch (L0_target = target_l0 or k), "
         "so training starts at the target L0. For short runs: log θ moves about lr per Adam step, so a constant θ₀ far from its "
         "final value takes thousands of steps to get there."))
     threshold_lr_scale: float = Field(10.0, gt=0, description=(
@@ -50,9 +50,18 @@ class JumpReLUOptions(Options):
         "31.5 with 10)."))
     sparsity_mode: Literal["l0", "target_l0"] = "l0"
     sparsity_coef: float = Field(1e-3, ge=0, description=(
-        "λ (l0 mode) or c (target_l0 mode). In l0 mode it is the FVU a latent must save per token to be worth firing."))
+        "λ (l0 mode, default 1e-3) or c (target_l0 mode, default 1 as dictionary_learning). In l0 mode it is the FVU a latent must "
+        "save per token to be worth firing."))
     sparsity_warmup_steps: int | None = Field(None, ge=0, description="Linear warmup of the sparsity coefficient; default 10% of training.")
     target_l0: float | None = Field(None, gt=0, description="Target mean L0 for target_l0 mode; default the config's k.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_mode_defaults(cls, data: Any) -> Any:
+        """target_l0 mode's own defaults where not given: c = 1 and thresholds that start at the target."""
+        if isinstance(data, dict) and data.get("sparsity_mode") == "target_l0":
+            return {"sparsity_coef": 1.0, "theta_init_mode": "quantile"} | data
+        return data
 
 
 def rectangle(u: Tensor) -> Tensor:
