@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results", help="where the table and the figure go")
     p.add_argument("--force", action="store_true", help="redo the named methods even if their rows exist (their SAEs are retrained)")
     p.add_argument("--tiny", action="store_true", help="smoke mode: a tiny random model, a few hundred tokens, seconds")
+    p.add_argument("--reeval", action="store_true", help=(
+        "evaluate the named methods' trained SAEs again (e.g. after the core eval gained a metric), keeping their rows' training "
+        "times; nothing already trained is retrained"))
     p.add_argument("--train-only", action="store_true", help="train the SAEs that are missing and stop (a later run evaluates them): lets a second process train the model methods alongside")
     p.add_argument("--import-rows", nargs="+", default=[], metavar="JSON", help=(
         "rows from other runs' methods_comparison.json (e.g. parts run side by side on a busy machine, each with its own --out) "
@@ -319,8 +322,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if r.get("eval_tokens") is not None and rows and any(x.get("eval_tokens") not in (None, r["eval_tokens"]) for x in rows.values()):
                 raise SystemExit(f"row {key} of {path} was evaluated on {r['eval_tokens']} tokens, the table's rows on a different number")
             rows.setdefault(key, r | {"imported_from": str(path)})
-    if args.force:
-        rows = {k: v for k, v in rows.items() if k not in {e["key"] for e in entries}}
+    if args.force and args.reeval:
+        raise SystemExit("--force retrains and --reeval keeps the training: give one of them")
+    named = {e["key"] for e in entries}
+    previous = {k: v for k, v in rows.items() if k in named} if args.reeval else {}
+    if args.force or args.reeval:
+        rows = {k: v for k, v in rows.items() if k not in named}
     todo = [e for e in entries if e["key"] not in rows]
     log(f"{len(entries)} SAEs, {len(entries) - len(todo)} already in the table, {len(todo)} to do: {', '.join(e['key'] for e in todo) or '-'}")
     model = models.load_model(base["model"]) if todo else None
@@ -356,7 +363,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         log(f"core eval of {len(dirs)} SAEs on {args.eval_tokens if not args.tiny else 256:,} held-out tokens")
         metrics = evaluate(dirs, model, base, args.eval_tokens if not args.tiny else 256, progress)
         for e, d, m in zip(todo, dirs, metrics):
-            secs = seconds.get(str(d))
+            before = previous.get(e["key"], {})
+            secs = seconds.get(str(d), before.get("train_seconds"))
             if secs is None:  # trained by an earlier, interrupted run of this script: its own training log
                 secs = _logged_seconds(d)
             rows[e["key"]] = {
@@ -367,7 +375,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "ce_loss_without_sae": m.get("ce_loss_without_sae"), "ce_loss_with_sae": m.get("ce_loss_with_sae"),
                 "ce_loss_with_ablation": m.get("ce_loss_with_ablation"), "architecture": m["architecture"], "d_sae": m["d_sae"],
                 "eval_tokens": m["n_tokens"], "dead_window_tokens": m["dead_window_tokens"], "method_options": METHOD_OPTIONS.get(e["method"], {}),
-                "sae_dir": str(d), "source_seconds": data_seconds.get(e["key"]),
+                "sae_dir": str(d), "source_seconds": data_seconds.get(e["key"], before.get("source_seconds")),
             }
     order = {e["key"]: i for i, e in enumerate(plan(argparse.Namespace(**(vars(args) | {"methods": ALL_METHODS}))))}
     table = sorted(rows.values(), key=lambda r: order.get(r["key"], len(order)))

@@ -29,11 +29,12 @@ def test_tiny_mode_gives_one_finite_row_per_method_and_resumes(tmp_path, monkeyp
             assert isinstance(r[k], float) and math.isfinite(r[k]), (r["key"], k, r[k])
         assert r["l0"] > 0 and 0 <= r["dead_fraction"] <= 1 and r["eval_tokens"] > 0
     by = {r["key"]: r for r in rows}
-    assert by["topk"]["l0"] == 4.0 and by["e2e"]["architecture"] == "relu" and by["gsae"]["train_tokens"] == 256
+    assert by["topk"]["l0"] == 4.0 and by["gsae"]["train_tokens"] == 256
+    assert by["e2e"]["architecture"] == by["e2e_ds"]["architecture"] == "topk" and by["e2e"]["l0"] <= 4.0  # their TopK form, at the common k
     saved = json.loads((out / "methods_comparison.json").read_text())
     assert [r["key"] for r in saved["rows"]] == keys and saved["meta"]["machine"]["cpu_count"]
     csv_lines = (out / "methods_comparison.csv").read_text().strip().splitlines()
-    assert len(csv_lines) == len(keys) + 1 and csv_lines[0].startswith("key,method,train_tokens,l0,fvu,ce_loss_score")
+    assert len(csv_lines) == len(keys) + 1 and csv_lines[0].startswith("key,method,train_tokens,l0,fvu,fvu_without_outliers,ce_loss_score")
     md = (out / "methods_comparison.md").read_text()
     assert md.count("\n| ") >= len(keys) and "CE loss recovered" in md
     assert (out / "methods_ce_vs_l0.html").stat().st_size > 1000
@@ -47,6 +48,16 @@ def test_tiny_mode_gives_one_finite_row_per_method_and_resumes(tmp_path, monkeyp
     monkeypatch.setattr(loop, "train_many", refuse)
     again = bench.main(["--tiny", "--quiet", "--out", str(out), "--runs-dir", str(runs)])
     assert [r["key"] for r in again] == keys and again[0]["fvu"] == rows[0]["fvu"]
+    # --reeval evaluates named SAEs again (new metrics) and keeps their training times, training nothing.
+    for r in saved["rows"]:
+        r.pop("fvu_without_outliers", None)
+    (out / "methods_comparison.json").write_text(json.dumps(saved))
+    reeval = bench.main(["--tiny", "--quiet", "--out", str(out), "--runs-dir", str(runs), "--methods", "topk", "gsae", "--reeval"])
+    by_re = {r["key"]: r for r in reeval}
+    for key in ("topk", "gsae"):
+        assert math.isfinite(by_re[key]["fvu_without_outliers"]) and by_re[key]["fvu"] == by[key]["fvu"]
+        assert by_re[key]["train_seconds"] == by[key]["train_seconds"] and by_re[key]["source_seconds"] == by[key]["source_seconds"]
+    assert "fvu_without_outliers" not in by_re["abstopk"]  # not named: its row is kept as it was
     monkeypatch.undo()
     # ... and --force redoes only the named methods.
     redo = bench.main(["--tiny", "--quiet", "--out", str(out), "--runs-dir", str(runs), "--methods", "topk", "--force"])
