@@ -163,6 +163,37 @@ def batch_topk_mask(scores: Tensor, k_total: int) -> Tensor:
     return mask.view_as(scores)
 
 
+def batch_topk_select(scores: Tensor, k_total: int) -> tuple[Tensor, Tensor]:
+    """The ``k_total`` largest entries of ``scores`` [B, n] over the whole batch, as padded ``(indices, valid)`` rows.
+
+    The selection of ``mask_to_indices(batch_topk_mask(scores, k_total))`` (up to ties) without a
+    batch-wide sort, which on a CPU costs ~10x a per-token TopK (B = 4,096, n = 4,608, k = 32). Every
+    row's m largest entries are candidates (m = 4·k_total/B to start); τ is the k_total-th largest
+    candidate. If no row's m-th largest reaches τ, no entry outside the candidates can be ≥ τ, so the
+    candidates hold the global top-k_total, taken among them; otherwise m doubles (at most up to n).
+    """
+    if distributed.active() or scores.dim() != 2:
+        return mask_to_indices(batch_topk_mask(scores, k_total), scores)
+    B, n = scores.shape
+    k_total = min(k_total, B * n)
+    m = min(n, max(1, 4 * -(-k_total // B)))
+    while True:
+        vals, idx = scores.topk(m, dim=-1, sorted=False)
+        top = vals.reshape(-1).topk(k_total, sorted=False)
+        tau = top.values.min()
+        if m == n or bool((vals.min(-1).values < tau).all()):
+            break
+        m = min(n, 2 * m)
+    valid = torch.zeros(B * m, dtype=torch.bool, device=scores.device)
+    valid[top.indices] = True
+    valid = valid.view(B, m)
+    width = max(int(valid.sum(-1).max()), 1)
+    if width < m:  # compact every row to the widest row's count
+        keep = valid.to(scores.dtype).topk(width, dim=-1, sorted=False).indices
+        idx, valid = idx.gather(1, keep), valid.gather(1, keep)
+    return torch.where(valid, idx, 0), valid
+
+
 def _global_batch_topk_mask(scores: Tensor, k_total: int) -> Tensor:
     """``batch_topk_mask`` over the union of the data-parallel ranks' batches.
 

@@ -43,8 +43,7 @@ class AbsTopK(ThresholdMixin, Method):
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         if self.opts.variant == "token" or self._warming_up(batch):
             return sparse.topk_select(pre.abs(), self.cfg.k), None
-        mask = sparse.batch_topk_mask(pre.abs(), self.cfg.k * pre.shape[0])
-        return sparse.mask_to_indices(mask, pre)
+        return sparse.batch_topk_select(pre.abs(), self.cfg.k * pre.shape[0])
 
     def after_step(self, sae: SAE, inp: StepInput, out: StepOutput, step: int) -> None:
         if self.opts.variant != "batch":

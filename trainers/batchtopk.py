@@ -113,8 +113,7 @@ class BatchTopK(ThresholdMixin, Method):
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         if self._warming_up(batch):
             return sparse.topk_select(pre, self.cfg.k), None
-        mask = sparse.batch_topk_mask(pre.clamp_min(0), self.cfg.k * pre.shape[0])
-        return sparse.mask_to_indices(mask, pre)
+        return sparse.batch_topk_select(pre.clamp_min(0), self.cfg.k * pre.shape[0])
 
     def after_step(self, sae: SAE, inp: StepInput, out: StepOutput, step: int) -> None:
         vals = out.acts.values.detach()
