@@ -168,30 +168,44 @@ def batch_topk_select(scores: Tensor, k_total: int) -> tuple[Tensor, Tensor]:
 
     The selection of ``mask_to_indices(batch_topk_mask(scores, k_total))`` (up to ties) without a
     batch-wide sort, which on a CPU costs ~10x a per-token TopK (B = 4,096, n = 4,608, k = 32). Every
-    row's m largest entries are candidates (m = 4·k_total/B to start); τ is the k_total-th largest
-    candidate. If no row's m-th largest reaches τ, no entry outside the candidates can be ≥ τ, so the
-    candidates hold the global top-k_total, taken among them; otherwise m doubles (at most up to n).
+    row's m = 4·k_total/B largest entries are candidates, and τ is the k_total-th largest of them.
+    A row whose m-th largest is below τ cannot hold a winner outside its candidates; the few rows
+    that reach τ ("heavy" rows: high-norm tokens early in training) contribute all their entries
+    instead. That can only raise the k_total-th largest candidate, so the other rows stay below it,
+    and the top k_total of the candidates is the batch's, exactly.
     """
     if distributed.active() or scores.dim() != 2:
         return mask_to_indices(batch_topk_mask(scores, k_total), scores)
     B, n = scores.shape
     k_total = min(k_total, B * n)
     m = min(n, max(1, 4 * -(-k_total // B)))
-    while True:
-        vals, idx = scores.topk(m, dim=-1, sorted=False)
-        top = vals.reshape(-1).topk(k_total, sorted=False)
-        tau = top.values.min()
-        if m == n or bool((vals.min(-1).values < tau).all()):
-            break
-        m = min(n, 2 * m)
-    valid = torch.zeros(B * m, dtype=torch.bool, device=scores.device)
-    valid[top.indices] = True
-    valid = valid.view(B, m)
-    width = max(int(valid.sum(-1).max()), 1)
-    if width < m:  # compact every row to the widest row's count
-        keep = valid.to(scores.dtype).topk(width, dim=-1, sorted=False).indices
-        idx, valid = idx.gather(1, keep), valid.gather(1, keep)
+    vals, idx = scores.topk(m, dim=-1, sorted=False)
+    tau = vals.reshape(-1).topk(k_total, sorted=False).values.min()
+    heavy = (vals.min(-1).values >= tau).nonzero().flatten() if m < n else idx.new_zeros(0)
+    cand = vals.index_fill(0, heavy, -torch.inf).reshape(-1)
+    if len(heavy):  # heavy rows: every entry is a candidate
+        cand = torch.cat([cand, scores[heavy].reshape(-1)])
+    chosen = cand.topk(k_total, sorted=False).indices
+    light = torch.zeros(B * m, dtype=torch.bool, device=scores.device)
+    light[chosen[chosen < B * m]] = True
+    idx, valid = _compact(idx, light.view(B, m))
+    if len(heavy):
+        full = torch.zeros(len(heavy) * n, dtype=torch.bool, device=scores.device)
+        full[chosen[chosen >= B * m] - B * m] = True
+        h_idx, h_valid = _compact(torch.arange(n, device=scores.device).expand(len(heavy), n), full.view(len(heavy), n))
+        width = max(idx.shape[1], h_idx.shape[1])
+        idx, valid = F.pad(idx, (0, width - idx.shape[1])), F.pad(valid, (0, width - valid.shape[1]))
+        idx[heavy], valid[heavy] = F.pad(h_idx, (0, width - h_idx.shape[1])), F.pad(h_valid, (0, width - h_valid.shape[1]))
     return torch.where(valid, idx, 0), valid
+
+
+def _compact(idx: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Padded rows ``(idx, valid)`` [R, w] narrowed to the widest row's count of valid entries."""
+    width = max(int(valid.sum(-1).max()), 1) if valid.numel() else 1
+    if width < valid.shape[1]:
+        keep = valid.to(torch.float32).topk(width, dim=-1, sorted=False).indices
+        idx, valid = idx.gather(1, keep), valid.gather(1, keep)
+    return idx, valid
 
 
 def _global_batch_topk_mask(scores: Tensor, k_total: int) -> Tensor:

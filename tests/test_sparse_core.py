@@ -68,7 +68,7 @@ def test_batch_topk_mask_count():
     assert scores[m].min() >= scores[~m].max()
 
 
-@pytest.mark.parametrize("case", ["random", "one_heavy_row", "ties_at_zero", "k_total_is_everything"])
+@pytest.mark.parametrize("case", ["random", "one_heavy_row", "three_heavy_rows", "ties_at_zero", "k_total_is_everything"])
 def test_batch_topk_select_equals_the_batch_wide_sort(case):
     """The candidate search selects what a batch-wide top-k selects, also when a row holds most winners
     (forcing m to grow) and when τ ties (ReLU zeros)."""
@@ -77,6 +77,8 @@ def test_batch_topk_select_equals_the_batch_wide_sort(case):
     k_total = 64 * 5
     if case == "one_heavy_row":
         scores[7] += 10.0  # row 7 alone holds all 300 of its entries among the winners
+    elif case == "three_heavy_rows":
+        scores[[2, 30, 63]] += torch.tensor([[1.5], [3.0], [2.0]])  # each holds more winners than its first candidates
     elif case == "ties_at_zero":
         scores = scores.clamp_min(0) * (torch.rand(64, 300, generator=g) < 0.01)  # fewer positives than k_total
     elif case == "k_total_is_everything":
@@ -86,7 +88,7 @@ def test_batch_topk_select_equals_the_batch_wide_sort(case):
     got[torch.arange(64)[:, None].expand_as(idx)[valid], idx[valid]] = True
     assert int(valid.sum()) == int(got.sum()) == k_total  # exactly k_total distinct entries
     assert scores[got].min() >= scores[~got].max() if (~got).any() else True
-    if case in ("random", "one_heavy_row"):
+    if case in ("random", "one_heavy_row", "three_heavy_rows"):
         assert torch.equal(got, sparse.batch_topk_mask(scores, k_total))
     assert idx.shape[1] == int(valid.sum(-1).max())  # compacted to the widest row
 
