@@ -816,6 +816,15 @@ def test_e2e_downstream_only_stops_before_the_logits(tiny, tmp_path):
     assert method.stop_at_layer == 1
     out, ds, _ = method.run(tokens[:2])
     assert out.shape[-1] == 64 and set(ds) == set(method.downstream)  # the residual, not vocabulary logits
+    # Such a step runs the whole (truncated) model and leaves the evals' resume check alone.
+    from saebench.sae import SAE
+
+    model.__dict__.pop("_saebench_resume_ok", None)
+    sae = SAE(method.sae_config(64))
+    sae.init_tied(torch.Generator().manual_seed(0))
+    step = method.step(sae, StepInput(x=torch.zeros(1), dead_mask=None, step=0, token_ids=tokens[:2]))
+    assert "downstream_loss" in step.losses and "kl_loss" not in step.losses
+    assert method._resume is False and "blocks.0.hook_resid_pre" not in model.__dict__.get("_saebench_resume_ok", {})
     with pytest.raises(ConfigError, match="no block follows"):
         get_method("e2e_ds")(config("e2e_ds", tmp_path, hook_name="blocks.1.hook_resid_post")).attach_model(model)
 

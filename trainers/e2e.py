@@ -216,7 +216,8 @@ class EndToEnd(Method):
             m = _RESID_HOOK.fullmatch(self.hook)
             first = None if m is None else int(m[1]) + (m[2] == "post")
             layers = [int(h.split(".")[1]) if h.endswith("hook_resid_post") and h.startswith("blocks.") else -1 for h in self.downstream]
-            ok = (first is not None and self.head is None and logits_clean is not None and all(layer >= first for layer in layers)
+            # With stop_at_layer the clean "logits" are a residual stream: nothing to check the resumed pass against.
+            ok = (first is not None and self.head is None and self.stop_at_layer is None and all(layer >= first for layer in layers)
                   and resume_matches(self.model, self.hook, x_clean, logits_clean))
             self._resume = resume_forward(self.model, self.hook, record=layers) if ok else False
         return self._resume or None
