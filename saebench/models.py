@@ -472,7 +472,7 @@ def _decoder_parts(model):
     return None if any(p is None for p in parts) else parts
 
 
-def resume_forward(model, hook_name: str, *, record: Sequence[int] = (), stop_at_layer: int | None = None):
+def resume_forward(model, hook_name: str, *, record: Sequence[int] | None = None):
     """A function ``h -> logits`` that runs the model from residual-stream hook ``hook_name`` onward.
 
     ``h`` [batch, pos, d_model] is the residual stream at the hook (e.g. an SAE reconstruction spliced
@@ -480,12 +480,12 @@ def resume_forward(model, hook_name: str, *, record: Sequence[int] = (), stop_at
     evaluation that needs logits for several substitutions at layer L pays the first L blocks once.
     Gradients flow through it (end-to-end training resumes here too).
 
-    ``record``: layers whose output (``blocks.l.hook_resid_post``) to return as well; ``stop_at_layer``:
-    run blocks up to (not including) this one and skip the unembedding. With either, the function
-    returns ``(logits or None, {hook name: activation})``.
+    ``record``: layers whose output (``blocks.l.hook_resid_post``) to return as well; with it the
+    function returns ``(logits, {hook name: activation})``.
 
-    Returns None where this is not supported (hooks inside a block, non-Llama-family architectures);
-    callers then run the whole model with a hook. :func:`resume_matches` checks it on real data.
+    Returns None where this is not supported (hooks inside a block, non-Llama-family architectures,
+    a recorded layer the resumed pass does not run); callers then run the whole model with a hook.
+    :func:`resume_matches` checks it on real data.
     """
     m = _RESID_HOOK.fullmatch(hook_name)
     parts = _decoder_parts(model)
@@ -493,11 +493,9 @@ def resume_forward(model, hook_name: str, *, record: Sequence[int] = (), stop_at
         return None
     start = int(m[1]) + (m[2] == "post")
     layers, norm, rotary, lm_head = parts
-    if start > len(layers):
+    recorded = set(record or ())
+    if start > len(layers) or any(not start <= i < len(layers) for i in recorded):
         return None
-    stop = len(layers) if stop_at_layer is None else min(stop_at_layer, len(layers))
-    record = set(record)
-    detailed = bool(record) or stop_at_layer is not None
 
     def run(h: torch.Tensor):
         h = h.to(lm_head.weight.dtype)
@@ -506,13 +504,13 @@ def resume_forward(model, hook_name: str, *, record: Sequence[int] = (), stop_at
         pe = rotary(h, pos)
         causal = torch.full((s, s), float("-inf"), device=h.device, dtype=h.dtype).triu(1)[None, None].expand(b, 1, s, s)
         seen = {}
-        for i in range(start, stop):
+        for i in range(start, len(layers)):
             out = layers[i](h, attention_mask=causal, position_ids=pos, position_embeddings=pe)
             h = out[0] if isinstance(out, tuple) else out
-            if i in record:
+            if i in recorded:
                 seen[f"blocks.{i}.hook_resid_post"] = h
-        logits = lm_head(norm(h)) if stop == len(layers) else None
-        return (logits, seen) if detailed else logits
+        logits = lm_head(norm(h))
+        return logits if record is None else (logits, seen)
 
     return run
 

@@ -211,15 +211,14 @@ class EndToEnd(Method):
         against the clean forward's logits (``resume_matches``). Otherwise the whole model runs.
         """
         if self._resume is None:
-            from saebench.models import _RESID_HOOK, resume_forward, resume_matches
+            from saebench.models import resume_forward, resume_matches
 
-            m = _RESID_HOOK.fullmatch(self.hook)
-            first = None if m is None else int(m[1]) + (m[2] == "post")
+            # -1: a downstream hook that is not a block's output, which the resumed pass cannot give.
             layers = [int(h.split(".")[1]) if h.endswith("hook_resid_post") and h.startswith("blocks.") else -1 for h in self.downstream]
+            run = resume_forward(self.model, self.hook, record=layers) if self.head is None else None
             # With stop_at_layer the clean "logits" are a residual stream: nothing to check the resumed pass against.
-            ok = (first is not None and self.head is None and self.stop_at_layer is None and all(layer >= first for layer in layers)
-                  and resume_matches(self.model, self.hook, x_clean, logits_clean))
-            self._resume = resume_forward(self.model, self.hook, record=layers) if ok else False
+            ok = run is not None and self.stop_at_layer is None and resume_matches(self.model, self.hook, x_clean, logits_clean)
+            self._resume = run if ok else False
         return self._resume or None
 
     def step(self, sae: SAE, inp: StepInput) -> StepOutput:
@@ -237,8 +236,7 @@ class EndToEnd(Method):
         if run is not None:
             h = x_clean.clone()
             splice(h)
-            out = run(h)
-            logits_new, ds_new = out if isinstance(out, tuple) else (out, {})
+            logits_new, ds_new = run(h)
         else:
             logits_new, ds_new, _ = self.run(tokens, splice)
         losses = {"mse_loss": local.losses["mse_loss"].detach()}
