@@ -287,7 +287,8 @@ def _accumulate(s: _Sums, x: Tensor, x_hat: Tensor, acts) -> None:
     s.sum_sq += sq.sum().item()
     s.sum_x += x.double().sum(0)
     if x.shape[0]:
-        inl = sq.sqrt() <= OUTLIER_NORM_FACTOR * sq.sqrt().median()
+        norms = sq.sqrt()
+        inl = norms <= OUTLIER_NORM_FACTOR * norms.median()
         s.n_out += int((~inl).sum())
         s.sse_in += err[inl].sum().item()
         s.sum_sq_in += sq[inl].sum().item()
