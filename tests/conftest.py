@@ -9,7 +9,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Tests run two at a time (pytest -n 2); one thread each keeps the 2 cores busy without contention.
-torch.set_num_threads(1)
+# OMP_NUM_THREADS, when set, wins: scripts/test_kernels.sh runs the suite at 1 and 2 threads.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +28,18 @@ def tiny_model(tiny_model_dir):
     from saebench.models import load_model
 
     return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model64(tiny_model_dir):
+    """The same tiny model in float64: for tests that compare two compute paths for equality.
+
+    In float32 two paths (resumed vs full forward, cached vs uncached) differ by kernel noise that
+    depends on the CPU (AVX2 vs AVX-512/AMX) and thread count; in float64 that noise is ~1e-15.
+    """
+    from saebench.models import load_model
+
+    return load_model(str(tiny_model_dir), dtype=torch.float64)
 
 
 @pytest.fixture(scope="session")
