@@ -191,7 +191,6 @@ def _read_text_file(path: Path) -> Iterator[str]:
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
     stats = _Utf8Stats(path)
-    finished = False
     try:
         with path.open("rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -207,9 +206,10 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
                     ) from e
                 if isinstance(text, str) and text.strip():
                     yield text
-        finished = True
-    finally:
-        stats.warn(partial=not finished)
+    except GeneratorExit:  # the reader stopped early (enough tokens): report what it read
+        stats.warn(partial=True)
+        raise
+    stats.warn()
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
