@@ -51,7 +51,7 @@ def _config_json(model: str | None) -> Path | None:
 
         found = try_to_load_from_cache(str(model), "config.json")
         return Path(found) if isinstance(found, str) else None
-    except Exception:
+    except (ImportError, ValueError, OSError):  # e.g. a name that is not a valid repo id
         return None
 
 

@@ -132,7 +132,7 @@ def _default_documents() -> tuple[str, ...]:
 
 
 # Bytes that never occur in text: C0 controls other than \t \n \v \f \r, and DEL.
-_CONTROL_BYTES = bytes([*range(0, 9), *range(14, 32), 127])
+_CONTROL_BYTES = bytes([*range(9), *range(14, 32), 127])
 _REPLACEMENT_UTF8 = "\ufffd".encode()
 BINARY_FRACTION = 0.3  # above this fraction of invalid-UTF-8 characters and control bytes a file is refused as binary
 

@@ -11,19 +11,19 @@ import threading
 from pathlib import Path
 
 import pytest
+from saebench.trainers.loop import train
 
 from saebench.activations import SyntheticSource
 from saebench.cli import main
 from saebench.config import TrainConfig
 from saebench.lock import LOCK_FILE, FolderInUseError, folder_lock, holder_of
-from saebench.trainers.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(out, **kw):
-    base = dict(hook_name="synthetic", d_sae=64, k=2, training_tokens=256 * 40, batch_size_tokens=256, lr=3e-3, out_dir=str(out),
-                checkpoint_every_steps=5, dead_window_tokens=1024, lr_warmup_steps=3)
+    base = {"hook_name": "synthetic", "d_sae": 64, "k": 2, "training_tokens": 256 * 40, "batch_size_tokens": 256, "lr": 3e-3,
+            "out_dir": str(out), "checkpoint_every_steps": 5, "dead_window_tokens": 1024, "lr_warmup_steps": 3}
     return TrainConfig(**(base | kw))
 
 
@@ -81,7 +81,7 @@ def test_second_train_into_the_same_out_dir_is_refused_then_runs_after_the_first
         # even exist: without the lock check first, the error would be about the model).
         second = subprocess.run([sys.executable, "-m", "saebench.cli", "train", "--quiet", "--model", str(tmp_path / "no-such-model"),
                                  "--hook-name", "blocks.0.hook_resid_post", "--out-dir", str(out)],
-                                capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(ROOT)})
+                                capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(ROOT)}, check=False)
         assert second.returncode == 1, second.stderr
         err = second.stderr.strip()
         assert "Traceback" not in err and len(err.splitlines()) == 1, err

@@ -96,10 +96,10 @@ def test_a_user_error_in_a_real_process_is_one_line_and_debug_shows_the_tracebac
     args = _set(_train_args(tiny_model_dir, text_file, tmp_path / "x"), "--hook-name", "blocks.0.attn.hook_z:99")
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("SAEBENCH_DEBUG", None)
-    run = subprocess.run([sys.executable, "-m", "saebench.cli", *args], capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run([sys.executable, "-m", "saebench.cli", *args], capture_output=True, text=True, timeout=300, env=env, check=False)
     assert run.returncode == 2
     assert "valid heads are 0-3" in _one_error_line(run.stderr)
-    debug = subprocess.run([sys.executable, "-m", "saebench.cli", "--debug", *args], capture_output=True, text=True, timeout=300, env=env)
+    debug = subprocess.run([sys.executable, "-m", "saebench.cli", "--debug", *args], capture_output=True, text=True, timeout=300, env=env, check=False)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
 
 
@@ -281,9 +281,9 @@ def test_eval_on_a_corpus_with_an_empty_held_out_split_says_why(trained, tmp_pat
 
 
 def test_training_seconds_add_up_over_resumes(tmp_path):
-    from saebench.trainers.loop import train
-
     import time
+
+    from saebench.trainers.loop import train
 
     src = SyntheticSource(d=16, m=32, n_active=2, seed=3, chunk_tokens=4096)
     cfg = TrainConfig(hook_name="synthetic", d_sae=64, k=2, training_tokens=256 * 30, batch_size_tokens=256, checkpoint_every_steps=10,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import time
 import os
 import socket
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
