@@ -136,9 +136,9 @@ def cmd_dashboards(args) -> int:
     from saebench.dashboards import build_dashboards, dashboard_dir
     from saebench.lock import folder_lock
 
-    # One builder per dashboard folder (a missing SAE folder is left to build_dashboards to report).
+    # One builder per dashboard folder (a folder that is no SAE is left to build_dashboards to report, creating nothing).
     lock = folder_lock(dashboard_dir(args.sae_dir), "dashboards build", hint="Wait for that build to finish (or stop it: a build "
-                       "resumes where it stopped), then rerun.") if Path(args.sae_dir).is_dir() else contextlib.nullcontext()
+                       "resumes where it stopped), then rerun.") if (Path(args.sae_dir) / "cfg.json").is_file() else contextlib.nullcontext()
     with lock:
         folder = build_dashboards(args.sae_dir, model=args.model, n_tokens=args.n_tokens, batch_size=args.batch_size, resume=not args.no_resume,
                                   progress=not args.quiet, device=args.device)

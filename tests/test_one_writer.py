@@ -145,6 +145,7 @@ def test_activation_cache_harvest_is_refused_while_another_process_harvests(tmp_
 def test_dashboards_and_bench_refuse_a_folder_in_use(tmp_path, capsys):
     sae_dir = tmp_path / "sae"
     sae_dir.mkdir()
+    (sae_dir / "cfg.json").write_text("{}")
     holder = _hold(sae_dir / "dashboards", "dashboards build")
     try:
         assert main(["dashboards", str(sae_dir), "--quiet"]) == 1
