@@ -57,7 +57,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def test_second_train_into_the_same_out_dir_is_refused_then_runs_after_the_first_is_killed(tmp_path):
     out = tmp_path / "run"
-    # The first writer: a real training process, slowed down so that it is mid-run when the second one starts.
+    # The first writer: a real training process, held mid-run while the second one starts.
     holder = _start(f"""
         import time, torch
         torch.set_num_threads(1)
@@ -68,10 +68,9 @@ def test_second_train_into_the_same_out_dir_is_refused_then_runs_after_the_first
         orig = src.batches
         def slow(*a, **kw):
             for i, item in enumerate(orig(*a, **kw)):
-                if i == 12:
+                if i == 12:  # checkpoints of steps 5 and 10 are on disk; stay mid-run until killed
                     print("READY", flush=True)
-                if i >= 12:
-                    time.sleep(1)
+                    time.sleep(600)
                 yield item
         src.batches = slow
         train(TrainConfig(**{_cfg(out).model_dump()!r}), source=src, progress=False)
