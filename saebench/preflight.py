@@ -25,8 +25,9 @@ from typing import Any
 from saebench.config import ConfigError
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-# Per-head attention hooks ([batch, pos, heads, d_head]) and which head count applies to each.
-_PER_HEAD = {"attn.hook_z": "n_heads", "attn.hook_q": "n_heads", "attn.hook_result": "n_heads", "attn.hook_k": "n_kv_heads", "attn.hook_v": "n_kv_heads"}
+# Per-head attention hooks ([batch, pos, heads, d_head]) and the head count that applies to each. Keys and values have
+# n_kv_heads in grouped-query models or n_heads where the bridge repeats them: checked on the loaded model only.
+_PER_HEAD = {"attn.hook_z": "n_heads", "attn.hook_q": "n_heads", "attn.hook_result": "n_heads", "attn.hook_k": "kv", "attn.hook_v": "kv"}
 _D_MODEL_HOOKS = {"hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "hook_in", "hook_out", "mlp.hook_out"}
 
 
@@ -107,8 +108,9 @@ def hook_width(hook: str, head: int | None, shape: dict[str, int]) -> int | None
     m = _BLOCK.match(hook)
     site = m.group(2) if m else hook
     if site in _PER_HEAD:
-        n = shape["n_kv_heads"] if _PER_HEAD[site] == "n_kv_heads" else shape["n_heads"]
-        return shape["d_head"] * (1 if head is not None else n)
+        if _PER_HEAD[site] == "kv" and head is None:
+            return None
+        return shape["d_head"] * (1 if head is not None else shape["n_heads"])
     if site in _D_MODEL_HOOKS or hook in ("hook_embed", "ln_final.hook_normalized"):
         return shape["d_model"]
     if site in ("mlp.hook_post", "mlp.hook_pre"):

@@ -92,6 +92,22 @@ def test_head_index_is_checked_on_the_loaded_model_when_its_config_is_unreadable
     assert preflight.check_hook_on_model(tiny_model, "blocks.0.attn.hook_z") == 64  # all heads concatenated
 
 
+def test_model_shape_is_read_from_config_json_without_weights(tmp_path):
+    from saebench import preflight
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_inner": None}))
+    shape = preflight.model_shape(str(gpt2))
+    assert shape == {"n_layers": 12, "n_heads": 12, "n_kv_heads": 12, "d_model": 768, "d_head": 64, "d_mlp": 3072}
+    assert preflight.hook_width("blocks.3.attn.hook_z", None, shape) == 768 and preflight.hook_width("blocks.3.attn.hook_z", 5, shape) == 64
+    assert preflight.hook_width("blocks.3.hook_mlp_out", None, shape) == 768 and preflight.hook_width("blocks.3.mlp.hook_post", None, shape) == 3072
+    assert preflight.hook_width("blocks.3.attn.hook_k", None, shape) is None  # grouped-query keys: only the loaded model knows
+    with pytest.raises(ConfigError, match="block 12 does not exist; this model has 12 blocks"):
+        preflight.check_hook_offline("blocks.12.hook_resid_pre", str(gpt2))
+    assert preflight.model_shape(str(tmp_path / "missing")) is None and preflight.model_shape("not a repo id!") is None
+
+
 def test_a_user_error_in_a_real_process_is_one_line_and_debug_shows_the_traceback(tiny_model_dir, text_file, tmp_path):
     args = _set(_train_args(tiny_model_dir, text_file, tmp_path / "x"), "--hook-name", "blocks.0.attn.hook_z:99")
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
