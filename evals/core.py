@@ -380,8 +380,16 @@ def run_core_eval(sae_dir: str | Path, model=None, *, corpus: str | None = None,
     ctx = context_size or sae.cfg.context_size or 128
     corpus = corpus or sae.cfg.metadata.get("corpus", "default")
     tokens = text.load_tokens(corpus, model.tokenizer, ctx, eval_tokens, split="eval", prepend_bos=sae.cfg.prepend_bos)
+    if tokens.numel() + ctx <= eval_tokens:  # fewer rows than asked for: the held-out split ran out
+        import warnings
+
+        from saebench.config import SaebenchWarning
+
+        warnings.warn(f"eval_tokens={eval_tokens:,} asked for more than the held-out 'eval' split of corpus {corpus!r} holds: it gives "
+                      f"{tokens.numel():,} tokens ({tokens.shape[0]:,} sequences of {ctx}); evaluating on those. For more, use a larger "
+                      "corpus (its eval split is the ~5% of documents whose text hashes there).", SaebenchWarning, stacklevel=2)
     special = text.special_ids(model.tokenizer) if exclude_special_tokens else None
     metrics = evaluate_core(sae, model, tokens, special_ids=special, batch_size=batch_size, progress=progress)
-    metrics |= {"corpus": corpus, "split": "eval", "context_size": ctx}
+    metrics |= {"corpus": corpus, "split": "eval", "context_size": ctx, "eval_tokens_requested": eval_tokens, "eval_tokens_used": tokens.numel()}
     write_json(Path(out) if out else Path(sae_dir) / "eval_core.json", metrics)
     return metrics

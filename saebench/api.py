@@ -37,13 +37,12 @@ def train_and_evaluate_many(
     the rank that wrote it (data parallel: rank 0; the other ranks get ``(result, None)``; with
     ``distribute_modules`` a rank gets ``None`` for SAEs it does not hold).
     """
-    from saebench import distributed, models
+    from saebench import distributed, models, preflight
     from saebench.activations import parse_hook
     from saebench.config import load_sweep
-    from saebench.evals.core import run_core_eval
-    from saebench.models import validate_hook_name
+    from saebench.lock import folder_locks
     from saebench.trainers import get_method
-    from saebench.trainers.loop import train_many
+    from saebench.trainers.loop import OUT_DIR_HINT, writer_out_dirs
 
     if isinstance(cfgs, (str, Path)):
         cfgs = load_sweep(cfgs, **overrides)
@@ -51,11 +50,27 @@ def train_and_evaluate_many(
         cfgs = [c.model_copy(update=overrides) if isinstance(c, TrainConfig) else load_config(TrainConfig, c, **overrides) for c in cfgs]
     for cfg in cfgs:  # fail fast on unknown methods and bad options, before loading anything
         get_method(cfg.method)(cfg)
+    checked: set[tuple[str, bool]] = set()
+    for cfg in cfgs:  # hooks, heads, k and the corpus splits (each corpus once), from config.json and the text alone
+        key = (cfg.corpus, cfg.eval_tokens > 0)
+        preflight.check_train_config(cfg, corpus=key not in checked)
+        checked.add(key)
     distributed.init_from_env(cfgs[0].device)  # before loading: under torchrun each rank's model goes to its own GPU
-    if model is None:
-        model = models.load_model(cfgs[0].model, device=distributed.rank_device(cfgs[0].device))
-    for cfg in cfgs:
-        validate_hook_name(model, parse_hook(cfg.hook_name)[0])
+    # One writer per out_dir, held from before the model loads until the eval is written.
+    with folder_locks(writer_out_dirs(cfgs, distribute_modules), "training", hint=OUT_DIR_HINT):
+        if model is None:
+            model = models.load_model(cfgs[0].model, device=distributed.rank_device(cfgs[0].device))
+        for cfg in cfgs:  # the same checks on the loaded model, before any harvest
+            d_in = preflight.check_hook_on_model(model, cfg.hook_name)
+            preflight.check_k(cfg.k, cfg.d_sae, cfg.expansion_factor, d_in, parse_hook(cfg.hook_name)[0])
+        return _train_then_eval(cfgs, model, progress, distribute_modules)
+
+
+def _train_then_eval(cfgs, model, progress: bool, distribute_modules: bool) -> list[tuple[TrainResult, dict | None] | None]:
+    from saebench import distributed
+    from saebench.evals.core import run_core_eval
+    from saebench.trainers.loop import train_many
+
     results = train_many(cfgs, model=model, progress=progress, distribute_modules=distribute_modules)
     out: list[tuple[TrainResult, dict | None] | None] = []
     for cfg, result in zip(cfgs, results):

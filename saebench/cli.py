@@ -131,10 +131,17 @@ def _kv(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_dashboards(args) -> int:
-    from saebench.dashboards import build_dashboards
+    import contextlib
 
-    folder = build_dashboards(args.sae_dir, model=args.model, n_tokens=args.n_tokens, batch_size=args.batch_size, resume=not args.no_resume,
-                              progress=not args.quiet, device=args.device)
+    from saebench.dashboards import build_dashboards, dashboard_dir
+    from saebench.lock import folder_lock
+
+    # One builder per dashboard folder (a folder that is no SAE is left to build_dashboards to report, creating nothing).
+    lock = folder_lock(dashboard_dir(args.sae_dir), "dashboards build", hint="Wait for that build to finish (or stop it: a build "
+                       "resumes where it stopped), then rerun.") if (Path(args.sae_dir) / "cfg.json").is_file() else contextlib.nullcontext()
+    with lock:
+        folder = build_dashboards(args.sae_dir, model=args.model, n_tokens=args.n_tokens, batch_size=args.batch_size, resume=not args.no_resume,
+                                  progress=not args.quiet, device=args.device)
     print(f"dashboards written to {Path(folder).resolve()}\nbrowse them with: saebench browse {Path(args.sae_dir).resolve().parent}")
     return 0
 
@@ -146,11 +153,60 @@ def cmd_browse(args) -> int:
     return browse(args.root, host=args.host, port=args.port, model=args.model, device=args.device)
 
 
+def _sae_site(sae_dir: str) -> dict[str, Any]:
+    """What an SAE folder's cfg.json says about where it reads (hook, model, context, d_in, corpus), without its weights.
+
+    A missing or unreadable cfg.json raises ``ArtifactError``; odd fields are left out (the loader reports them)."""
+    from saebench.io import read_json
+
+    try:
+        raw = read_json(Path(sae_dir) / "cfg.json", "SAE config")
+    except RecursionError:
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+
+    def pick(key, kind):
+        for src in (raw, meta):
+            v = src.get(key)
+            if isinstance(v, kind) and not isinstance(v, bool):
+                return v
+        return None
+
+    out: dict[str, Any] = {"model_name": pick("model_name", str), "context_size": pick("context_size", int), "d_in": pick("d_in", int),
+                           "corpus": pick("corpus", str)}
+    hook, head = pick("hook_name", str), pick("hook_head_index", int)
+    if hook:
+        out["hook"] = hook if (":" in hook or head is None) else f"{hook}:{head}"
+    return out
+
+
 def cmd_eval(args) -> int:
+    from saebench import models, preflight, text
     from saebench.evals.core import format_table, run_core_eval
 
     cfg = collect(args, EvalConfig, {"sae": args.sae_dir})
-    metrics = run_core_eval(cfg.sae, corpus=cfg.corpus, eval_tokens=cfg.eval_tokens, context_size=cfg.context_size, batch_size=cfg.model_batch_size,
+    # Everything that can be wrong with the arguments is checked before the model loads.
+    site = _sae_site(cfg.sae)
+    model_name = cfg.model or site.get("model_name") or None
+    ctx = cfg.context_size or site.get("context_size") or 128
+    if cfg.eval_tokens < ctx:
+        raise ConfigError(f"eval_tokens={cfg.eval_tokens} is less than one sequence (context_size={ctx}); raise --eval-tokens")
+    shape = None
+    if site.get("hook"):
+        shape = preflight.check_hook_offline(site["hook"], model_name)
+        hook, head = preflight.split_hook(site["hook"])
+        width = preflight.hook_width(hook, head, shape) if shape else None
+        if width is not None and site.get("d_in") is not None and width != site["d_in"]:
+            raise ConfigError(f"the SAE reads {site['d_in']}-wide activations at {site['hook']}, but that hook is {width} wide in model "
+                              f"{model_name or models.DEFAULT_MODEL!r}; pass the model it was trained on with --model")
+    text.check_splits(cfg.corpus or site.get("corpus") or "default", train=False, eval=True)
+    model = None
+    if site.get("hook") and shape is None:  # the model's shape was not readable offline: check on the loaded model
+        model = models.load_model(model_name, device=cfg.device)
+        preflight.check_hook_on_model(model, site["hook"])
+    metrics = run_core_eval(cfg.sae, model, corpus=cfg.corpus, eval_tokens=cfg.eval_tokens, context_size=cfg.context_size, batch_size=cfg.model_batch_size,
                             exclude_special_tokens=cfg.exclude_special_tokens, device=cfg.device, out=cfg.out, progress=not args.quiet,
                             model_name=cfg.model)
     print(format_table(metrics))
@@ -189,7 +245,8 @@ def cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saebench", description="Train, evaluate, browse and steer sparse autoencoders.")
+    parser = argparse.ArgumentParser(prog="saebench", description="Train, evaluate, browse and steer sparse autoencoders.",
+                                     epilog="Errors print one line; add --debug (anywhere) or set SAEBENCH_DEBUG=1 for the traceback.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="Train an SAE (then run the core eval).")
@@ -247,10 +304,23 @@ def _passthrough(sub, name: str, target: str, help_text: str) -> None:
 
 
 def _run_passthrough(name: str, argv: list[str]) -> int:
+    import contextlib
     import importlib
 
     module, fn = _PASSTHROUGH[name].split(":")
-    getattr(importlib.import_module(module), fn)(argv or ["--help"])
+    lock = contextlib.nullcontext()
+    if name == "bench" and argv and "-h" not in argv and "--help" not in argv:
+        from saebench.evals.bench import build_parser as bench_parser
+        from saebench.lock import folder_lock
+
+        try:
+            out = bench_parser().parse_known_args(argv)[0].out
+        except SystemExit:  # bench's own parser reports the usage error below
+            out = None
+        if out:  # one bench run per output folder (its table, figures and result cache)
+            lock = folder_lock(out, "bench run", hint="Wait for it to finish (its results are cached and reused), or pass another --out.")
+    with lock:
+        getattr(importlib.import_module(module), fn)(argv or ["--help"])
     return 0
 
 
@@ -304,23 +374,48 @@ _EXTRA_COMMANDS: list = [
 ]
 
 
+def _one_line(e: BaseException) -> str:
+    import re
+
+    return re.sub(r"\s*\n\s*", " ", str(e)).strip() or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Known errors (bad config or arguments, broken artifacts or corpora, a busy folder, a failed
+    write) print one ``saebench CMD: error: ...`` line and return 2 (user input) or 1 (environment: disk, files, a
+    folder in use); ``--debug`` (anywhere) or ``SAEBENCH_DEBUG=1`` re-raises them with the traceback."""
+    import os
+    import warnings
+
+    from saebench.config import SaebenchWarning
+    from saebench.lock import FolderInUseError
+
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(os.environ.get("SAEBENCH_DEBUG")) or "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] in _PASSTHROUGH:
         args = argparse.Namespace(command=argv[0], fn=lambda a: _run_passthrough(argv[0], argv[1:]))
     else:
         args = parser.parse_args(argv)
-    try:
-        return args.fn(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
-        # Known user-facing errors: one clear line, no traceback (SAEBENCH_DEBUG=1 shows it).
-        import os
+    show = warnings.showwarning
 
-        if os.environ.get("SAEBENCH_DEBUG"):
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SaebenchWarning):  # our own warnings: one line, like the errors
+            print(f"saebench {args.command}: warning: {_one_line(message)}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return args.fn(args)
+    except (ConfigError, ValueError, RuntimeError, OSError) as e:
+        # Known user-facing errors: one clear line, no traceback.
+        if debug:
             raise
-        print(f"saebench {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"saebench {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1 if isinstance(e, (OSError, FolderInUseError)) else 2
     except KeyboardInterrupt:
         print("\ninterrupted; a training run resumes from its last checkpoint when restarted", file=sys.stderr)
         return 130

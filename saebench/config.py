@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A config file or flag is invalid; the message says which field and why."""
 
 
+class SaebenchWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one ``warning:`` line)."""
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -82,6 +86,9 @@ class TrainConfig(_Frozen):
             raise ValueError(f"k={self.k} must be <= d_sae={self.d_sae}")
         if self.batch_size_tokens > self.training_tokens:
             raise ValueError(f"batch_size_tokens={self.batch_size_tokens} exceeds training_tokens={self.training_tokens}")
+        if 0 < self.eval_tokens < self.context_size:
+            raise ValueError(f"eval_tokens={self.eval_tokens} is less than one sequence (context_size={self.context_size}); "
+                             "raise it, or set it to 0 to skip the eval after training")
         return self
 
     @property

@@ -7,9 +7,11 @@ so a reader sees either the old file or the new one. ``manifest.json`` records a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,12 +46,42 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise OSError(
             e.errno,
             f"writing {path} failed ({e.strerror or e}); nothing was replaced, the previous version of the file is intact. "
-            "Free disk space (or raise the file-size limit) and retry; a training run resumes from its last checkpoint",
+            f"{write_error_advice(e.errno, path.parent)}; a training run resumes from its last checkpoint",
         ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_error_advice(err: int | None, folder: Path) -> str:
+    """What to do about a failed write, by its errno (a vanished folder is not a full disk)."""
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        return f"The disk (or your quota) is full: free space on the filesystem of {folder} and retry"
+    if err == errno.EFBIG:
+        return "The file exceeds the file-size limit: raise it (ulimit -f) or free disk space, and retry"
+    if err == errno.ENOENT:
+        return (f"The folder {folder} disappeared while the file was written: another process deleted it (two runs writing "
+                "into the same folder?); make sure only one process writes there and retry")
+    if err in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"No permission to write in {folder} (or the filesystem is read-only): fix its permissions or write elsewhere"
+    return "Check the disk and the folder, then retry"
+
+
+def check_free_space(folder: str | Path, nbytes: int, what: str) -> None:
+    """Raise ``OSError(ENOSPC)`` before writing when ``folder``'s filesystem has fewer than ``nbytes`` free.
+
+    A cheap lower bound: the write would certainly fail half way, so nothing is started. Quotas and
+    file-size limits are still caught by the write itself (``atomic_write_bytes``).
+    """
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < nbytes:
+        raise OSError(errno.ENOSPC, f"not enough disk space for {what} in {folder}: it needs {nbytes / 2**20:,.1f} MiB and "
+                                    f"{free / 2**20:,.1f} MiB are free; nothing was written, the folder is as it was. Free disk space "
+                                    "or write elsewhere, and retry; a training run resumes from its last checkpoint")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -26,12 +26,15 @@ import hashlib
 import json
 import random
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from saebench.config import SaebenchWarning
 
 DEFAULT_CORPUS = "default"
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -47,6 +50,8 @@ _SKIP_FORTUNES = {"ascii-art"}
 __all__ = [
     "DEFAULT_CORPUS",
     "CorpusError",
+    "CorpusWarning",
+    "check_splits",
     "is_eval_document",
     "iter_documents",
     "load_tokens",
@@ -57,6 +62,10 @@ __all__ = [
 
 class CorpusError(ValueError):
     """A corpus is missing, unreadable, or too short; the message says how to fix it."""
+
+
+class CorpusWarning(SaebenchWarning):
+    """A corpus is usable but not what it seems (invalid UTF-8 read as U+FFFD, control bytes)."""
 
 
 # --------------------------------------------------------------------------- splitting
@@ -122,27 +131,85 @@ def _default_documents() -> tuple[str, ...]:
     return tuple(docs)
 
 
+# Bytes that never occur in text: C0 controls other than \t \n \v \f \r, and DEL.
+_CONTROL_BYTES = bytes([*range(9), *range(14, 32), 127])
+_REPLACEMENT_UTF8 = "\ufffd".encode()
+BINARY_FRACTION = 0.3  # above this fraction of invalid-UTF-8 characters and control bytes a file is refused as binary
+
+
+class _Utf8Stats:
+    """Decodes a file's bytes as UTF-8 (invalid bytes become U+FFFD) and counts what was replaced."""
+
+    def __init__(self, path: Path):
+        self.path, self.chars, self.bad, self.control, self.lines = path, 0, 0, 0, 0
+
+    def decode(self, raw: bytes) -> str:
+        self.lines += 1
+        self.control += len(raw) - len(raw.translate(None, _CONTROL_BYTES))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+            self.bad += text.count("\ufffd") - raw.count(_REPLACEMENT_UTF8)
+        self.chars += len(text)
+        return text
+
+    def check_binary(self) -> None:
+        frac = (self.bad + self.control) / max(self.chars, 1)
+        if frac > BINARY_FRACTION:
+            raise CorpusError(
+                f"{self.path} looks like a binary file, not text: {frac:.0%} of its {self.chars:,} characters are invalid UTF-8 "
+                f"or control bytes. Pass UTF-8 text (.txt/.md/.rst, .jsonl or .parquet)."
+            )
+
+    def warn(self, partial: bool = False) -> None:
+        if not self.bad and self.control <= self.chars // 1000:
+            return
+        what = []
+        if self.bad:
+            what.append(f"{self.bad:,} of {self.chars:,} characters ({self.bad / max(self.chars, 1):.2%}) are not valid UTF-8 and are "
+                        "read as U+FFFD (\ufffd)")
+        if self.control > self.chars // 1000:
+            what.append(f"{self.control:,} control bytes ({self.control / max(self.chars, 1):.2%})")
+        where = f" (in the first {self.lines:,} lines read)" if partial else ""
+        warnings.warn(
+            f"corpus file {self.path}: {' and '.join(what)}{where}; the SAE trains on them as text. "
+            "Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove the binary parts.",
+            CorpusWarning, stacklevel=3,
+        )
+
+
 def _read_text_file(path: Path) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    stats = _Utf8Stats(path)
+    text = stats.decode(path.read_bytes())
+    stats.check_binary()
+    stats.warn()
     for para in _PARAGRAPH_BREAK.split(text):
         if para.strip():
             yield para.strip()
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[text_field]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CorpusError(
-                    f"{path}:{lineno}: expected a JSON object with a {text_field!r} string field "
-                    f"({type(e).__name__}: {e}). Pass text_field=... if the text is under another key."
-                ) from e
-            if isinstance(text, str) and text.strip():
-                yield text
+    stats = _Utf8Stats(path)
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = stats.decode(raw)
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CorpusError(
+                        f"{path}:{lineno}: expected a JSON object with a {text_field!r} string field "
+                        f"({type(e).__name__}: {e}). Pass text_field=... if the text is under another key."
+                    ) from e
+                if isinstance(text, str) and text.strip():
+                    yield text
+    except GeneratorExit:  # the reader stopped early (enough tokens): report what it read
+        stats.warn(partial=True)
+        raise
+    stats.warn()
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
@@ -253,6 +320,41 @@ def iter_documents(source: str | Path = DEFAULT_CORPUS, split: str = "train", te
     docs = _source_documents(source, text_field)
     want_eval = split == "eval"
     return (d for d in docs if is_eval_document(d) == want_eval)
+
+
+def _split_rule(source) -> str:
+    return (f"documents go to the held-out 'eval' split by a hash of their text (about 1 in {EVAL_BUCKETS}), so a corpus "
+            f"needs many documents for both splits to get text; a .txt/.md/.rst file is cut into documents at blank lines, "
+            f".jsonl at rows, .parquet at rows")
+
+
+def check_splits(source: str | Path, train: bool = True, eval: bool = True, text_field: str = "text") -> None:
+    """Raise ``CorpusError`` (before any model is loaded) when a split a run needs gets no document of ``source``.
+
+    Local files and folders only (``default`` always has both splits; ``hf:`` sources are streamed).
+    Reads documents until each needed split has one, so a normal corpus costs a few documents.
+    """
+    if str(source) == DEFAULT_CORPUS or (isinstance(source, str) and source.startswith("hf:")) or not (train or eval):
+        return
+    n = n_eval = 0
+    for doc in _source_documents(source, text_field):
+        n += 1
+        n_eval += is_eval_document(doc)
+        if (not train or n > n_eval) and (not eval or n_eval):
+            return
+    if n == 0:
+        raise CorpusError(f"corpus {str(source)!r} holds no text (no non-empty document). Use a corpus with text in it.")
+    docs = f"{n:,} document{'s' if n != 1 else ''}"
+    if train and n == n_eval:
+        raise CorpusError(
+            f"corpus {str(source)!r} has {docs}, and all of them fall in the held-out 'eval' split, leaving nothing to train on: "
+            f"{_split_rule(source)}. Split the text into more documents (blank lines between paragraphs) or use a larger corpus."
+        )
+    raise CorpusError(
+        f"corpus {str(source)!r} has {docs}, and none falls in the held-out 'eval' split, so the evaluation would find 0 tokens: "
+        f"{_split_rule(source)}. Split the text into more documents (blank lines between paragraphs), use a larger corpus, "
+        "evaluate later on another corpus (saebench eval --corpus ...), or skip the eval after training (--eval-tokens 0)."
+    )
 
 
 # --------------------------------------------------------------------------- tokens
@@ -374,5 +476,18 @@ def load_tokens(
     Shorthand for ``tokenize_and_pack(iter_documents(source, split, text_field), tokenizer,
     context_size, max_tokens=n_tokens)``; see those for the details and errors.
     """
-    docs = iter_documents(source, split=split, text_field=text_field)
-    return tokenize_and_pack(docs, tokenizer, context_size, max_tokens=n_tokens, prepend_bos=prepend_bos)
+    seen = [0]
+
+    def counted(docs: Iterable[str]) -> Iterator[str]:
+        for doc in docs:
+            seen[0] += 1
+            yield doc
+
+    try:
+        return tokenize_and_pack(counted(iter_documents(source, split=split, text_field=text_field)), tokenizer, context_size,
+                                 max_tokens=n_tokens, prepend_bos=prepend_bos)
+    except CorpusError as e:
+        if seen[0] or not str(e).startswith("corpus too short"):
+            raise
+        raise CorpusError(f"the {split!r} split of corpus {str(source)!r} is empty (0 documents): {_split_rule(source)}. "
+                          "Use a corpus with more documents (for a .txt file: blank lines between paragraphs).") from None

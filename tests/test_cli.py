@@ -68,7 +68,7 @@ def test_empty_corpus_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert main(_train_args(tiny_model_dir, empty, tmp_path / "x")) == 2
-    assert "corpus too short" in capsys.readouterr().err
+    assert "holds no text" in capsys.readouterr().err
 
 
 def test_help_documents_every_field():

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from saebench.io import ArtifactError, read_json, save_tensors, write_json
+from saebench.io import ArtifactError, check_free_space, read_json, save_tensors, write_json
 
 LATEST = "latest.json"
 
@@ -23,16 +23,30 @@ LATEST = "latest.json"
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 1) -> Path:
     ckpt_root = run_dir / "checkpoints"
     folder = ckpt_root / f"step_{step:08d}"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    check_free_space(ckpt_root, sum(t.numel() * t.element_size() for t in tensors.values()), f"the step-{step} checkpoint")
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    save_tensors(folder / "state.safetensors", tensors)
-    write_json(folder / "state.json", meta | {"step": step})
-    write_json(ckpt_root / LATEST, {"folder": folder.name, "step": step})
+    try:
+        save_tensors(folder / "state.safetensors", tensors)
+        write_json(folder / "state.json", meta | {"step": step})
+        write_json(ckpt_root / LATEST, {"folder": folder.name, "step": step})
+    except OSError:
+        if _latest_folder(ckpt_root) != folder.name:  # the pointer still names the previous checkpoint: drop the partial one
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     old = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name != folder.name)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return folder
+
+
+def _latest_folder(ckpt_root: Path) -> str | None:
+    try:
+        return str(read_json(ckpt_root / LATEST, "checkpoint pointer").get("folder"))
+    except (ArtifactError, AttributeError):
+        return None
 
 
 def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

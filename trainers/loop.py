@@ -11,8 +11,10 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
+import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,8 @@ from saebench.distributed import (
     rank,
     rank_device,
 )
-from saebench.io import write_json
+from saebench.io import atomic_write_bytes, check_free_space, write_json
+from saebench.lock import folder_lock, folder_locks
 from saebench.precision import autocast, configure_matmul_precision
 from saebench.sae import SAE
 from saebench.sparse import SparseActs
@@ -57,7 +60,7 @@ class TrainResult:
     sae: SAE
     out_dir: Path
     steps: int
-    seconds: float
+    seconds: float  # training time over every process of the run (resumes included)
     history: list[dict[str, float]]
 
 
@@ -110,6 +113,25 @@ def make_source(cfg: TrainConfig, model=None, progress: bool = True, with_grads:
     ``hook_names`` (default ``[cfg.hook_name]``) are all harvested in one forward per sequence block.
     Under ``torchrun`` rank 0 fills a cache while the other ranks wait, then every rank reads it.
     """
+    if cfg.activation_cache and rank() == 0 and not _cache_complete(cfg.activation_cache):
+        # One harvester per cache folder; a complete cache is only read, by any number of runs.
+        with folder_lock(cfg.activation_cache, "harvest", hint=CACHE_HINT):
+            return _make_source(cfg, model, progress, with_grads, hook_names)
+    return _make_source(cfg, model, progress, with_grads, hook_names)
+
+
+CACHE_HINT = ("Wait for its harvest to finish, then rerun: this run will reuse the cache (a killed harvest resumes where it stopped); "
+              "or give this run another activation_cache folder.")
+
+
+def _cache_complete(folder: str) -> bool:
+    try:
+        return bool(json.loads((Path(folder) / "cache.json").read_text()).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _make_source(cfg: TrainConfig, model, progress: bool, with_grads: bool, hook_names: list[str] | None) -> ActivationSource:
     from saebench import models, text
 
     if model is None:
@@ -167,8 +189,17 @@ class _Run:
     history: list[dict[str, float]]
     writes: bool  # this process writes the run's checkpoints and artifacts
     skipped: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time of this process (set when the run finishes)
     wandb_run: Any = None
+    seconds_before: float = 0.0  # training time of the earlier processes this run resumed from (their checkpoints)
+    processes: list[dict[str, Any]] = field(default_factory=list)  # one record per earlier process
+    t0: float = 0.0  # when this process started taking steps
+    start_step: int = 0
+
+    def process_record(self, seconds: float) -> dict[str, Any]:
+        """This process's share of the run: who, when, how long, which steps."""
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": _iso(self.t0), "seconds": seconds,
+                "steps": [self.start_step, self.step]}
 
     @property
     def out_dir(self) -> Path:
@@ -205,11 +236,35 @@ def train_many(cfgs: list[TrainConfig], source: ActivationSource | None = None, 
     rank_, world = init_from_env(cfgs[0].device)
     if world > 1:
         cfgs = [c.model_copy(update={"device": rank_device(c.device)}) for c in cfgs]
-    dp = world > 1 and not distribute_modules
     bs = cfgs[0].batch_size_tokens
     if bs % world:
         raise ConfigError(f"batch_size_tokens={bs} must be divisible by the number of ranks ({world}): each reads an equal slice")
     owned = [i for i in range(len(cfgs)) if not distribute_modules or i % world == rank_]
+    writes = rank_ == 0 or distribute_modules
+    # One writer per out_dir: a second run into the same folder would delete this one's checkpoints.
+    with folder_locks(writer_out_dirs(cfgs, distribute_modules), "training", hint=OUT_DIR_HINT):
+        return _train_many(cfgs, source, model, progress, distribute_modules, rank_, world, owned, writes)
+
+
+OUT_DIR_HINT = ("Wait for it to finish (a finished run's SAE is in that folder), stop it (it resumes from its last checkpoint "
+                "when restarted), or train into another --out-dir.")
+
+
+def writer_out_dirs(cfgs: list[TrainConfig], distribute_modules: bool = False) -> list[str]:
+    """The ``out_dir`` folders this process writes (and locks) when it trains ``cfgs``: all of them, or
+    under ``torchrun`` rank 0's (data parallel) or this rank's SAEs (``distribute_modules``)."""
+    from saebench.distributed import world_size
+
+    r, world = rank(), world_size()
+    if not distribute_modules:
+        return [c.out_dir for c in cfgs] if r == 0 else []
+    return [c.out_dir for i, c in enumerate(cfgs) if i % world == r]
+
+
+def _train_many(cfgs: list[TrainConfig], source, model, progress: bool, distribute_modules: bool, rank_: int, world: int, owned: list[int],
+                writes: bool) -> list[TrainResult | None]:
+    dp = world > 1 and not distribute_modules
+    bs = cfgs[0].batch_size_tokens
     methods = [get_method(c.method)(c) for c in cfgs]
     if model is None and any(methods[i].needs_model for i in owned):
         from saebench import models
@@ -233,7 +288,6 @@ def train_many(cfgs: list[TrainConfig], source: ActivationSource | None = None, 
     for c in cfgs:
         configure_matmul_precision(c.device, c.tf32)
 
-    writes = rank_ == 0 or distribute_modules
     runs = {i: _start_run(cfgs[i], methods[i], source, model, first_chunk, world, writes, replicated=dp) for i in owned}
     # The shared stream starts where the run furthest behind resumes; runs further ahead wait for it.
     mine = [(r.step, r.pos.chunk, r.pos.batch) for r in runs.values()]
@@ -255,6 +309,8 @@ def train_many(cfgs: list[TrainConfig], source: ActivationSource | None = None, 
     label = f"train {cfgs[0].method} {cfgs[0].hook_name}" if len(cfgs) == 1 else f"train {len(cfgs)} SAEs"
     bar = tqdm(total=total, initial=step, desc=label, disable=not progress or rank_ != 0, dynamic_ncols=True)
     t0 = time.time()
+    for r in runs.values():
+        r.t0 = t0
     while step < total:
         batch, pos = next(stream)
         if distribute_modules and world > 1:
@@ -353,6 +409,8 @@ def _start_run(cfg: TrainConfig, method: Method, source: ActivationSource, model
         torch.set_rng_state(tensors["rng"])
         run.step, run.pos, run.scale, run.history = meta["step"], Position(**meta["position"]), meta["scale"], meta["history"]
         run.skipped = meta.get("skipped", 0)
+        run.seconds_before, run.processes = float(meta.get("seconds", 0.0)), list(meta.get("processes", []))
+        run.start_step = run.step
     else:
         sample = first_chunk().acts[cfg.hook_name][: 16 * cfg.batch_size_tokens]
         _check_finite(sample, cfg, step=0, what="activations (first chunk)")
@@ -460,12 +518,32 @@ def _finish(r: _Run, world: int) -> TrainResult:
         "skipped_steps": r.skipped, "train_config": cfg.model_dump(mode="json"), "saebench_version": _version(),
     } | ({"world_size": world} if world > 1 else {})})
     if r.writes:
-        r.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(r.out_dir / "training_log.json", {"history": r.history, "seconds": r.seconds, "steps": r.step})
-        final.save(r.out_dir, extra_files=["training_log.json"])
+        # "seconds" adds up every process that trained this run (resumed runs too); "processes" has each one's share.
+        _save_final(r, final, {"history": r.history, "seconds": r.seconds_before + r.seconds, "steps": r.step,
+                               "seconds_this_process": r.seconds, "processes": r.processes + [r.process_record(r.seconds)]})
     if r.wandb_run is not None:
         r.wandb_run.finish()
-    return TrainResult(final, r.out_dir, r.step, r.seconds, r.history)
+    return TrainResult(final, r.out_dir, r.step, r.seconds_before + r.seconds, r.history)
+
+
+def _save_final(r: _Run, final: SAE, log: dict[str, Any]) -> None:
+    """Write the SAE and its training log; on a write error the folder keeps its previous SAE and log."""
+    r.out_dir.mkdir(parents=True, exist_ok=True)
+    check_free_space(r.out_dir, sum(t.numel() * t.element_size() for t in final.state_dict().values()), "the trained SAE")
+    log_path = r.out_dir / "training_log.json"
+    old = log_path.read_bytes() if log_path.is_file() else None
+    write_json(log_path, log)
+    try:
+        final.save(r.out_dir, extra_files=["training_log.json"])
+    except OSError:
+        try:  # put the previous SAE's log back, so the folder still matches its manifest
+            if old is None:
+                log_path.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(log_path, old)
+        except OSError:
+            pass
+        raise
 
 
 def _step_metrics(out, dead: torch.Tensor) -> dict[str, float]:
@@ -506,6 +584,8 @@ def _checkpoint(r: _Run, pos: Position, world: int) -> None:
             "scheduler": r.sched.state_dict() | {"lr_lambdas": [None]}, "config": r.cfg.model_dump(mode="json"), "history": r.history}
     if world > 1:
         meta["world_size"] = world
+    now = time.time() - r.t0
+    meta |= {"seconds": r.seconds_before + now, "processes": r.processes + [r.process_record(now)]}
     save_checkpoint(r.out_dir, r.step, tensors, meta)
 
 
@@ -562,6 +642,12 @@ def _log_wandb(run, rec: dict, out, fire_counts: torch.Tensor, step: int, cfg: T
         density = fire_counts.float() / max(step * cfg.batch_size_tokens, 1)
         log["plots/feature_density_line_chart"] = wandb.Histogram(torch.log10(density + 1e-10).cpu().numpy())
     run.log(log, step=step)
+
+
+def _iso(t: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _version() -> str:
