@@ -237,7 +237,10 @@ class SAE(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_tensors(folder / WEIGHTS_FILE, self.state_tensors(), metadata={"format": "saebench"})
-        write_json(folder / CFG_FILE, self.cfg.model_dump())
+        dump = self.cfg.model_dump()
+        if dump["architecture"] == "relu":
+            dump["architecture"] = "standard"  # SAELens' name for a plain ReLU SAE, so SAELens loads it (read back as "relu")
+        write_json(folder / CFG_FILE, dump)
         write_manifest(folder, [WEIGHTS_FILE, CFG_FILE, *extra_files])
         (folder / LEGACY_WEIGHTS_FILE).unlink(missing_ok=True)
         return folder
@@ -347,6 +350,8 @@ def _parse_cfg(raw: dict, folder: Path) -> SAEConfig:
     from pydantic import ValidationError
 
     _check_ints(raw, folder)
+    if raw.get("architecture") == "standard":  # what save() writes for "relu" (SAELens' name)
+        raw = raw | {"architecture": "relu"}
     try:
         return SAEConfig.model_validate(raw)
     except ValidationError as e:

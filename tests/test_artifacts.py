@@ -69,6 +69,19 @@ def test_saved_folder_has_the_saelens_layout(tmp_path):
         _same(SAE.load(folder), sae)
 
 
+def test_a_relu_sae_is_written_as_saelens_standard_and_read_back_as_relu(tmp_path):
+    sae = _sae("relu")
+    folder = sae.save(tmp_path / "relu")
+    assert json.loads((folder / "cfg.json").read_text())["architecture"] == "standard"  # SAELens' StandardSAE
+    loaded = load_sae(folder)
+    assert loaded.cfg.architecture == "relu" and loaded.cfg == sae.cfg
+    _same(loaded, sae)
+    cfg = json.loads((folder / "cfg.json").read_text())  # folders written before: "relu"
+    cfg["architecture"] = "relu"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    assert load_sae(folder, verify=False).cfg.architecture == "relu"
+
+
 def test_folders_written_the_old_way_still_load(tmp_path):
     """A folder of saebench before 2026-11-25 (sae.safetensors, listed in its manifest) loads, checked, unchanged."""
     sae = _sae("jumprelu")
