@@ -40,8 +40,8 @@ def run() -> None:
         else:
             st.title("No SAEs here yet")
             st.info(
-                f"There is no SAE folder under `{cfg.root}`. An SAE folder holds `cfg.json` plus `sae.safetensors` "
-                "(saebench) or `sae_weights.safetensors` (SAELens). Train one, then build its dashboards:"
+                f"There is no SAE folder under `{cfg.root}`. An SAE folder holds `cfg.json` plus `sae_weights.safetensors` "
+                "(SAELens' layout, which saebench writes; `sae.safetensors` in older saebench folders). Train one, then build its dashboards:"
             )
             st.code(f"saebench train --out-dir {cfg.root}/my-sae\nsaebench dashboards {cfg.root}/my-sae", language="bash")
         S.sync_url()

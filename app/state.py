@@ -78,8 +78,10 @@ def get_sae(path: str, device: str, mtime: float):
 def sae_for(cfg: AppConfig, path: str):
     """The (cached) SAE of the folder ``path``."""
     p = Path(path)
-    weights = p / "sae.safetensors" if (p / "sae.safetensors").exists() else p / "sae_weights.safetensors"
-    return get_sae(path, cfg.device, weights.stat().st_mtime if weights.exists() else 0.0)
+    from saebench.layout import weights_file
+
+    weights = weights_file(p)
+    return get_sae(path, cfg.device, weights.stat().st_mtime if weights is not None else 0.0)
 
 
 def _db_version(folder: Path) -> str:

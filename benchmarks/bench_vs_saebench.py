@@ -63,6 +63,13 @@ SHARED = {
     "frac_alive": "same definition (latents with non-zero density over the non-special tokens seen)",
 }
 
+# SAEBench's definitions that our core eval also reports under their own names (evals/core.py): should agree.
+VARIANTS = {
+    "explained_variance": ("explained_variance_saebench", "SAEBench 0.6's formula, as evals/core.py reproduces it (1 − R/(S − (S/d)²), per-batch means)"),
+    "relative_reconstruction_bias": ("relative_reconstruction_bias_saebench", "SAEBench's per-batch ratios, averaged"),
+    "mse": ("mse_saebench", "SAEBench's per-token SSE / tokens in its batch, averaged"),
+}
+
 
 # --------------------------------------------------------------------------- our worker (this venv)
 
@@ -242,6 +249,10 @@ def _compare(runs: dict[str, list[dict]]) -> dict:
         a, b = sb["metrics"].get(k), ours["metrics"].get(k)
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
             out[k] = {"saebench": a, "ours": b, "difference": b - a, "relative": (b - a) / abs(a) if a else None, "why": why}
+    for k, (ours_name, why) in VARIANTS.items():
+        a, b = sb["metrics"].get(k), ours["metrics"].get(ours_name)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            out[f"{k} vs our {ours_name}"] = {"saebench": a, "ours": b, "difference": b - a, "relative": (b - a) / abs(a) if a else None, "why": why}
     if "ours_core" in runs and "ours_bench" in runs and runs["ours_bench"]:
         a, b = runs["ours_core"][0]["metrics"], runs["ours_bench"][0]["metrics"]
         out["_ours_core_vs_bench_max_abs_diff"] = max(abs(a[k] - b[k]) for k in a if k in b and isinstance(a[k], float))

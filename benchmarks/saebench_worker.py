@@ -10,8 +10,9 @@ imports nothing from saebench.
   the loader SAEBench's own ``multiple_evals`` uses (no weight processing). TransformerLens 3 has no
   official name for SmolLM2, but its config converter reads a local checkpoint directory; only its
   official-name lookup is told to let that directory stand for itself.
-- SAE: loaded by sae-lens (``SAE.load_from_disk``, on a temporary folder that names our
-  ``sae.safetensors`` ``sae_weights.safetensors``), the path SAEBench takes for SAELens SAEs; if
+- SAE: loaded by sae-lens (``SAE.load_from_disk``, on a temporary folder holding the cfg.json and the
+  weights as ``sae_weights.safetensors``: saebench writes that name since 2026-11-25, older folders
+  hold ``sae.safetensors``), the path SAEBench takes for SAELens SAEs; if
   sae-lens refuses it, the weights go into SAEBench's own ``custom_saes`` TopK / JumpReLU class.
   Either way ``general_utils.load_and_format_sae`` standardises it as SAEBench does.
 - Tokens: SAEBench's ``run_evals`` takes an ``ActivationsStore`` and only calls
@@ -108,10 +109,12 @@ def load_sae(sae_dir: Path, device: str):
     import torch
 
     cfg = json.loads((sae_dir / "cfg.json").read_text())
+    # saebench.layout's names (not imported: this worker runs in SAEBench's environment): SAELens' name, then the old one.
+    weights = next((sae_dir / n for n in ("sae_weights.safetensors", "sae.safetensors") if (sae_dir / n).is_file()), sae_dir / "sae_weights.safetensors")
     tmp = Path(tempfile.mkdtemp(prefix="sae_saelens_"))
     try:
         shutil.copy(sae_dir / "cfg.json", tmp / "cfg.json")
-        os.symlink((sae_dir / "sae.safetensors").resolve(), tmp / "sae_weights.safetensors")
+        os.symlink(weights.resolve(), tmp / "sae_weights.safetensors")
         from sae_lens import SAE
 
         sae = SAE.load_from_disk(str(tmp), device=device)
@@ -123,7 +126,7 @@ def load_sae(sae_dir: Path, device: str):
 
     from safetensors.torch import load_file
 
-    w = load_file(str(sae_dir / "sae.safetensors"))
+    w = load_file(str(weights))
     arch, layer = cfg["architecture"], int(cfg.get("hook_layer", cfg["hook_name"].split(".")[1]))
     common = {"d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "model_name": cfg.get("model_name", ""), "hook_layer": layer,
               "device": torch.device(device), "dtype": torch.float32, "hook_name": cfg["hook_name"]}

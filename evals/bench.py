@@ -48,7 +48,9 @@ from saebench.evals.dead import DEFAULT_WINDOWS
 from saebench.evals.reconstruction import evaluate_hook_group
 from saebench.evals.steering import SteeringConfig, evaluate_steering
 from saebench.io import read_json, write_json
-from saebench.sae import SAE, WEIGHTS_FILE
+from saebench.layout import WEIGHTS_FILES, is_sae_folder
+from saebench.layout import describe as describe_sae_layout
+from saebench.sae import SAE
 from saebench.steering import sae_site
 
 EVALS = ("core", "dead", "steering", "circuits", "compat")
@@ -132,9 +134,9 @@ def expand_sae_dirs(sae_dirs: str | Sequence[str | Path]) -> list[Path]:
             if _is_sae_dir(p):
                 found.append(p)
             elif p.is_dir():
-                found += sorted({w.parent for pat in (WEIGHTS_FILE, "sae_weights.safetensors") for w in p.rglob(pat)})
+                found += sorted({w.parent for pat in WEIGHTS_FILES for w in p.rglob(pat)})
             else:
-                raise FileNotFoundError(f"{m} is not an SAE folder (no {WEIGHTS_FILE} + cfg.json) nor a folder holding some")
+                raise FileNotFoundError(f"{m} is not an SAE folder ({describe_sae_layout()}) nor a folder holding some")
     out, seen = [], set()
     for p in found:
         r = p.resolve()
@@ -147,7 +149,7 @@ def expand_sae_dirs(sae_dirs: str | Sequence[str | Path]) -> list[Path]:
 
 
 def _is_sae_dir(p: Path) -> bool:
-    return p.is_dir() and (p / "cfg.json").exists() and ((p / WEIGHTS_FILE).exists() or (p / "sae_weights.safetensors").exists())
+    return p.is_dir() and is_sae_folder(p)
 
 
 def _model_key(model, cfg_model_name: str) -> str:
@@ -390,7 +392,9 @@ def _steering_summary(per: dict[str, dict]) -> dict[str, Any]:
 
 _CORE_COLS = ("l0", "l1", "fvu", "fvu_without_outliers", "n_outlier_tokens", "explained_variance", "mse", "cossim", "l2_ratio",
               "relative_reconstruction_bias", "ce_loss_score", "kl_div_score", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation",
-              "kl_div_with_sae", "kl_div_with_ablation")
+              "kl_div_with_sae", "kl_div_with_ablation",
+              # SAEBench 0.6's definitions under their own names (evals/core.py): compare these with SAEBench tables
+              "explained_variance_saebench", "relative_reconstruction_bias_saebench", "mse_saebench")
 _DEAD_COLS = ("dead_fraction", "dead_window_tokens", "frac_alive", "dense_fraction_1pct", "dense_fraction_10pct", "special_only_fraction",
               "n_special_only")
 
@@ -399,8 +403,9 @@ def _row(d: Path, res: dict[str, Any], label: str) -> dict[str, Any]:
     raw = {}
     try:
         raw = json.loads((Path(d) / "cfg.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
+    raw = raw if isinstance(raw, dict) else {}
     row: dict[str, Any] = {
         "sae": label, "sae_dir": str(d), "method": raw.get("method") or raw.get("architecture", ""),
         "architecture": raw.get("architecture", ""), "hook_name": raw.get("hook_name", ""), "d_sae": raw.get("d_sae"), "k": raw.get("k"),

@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 from saebench.io import sha256_file
-from saebench.sae import SAE, WEIGHTS_FILE
+from saebench.layout import describe as describe_sae_layout
+from saebench.layout import weights_file
+from saebench.sae import SAE
 
 DEFAULT_EVAL_TOKENS = 65_536
 
@@ -38,11 +40,10 @@ def load_eval_tokens(model, corpus: str = "default", n_tokens: int = DEFAULT_EVA
 
 def sae_weights_file(sae_dir: str | Path) -> Path:
     """The weights file of an SAE folder (saebench or SAELens layout)."""
-    folder = Path(sae_dir)
-    for name in (WEIGHTS_FILE, "sae_weights.safetensors"):
-        if (folder / name).exists():
-            return folder / name
-    raise FileNotFoundError(f"{folder} holds no {WEIGHTS_FILE} or sae_weights.safetensors; is it an SAE folder?")
+    found = weights_file(sae_dir)
+    if found is None:
+        raise FileNotFoundError(f"{sae_dir} holds no SAE weights file (an SAE folder holds {describe_sae_layout()})")
+    return found
 
 
 def sae_checksum(sae_dir: str | Path) -> str:
@@ -65,7 +66,7 @@ def add_common_args(p: argparse.ArgumentParser, *, many: bool = False) -> None:
     if many:
         p.add_argument("sae_dirs", nargs="+", help="SAE folders or glob patterns (quote globs)")
     else:
-        p.add_argument("sae_dir", help="SAE folder (sae.safetensors + cfg.json, or a SAELens folder)")
+        p.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors, as SAELens writes; sae.safetensors in older saebench folders)")
     p.add_argument("--model", default=None, help="model name or local HF folder (default: the SAE's cfg.model_name)")
     p.add_argument("--corpus", default="default", help="text source for eval tokens (held-out 'eval' split)")
     p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="tokens to evaluate on")

@@ -11,6 +11,19 @@ Definitions (EVALS.md §1.3; SAEBench names where they exist):
 - ``mse`` = Σ‖x − x̂‖² / (N·d_in); ``cossim`` = mean cos(x, x̂); ``l2_ratio`` = mean ‖x̂‖/‖x‖;
   ``relative_reconstruction_bias`` = E‖x̂‖² / E⟨x, x̂⟩ (1 = no shrinkage).
 - ``l0`` = mean #{i: f_i ≠ 0} (non-zero, so signed SAEs count correctly); ``l1`` = mean Σ|f_i|.
+- SAEBench 0.6's own definitions of three of these, under their own names (``sae_bench/evals/core/main.py``,
+  ``get_sparsity_and_variance_metrics``), so a number copied from a SAEBench table compares like with like.
+  They are averages over the eval's batches (b = one batch of ``batch_size`` sequences, its N_b
+  non-special tokens; B batches), so they depend on the batching, as SAEBench's do:
+
+  * ``explained_variance_saebench`` = 1 − R / (S − (S/d_in)²) with S = mean_b mean_t ‖x_t‖² and
+    R = mean_b mean_t ‖x_t − x̂_t‖². SAEBench's "mean" term is the mean of x² over tokens and
+    dimensions, squared (not ‖x̄‖²), so this is not 1 − ``fvu``.
+  * ``relative_reconstruction_bias_saebench`` = mean_b [mean_t ‖x̂_t‖² / mean_t ⟨x_t, x̂_t⟩]
+    (SAELens and SAEBench: one ratio per batch, averaged; ours is one ratio over all tokens).
+  * ``mse_saebench`` = (1/N) Σ_b Σ_t ‖x_t − x̂_t‖² / N_b (per-token squared error divided by the
+    tokens of its batch, averaged; ours divides by N·d_in).
+  ``saebench_batches`` is B. A batch whose every position is special is skipped (SAEBench's would give NaN).
 - ``ce_loss_score`` (CE loss recovered) = (CE_zero − CE_sae) / (CE_zero − CE_clean).
 - ``kl_div_score`` = (KL_zero − KL_sae) / KL_zero with KL = Σ_v p_clean (log p_clean − log p_new).
 - ``dead_fraction``: latents that never fired in the ``window_tokens`` evaluated tokens;
@@ -184,6 +197,11 @@ class _Sums:
     x_dot_xhat: float = 0.0
     l0: float = 0.0
     l1: float = 0.0
+    # SAEBench's per-batch variants (sums over batches of per-batch means)
+    sb_batches: int = 0
+    sb_mean_sq: float = 0.0  # Σ_b mean_t ‖x‖²
+    sb_mean_sse: float = 0.0  # Σ_b mean_t ‖x − x̂‖²
+    sb_rrb: float = 0.0  # Σ_b mean_t ‖x̂‖² / mean_t ⟨x, x̂⟩
     fires: Tensor | None = None
     ce: dict[str, float] = field(default_factory=lambda: {"clean": 0.0, "sae": 0.0, "zero": 0.0})
     kl: dict[str, float] = field(default_factory=lambda: {"sae": 0.0, "zero": 0.0})
@@ -295,13 +313,35 @@ def _accumulate(s: _Sums, x: Tensor, x_hat: Tensor, acts) -> None:
         s.sum_x_in += x[inl].double().sum(0)
     s.cos += F.cosine_similarity(x, x_hat, dim=-1).sum().item()
     s.l2_ratio += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum().item()
-    s.xhat_sq += x_hat.pow(2).sum().item()
-    s.x_dot_xhat += (x * x_hat).sum().item()
+    xhat_sq = x_hat.double().pow(2).sum()
+    x_dot_xhat = (x.double() * x_hat.double()).sum()
+    s.xhat_sq += xhat_sq.item()
+    s.x_dot_xhat += x_dot_xhat.item()
+    if x.shape[0]:  # one SAEBench batch (sae_bench/evals/core/main.py, get_sparsity_and_variance_metrics)
+        s.sb_batches += 1
+        s.sb_mean_sq += sq.mean().item()
+        s.sb_mean_sse += err.double().mean().item()
+        s.sb_rrb += (xhat_sq / x_dot_xhat).item() if x_dot_xhat != 0 else math.nan
     nz = acts.values != 0
     s.l0 += nz.sum().item()
     s.l1 += acts.values.abs().sum().item()
     idx = acts.indices[nz]
     s.fires.index_add_(0, idx.cpu(), torch.ones_like(idx, device="cpu"))
+
+
+def _saebench_variants(s: _Sums, d_in: int) -> dict[str, float]:
+    """SAEBench 0.6's explained variance, relative reconstruction bias and MSE (module docstring)."""
+    if not s.sb_batches:
+        return {"explained_variance_saebench": math.nan, "relative_reconstruction_bias_saebench": math.nan, "mse_saebench": math.nan,
+                "saebench_batches": 0}
+    mean_sq = s.sb_mean_sq / s.sb_batches
+    total_variance = mean_sq - (mean_sq / d_in) ** 2
+    return {
+        "explained_variance_saebench": 1 - (s.sb_mean_sse / s.sb_batches) / total_variance if total_variance else math.nan,
+        "relative_reconstruction_bias_saebench": s.sb_rrb / s.sb_batches,
+        "mse_saebench": s.sb_mean_sse / s.n,
+        "saebench_batches": s.sb_batches,
+    }
 
 
 def _summarise(s: _Sums, sae: SAE, downstream: bool) -> dict[str, Any]:
@@ -324,6 +364,7 @@ def _summarise(s: _Sums, sae: SAE, downstream: bool) -> dict[str, Any]:
         "cossim": s.cos / s.n,
         "l2_ratio": s.l2_ratio / s.n,
         "relative_reconstruction_bias": s.xhat_sq / s.x_dot_xhat if s.x_dot_xhat else math.nan,
+        **_saebench_variants(s, sae.d_in),
         "l0": s.l0 / s.n,
         "l1": s.l1 / s.n,
         "dead_fraction": 1 - alive.double().mean().item(),
@@ -349,21 +390,28 @@ def _summarise(s: _Sums, sae: SAE, downstream: bool) -> dict[str, Any]:
 
 
 SUMMARY_KEYS = [
-    ("l0", "L0"), ("fvu", "FVU"), ("fvu_without_outliers", "FVU w/o outlier tokens"), ("explained_variance", "explained variance"), ("cossim", "cosine"),
+    ("l0", "L0"), ("fvu", "FVU"), ("fvu_without_outliers", "FVU w/o outlier tokens"), ("explained_variance", "explained var (1-FVU)"), ("cossim", "cosine"),
     ("ce_loss_score", "CE loss recovered"), ("kl_div_score", "KL score"), ("ce_loss_without_sae", "CE clean"),
     ("ce_loss_with_sae", "CE with SAE"), ("ce_loss_with_ablation", "CE zero-ablated"), ("dead_fraction", "dead fraction"),
     ("dense_fraction_1pct", "dense >1%"), ("dense_fraction_10pct", "dense >10%"), ("relative_reconstruction_bias", "shrinkage (rel. bias)"),
+    ("mse", "MSE (per element)"),
+    # SAEBench 0.6's definitions of the same three quantities (module docstring): compare these with SAEBench tables
+    ("explained_variance_saebench", "explained var [SAEBench]"), ("relative_reconstruction_bias_saebench", "shrinkage [SAEBench]"),
+    ("mse_saebench", "MSE [SAEBench]"),
 ]
 
 
 def format_table(metrics: dict[str, Any]) -> str:
     """A two-column text table of the headline metrics."""
-    lines = [f"{'metric':<24}{'value':>12}", "-" * 36]
+    lines = [f"{'metric':<26}{'value':>12}", "-" * 38]
     for key, label in SUMMARY_KEYS:
         if key in metrics:
             v = metrics[key]
-            lines.append(f"{label:<24}{v:>12.4f}" if isinstance(v, float) else f"{label:<24}{v!s:>12}")
-    lines.append(f"{'tokens (dead window)':<24}{metrics['n_tokens']:>12,}")
+            lines.append(f"{label:<26}{v:>12.4f}" if isinstance(v, float) else f"{label:<26}{v!s:>12}")
+    lines.append(f"{'tokens (dead window)':<26}{metrics['n_tokens']:>12,}")
+    if "explained_variance_saebench" in metrics:
+        lines.append(f"[SAEBench]: SAEBench 0.6's definitions, averaged over {metrics.get('saebench_batches', '?')} batches as SAEBench does "
+                     "(its EV is not 1-FVU); the rows above them are ours. Definitions: docs/EVALS_IMPLEMENTED.md")
     return "\n".join(lines)
 
 

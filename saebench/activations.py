@@ -9,6 +9,7 @@ with a generator seeded by (seed, chunk), so the stream is a pure function of th
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -336,6 +337,56 @@ def write_cache(source: ActivationSource, folder: str | Path, n_chunks: int | No
     return CachedSource(folder)
 
 
+_REHARVEST = "delete it (rm {path}) and rerun the same training or harvest command: it harvests only the missing shards again"
+_verified_shards: set[tuple[str, str, int, int]] = set()  # (path, sha256, size, mtime_ns) checked by this process
+
+
+def _read_shard(path: Path, sha256: str | None) -> dict[str, Tensor]:
+    """A shard's tensors, checked against the sha256 of ``cache.json`` the first time this process reads it.
+
+    The bytes are read once, hashed, and parsed from memory, so what is checked is what is used.
+    Later reads of the same unchanged file (same size and mtime: epochs 2, 3, ...) skip the hash.
+    """
+    from safetensors.torch import load as st_load
+    from safetensors.torch import load_file
+
+    st = path.stat()
+    key = (str(path.resolve()), str(sha256), st.st_size, st.st_mtime_ns)
+    if key in _verified_shards:
+        return load_file(str(path))
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ArtifactError(
+            f"activation cache shard {path} is corrupted: its sha256 does not match the one recorded in "
+            f"{path.parent / CACHE_INDEX} when it was written, so training on it would use damaged activations; "
+            + _REHARVEST.format(path=path)
+        )
+    tensors = st_load(data)
+    _verified_shards.add(key)
+    return tensors
+
+
+def verify_cache(folder: str | Path) -> list[str]:
+    """Check every shard of an activation cache against ``cache.json``; a list of problems (empty = OK)."""
+    folder = Path(folder)
+    try:
+        index = read_json(folder / CACHE_INDEX, "activation cache index")
+        shards = index["shards"]
+        assert isinstance(shards, dict) and all(isinstance(m, dict) for m in shards.values())
+    except (ArtifactError, KeyError, TypeError, AssertionError) as e:
+        return [f"{folder / CACHE_INDEX} is unreadable or corrupted ({e}); delete the cache folder and rerun the harvest"]
+    problems = []
+    if not index.get("complete"):
+        problems.append(f"incomplete: {len(shards)}/{index.get('n_chunks')} shards; rerun the harvest to finish it")
+    for name in sorted(shards):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name}: missing; rerun the harvest to write it again")
+        elif sha256_file(path) != shards[name].get("sha256"):
+            problems.append(f"{name}: checksum mismatch (corrupted); " + _REHARVEST.format(path=path))
+    return problems
+
+
 class CachedSource(ActivationSource):
     """Reads a cache written by ``write_cache``; shard order is reshuffled every epoch."""
 
@@ -352,9 +403,9 @@ class CachedSource(ActivationSource):
         self.meta = index["shards"]
         self.n_tokens = sum(m["tokens"] for m in self.meta.values())
         if verify:
-            for name in self.shards:
-                if sha256_file(self.folder / name) != self.meta[name]["sha256"]:
-                    raise ArtifactError(f"activation cache shard {self.folder / name} is corrupted (checksum mismatch)")
+            problems = verify_cache(self.folder)
+            if problems:
+                raise ArtifactError(f"activation cache {self.folder}: " + "; ".join(problems))
 
     @property
     def n_chunks(self) -> int:
@@ -371,13 +422,12 @@ class CachedSource(ActivationSource):
 
     def chunk(self, i: int) -> Batch:
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         path = self.folder / self.shards[i]
         try:
-            t = load_file(str(path))
+            t = _read_shard(path, self.meta[self.shards[i]].get("sha256"))
         except (SafetensorError, OSError) as e:
-            raise ArtifactError(f"activation cache shard {path} cannot be read ({e}); delete it and rerun the harvest") from None
+            raise ArtifactError(f"activation cache shard {path} cannot be read ({e}); {_REHARVEST.format(path=path)}") from None
         grads = {h: t[f"grads.{h}"] for h in self.hook_names if f"grads.{h}" in t} or None
         return Batch({h: t[f"acts.{h}"] for h in self.hook_names}, t["token_ids"], grads)
 

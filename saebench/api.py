@@ -136,8 +136,9 @@ def comparison_sae_dir(run_dir: str | Path, hook_name: str, method: str) -> Path
 
 def is_trained(sae_dir: str | Path) -> bool:
     """Whether ``sae_dir`` holds a finished SAE (weights and cfg.json; an interrupted run has only checkpoints)."""
-    d = Path(sae_dir)
-    return (d / "cfg.json").is_file() and ((d / "sae.safetensors").is_file() or (d / "sae_weights.safetensors").is_file())
+    from saebench.layout import is_sae_folder
+
+    return is_sae_folder(sae_dir)
 
 
 def comparison_configs(run_dir: str | Path = "runs/notebooks", methods: Sequence[str] | None = None, *, hooks: Sequence[str] | None = None,

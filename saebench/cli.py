@@ -226,21 +226,29 @@ def cmd_methods(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from pathlib import Path
+
+    from saebench.activations import CACHE_INDEX, verify_cache
     from saebench.io import verify_folder
     from saebench.sae import SAE
 
-    problems = verify_folder(args.folder)
-    if not problems:
-        try:
-            SAE.load(args.folder)
-        except Exception as e:  # report, don't trace back
-            problems.append(str(e))
+    if (Path(args.folder) / CACHE_INDEX).is_file():  # an activation cache: every shard against cache.json
+        problems = verify_cache(args.folder)
+        ok = f"{args.folder}: OK (activation cache: every shard matches its sha256 in {CACHE_INDEX})"
+    else:
+        problems = verify_folder(args.folder)
+        if not problems:
+            try:
+                SAE.load(args.folder, verify="size")  # the hashes were just checked
+            except Exception as e:  # report, don't trace back
+                problems.append(str(e))
+        ok = f"{args.folder}: OK (all files match manifest.json; SAE loads)"
     if problems:
         print(f"{args.folder}: PROBLEMS")
         for p in problems:
             print(f"  - {p}")
         return 1
-    print(f"{args.folder}: OK (all files match manifest.json; SAE loads)")
+    print(ok)
     return 0
 
 
@@ -285,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="List training methods and their options.")
     p.set_defaults(fn=cmd_methods)
 
-    p = sub.add_parser("verify", help="Check an artifact folder against its manifest and say what is wrong.")
+    p = sub.add_parser("verify", help="Check an SAE folder against its manifest, or an activation cache against its "
+                       "checksums, and say what is wrong.")
     p.add_argument("folder")
     p.set_defaults(fn=cmd_verify)
 

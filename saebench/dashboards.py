@@ -47,6 +47,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.io import ArtifactError, atomic_write_bytes, read_json, save_tensors, sha256_file
+from saebench.layout import WEIGHTS_FILES, is_sae_folder
 from saebench.sae import CFG_FILE, SAE
 
 DASHBOARD_DIR = "dashboards"
@@ -235,7 +236,7 @@ def _sae_hook(sae: SAE) -> tuple[str, int | None]:
 
 def _sae_fingerprint(sae_dir: Path) -> str:
     """sha256 of the SAE weights (from its manifest when present: hashing is then free)."""
-    for weights in ("sae.safetensors", "sae_weights.safetensors"):
+    for weights in WEIGHTS_FILES:
         path = sae_dir / weights
         if not path.exists():
             continue
@@ -1207,7 +1208,7 @@ class SaeEntry:
 
 
 def _is_sae_dir(p: Path) -> bool:
-    return (p / CFG_FILE).is_file() and ((p / "sae.safetensors").is_file() or (p / "sae_weights.safetensors").is_file())
+    return is_sae_folder(p)
 
 
 def find_saes(root: str | Path, max_depth: int = 6) -> list[SaeEntry]:

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-MANIFEST = "manifest.json"
+from saebench.layout import MANIFEST_FILE as MANIFEST
+
+VERIFY_MODES = ("sha256", "size", "none")
 
 
 class ArtifactError(ValueError):
@@ -111,6 +113,9 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{what} {path} is not valid JSON ({e}); the file is corrupted") from None
+    except RecursionError:
+        # json.loads recurses once per nesting level: a hostile file nested ~1,000+ deep exhausts the stack.
+        raise ArtifactError(f"{what} {path} is nested too deeply to be a config (hostile or corrupted file); replace it") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -134,6 +139,54 @@ def write_manifest(folder: str | Path, files: list[str]) -> None:
     write_json(folder / MANIFEST, {"files": entries})
 
 
+def verify_mode(verify: bool | str | None) -> str:
+    """Normalise a ``verify`` argument: True/"sha256" (default), "size", False/"none".
+
+    None means the default: ``$SAEBENCH_VERIFY`` if set (for command-line runs on huge files), else "sha256".
+    """
+    if verify is None:
+        verify = os.environ.get("SAEBENCH_VERIFY", "sha256").strip().lower() or "sha256"
+        if verify in ("0", "false", "no", "off"):
+            verify = "none"
+    if verify is True:
+        return "sha256"
+    if verify is False:
+        return "none"
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be True, False or one of {VERIFY_MODES}, got {verify!r} (from the argument or $SAEBENCH_VERIFY)")
+    return verify
+
+
+def check_against_manifest(folder: str | Path, names: list[str], verify: bool | str | None = None) -> bool:
+    """Check ``names`` (files of ``folder``) against its ``manifest.json`` before they are read.
+
+    Sizes are always compared; sha256 hashes too when ``verify`` is "sha256" (the default). A folder
+    with no manifest (a SAELens folder) passes unchecked and the function returns False; True when
+    the files were checked. Raises ``ArtifactError`` naming the file, what is wrong and what to do.
+    """
+    mode = verify_mode(verify)
+    folder = Path(folder)
+    if mode == "none" or not (folder / MANIFEST).is_file():
+        return False
+    advice = (f"run `saebench verify {folder}` for the full report; restore the folder from a copy or retrain it "
+              "(a run with its checkpoints resumes); to load it anyway pass verify=False (SAEBENCH_VERIFY=none)")
+    manifest = read_json(folder / MANIFEST, "manifest")
+    entries = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+        raise ArtifactError(f"{folder / MANIFEST} is corrupted (no 'files' table of sizes and hashes); {advice}")
+    for name in names:
+        path = folder / name
+        meta = entries.get(name)
+        if meta is None:
+            raise ArtifactError(f"{path} is not listed in {folder / MANIFEST}: the folder was changed after saebench wrote it; {advice}")
+        size = path.stat().st_size
+        if size != meta.get("bytes"):
+            raise ArtifactError(f"{path} is {size:,} bytes but {MANIFEST} says {meta.get('bytes')}: the file is truncated or corrupted; {advice}")
+        if mode == "sha256" and sha256_file(path) != meta.get("sha256"):
+            raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST} (the file is corrupted or was edited after saving); {advice}")
+    return True
+
+
 def verify_folder(folder: str | Path) -> list[str]:
     """Check every file listed in the folder's manifest; return a list of problems (empty = OK)."""
     folder = Path(folder)
@@ -148,7 +201,9 @@ def verify_folder(folder: str | Path) -> list[str]:
     problems = []
     for name, meta in entries.items():
         p = folder / name
-        if not p.is_file():
+        if not isinstance(meta, dict):
+            problems.append(f"{name}: its {MANIFEST} entry is corrupted")
+        elif not p.is_file():
             problems.append(f"{name}: missing")
         elif p.stat().st_size != meta.get("bytes"):
             problems.append(f"{name}: size {p.stat().st_size} bytes, manifest says {meta.get('bytes')} (truncated?)")

@@ -1,4 +1,4 @@
-"""The SAE: one module for every method at inference, saved as ``sae.safetensors`` + ``cfg.json``.
+"""The SAE: one module for every method at inference, saved as SAELens does (``sae_weights.safetensors`` + ``cfg.json``).
 
 Training methods (``saebench.trainers``) differ in how they *select* latents during training; at
 inference every SAE is one of a few architectures:
@@ -28,15 +28,15 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from saebench import sparse
-from saebench.io import ArtifactError, read_json, save_tensors, write_json, write_manifest
+from saebench.io import ArtifactError, check_against_manifest, read_json, save_tensors, write_json, write_manifest
+from saebench.layout import CFG_FILE, LEGACY_WEIGHTS_FILE, MANIFEST_FILE, WEIGHTS_FILE, WEIGHTS_FILES, weights_file
 from saebench.sparse import SparseActs
 
 Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu"]
 THRESHOLD_ARCHS = ("jumprelu", "abs_jumprelu")
 SIGNED_ARCHS = ("abstopk", "abs_jumprelu")
-WEIGHTS_FILE = "sae.safetensors"
-CFG_FILE = "cfg.json"
 FORMAT_VERSION = 1
+__all__ = ["SAE", "SAEConfig", "load_sae", "WEIGHTS_FILE", "LEGACY_WEIGHTS_FILE", "CFG_FILE"]
 
 
 class SAEConfig(BaseModel):
@@ -228,41 +228,77 @@ class SAE(nn.Module):
         return out
 
     def save(self, folder: str | Path, extra_files: list[str] = ()) -> Path:
-        """Write ``sae.safetensors``, ``cfg.json`` and a checksum manifest into ``folder`` atomically."""
+        """Write ``sae_weights.safetensors``, ``cfg.json`` and a checksum manifest into ``folder`` atomically.
+
+        The layout is SAELens' (``sae_lens.SAE.load_from_disk`` loads the folder). A weights file of
+        the old name (``sae.safetensors``) left from an earlier save is removed once the new
+        manifest is written (until then the loader reads the file the manifest lists).
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_tensors(folder / WEIGHTS_FILE, self.state_tensors(), metadata={"format": "saebench"})
-        write_json(folder / CFG_FILE, self.cfg.model_dump())
+        dump = self.cfg.model_dump()
+        if dump["architecture"] == "relu":
+            dump["architecture"] = "standard"  # SAELens' name for a plain ReLU SAE, so SAELens loads it (read back as "relu")
+        write_json(folder / CFG_FILE, dump)
         write_manifest(folder, [WEIGHTS_FILE, CFG_FILE, *extra_files])
+        (folder / LEGACY_WEIGHTS_FILE).unlink(missing_ok=True)
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "SAE":
-        """Load an SAE folder written by saebench or by SAELens; never unpickles anything."""
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu", verify: bool | str | None = None) -> "SAE":
+        """Load an SAE folder written by saebench (either weights file name) or by SAELens; never unpickles anything.
+
+        ``verify``: a saebench folder's files are checked against its ``manifest.json`` first: sizes
+        always, sha256 hashes too by default (``"sha256"`` / True); ``"size"`` skips the hashes (huge
+        files), False / ``"none"`` skips the check. None (default) reads ``$SAEBENCH_VERIFY``, else
+        ``"sha256"``. A folder without a manifest (SAELens) is loaded unchecked. Raises
+        ``ArtifactError`` naming the file and what to do.
+        """
         folder = Path(folder)
         if not folder.is_dir():
             raise ArtifactError(f"SAE folder {folder} does not exist")
         raw = read_json(folder / CFG_FILE, "SAE config")
         if not isinstance(raw, dict):
             raise ArtifactError(f"{folder / CFG_FILE} is not a JSON object; not an SAE config")
-        if (folder / WEIGHTS_FILE).exists() and "format_version" in raw:
-            cfg = _parse_cfg(raw, folder)
-            weights_file = folder / WEIGHTS_FILE
-        elif (folder / "sae_weights.safetensors").exists():
-            cfg = _cfg_from_saelens(raw, folder)
-            weights_file = folder / "sae_weights.safetensors"
-        else:
+        listed = _manifest_names(folder)
+        weights = weights_file(folder, listed)
+        if weights is None:
             raise ArtifactError(
-                f"{folder} is not an SAE folder: expected {WEIGHTS_FILE} + {CFG_FILE} (saebench) "
-                "or sae_weights.safetensors + cfg.json (SAELens)"
+                f"{folder} is not an SAE folder: expected {CFG_FILE} + {WEIGHTS_FILE} "
+                f"(or {LEGACY_WEIGHTS_FILE}, written by saebench before 2026-11-25)"
             )
+        if "format_version" in raw:
+            cfg, rescale = _parse_cfg(raw, folder), False
+        else:
+            cfg, rescale = _cfg_from_saelens(raw, folder)
+        check_against_manifest(folder, [weights.name, CFG_FILE], verify)
         try:
-            tensors = load_file(str(weights_file))
+            tensors = load_file(str(weights))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ArtifactError(f"{weights_file} cannot be read ({e}); the file is truncated or corrupted") from None
-        sae = cls(cfg)
-        sae._load_tensors(tensors, weights_file)
+            raise ArtifactError(f"{weights} cannot be read ({e}); the file is truncated or corrupted") from None
+        try:
+            sae = cls(cfg)
+        except (ValueError, TypeError, AttributeError) as e:  # k > d_sae, an unknown dtype, ...
+            raise ArtifactError(f"{folder / CFG_FILE} describes no valid SAE: {e}") from None
+        sae._load_tensors(tensors, weights)
+        if rescale:
+            sae._fold_decoder_norms()
         return sae.to(device)
+
+    @torch.no_grad()
+    def _fold_decoder_norms(self) -> None:
+        """SAELens' ``rescale_acts_by_decoder_norm``, folded in: unit decoder rows, same encode/decode.
+
+        SAELens (TopK/AbsTopK) encodes ``act((W_encᵀ(x − b_dec) + b_enc) · ‖d_i‖)`` and decodes
+        ``Σ_i f_i / ‖d_i‖ · d_i + b_dec``. With ``W_enc[:, i] · ‖d_i‖``, ``b_enc[i] · ‖d_i‖`` and
+        ``d_i / ‖d_i‖`` (SAELens' own ``fold_W_dec_norm``, norms clamped at 1e-8 as there) the plain
+        forward gives the same latents and the same reconstruction.
+        """
+        norms = self.W_dec.norm(dim=-1).clamp_min(1e-8)
+        self.encoder_weight.mul_(norms[:, None])
+        self.b_enc.mul_(norms)
+        self.W_dec.div_(norms[:, None])
 
     @torch.no_grad()
     def _load_tensors(self, tensors: dict[str, Tensor], where: Path) -> None:
@@ -288,39 +324,80 @@ class SAE(nn.Module):
             self.log_threshold.copy_(tensors["threshold"].clamp_min(0).log())
 
 
+def _manifest_names(folder: Path) -> set[str] | None:
+    """The file names a readable ``manifest.json`` lists (None without one; the check itself reports a bad one)."""
+    if not (folder / MANIFEST_FILE).is_file():
+        return None
+    try:
+        files = read_json(folder / MANIFEST_FILE, "manifest").get("files")
+    except (ArtifactError, AttributeError):
+        return None
+    return set(files) if isinstance(files, dict) else None
+
+
+_INT_FIELDS = ("d_in", "d_sae", "k", "hook_layer", "hook_head_index", "context_size", "format_version")
+
+
+def _check_ints(raw: dict, folder: Path, fields=_INT_FIELDS) -> None:
+    """JSON booleans are not sizes: ``"d_sae": true`` would otherwise read as 1 (Python's bool is an int)."""
+    for name in fields:
+        v = raw.get(name)
+        if isinstance(v, bool) or (v is not None and not isinstance(v, int)):
+            raise ArtifactError(f"{folder / CFG_FILE}: field {name!r} is {v!r} ({type(v).__name__}); it must be an integer")
+
+
 def _parse_cfg(raw: dict, folder: Path) -> SAEConfig:
     from pydantic import ValidationError
 
+    _check_ints(raw, folder)
+    if raw.get("architecture") == "standard":  # what save() writes for "relu" (SAELens' name)
+        raw = raw | {"architecture": "relu"}
     try:
         return SAEConfig.model_validate(raw)
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        msgs = "; ".join(f"field {'.'.join(map(str, err['loc']))!r}: {err['msg']}" for err in e.errors())
         raise ArtifactError(f"{folder / CFG_FILE} is not a valid saebench SAE config: {msgs}") from None
 
 
-_SAELENS_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+_SAELENS_ARCH = {"standard": "relu", "topk": "topk", "abstopk": "abstopk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+_SAELENS_RESCALES = ("topk", "abstopk")  # the SAELens inference classes that apply rescale_acts_by_decoder_norm (6.54)
 
 
-def _cfg_from_saelens(raw: dict, folder: Path) -> SAEConfig:
-    """Translate a SAELens (v5 or v6) cfg.json into our config."""
-    meta = raw.get("metadata") or {}
+def _cfg_from_saelens(raw: dict, folder: Path) -> tuple[SAEConfig, bool]:
+    """Translate a SAELens (v5 or v6) cfg.json into our config; also whether decoder norms must be folded in."""
+    where = folder / CFG_FILE
+    meta = raw.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
     arch = raw.get("architecture", "standard")
-    if arch not in _SAELENS_ARCH:
-        raise ArtifactError(f"SAELens architecture {arch!r} in {folder} is not supported (supported: {sorted(_SAELENS_ARCH)})")
+    if not isinstance(arch, str) or arch not in _SAELENS_ARCH:
+        raise ArtifactError(f"SAELens architecture {arch!r} in {where} is not supported (supported: {sorted(_SAELENS_ARCH)})")
     norm = raw.get("normalize_activations", "none") or "none"
     if norm not in ("none", None):
         raise ArtifactError(
             f"{folder} was saved with normalize_activations={norm!r}; fold the scaling into the weights "
             "with SAELens (sae.fold_activation_norm_scaling_factor) before loading"
         )
+    k = raw.get("k")
+    if k is None and isinstance(raw.get("activation_fn_kwargs"), dict):  # SAELens < 6 kept k there
+        k = raw["activation_fn_kwargs"].get("k")
+    _check_ints({"d_in": raw.get("d_in"), "d_sae": raw.get("d_sae"), "hook_layer": raw.get("hook_layer")}
+                | ({"k": k} if arch in ("topk", "abstopk") else {}), folder)
+    for name in ("d_in", "d_sae"):
+        if raw.get(name) is None:
+            raise ArtifactError(f"{where}: field {name!r} is missing; not a SAELens SAE config")
+    rescale = raw.get("rescale_acts_by_decoder_norm", False)
+    if not isinstance(rescale, bool):
+        raise ArtifactError(f"{where}: field 'rescale_acts_by_decoder_norm' is {rescale!r}; it must be true or false")
+    hook_name = raw.get("hook_name") or meta.get("hook_name", "")
+    if not isinstance(hook_name, str):
+        raise ArtifactError(f"{where}: field 'hook_name' is {hook_name!r}; it must be a string")
     try:
-        hook_name = raw.get("hook_name") or meta.get("hook_name", "")
-        return SAEConfig(
+        cfg = SAEConfig(
             architecture=_SAELENS_ARCH[arch],
-            d_in=int(raw["d_in"]),
-            d_sae=int(raw["d_sae"]),
-            k=raw.get("k") if arch == "topk" else None,
-            model_name=raw.get("model_name") or meta.get("model_name", ""),
+            d_in=raw["d_in"],
+            d_sae=raw["d_sae"],
+            k=k if arch in ("topk", "abstopk") else None,
+            model_name=str(raw.get("model_name") or meta.get("model_name", "")),
             hook_name=hook_name,
             hook_layer=_layer_of(hook_name, raw.get("hook_layer", meta.get("hook_layer"))),
             apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
@@ -329,7 +406,8 @@ def _cfg_from_saelens(raw: dict, folder: Path) -> SAEConfig:
             method=f"saelens:{arch}",
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{folder / CFG_FILE} is not a valid SAELens config ({e!r})") from None
+        raise ArtifactError(f"{where} is not a valid SAELens config ({e!r})") from None
+    return cfg, rescale and arch in _SAELENS_RESCALES
 
 
 def _layer_of(hook_name: str, given: Any) -> int:
@@ -339,6 +417,6 @@ def _layer_of(hook_name: str, given: Any) -> int:
     return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else -1
 
 
-def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE folder (saebench or SAELens format)."""
-    return SAE.load(folder, device)
+def load_sae(folder: str | Path, device: str | torch.device = "cpu", verify: bool | str | None = None) -> SAE:
+    """Load an SAE folder (saebench or SAELens format), checked against its manifest (see ``SAE.load``)."""
+    return SAE.load(folder, device, verify=verify)

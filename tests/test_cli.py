@@ -29,9 +29,9 @@ def test_train_eval_verify_round_trip(tiny_model_dir, text_file, tmp_path, capsy
     assert main(["eval", str(out), "--eval-tokens", "256", "--quiet", "--out", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["n_tokens"] > 0
     assert main(["verify", str(out)]) == 0
-    (out / "sae.safetensors").write_bytes(b"garbage")
+    (out / "sae_weights.safetensors").write_bytes(b"garbage")
     assert main(["verify", str(out)]) == 1
-    assert "sae.safetensors: size" in capsys.readouterr().out
+    assert "sae_weights.safetensors: size" in capsys.readouterr().out
 
 
 def test_config_file_plus_flag_override(tiny_model_dir, text_file, tmp_path):

@@ -60,11 +60,73 @@ def test_token_metrics_match_formulas(tiny_model):
     assert m["cossim"] == pytest.approx(torch.cosine_similarity(x, x_hat, -1).mean().item(), rel=1e-4)
     assert m["l2_ratio"] == pytest.approx((x_hat.norm(dim=-1) / x.norm(dim=-1)).mean().item(), rel=1e-4)
     assert m["relative_reconstruction_bias"] == pytest.approx((x_hat.pow(2).sum() / (x * x_hat).sum()).item(), rel=1e-4)
+    ref = _saebench_06_metrics([(x, x_hat)])  # one batch of 3 sequences (batch_size 16)
+    assert m["saebench_batches"] == 1
+    for k in ("explained_variance", "relative_reconstruction_bias", "mse"):
+        assert m[f"{k}_saebench"] == pytest.approx(ref[k], rel=1e-4), k
     density = (z != 0).float().mean(0)
     assert m["dead_fraction"] == pytest.approx((density == 0).float().mean().item())
     assert m["dead_window_tokens"] == 33
     assert m["dense_fraction_10pct"] == pytest.approx((density > 0.1).float().mean().item())
     assert sum(m["log10_density_histogram"]["counts"]) == int((density > 0).sum())
+
+
+def _saebench_06_metrics(batches):
+    """SAEBench 0.6's aggregation, transcribed from sae_bench/evals/core/main.py (get_sparsity_and_variance_metrics):
+    per batch of (masked) inputs x and reconstructions x_hat, the same tensor operations in the same order."""
+    rrb, mses, mean_sum_of_squares, mean_act_per_dimension, mean_sum_of_resid_squared = [], [], [], [], []
+    for x, x_hat in batches:
+        x_hat_norm_squared = torch.norm(x_hat, dim=-1) ** 2
+        x_dot_x_hat = (x * x_hat).sum(dim=-1)
+        rrb.append((x_hat_norm_squared.mean() / x_dot_x_hat.mean()).unsqueeze(0))
+        resid_sum_of_squares = (x - x_hat).pow(2).sum(dim=-1)
+        mses.append(resid_sum_of_squares / x.shape[0])  # flattened_mask.sum(): the batch's kept tokens
+        mean_sum_of_squares.append(x.pow(2).sum(dim=-1).mean(dim=0))
+        mean_act_per_dimension.append(x.pow(2).mean(dim=0))
+        mean_sum_of_resid_squared.append(resid_sum_of_squares.mean(dim=0))
+    total_variance = torch.stack(mean_sum_of_squares).mean(dim=0) - torch.cat(mean_act_per_dimension).mean(dim=0) ** 2
+    residual_variance = torch.stack(mean_sum_of_resid_squared).mean(dim=0)
+    return {"explained_variance": (1 - residual_variance / total_variance).item(), "relative_reconstruction_bias": torch.cat(rrb).mean().item(),
+            "mse": torch.cat(mses).mean().item()}
+
+
+def test_saebench_variants_follow_saebench_06():
+    """explained_variance_saebench, relative_reconstruction_bias_saebench and mse_saebench equal SAEBench 0.6's code on
+    synthetic batches of unequal sizes, scales and offsets (float64); ours stay ours, and they differ from them here."""
+    from saebench.evals.core import CoreAccumulator
+    from saebench.sparse import SparseActs
+
+    g = torch.Generator().manual_seed(0)
+    d = 12
+    sae = SAE(SAEConfig(architecture="topk", d_in=d, d_sae=20, k=3))
+    acc = CoreAccumulator(sae)
+    batches = []
+    for n, scale, shift in ((50, 1.0, 3.0), (17, 4.0, -1.0), (33, 0.5, 0.0), (0, 1.0, 0.0)):  # an empty batch is skipped
+        x = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale + shift)
+        x_hat = 0.8 * x + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+        acts = SparseActs(torch.rand(n, 3, generator=g), torch.randint(0, 20, (n, 3), generator=g))
+        acc.add_reconstruction(x, x_hat, acts)
+        if n:
+            batches.append((x, x_hat))
+    m = acc.result(downstream=False)
+    ref = _saebench_06_metrics(batches)
+    assert m["saebench_batches"] == 3
+    assert m["explained_variance_saebench"] == pytest.approx(ref["explained_variance"], rel=1e-12)
+    assert m["relative_reconstruction_bias_saebench"] == pytest.approx(ref["relative_reconstruction_bias"], rel=1e-12)
+    assert m["mse_saebench"] == pytest.approx(ref["mse"], rel=1e-12)
+    x, x_hat = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    sse = (x - x_hat).pow(2).sum()
+    assert m["explained_variance"] == pytest.approx(1 - (sse / (x - x.mean(0)).pow(2).sum()).item(), rel=1e-12)
+    assert m["mse"] == pytest.approx((sse / x.numel()).item(), rel=1e-12)
+    assert m["relative_reconstruction_bias"] == pytest.approx((x_hat.pow(2).sum() / (x * x_hat).sum()).item(), rel=1e-12)
+    for ours, theirs in (("explained_variance", "explained_variance_saebench"), ("mse", "mse_saebench"),
+                         ("relative_reconstruction_bias", "relative_reconstruction_bias_saebench")):
+        assert abs(m[ours] - m[theirs]) > 1e-3 * abs(m[ours]), ours  # different quantities on this data: no mix-up can pass
+    from saebench.evals.core import format_table
+
+    table = format_table(m)  # the printed table says which is which
+    assert "explained var (1-FVU)" in table and "explained var [SAEBench]" in table and "MSE [SAEBench]" in table
+    assert "shrinkage [SAEBench]" in table and "SAEBench 0.6's definitions, averaged over 3 batches" in table
 
 
 def test_fvu_without_outliers_drops_only_huge_norm_tokens():

@@ -62,9 +62,13 @@ def _good_folder(root: Path) -> Path:
     return sae.save(root / "sae")
 
 
-def _assert_clean_load(folder: Path):
+def _assert_clean_load(folder: Path, changed: bool | None = None):
+    """The manifest check refuses any change to a listed file; without it the parser still fails cleanly or loads a whole SAE."""
+    if changed:
+        with pytest.raises(ArtifactError, match="manifest.json"):
+            SAE.load(folder)
     try:
-        sae = SAE.load(folder)
+        sae = SAE.load(folder, verify=False)
     except ArtifactError as e:
         assert str(e)
         return None
@@ -78,12 +82,13 @@ def _assert_clean_load(folder: Path):
 @given(cut=st.integers(min_value=0, max_value=2000), flips=st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
 def test_damaged_weights_never_load_partially(tmp_path_factory, cut, flips):
     folder = _good_folder(tmp_path_factory.mktemp("art"))
-    p = folder / "sae.safetensors"
-    data = bytearray(p.read_bytes())
+    p = folder / "sae_weights.safetensors"
+    original = p.read_bytes()
+    data = bytearray(original)
     for f in flips:
         data[f % len(data)] ^= 0xA5
     p.write_bytes(bytes(data[: len(data) - cut]))
-    _assert_clean_load(folder)
+    _assert_clean_load(folder, changed=p.read_bytes() != original)
 
 
 @SETTINGS
@@ -91,6 +96,8 @@ def test_damaged_weights_never_load_partially(tmp_path_factory, cut, flips):
 def test_foreign_or_mangled_cfg_json(tmp_path_factory, cfg):
     folder = _good_folder(tmp_path_factory.mktemp("art"))
     (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError):  # a broken config is reported as such; one that parses fails the manifest check
+        SAE.load(folder)
     _assert_clean_load(folder)
 
 
@@ -104,10 +111,11 @@ def test_wrong_shapes_and_dtypes(tmp_path_factory, name, shape, dtype):
     folder = _good_folder(tmp_path_factory.mktemp("art"))
     from safetensors.torch import load_file
 
-    tensors = load_file(str(folder / "sae.safetensors"))
+    original = (folder / "sae_weights.safetensors").read_bytes()
+    tensors = load_file(str(folder / "sae_weights.safetensors"))
     tensors[name] = torch.zeros(shape, dtype=dtype)
-    save_file(tensors, str(folder / "sae.safetensors"))
-    sae = _assert_clean_load(folder)
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    sae = _assert_clean_load(folder, changed=(folder / "sae_weights.safetensors").read_bytes() != original)
     if sae is not None:  # only acceptable if the replacement happened to have the right shape and a float dtype
         assert dtype.is_floating_point
 
@@ -136,7 +144,9 @@ def test_pickle_is_never_loaded(tmp_path):
 
     import pickle
 
-    (folder / "sae.safetensors").write_bytes(pickle.dumps(Evil()))
+    (folder / "sae_weights.safetensors").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(ArtifactError):
         SAE.load(folder)
+    with pytest.raises(ArtifactError):
+        SAE.load(folder, verify=False)  # the parser refuses it too
     assert not marker.exists()

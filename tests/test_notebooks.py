@@ -174,14 +174,14 @@ def test_ensure_comparison_saes_trains_only_what_is_missing(tmp_path, tiny_model
         dirs = api.ensure_comparison_saes(tmp_path, ["topk", "abstopk"], **kw)
     assert dirs == [tmp_path / "saes" / HOOK0 / "topk", tmp_path / "saes" / HOOK0 / "abstopk"]
     assert all(api.is_trained(d) for d in dirs)
-    stamps = {d: (d / "sae.safetensors").stat().st_mtime_ns for d in dirs}
+    stamps = {d: (d / "sae_weights.safetensors").stat().st_mtime_ns for d in dirs}
     # Again: nothing is trained. methods=None: the SAEs found, the preset's order first.
     assert api.ensure_comparison_saes(tmp_path, ["topk", "abstopk"], **kw) == dirs
     assert api.ensure_comparison_saes(tmp_path, **kw) == dirs
     # A new method: only it is trained, from the same cache.
     more = api.ensure_comparison_saes(tmp_path, ["batchtopk", "topk"], **kw)
     assert api.is_trained(more[0]) and more[1] == dirs[0]
-    assert {d: (d / "sae.safetensors").stat().st_mtime_ns for d in dirs} == stamps
+    assert {d: (d / "sae_weights.safetensors").stat().st_mtime_ns for d in dirs} == stamps
     assert len(list((tmp_path / "activations").iterdir())) == 1
 
 

@@ -218,7 +218,7 @@ def test_corrupted_or_foreign_folders_give_clear_errors(tmp_path, damage, match)
     folder = tmp_path / "sae"
     _sae().save(folder)
     if damage == "truncate_weights":
-        p = folder / "sae.safetensors"
+        p = folder / "sae_weights.safetensors"
         p.write_bytes(p.read_bytes()[:200])
     elif damage == "bad_json":
         (folder / "cfg.json").write_text("{not json")
@@ -228,6 +228,7 @@ def test_corrupted_or_foreign_folders_give_clear_errors(tmp_path, damage, match)
         cfg = json.loads((folder / "cfg.json").read_text())
         cfg["d_sae"] = 50
         (folder / "cfg.json").write_text(json.dumps(cfg))
+        (folder / "manifest.json").unlink()  # else the manifest check refuses the edited cfg.json before the shapes are read
     elif damage == "missing_folder":
         folder = tmp_path / "nope"
     elif damage == "empty_folder":
@@ -242,12 +243,12 @@ def test_verify_reports_what_is_wrong(tmp_path):
 
     folder = _sae().save(tmp_path / "sae")
     assert verify_folder(folder) == []
-    p = folder / "sae.safetensors"
+    p = folder / "sae_weights.safetensors"
     data = bytearray(p.read_bytes())
     data[-5] ^= 0xFF  # flip bits in the payload
     p.write_bytes(bytes(data))
     problems = verify_folder(folder)
-    assert len(problems) == 1 and "sae.safetensors" in problems[0] and "checksum" in problems[0]
+    assert len(problems) == 1 and "sae_weights.safetensors" in problems[0] and "checksum" in problems[0]
 
 
 def test_sparse_decode_backward_matches_dense_autograd():
