@@ -253,7 +253,7 @@ class ArraySource(_RowSource):
                          + (f" at {self.path}" if self.path else ""), what=what)
 
     def _read(self, lo: int, hi: int) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.array[lo:hi]))
+        return torch.from_numpy(np.array(self.array[lo:hi], copy=True))  # one chunk in memory, not a view of the file
 
     def _where(self) -> dict[str, Any]:
         return {"path": self.path} if self.path else {}
@@ -368,7 +368,7 @@ class ShardFolderSource(_RowSource):
                 continue
             f = self.files[s]
             if f.suffix == ".npy":
-                parts.append(torch.from_numpy(np.ascontiguousarray(np.load(f, mmap_mode="r")[a:b])))
+                parts.append(torch.from_numpy(np.array(np.load(f, mmap_mode="r")[a:b], copy=True)))
             else:
                 from safetensors import safe_open
 
