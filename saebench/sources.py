@@ -624,7 +624,10 @@ def as_source(data: Any, **kwargs: Any) -> ActivationSource:
 def adopt_source_fields(cfg, source: ActivationSource):
     """``cfg`` with what it leaves unset taken from ``source``; a ConfigError where they disagree.
 
-    - ``hook_name`` unset and the source has one hook: the source's;
+    "Unset" means not given or given with its default value (a config re-created from a dump sets
+    every field), so an explicit default cannot contradict a source.
+
+    - ``hook_name`` unset, the source has one hook and not the default one: the source's;
     - ``model`` / ``corpus``, when the source's ``provenance`` declares them (every source in this
       module, the synthetic one and an activation cache do): unset → the declared value, or
       ``"none"`` if the source names none; set to another value than a declared one → error.
@@ -632,8 +635,11 @@ def adopt_source_fields(cfg, source: ActivationSource):
     from saebench.config import ConfigError
 
     update: dict[str, Any] = {}
-    given = cfg.model_fields_set
-    if "hook_name" not in given and len(source.hook_names) == 1:
+
+    def unset(field: str) -> bool:
+        return field not in cfg.model_fields_set or getattr(cfg, field) == type(cfg).model_fields[field].default
+
+    if unset("hook_name") and len(source.hook_names) == 1:
         update["hook_name"] = source.hook_names[0]
     prov = getattr(source, "provenance", None)
     if isinstance(prov, dict):
@@ -641,7 +647,7 @@ def adopt_source_fields(cfg, source: ActivationSource):
             if field not in prov:
                 continue
             declared = prov[field]
-            if field not in given:
+            if unset(field):
                 update[field] = str(declared) if declared else NO_MODEL
             elif declared and getattr(cfg, field) != declared:
                 raise ConfigError(f"the config says {field}={getattr(cfg, field)!r} but the activation source says its activations come from "

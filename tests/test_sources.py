@@ -240,6 +240,7 @@ def test_memmap_larger_than_memory_budget_is_read_in_chunks(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(out)  # the figures docs/README cite (pytest -s)
     assert out["file_bytes"] > 2 * out["budget"]
     assert out["full_read"] == "MemoryError"  # the cap is real: the file does not fit under it
     assert out["bit_equal"]  # interrupted + resumed under the cap == uninterrupted
@@ -354,10 +355,16 @@ def test_hook_and_provenance_are_adopted_or_refused(planted, tmp_path):
     assert (cfg["model_name"], cfg["hook_name"], cfg["hook_layer"]) == ("gpt2", "blocks.6.hook_resid_post", 6)
     assert cfg["metadata"]["corpus"] == "hf:Skylion007/openwebtext"
     # A config that contradicts the source is an error, not a silent relabel.
-    with pytest.raises(ConfigError, match=r"hook 'blocks.15.hook_resid_post' is not provided by the activation source.*leave it unset"):
-        saebench.train(_cfg(tmp_path / "x", hook_name="blocks.15.hook_resid_post"), source=TensorSource(planted), progress=False)
-    with pytest.raises(ConfigError, match=r"model='smollm2-135m' but the activation source says .* 'gpt2'"):
-        saebench.train(_cfg(tmp_path / "y", model="smollm2-135m"), source=src, progress=False)
+    with pytest.raises(ConfigError, match=r"hook 'blocks.3.hook_resid_post' is not provided by the activation source.*leave it unset"):
+        saebench.train(_cfg(tmp_path / "x", hook_name="blocks.3.hook_resid_post"), source=TensorSource(planted), progress=False)
+    with pytest.raises(ConfigError, match=r"model='gpt2-medium' but the activation source says .* 'gpt2'"):
+        saebench.train(_cfg(tmp_path / "y", model="gpt2-medium"), source=src, progress=False)
+    # Fields given at their defaults (a config rebuilt from a dump gives every field) count as unset.
+    rebuilt = TrainConfig(**_cfg(tmp_path / "rebuilt").model_dump())
+    assert {"model", "hook_name", "corpus"} <= rebuilt.model_fields_set
+    saebench.train(rebuilt, source=src, progress=False)
+    cfg = json.loads((tmp_path / "rebuilt" / "cfg.json").read_text())
+    assert (cfg["model_name"], cfg["hook_name"]) == ("gpt2", "blocks.6.hook_resid_post")
     # A model named only in the config (the source names none) is the user's statement: kept.
     saebench.train(_cfg(tmp_path / "named", model="my-vision-net"), source=TensorSource(planted, chunk_tokens=CHUNK), progress=False)
     assert json.loads((tmp_path / "named" / "cfg.json").read_text())["model_name"] == "my-vision-net"
