@@ -169,7 +169,7 @@ def _take(it, n):
 
 
 def test_memmap_larger_than_memory_budget_is_read_in_chunks(tmp_path):
-    """A 64 MiB .npy trained on, resumed and fully evaluated in a process whose heap may grow by only 24 MiB.
+    """A 64 MiB .npy trained on, resumed and fully evaluated (and the same rows as shards evaluated) in a process whose heap may grow by only 24 MiB.
 
     RLIMIT_DATA caps the process's private memory (heap and anonymous mappings) while the read-only
     file mapping does not count, so reading the whole file into memory fails (checked first), and
@@ -183,7 +183,16 @@ def test_memmap_larger_than_memory_budget_is_read_in_chunks(tmp_path):
     for i in range(n >> 15):
         mm[i << 15 : (i + 1) << 15] = planted.chunk(i).acts["synthetic"].numpy()
     mm.flush()
-    del mm
+    # The same rows as four 16 MiB shards, two safetensors and two npy, for a shard-folder read under the cap.
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for j in range(4):
+        part = torch.from_numpy(np.array(mm[j * (n // 4) : (j + 1) * (n // 4)]))
+        if j % 2:
+            np.save(shards / f"s{j}.npy", part.numpy())
+        else:
+            save_file({"x": part}, str(shards / f"s{j}.safetensors"))
+    del mm, part
     script = textwrap.dedent(f"""
         import json, resource, numpy as np, torch
         import saebench
@@ -231,6 +240,9 @@ def test_memmap_larger_than_memory_budget_is_read_in_chunks(tmp_path):
         ev = ArraySource({str(path)!r}, chunk_tokens=CHUNK)
         m = evaluate_activations(full.sae, ev, batch_size=4096)
         out |= {{"eval_tokens": m["n_tokens"], "eval_rows_read": ev.rows_read, "eval_max_rows_read": ev.max_rows_read, "fvu": m["fvu"], "l0": m["l0"]}}
+        sh = saebench.ShardFolderSource({str(shards)!r}, chunk_tokens=CHUNK)
+        ms = evaluate_activations(full.sae, sh, batch_size=4096)
+        out |= {{"shard_eval_tokens": ms["n_tokens"], "shard_max_rows_read": sh.max_rows_read, "shard_fvu": ms["fvu"]}}
         out["vmdata_growth"] = vmdata() - (resource.getrlimit(resource.RLIMIT_DATA)[0] - budget)
         print(json.dumps(out))
     """)
@@ -247,6 +259,7 @@ def test_memmap_larger_than_memory_budget_is_read_in_chunks(tmp_path):
     assert out["train_max_rows_read"] <= 8192
     assert out["eval_tokens"] == n and out["eval_rows_read"] == n and out["eval_max_rows_read"] == 8192  # every row, one chunk at a time
     assert out["l0"] == pytest.approx(3.0) and out["fvu"] < 0.9
+    assert out["shard_eval_tokens"] == n and out["shard_max_rows_read"] == 8192 and out["shard_fvu"] == pytest.approx(out["fvu"], rel=1e-6)
     assert out["vmdata_growth"] < out["budget"]
 
 
@@ -318,6 +331,18 @@ def test_inputs_are_validated_with_actionable_errors(planted, tmp_path):
     save_file({"ids": torch.zeros(4, 3, dtype=torch.long)}, str(tmp_path / "ints.safetensors"))
     with pytest.raises(SourceError, match="floating point.*I64"):
         ShardFolderSource(tmp_path / "ints.safetensors")
+    # half-precision shards are read exactly (plain file reads of the rows asked for), and a truncated shard is reported
+    for dt in (torch.bfloat16, torch.float16, torch.float64):
+        folder = tmp_path / str(dt)
+        folder.mkdir()
+        save_file({"x": planted[:300].to(dt)}, str(folder / "a.safetensors"))
+        save_file({"x": planted[300:500].to(dt)}, str(folder / "b.safetensors"))
+        got = ShardFolderSource(folder, chunk_tokens=256)
+        assert torch.equal(got.chunk(1).acts["activations"], planted[256:500].to(dt).float()), dt
+    data = (tmp_path / str(torch.float16) / "b.safetensors").read_bytes()
+    (tmp_path / str(torch.float16) / "b.safetensors").write_bytes(data[:-10])
+    with pytest.raises(SourceError, match="b.safetensors is truncated"):
+        ShardFolderSource(tmp_path / str(torch.float16), chunk_tokens=256).chunk(1)
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no .safetensors or .npy files"):
         ShardFolderSource(tmp_path / "empty")
