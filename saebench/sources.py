@@ -291,13 +291,14 @@ class ShardFolderSource(_RowSource):
                 files = [root]
             else:
                 raise SourceError(f"ShardFolderSource: {root} does not exist")
-            label = str(root)
+            label = str(root.resolve())
         else:
             files = [Path(f) for f in folder]
             if not files:
                 raise SourceError("ShardFolderSource: the list of shard files is empty")
             label = f"{len(files)} files"
         what = f"ShardFolderSource({label})"
+        self.label = label
         self.files: list[Path] = []
         self.keys: list[str | None] = []
         self.rows: list[int] = []
@@ -367,8 +368,12 @@ class ShardFolderSource(_RowSource):
         parts = [p if p.dtype == torch.float32 else p.float() for p in parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    MAX_LISTED_FILES = 16
+
     def _where(self) -> dict[str, Any]:
-        return {"files": [[str(f.resolve()), r] for f, r in zip(self.files, self.rows)]}
+        """Where the rows are: the folder, the number of shards and the first ``MAX_LISTED_FILES`` (path, rows)."""
+        listed = [[str(f.resolve()), r] for f, r in zip(self.files[: self.MAX_LISTED_FILES], self.rows)]
+        return {"folder": self.label, "n_files": len(self.files), "files": listed}
 
 
 def _safetensors_header(f: Path, what: str) -> tuple[dict[str, Any], int]:
