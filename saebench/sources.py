@@ -490,7 +490,6 @@ class IteratorSource(ActivationSource):
             raise SourceError(f"{self.what}: the {form} yielded no rows")
         self._pending = first
         self.d_in = {self.hook_name: first.shape[1]}
-        self._dtype = first.dtype
         self.description = description or f"{form} of [*, {first.shape[1]}] batches"
 
     # ----- reading ----------------------------------------------------------------------------
