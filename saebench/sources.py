@@ -655,7 +655,7 @@ def as_source(data: Any, **kwargs: Any) -> ActivationSource:
     raise SourceError(f"as_source: cannot make activations out of a {type(data).__name__}")
 
 
-def adopt_source_fields(cfg, source: ActivationSource):
+def adopt_source_fields(cfg, source: ActivationSource, model: Any = None):
     """``cfg`` with what it leaves unset taken from ``source``; a ConfigError where they disagree.
 
     "Unset" means not given or given with its default value (a config re-created from a dump sets
@@ -664,7 +664,10 @@ def adopt_source_fields(cfg, source: ActivationSource):
     - ``hook_name`` unset, the source has one hook and not the default one: the source's;
     - ``model`` / ``corpus``, when the source's ``provenance`` declares them (every source in this
       module, the synthetic one and an activation cache do): unset → the declared value, or
-      ``"none"`` if the source names none; set to another value than a declared one → error.
+      ``"none"`` if the source names none; set to another value than a declared one → error;
+    - a source that declares no provenance (your own ``ActivationSource`` subclass), holds no model
+      (no ``model`` attribute, as harvesting sources have) and is trained with no ``model`` given:
+      ``model`` / ``corpus`` unset → ``"none"`` (not the default model's name).
     """
     from saebench.config import ConfigError
 
@@ -676,6 +679,8 @@ def adopt_source_fields(cfg, source: ActivationSource):
     if unset("hook_name") and len(source.hook_names) == 1:
         update["hook_name"] = source.hook_names[0]
     prov = getattr(source, "provenance", None)
+    if not isinstance(prov, dict) and model is None and getattr(source, "model", None) is None:
+        prov = {"model": None, "corpus": None}
     if isinstance(prov, dict):
         for field in ("model", "corpus"):
             if field not in prov:
@@ -689,10 +694,17 @@ def adopt_source_fields(cfg, source: ActivationSource):
     return cfg.model_copy(update=update) if update else cfg
 
 
-def source_provenance(source: ActivationSource) -> dict[str, Any] | None:
-    """The JSON-able provenance of a source, or None if it declares none."""
+def source_provenance(source: ActivationSource, model: Any = None) -> dict[str, Any] | None:
+    """The JSON-able provenance of a source; for one that declares none and holds no model (and no
+    ``model`` is given) a stub naming its class; None for model-backed sources (harvesting)."""
     prov = getattr(source, "provenance", None)
-    return json.loads(json.dumps(prov, default=str)) if isinstance(prov, dict) else None
+    if not isinstance(prov, dict):
+        if model is not None or getattr(source, "model", None) is not None:
+            return None
+        name = type(source).__name__
+        prov = {"kind": name, "hook_names": list(source.hook_names), "d_in": dict(source.d_in), "model": None, "corpus": None,
+                "description": f"{name} (declares no provenance: give it a `provenance` dict to record where its activations came from)"}
+    return json.loads(json.dumps(prov, default=str))
 
 
 __all__ = ["TensorSource", "ArraySource", "ShardFolderSource", "IteratorSource", "as_source", "adopt_source_fields", "source_provenance",

@@ -399,6 +399,32 @@ def test_hook_and_provenance_are_adopted_or_refused(planted, tmp_path):
     assert cfg["model_name"] == "none" and cfg["hook_name"] == "synthetic" and cfg["metadata"]["activation_source"]["kind"] == "synthetic"
 
 
+def test_own_subclass_without_provenance_records_no_model(planted, tmp_path):
+    """The issue's case: a hand-written ActivationSource. Its SAE no longer claims the default model."""
+    from saebench.activations import ActivationSource, Batch
+
+    class Mine(ActivationSource):
+        hook_names = ["mine"]
+        d_in = {"mine": D}
+        n_chunks = 3
+
+        def chunk(self, i):
+            x = planted[i * 1000 : (i + 1) * 1000]
+            return Batch({"mine": x}, torch.zeros(len(x), dtype=torch.long))
+
+    saebench.train(_cfg(tmp_path / "mine"), source=Mine(), progress=False)
+    cfg = json.loads((tmp_path / "mine" / "cfg.json").read_text())
+    assert (cfg["model_name"], cfg["hook_name"], cfg["metadata"]["corpus"]) == ("none", "mine", "none")
+    assert cfg["metadata"]["activation_source"]["kind"] == "Mine" and "declares no provenance" in cfg["metadata"]["activation_source"]["description"]
+    # With a model object given, the config's model stands (the activations may well be that model's).
+    saebench.train(_cfg(tmp_path / "with_model"), source=Mine(), model=object(), progress=False)
+    cfg = json.loads((tmp_path / "with_model" / "cfg.json").read_text())
+    assert cfg["model_name"] == "smollm2-135m" and "activation_source" not in cfg["metadata"]
+    # A method that runs the model cannot train on activations from no named model.
+    with pytest.raises(ConfigError, match="method 'e2e' runs the language model the activations came from, and none is named"):
+        saebench.train(_cfg(tmp_path / "e2e", method="e2e"), source=TensorSource(planted), progress=False)
+
+
 def test_resume_refuses_another_stream(planted, tmp_path):
     cfg = _cfg(tmp_path / "r")
     with pytest.raises(Interrupt):

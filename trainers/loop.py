@@ -211,8 +211,8 @@ def train_many(cfgs: list[TrainConfig], source: ActivationSource | None = None, 
         from saebench.sources import adopt_source_fields, as_source, source_provenance
 
         source = as_source(source)
-        cfgs = [adopt_source_fields(c, source) for c in cfgs]
-        source_info = source_provenance(source)
+        cfgs = [adopt_source_fields(c, source, model) for c in cfgs]
+        source_info = source_provenance(source, model)
     cfgs = _shared_stream_configs(list(cfgs), source is not None)
     rank_, world = init_from_env(cfgs[0].device)
     if world > 1:
@@ -225,6 +225,12 @@ def train_many(cfgs: list[TrainConfig], source: ActivationSource | None = None, 
     methods = [get_method(c.method)(c) for c in cfgs]
     if model is None and any(methods[i].needs_model for i in owned):
         from saebench import models
+        from saebench.sources import NO_MODEL
+
+        bad = next(cfgs[i] for i in owned if methods[i].needs_model)
+        if bad.model == NO_MODEL:
+            raise ConfigError(f"method {bad.method!r} runs the language model the activations came from, and none is named; "
+                              "pass model= or name it in the source (model=...)")
 
         model = models.load_model(cfgs[0].model, device=cfgs[0].device)
     if source is None:
