@@ -389,6 +389,95 @@ def _summarise(s: _Sums, sae: SAE, downstream: bool) -> dict[str, Any]:
     return out
 
 
+@torch.no_grad()
+def evaluate_activations(sae: SAE, data, *, max_tokens: int | None = None, batch_size: int = 4096, hook_name: str | None = None,
+                         windows: tuple[int, ...] = (), split: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """The core reconstruction and sparsity metrics of ``sae`` on activations you bring (no model, so no CE/KL terms).
+
+    Args:
+        sae: the SAE (its ``d_in`` must match the data's width).
+        data: a tensor or NumPy array ``[n_tokens, d_in]``, a ``.npy`` path, a shard folder, an iterator
+            factory, or any ``ActivationSource`` (``saebench.sources.as_source``).
+        max_tokens: evaluate the first ``max_tokens`` rows (in the data's own order, unshuffled);
+            default all of a bounded source, one pass of an iterator. Required for other unbounded
+            sources (the synthetic one).
+        batch_size: rows encoded at once. The outlier rule of ``fvu_without_outliers`` (norm above
+            ``OUTLIER_NORM_FACTOR`` x the median) uses each batch's median, as the core eval uses each
+            model batch's; the batch is recorded as ``outlier_batch_tokens``.
+        hook_name: the source's hook to read when it has several (default: the SAE's, or the only one).
+        windows: also report ``dead_fraction_by_window`` for these token windows (``evals.dead``).
+        split: a label stored with the metrics (e.g. ``"held-out"``).
+
+    Returns the metrics of :func:`evaluate_core` without its downstream (CE/KL) entries, computed by
+    the same accumulator (same definitions; see this module's docstring): ``fvu``,
+    ``explained_variance``, ``fvu_without_outliers`` / ``n_outlier_tokens``, ``mse``, ``cossim``,
+    ``l2_ratio``, ``relative_reconstruction_bias``, ``l0``, ``l1``, ``dead_fraction`` over
+    ``dead_window_tokens`` (= ``n_tokens``, every evaluated token), ``dense_fraction_1pct`` /
+    ``_10pct``, the density histogram; plus ``source`` (the data's provenance) and ``split``.
+    """
+    from saebench.evals.dead import DeadLatentCounter
+    from saebench.sources import IteratorSource, as_source, source_provenance
+
+    if max_tokens is not None and max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    source = as_source(data)
+    hook = hook_name or (sae.cfg.hook_name if sae.cfg.hook_name in source.hook_names else None)
+    if hook is None:
+        if len(source.hook_names) != 1:
+            raise ValueError(f"the source has hooks {source.hook_names} and none is the SAE's ({sae.cfg.hook_name!r}); pass hook_name=")
+        hook = source.hook_names[0]
+    if hook not in source.hook_names:
+        raise ValueError(f"hook {hook!r} is not provided by the source (it has {source.hook_names})")
+    if source.d_in[hook] != sae.d_in:
+        raise ValueError(f"the SAE expects d_in={sae.d_in} (trained on {sae.cfg.hook_name or '?'}), but the activations ({hook}) have width "
+                         f"{source.d_in[hook]}; evaluate it on activations of the site it was trained on")
+
+    def blocks():
+        if isinstance(source, IteratorSource):
+            yield from source.one_pass()
+            return
+        n = source.n_chunks
+        if n is None and max_tokens is None:
+            raise ValueError(f"{type(source).__name__} is unbounded; pass max_tokens")
+        i = 0
+        while n is None or i < n:
+            yield source.chunk(i).acts[hook]
+            i += 1
+
+    acc = CoreAccumulator(sae)
+    counter = DeadLatentCounter(sae.d_sae, windows) if windows else None
+    seen = 0
+    bar = tqdm(total=max_tokens, desc="evaluate activations", disable=not progress)
+    for block in blocks():
+        for s in range(0, block.shape[0], batch_size):
+            x = block[s : s + batch_size]
+            if max_tokens is not None:
+                x = x[: max_tokens - seen]
+            if not x.shape[0]:
+                break
+            x = x.to(sae.device).float()
+            acts = sae.encode_sparse(x)
+            acc.add_reconstruction(x, sae.decode_sparse(acts).float(), acts)
+            if counter is not None:
+                counter.update(acts, torch.zeros(x.shape[0], dtype=torch.long), torch.zeros(x.shape[0], dtype=torch.bool))
+            seen += x.shape[0]
+            bar.update(x.shape[0])
+        if max_tokens is not None and seen >= max_tokens:
+            break
+    bar.close()
+    if seen == 0:
+        raise ValueError("no activations to evaluate (the source is empty)")
+    out = acc.result(downstream=False)
+    if counter is not None:
+        dead = counter.result()
+        out |= {k: dead[k] for k in ("dead_fraction_by_window", "windows_unavailable", "n_dead", "dense_mass_1pct", "dense_mass_10pct", "max_density")}
+    prov = source_provenance(source)
+    return out | {"evaluated_hook_name": hook, "outlier_batch_tokens": batch_size, "split": split,
+                  "source": prov if prov is not None else {"description": getattr(source, "description", type(source).__name__)}}
+
+
 SUMMARY_KEYS = [
     ("l0", "L0"), ("fvu", "FVU"), ("fvu_without_outliers", "FVU w/o outlier tokens"), ("explained_variance", "explained var (1-FVU)"), ("cossim", "cosine"),
     ("ce_loss_score", "CE loss recovered"), ("kl_div_score", "KL score"), ("ce_loss_without_sae", "CE clean"),

@@ -13,6 +13,9 @@ from saebench.sae import SAE, SAEConfig, load_sae
 from saebench.sparse import SparseActs
 
 
+_SOURCES = ("TensorSource", "ArraySource", "ShardFolderSource", "IteratorSource", "as_source")
+
+
 def __getattr__(name):
     # Heavy imports (transformer_lens) only when the API is actually used.
     if name == "train_and_evaluate":
@@ -23,6 +26,14 @@ def __getattr__(name):
         from saebench.api import train_and_evaluate_many
 
         return train_and_evaluate_many
+    if name == "evaluate_activations":
+        from saebench.evals.core import evaluate_activations
+
+        return evaluate_activations
+    if name in _SOURCES:
+        from saebench import sources
+
+        return getattr(sources, name)
     if name in ("train", "train_many"):
         from saebench.trainers import loop
 
@@ -31,4 +42,4 @@ def __getattr__(name):
 
 
 __all__ = ["SAE", "SAEConfig", "SparseActs", "TrainConfig", "EvalConfig", "load_sae", "train_and_evaluate", "train_and_evaluate_many", "train",
-           "train_many"]
+           "train_many", "evaluate_activations", *_SOURCES]

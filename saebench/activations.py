@@ -484,6 +484,12 @@ class SyntheticSource(ActivationSource):
     def chunk_size(self, i: int) -> int:
         return self.chunk_tokens
 
+    @property
+    def provenance(self) -> dict:
+        """What training records in cfg.json: planted data, no model or corpus (``saebench.sources``)."""
+        return {"kind": "synthetic", "model": None, "corpus": None, "hook_name": self.hook_names[0], "d_in": self.features.shape[1],
+                "description": f"planted features: m={self.m}, n_active={self.n_active_range or self.n_active}, seed={self.seed}"}
+
     def chunk(self, i: int) -> Batch:
         c = self.coefficients(i)
         x = c @ self.features

@@ -10,19 +10,54 @@ from saebench.config import TrainConfig, load_config
 from saebench.trainers.loop import TrainResult
 
 
-def train_and_evaluate(cfg: TrainConfig | str | Path, *, model=None, progress: bool = True, **overrides: Any) -> tuple[TrainResult, dict | None]:
-    """Train an SAE as ``cfg`` says and, if ``cfg.eval_tokens`` > 0, run the core eval on held-out text.
+def train_and_evaluate(cfg: TrainConfig | str | Path, *, model=None, source=None, eval_source=None, progress: bool = True,
+                       **overrides: Any) -> tuple[TrainResult, dict | None]:
+    """Train an SAE as ``cfg`` says and, if ``cfg.eval_tokens`` > 0, evaluate it.
 
-    ``cfg`` may be a TrainConfig or a config file path (``overrides`` are applied on top). The model is
-    loaded once and shared by harvesting and evaluation.
+    ``cfg`` may be a TrainConfig or a config file path (``overrides`` are applied on top).
+
+    Without ``source``: activations are harvested from ``cfg.model`` on ``cfg.corpus`` and the core
+    eval (CE loss recovered, KL, FVU...) runs on held-out text; the model is loaded once and shared.
+
+    With ``source`` (a tensor, NumPy array/memmap, ``.npy`` path, shard folder, iterator factory or
+    any ``ActivationSource``; see ``saebench.sources``): training reads it, no model is loaded (unless
+    the method needs one), and the metrics are :func:`saebench.evals.core.evaluate_activations` on the
+    first ``cfg.eval_tokens`` rows of ``eval_source`` (held-out data you provide, ``split="held-out"``)
+    or, without one, of the training source (``split="train"``: not held out). They are also written
+    to ``out_dir/eval_activations.json``.
     """
     if not isinstance(cfg, TrainConfig):
         cfg = load_config(TrainConfig, cfg, **overrides)
     elif overrides:
         cfg = cfg.model_copy(update=overrides)
+    if source is not None:
+        return _train_and_evaluate_source(cfg, source, eval_source, model=model, progress=progress)
+    if eval_source is not None:
+        raise ValueError("eval_source is for training on a source you give (source=); without one the core eval runs on held-out text")
     # One SAE is the one-element case of several: the same model/device handling under torchrun.
     (result,) = train_and_evaluate_many([cfg], model=model, progress=progress)
     return result
+
+
+def _train_and_evaluate_source(cfg: TrainConfig, source, eval_source, *, model, progress: bool) -> tuple[TrainResult, dict | None]:
+    import torch
+
+    from saebench.evals.core import evaluate_activations
+    from saebench.io import write_json
+    from saebench.sources import as_source
+    from saebench.trainers.loop import train
+
+    source = as_source(source)
+    with torch.enable_grad():  # also when called under no_grad
+        result = train(cfg, source=source, model=model, progress=progress)
+    metrics = None
+    if cfg.eval_tokens:
+        held_out = eval_source is not None
+        metrics = evaluate_activations(result.sae, as_source(eval_source) if held_out else source, max_tokens=cfg.eval_tokens,
+                                       hook_name=None if held_out else result.sae.cfg.hook_name, split="held-out" if held_out else "train",
+                                       progress=progress)
+        write_json(Path(result.out_dir) / "eval_activations.json", metrics)
+    return result, metrics
 
 
 def train_and_evaluate_many(

@@ -39,8 +39,8 @@ def _sources(nb) -> list[tuple[str, str]]:
     return [(c.cell_type, c.source.strip()) for c in nb.cells]
 
 
-def test_there_are_five_notebooks():
-    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"], IDS
+def test_there_are_six_notebooks():
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"], IDS
 
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=IDS)

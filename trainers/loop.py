@@ -201,6 +201,8 @@ class _Run:
         return {"pid": os.getpid(), "host": socket.gethostname(), "started": _iso(self.t0), "seconds": seconds,
                 "steps": [self.start_step, self.step]}
 
+    source_info: dict | None = None  # provenance of a source the caller gave (saebench.sources)
+
     @property
     def out_dir(self) -> Path:
         return Path(self.cfg.out_dir)
@@ -230,8 +232,19 @@ def train_many(cfgs: list[TrainConfig], source: ActivationSource | None = None, 
     - ``distribute_modules``: SAE ``i`` lives only on rank ``i % world``; ranks read disjoint slices and
       all-gather the activations, so every SAE still trains on the full global batch, stored once.
 
+    A ``source`` may also be a tensor, array, shard folder or iterator (``saebench.sources.as_source``).
+    Configs that leave ``hook_name`` / ``model`` / ``corpus`` unset take the given source's
+    (``sources.adopt_source_fields``), and its provenance goes into each SAE's ``cfg.json``.
+
     Returns one ``TrainResult`` per config (``None`` for SAEs another rank trained).
     """
+    source_info = None
+    if source is not None:
+        from saebench.sources import adopt_source_fields, as_source, source_provenance
+
+        source = as_source(source)
+        cfgs = [adopt_source_fields(c, source, model) for c in cfgs]
+        source_info = source_provenance(source, model)
     cfgs = _shared_stream_configs(list(cfgs), source is not None)
     rank_, world = init_from_env(cfgs[0].device)
     if world > 1:
@@ -268,13 +281,20 @@ def _train_many(cfgs: list[TrainConfig], source, model, progress: bool, distribu
     methods = [get_method(c.method)(c) for c in cfgs]
     if model is None and any(methods[i].needs_model for i in owned):
         from saebench import models
+        from saebench.sources import NO_MODEL
+
+        bad = next(cfgs[i] for i in owned if methods[i].needs_model)
+        if bad.model == NO_MODEL:
+            raise ConfigError(f"method {bad.method!r} runs the language model the activations came from, and none is named; "
+                              "pass model= or name it in the source (model=...)")
 
         model = models.load_model(cfgs[0].model, device=cfgs[0].device)
     if source is None:
         source = _source_for(cfgs, methods, model, progress and rank_ == 0)
     for c in cfgs:
         if c.hook_name not in source.hook_names:
-            raise ConfigError(f"hook {c.hook_name!r} is not provided by the activation source (it has {source.hook_names})")
+            raise ConfigError(f"hook {c.hook_name!r} is not provided by the activation source (it has {source.hook_names}); set hook_name "
+                              "to one of those, or leave it unset to use a one-hook source's")
     first: list = []  # chunk 0, read once for the initialisation of every fresh run
 
     def first_chunk() -> Batch:
@@ -288,7 +308,7 @@ def _train_many(cfgs: list[TrainConfig], source, model, progress: bool, distribu
     for c in cfgs:
         configure_matmul_precision(c.device, c.tf32)
 
-    runs = {i: _start_run(cfgs[i], methods[i], source, model, first_chunk, world, writes, replicated=dp) for i in owned}
+    runs = {i: _start_run(cfgs[i], methods[i], source, model, first_chunk, world, writes, replicated=dp, source_info=source_info) for i in owned}
     # The shared stream starts where the run furthest behind resumes; runs further ahead wait for it.
     mine = [(r.step, r.pos.chunk, r.pos.batch) for r in runs.values()]
     everyone = gather_objects(mine)
@@ -370,10 +390,11 @@ def _shared_stream_configs(cfgs: list[TrainConfig], have_source: bool) -> list[T
 
 
 def _start_run(cfg: TrainConfig, method: Method, source: ActivationSource, model, first_chunk, world: int, writes: bool,
-               replicated: bool = False) -> _Run:
+               replicated: bool = False, source_info: dict | None = None) -> _Run:
     """Build one SAE with its optimizer and schedule: fresh (initialised from chunk 0) or from its checkpoint.
 
     ``replicated``: every rank holds this SAE (data parallel); rank 0's initialisation is broadcast.
+    ``source_info``: provenance of a caller's source; activations from no model get no layer (-1) or context size.
     """
     if hasattr(method, "attach_model"):
         method.attach_model(model)
@@ -381,9 +402,10 @@ def _start_run(cfg: TrainConfig, method: Method, source: ActivationSource, model
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     hook, head = parse_hook(cfg.hook_name)
+    no_model = source_info is not None and not source_info.get("model") and not hook.startswith("blocks.")
     sae_cfg = method.sae_config(
-        d_in, model_name=cfg.model, hook_name=hook, hook_layer=hook_layer_of(hook), hook_head_index=head,
-        context_size=cfg.context_size, prepend_bos=cfg.prepend_bos, device=cfg.device,
+        d_in, model_name=cfg.model, hook_name=hook, hook_layer=-1 if no_model else hook_layer_of(hook), hook_head_index=head,
+        context_size=None if no_model else cfg.context_size, prepend_bos=cfg.prepend_bos, device=cfg.device,
     )
     sae = SAE(sae_cfg).to(cfg.device)
     lr = cfg.lr or default_lr(sae_cfg.d_sae)
@@ -391,11 +413,12 @@ def _start_run(cfg: TrainConfig, method: Method, source: ActivationSource, model
     total = cfg.total_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.lr_warmup_steps, cfg.lr_decay_fraction))
     counters = [torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=cfg.device) for _ in range(2)]
-    run = _Run(cfg, method, sae, opt, sched, 1.0, 0, Position(), counters[0], counters[1], [], writes)
+    run = _Run(cfg, method, sae, opt, sched, 1.0, 0, Position(), counters[0], counters[1], [], writes, source_info=source_info)
     ckpt = load_checkpoint(run.out_dir) if cfg.resume else None
     if ckpt is not None:
         tensors, meta = ckpt
         _check_resumable(cfg, meta["config"])
+        _check_same_source(cfg, meta.get("source"), source_info, d_in, tensors.get("sae.W_dec"))
         if meta.get("world_size", 1) != world:
             n = meta.get("world_size", 1)
             raise ConfigError(f"{cfg.out_dir} was checkpointed by {n} rank(s), and its data position means the same only with as many; "
@@ -516,7 +539,7 @@ def _finish(r: _Run, world: int) -> TrainResult:
         "training_tokens": r.step * cfg.batch_size_tokens, "corpus": cfg.corpus, "seed": cfg.seed, "method_options": dict(cfg.method_options),
         "activation_scale_folded": r.scale, "normalize_activations_in_training": cfg.normalize_activations,
         "skipped_steps": r.skipped, "train_config": cfg.model_dump(mode="json"), "saebench_version": _version(),
-    } | ({"world_size": world} if world > 1 else {})})
+    } | ({"world_size": world} if world > 1 else {}) | ({"activation_source": r.source_info} if r.source_info is not None else {})})
     if r.writes:
         # "seconds" adds up every process that trained this run (resumed runs too); "processes" has each one's share.
         _save_final(r, final, {"history": r.history, "seconds": r.seconds_before + r.seconds, "steps": r.step,
@@ -571,6 +594,18 @@ def _check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
         )
 
 
+def _check_same_source(cfg: TrainConfig, saved: dict | None, now: dict | None, d_in: int, w_dec: torch.Tensor | None) -> None:
+    """Refuse to resume on activations of another width, or (for ``saebench.sources``) another stream layout."""
+    if w_dec is not None and w_dec.shape[-1] != d_in:
+        raise ConfigError(f"{cfg.out_dir} holds a checkpoint of an SAE on d_in={w_dec.shape[-1]} activations, but the source gives d_in={d_in}; "
+                          "use another out_dir or set resume=false")
+    if saved and now and saved.get("fingerprint") and now.get("fingerprint") and saved["fingerprint"] != now["fingerprint"]:
+        keys = ("n_tokens", "d_in", "hook_name", "chunk_tokens", "shuffle")
+        diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+        raise ConfigError(f"{cfg.out_dir} was checkpointed on another activation stream ({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in diff.items())}); "
+                          "resuming would not continue the same data. Give the same data and chunking, or use another out_dir / resume=false")
+
+
 def _json_default(field) -> Any:
     value = field.default if field.default_factory is None else field.default_factory()
     return list(value) if isinstance(value, tuple) else value
@@ -582,6 +617,8 @@ def _checkpoint(r: _Run, pos: Position, world: int) -> None:
     tensors |= {"since_fired": r.since_fired, "fire_counts": r.fire_counts, "rng": torch.get_rng_state()}
     meta = {"position": {"chunk": pos.chunk, "batch": pos.batch}, "scale": r.scale, "optimizer": opt_meta, "skipped": r.skipped,
             "scheduler": r.sched.state_dict() | {"lr_lambdas": [None]}, "config": r.cfg.model_dump(mode="json"), "history": r.history}
+    if r.source_info is not None:
+        meta["source"] = r.source_info
     if world > 1:
         meta["world_size"] = world
     now = time.time() - r.t0
