@@ -256,7 +256,7 @@ def train_many(cfgs: list[TrainConfig], source: ActivationSource | None = None, 
     writes = rank_ == 0 or distribute_modules
     # One writer per out_dir: a second run into the same folder would delete this one's checkpoints.
     with folder_locks(writer_out_dirs(cfgs, distribute_modules), "training", hint=OUT_DIR_HINT):
-        return _train_many(cfgs, source, model, progress, distribute_modules, rank_, world, owned, writes)
+        return _train_many(cfgs, source, model, progress, distribute_modules, rank_, world, owned, writes, source_info)
 
 
 OUT_DIR_HINT = ("Wait for it to finish (a finished run's SAE is in that folder), stop it (it resumes from its last checkpoint "
@@ -275,7 +275,7 @@ def writer_out_dirs(cfgs: list[TrainConfig], distribute_modules: bool = False) -
 
 
 def _train_many(cfgs: list[TrainConfig], source, model, progress: bool, distribute_modules: bool, rank_: int, world: int, owned: list[int],
-                writes: bool) -> list[TrainResult | None]:
+                writes: bool, source_info: dict | None = None) -> list[TrainResult | None]:
     dp = world > 1 and not distribute_modules
     bs = cfgs[0].batch_size_tokens
     methods = [get_method(c.method)(c) for c in cfgs]
