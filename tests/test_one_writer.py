@@ -16,6 +16,7 @@ from saebench.trainers.loop import train
 from saebench.activations import SyntheticSource
 from saebench.cli import main
 from saebench.config import TrainConfig
+from saebench.layout import WEIGHTS_FILE
 from saebench.lock import LOCK_FILE, FolderInUseError, folder_lock, holder_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def test_second_train_into_the_same_out_dir_is_refused_then_runs_after_the_first
     # SIGKILL leaves the lock file with the dead holder's details; it must not block the next run.
     assert holder_of(out)["pid"] == holder.pid
     result = train(_cfg(out), source=SyntheticSource(d=16, m=32, n_active=2, seed=7, chunk_tokens=2048), progress=False)
-    assert result.steps == 40 and (out / "sae.safetensors").is_file()
+    assert result.steps == 40 and (out / WEIGHTS_FILE).is_file()
     assert (out / LOCK_FILE).read_text() == ""  # released: no stale details left for the next reader
 
 

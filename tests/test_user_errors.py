@@ -16,6 +16,7 @@ from saebench import models
 from saebench.activations import SyntheticSource
 from saebench.cli import main
 from saebench.config import ConfigError, TrainConfig
+from saebench.layout import WEIGHTS_FILE
 from saebench.text import CorpusError, CorpusWarning, is_eval_document, iter_documents, load_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def test_disk_full_while_saving_is_one_line_and_the_old_sae_is_intact(tiny_model
     assert main(_train_args(tiny_model_dir, text_file, out)) == 0
     before = _digests(out)
     capsys.readouterr()
-    _fail_writes_of(monkeypatch, "sae.safetensors")
+    _fail_writes_of(monkeypatch, WEIGHTS_FILE)
     assert main(_train_args(tiny_model_dir, text_file, out, "--seed", "1", "--no-resume")) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert "No space left on device" in line and "nothing was replaced, the previous version of the file is intact" in line
