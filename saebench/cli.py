@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("browse", help="Serve the Streamlit feature browser for every SAE folder under ROOT (localhost).")
     p.add_argument("root")
-    p.add_argument("--host", default="127.0.0.1", help="Bind address (default localhost only).")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="127.0.0.1", help="Bind address (localhost: only this machine can connect).")
+    p.add_argument("--port", type=int, default=8501, help="Port.")
     p.add_argument("--model", default=None, help="Model for every SAE (default: each SAE's cfg.json model_name).")
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_browse)
