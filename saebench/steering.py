@@ -35,7 +35,8 @@ import re
 import threading
 import time
 import weakref
-from typing import Callable, Literal, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F

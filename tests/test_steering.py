@@ -216,7 +216,7 @@ def _greedy_margins(model, toks, n, hooks=()):
 def test_batched_steer_equals_a_default_and_a_steered_run(planted, scope):
     """steer() runs both rows in one batch; each row equals its own one-row run (greedy, where the
     top two logits are not tied to float rounding) and the log-prob changes equal next_token_logprob_diff."""
-    model, sae, token, norm = planted
+    model, sae, _, norm = planted
     prompt = "Tell me about your day."
     run = st.steer(model, sae, prompt, 0, 1.5, norm, scope, max_new_tokens=10, temperature=0, stop_at_eos=False)
     toks = model.to_tokens(prompt)
