@@ -340,10 +340,11 @@ def _check_steer_site(sae, model_name: str | None, model=None) -> None:
     else:
         from saebench.models import validate_hook_name
 
-        try:
-            validate_hook_name(model, hook)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        if hook not in model.hook_dict:  # a registered name passes at once; the full check (one forward) only finds suggestions
+            try:
+                validate_hook_name(model, hook)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if m and isinstance(n_layers, int) and int(m.group(1)) >= n_layers:
         raise ValueError(f"{where}: block {m.group(1)} does not exist; the model {model_name or 'smollm2-135m'!r} has blocks 0-{n_layers - 1}")

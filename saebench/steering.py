@@ -487,6 +487,8 @@ def steer(
 
     out = generate_tokens(model, toks.expand(2, -1).contiguous(), max_new_tokens, hooks=hooks, seed=seed, temperature=temperature,
                           top_p=top_p, use_kv_cache=use_kv_cache, stop_at_eos=stop_at_eos, on_token=on_token)
+    if hooks[0][1]._seen == 0:  # e.g. a hook TransformerLens gates off until model.set_use_*(True): nothing was steered
+        raise ValueError(f"the hook {hook!r} never ran in the forward pass, so nothing was steered (is it gated off on this model?)")
     if not first:  # max_new_tokens == 0: no step ran, so no logits were seen
         with model_lock(model), model.hooks(fwd_hooks=hooks):
             for _, h in hooks:

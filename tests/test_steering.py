@@ -289,3 +289,11 @@ def test_max_activation_reports_progress(planted):
     assert value == st.max_activation(sae, model, toks, 2)
     n = toks.numel()
     assert calls == [(2 * toks.shape[1], n), (n, n)]
+
+
+def test_steer_refuses_a_hook_that_never_runs(planted):
+    """``hook_pos_embed`` is registered on a rotary model but never fires: say so instead of returning an unsteered 'steered' text."""
+    model, _, _, _ = planted
+    silent = hand_sae(torch.eye(64)[:4], "hook_pos_embed")
+    with pytest.raises(ValueError, match="never ran in the forward pass"):
+        st.steer(model, silent, "Hi there", 0, 1.0, 1.0, max_new_tokens=2)
