@@ -409,7 +409,7 @@ def build_dashboards(
             pass
         elif resume and old is not None:
             raise ArtifactError(
-                f"{out} holds dashboards built with other settings: {'; '.join(_key_differences(old, key))}. "
+                f"{out} holds dashboards built with other settings; the options that differ: {'; '.join(_key_differences(old, key))}. "
                 "Rebuild them with resume=False (CLI: --no-resume; labels are kept), write these elsewhere with "
                 "out_dir=DIR (CLI: --out-dir DIR), or keep the existing build by asking for its settings"
             )
