@@ -369,6 +369,7 @@ def cmd_steer(args) -> int:
     exist (no model pass), else from a capped scan with a progress bar.
     """
     import math
+    import time
 
     if args.list_concepts:
         print("Steering concepts (the steering eval's; --concept NAME steers with the latent that separates its texts best):")
@@ -430,9 +431,12 @@ def cmd_steer(args) -> int:
             corpus = sae.cfg.metadata.get("corpus", "default")
             ctx = sae.cfg.context_size or 128
             with _Step(f"reading {args.max_act_tokens:,} held-out tokens of {corpus!r}", quiet):
-                toks = text.load_tokens(corpus, model.tokenizer, ctx, max(args.max_act_tokens, ctx), split="eval", prepend_bos=sae.cfg.prepend_bos)
+                toks = text.load_tokens(corpus, model.tokenizer, ctx, max(args.max_act_tokens, ctx), split="eval", prepend_bos=sae.cfg.prepend_bos,
+                                        progress=not quiet)
+            t_scan = time.perf_counter()
             max_act = steering.max_activation(sae, model, toks, latent, special_ids=text.special_ids(model.tokenizer), progress=not quiet)
-            print(f"max |activation| of latent {latent}: {max_act:.4g} (scanned {toks.numel():,} held-out tokens; "
+            print(f"max |activation| of latent {latent}: {max_act:.4g} (scanned {toks.numel():,} held-out tokens in "
+                  f"{time.perf_counter() - t_scan:.1f} s; "
                   f"no dashboards for these weights, so not exact: `saebench dashboards {args.sae_dir}` records it over 131,072 tokens)")
         if max_act <= 0:
             raise ValueError(f"latent {latent} never fired on those tokens, so it has no max activation to scale by; "
