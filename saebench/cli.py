@@ -220,8 +220,8 @@ def cmd_verify(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saebench", description="Train, evaluate, browse and steer sparse autoencoders.",
                                      formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)  # every subcommand shows its defaults
+    # every subcommand shows its defaults
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
 
     p = sub.add_parser("train", help="Train an SAE (then run the core eval).")
     p.add_argument("--config", help="TOML/YAML/JSON file of TrainConfig fields; flags override it.")
