@@ -55,7 +55,7 @@ def _timed(fn):
 
 def _cli_subprocess(args: list[str], threads: int) -> dict:
     """Run ``saebench steer`` in a fresh process; timestamps of its output lines as they arrive."""
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}  # OMP_WAIT_POLICY passes through
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "saebench.cli", "steer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines: list[tuple[float, str]] = []
@@ -174,7 +174,7 @@ def main() -> None:
     out = {
         "what": f"default + steered continuations of {a.tokens} new tokens, SmolLM2-135M, TopK SAE 4608 latents on {HOOK}",
         "target_s": 2.0,
-        "threads": a.threads, "repeats": a.repeats, "prompt": PROMPT, "latent": latent, "strength": strength, "max_act": max_act,
+        "threads": a.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "repeats": a.repeats, "prompt": PROMPT, "latent": latent, "strength": strength, "max_act": max_act,
         "max_act_source": "dashboards" if a.dashboard_tokens else "--max-act",
         "model_load_s": load_s, "dashboards_build_s": dash_s, "dashboards_lookup_s": lookup_s,
         "summary": summary, "runs": results, "cli_subprocess_runs": sub, "load_average": load_avg,

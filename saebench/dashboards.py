@@ -1421,6 +1421,10 @@ def browse(root: str | Path, host: str = "127.0.0.1", port: int = 8501, model: s
     if not root.is_dir():
         raise FileNotFoundError(f"browse root {root} is not a directory")
     env = os.environ | {APP_ROOT_ENV: str(root.resolve())}
+    # OpenMP threads that sleep instead of spinning between parallel regions: on a machine with other
+    # work running, spinning threads wait for descheduled siblings and one steering request took
+    # 41-45 s instead of 6 s (2 threads, load 6.5; docs/PERFORMANCE.md §6). A user's own setting wins.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if model:
         env[APP_MODEL_ENV] = model
     env[APP_DEVICE_ENV] = device

@@ -325,3 +325,20 @@ def test_eval_says_what_it_is_doing(tiny_model_dir, text_file, tmp_path, capsys)
     assert "256 held-out tokens of" in err and "tokenised in" in err
     assert main(["eval", str(folder), "--eval-tokens", "256", "--out", str(tmp_path / "m.json"), "--quiet"]) == 0
     assert "loading model" not in capsys.readouterr().err
+
+
+def test_browse_runs_streamlit_with_sleeping_openmp_threads(tmp_path, monkeypatch):
+    """Spinning OpenMP threads made steering 7x slower on a busy machine; browse() asks for passive waits
+    unless the user set a policy."""
+    import subprocess as sp
+
+    from saebench import dashboards as D
+
+    seen = {}
+    monkeypatch.setattr(sp, "call", lambda cmd, env: seen.update(env=env, cmd=cmd) or 0)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert D.browse(tmp_path) == 0
+    assert seen["env"]["OMP_WAIT_POLICY"] == "PASSIVE" and seen["env"][D.APP_ROOT_ENV] == str(tmp_path.resolve())
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    D.browse(tmp_path)
+    assert seen["env"]["OMP_WAIT_POLICY"] == "ACTIVE"
