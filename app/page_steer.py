@@ -1,13 +1,22 @@
 """Steering: default and steered generations side by side (same seed), plus next-token log-prob changes.
 
 All steering math is :mod:`saebench.steering`'s: the vector is ``strength · max_act · W_dec[latent]``
-with ``max_act`` the latent's largest |activation| in the dashboard's token set.
+with ``max_act`` the latent's largest |activation| in the dashboard's token set (or, without
+dashboards, measured on a capped number of held-out tokens behind a progress bar, or typed in).
+
+A request is :func:`steer_request`: default and steered continuations come from **one batched run of
+two rows** (:func:`saebench.steering.steer`) and are streamed into the page token by token; the
+next-token log-prob changes come from the same pass. The benchmark
+``benchmarks/bench_steering.py`` times this function.
 """
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import streamlit as st
 from saebench.app import render as R
@@ -21,6 +30,7 @@ SCOPE_HELP = {
     "generated": "generated positions only (the first new token is still unsteered)",
 }
 _RESID = re.compile(r"^blocks\.\d+\.hook_resid_(pre|mid|post)$")
+MEASURE_TOKENS = 4_096  # held-out tokens scanned for the max activation when there are no dashboards
 
 
 def hook_choices(sae_hook: str, n_layers: int) -> list[str]:
@@ -43,6 +53,84 @@ def sae_at_hook(sae, hook: str):
     return SimpleNamespace(cfg=sae.cfg.model_copy(update={"hook_name": hook, "hook_head_index": None}), W_dec=sae.W_dec)
 
 
+def steer_request(model, sae, hook: str, prompt: str, latent: int, strength: float, max_act: float, scope: str = "all", *,
+                  seed: int = 0, temperature: float = 1.0, n_new: int = 30, top_n: int = 10,
+                  on_text: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+    """One steering request as the page runs it: default + steered texts, log-prob changes, timing.
+
+    ``on_text(default_new_text, steered_new_text)`` is called after every generated token.
+    Returns what the page keeps in session state (texts, diffs, ``seconds``, ``n_new`` tokens
+    generated, ``updates`` = number of streamed updates).
+    """
+    from saebench import steering
+
+    updates = 0
+
+    def stream(a: str, b: str) -> None:
+        nonlocal updates
+        updates += 1
+        if on_text is not None:
+            on_text(a, b)
+
+    t0 = time.perf_counter()
+    run = steering.steer(model, sae_at_hook(sae, hook), prompt, int(latent), float(strength), float(max_act), scope=scope,
+                         max_new_tokens=int(n_new), seed=int(seed), temperature=float(temperature), top_n=top_n, on_text=stream)
+    seconds = time.perf_counter() - t0
+    n_gen = max(run.default.tokens.shape[1], run.steered.tokens.shape[1]) - run.default.prompt_len
+    return {"prompt": prompt, "default": run.default.new_text, "steered": run.steered.new_text, "diffs": run.logprob_diff,
+            "seconds": seconds, "n_new": n_gen, "updates": updates}
+
+
+def _text_html(css: str, prompt: str, text: str) -> str:
+    return (f'<div id="{css}" style="white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85rem">'
+            f'<span style="color:#888">{R.esc(prompt)}</span>{R.esc(text)}</div>')
+
+
+def _slots(settings: str):
+    """The two result boxes (DEFAULT, STEERED) with an empty slot each for the text, and a status line."""
+    status = st.empty()
+    a, b = st.columns(2)
+    out = []
+    for col, name in ((a, "DEFAULT"), (b, "STEERED")):
+        with col.container(border=True):
+            st.markdown(f"**{name}**" + ("" if name == "DEFAULT" else f" · {R.md(settings)}"))
+            out.append(st.empty())
+    return status, out[0], out[1]
+
+
+def _measured_max(sae, model, key: tuple) -> tuple[float, int] | None:
+    """Without dashboards: a button that measures the max activation on held-out tokens, with a progress bar.
+
+    Returns ``(max |activation|, tokens scanned)`` once measured (kept per session), else None."""
+    measured = st.session_state.setdefault("steer_measured", {})
+    if key in measured:
+        return measured[key]
+    corpus = sae.cfg.metadata.get("corpus", "default")
+    if not st.button(f"Measure it on {MEASURE_TOKENS:,} held-out tokens of {corpus!r}", key="steer_measure"):
+        return None
+    from saebench import steering, text
+
+    bar = st.progress(0.0, text="Reading held-out text…")
+    try:
+        ctx = sae.cfg.context_size or 128
+        toks = text.load_tokens(corpus, model.tokenizer, ctx, max(MEASURE_TOKENS, ctx), split="eval", prepend_bos=sae.cfg.prepend_bos)
+        t0 = time.perf_counter()
+
+        def tick(done: int, total: int) -> None:
+            el = time.perf_counter() - t0
+            eta = el / done * (total - done) if done else 0.0
+            bar.progress(done / total, text=f"Scanning {done:,} / {total:,} tokens · {el:.0f} s, about {eta:.0f} s left")
+
+        value = steering.max_activation(sae, model, toks, key[1], special_ids=text.special_ids(model.tokenizer), on_progress=tick)
+    except Exception as e:  # noqa: BLE001 - shown to the user; the number input still works
+        bar.empty()
+        st.error(f"Could not measure the max activation: {e}")
+        return None
+    bar.empty()
+    measured[key] = (value, int(toks.numel()))
+    return measured[key]
+
+
 def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae: int) -> None:
     i = int(st.session_state.get("feature", 0))
     label = db.label(i)[0] if db is not None else ""
@@ -62,8 +150,16 @@ def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae:
     max_act = f.max_abs_act if f is not None else 0.0
     if max_act <= 0:
         why = "this SAE has no dashboards" if db is None else ("the latent is dead" if f is not None and f.dead else "the latent is not computed yet")
-        st.info(f"Strength is in units of the latent's max activation, which is unknown because {why}. Set one by hand:")
-        max_act = st.number_input("Max activation", min_value=0.0, value=1.0, step=0.1, key="steer_max_act")
+        measured = None if (f is not None and f.dead) else _measured_max(sae, model, (rel, i))
+        if measured is not None and measured[0] > 0:
+            max_act = measured[0]
+            st.caption(f"Strength is in units of this latent's max |activation| over {measured[1]:,} held-out tokens: **{max_act:.4g}** "
+                       f"(measured here, since {why}; `saebench dashboards` records it over 131,072 tokens).")
+        else:
+            if measured is not None:
+                st.warning(f"Latent {i} never fired on the {measured[1]:,} tokens scanned.")
+            st.info(f"Strength is in units of the latent's max activation, which is unknown because {why}. Set one by hand:")
+            max_act = st.number_input("Max activation", min_value=0.0, value=1.0, step=0.1, key="steer_max_act")
     else:
         st.caption(f"Strength is in units of this latent's max |activation| in the dashboard tokens: **{max_act:.4g}**. "
                    "Negative strengths push the other way.")
@@ -81,28 +177,35 @@ def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae:
         temperature = c5.slider("Temperature", 0.0, 2.0, 1.0, 0.05, key="steer_temperature", help="0 is greedy.")
         n_new = c6.slider("New tokens", 1, 128, 30, key="steer_tokens")
         go = st.form_submit_button("Generate", type="primary")
+    slots = None
     if go:
         if not prompt.strip():
             st.warning("Type a prompt first.")
         else:
-            view = sae_at_hook(sae, hook)
-            with st.spinner("Generating…"):
-                default, steered = steering.steered_pair(model, view, prompt, i, float(strength), float(max_act), scope=scope,
-                                                         max_new_tokens=int(n_new), seed=int(seed), temperature=float(temperature))
-                diffs = steering.next_token_logprob_diff(model, view, prompt, i, float(strength), float(max_act), scope=scope, top_n=10)
-            st.session_state["steer_result"] = {
-                "key": (rel, i), "prompt": prompt, "default": default.new_text, "steered": steered.new_text, "diffs": diffs,
-                "settings": f"{strength:+g} × {max_act:.3g} at {hook}, scope {scope}, seed {seed}, T={temperature:g}",
-            }
+            settings = f"{strength:+g} × {max_act:.3g} at {hook}, scope {scope}, seed {seed}, T={temperature:g}"
+            slots = _slots(settings)
+            status, ph_default, ph_steered = slots
+            t0 = time.perf_counter()
+            count = [0]
+
+            def show(a: str, b: str) -> None:
+                count[0] += 1
+                ph_default.html(_text_html("steer-default", prompt, a))
+                ph_steered.html(_text_html("steer-steered", prompt, b))
+                status.caption(f"Generating… {count[0]} / {int(n_new)} new tokens · {time.perf_counter() - t0:.1f} s")
+
+            status.caption("Generating…")
+            out = steer_request(model, sae, hook, prompt, i, float(strength), float(max_act), scope, seed=int(seed),
+                                temperature=float(temperature), n_new=int(n_new), on_text=show)
+            st.session_state["steer_result"] = out | {"key": (rel, i), "settings": settings}
     res = st.session_state.get("steer_result")
     if not res or res["key"] != (rel, i):
         return
-    a, b = st.columns(2)
-    for col, name, text, css in ((a, "DEFAULT", res["default"], "steer-default"), (b, "STEERED", res["steered"], "steer-steered")):
-        with col.container(border=True):
-            st.markdown(f"**{name}**" + ("" if name == "DEFAULT" else f" · {R.md(res['settings'])}"))
-            st.html(f'<div id="{css}" style="white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85rem">'
-                    f'<span style="color:#888">{R.esc(res["prompt"])}</span>{R.esc(text)}</div>')
+    status, ph_default, ph_steered = slots if slots is not None else _slots(res["settings"])
+    ph_default.html(_text_html("steer-default", res["prompt"], res["default"]))
+    ph_steered.html(_text_html("steer-steered", res["prompt"], res["steered"]))
+    status.caption(f"Default and steered, {res['n_new']} new tokens each, generated together in {res['seconds']:.2f} s "
+                   f"(one batched run, streamed in {res['updates']} steps).")
     diffs = res["diffs"]
     if diffs:
         if all(abs(v) < 1e-9 for _, v in diffs):

@@ -495,7 +495,10 @@ def _figures(rows, results, out: Path) -> dict[str, Path]:
 
 def build_parser(prog: str = "saebench bench") -> argparse.ArgumentParser:
     """The argument parser of ``saebench bench`` (exposed so the CLI can embed it)."""
-    p = argparse.ArgumentParser(prog=prog, description="Evaluate SAE folders with a set of evals; resumable; writes a table and figures.")
+    from saebench.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog=prog, description="Evaluate SAE folders with a set of evals; resumable; writes a table and figures.",
+                                formatter_class=HelpFormatter)
     p.add_argument("sae_dirs", nargs="+", help="SAE folders, glob patterns (quoted), or folders holding SAE folders")
     p.add_argument("--evals", nargs="+", default=["core", "dead"], help=f"evals to run: {', '.join(EVALS)} (alias: reconstruction = core)")
     p.add_argument("--model", default=None, help="model name or local HF folder (default: each SAE's cfg.model_name)")

@@ -527,9 +527,12 @@ def run_circuit_eval(sae_dirs: Sequence[str | Path], model=None, *, config: Circ
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.circuits SAE_DIR [SAE_DIR ...] --tasks ioi sva --method ig [--heads]``."""
-    p = argparse.ArgumentParser(prog="saebench.evals.circuits", description="Feature circuits (attribution patching / IG) with faithfulness curves.")
+    from saebench.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="saebench.evals.circuits", description="Feature circuits (attribution patching / IG) with faithfulness curves.",
+                                formatter_class=HelpFormatter)
     p.add_argument("sae_dirs", nargs="*", help="SAE folders: one site each (none with --heads: heads only)")
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help="model (default: the SAEs' cfg.json model_name; smollm2-135m with --heads only)")
     p.add_argument("--tasks", nargs="+", default=["ioi"], choices=["ioi", "sva", "greater_than"])
     p.add_argument("--n-examples", type=int, default=32)
     p.add_argument("--method", choices=["atp", "ig"], default="ig")
@@ -538,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--heads", action="store_true", help="also run the head-level mode (attn.hook_z per head)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="output JSON (default: eval_circuits.json next to the first SAE)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if not a.sae_dirs and not a.heads:

@@ -41,6 +41,8 @@ logits are one row per position: computed once per eval for a single sequence an
 from __future__ import annotations
 
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -511,12 +513,22 @@ def run_core_eval(sae_dir: str | Path, model=None, *, corpus: str | None = None,
     from saebench import models, text
     from saebench.io import write_json
 
+    def say(msg: str) -> None:  # step messages next to the bars (stderr), only with progress
+        if progress:
+            tqdm.write(msg, file=sys.stderr)
+
     sae = SAE.load(sae_dir, device=device)
     if model is None:
-        model = models.load_model(model_name or sae.cfg.model_name or None, device=device)
+        name = model_name or sae.cfg.model_name or None
+        t0 = time.perf_counter()
+        say(f"loading model {name or models.DEFAULT_MODEL} ...")
+        model = models.load_model(name, device=device)
+        say(f"model loaded in {time.perf_counter() - t0:.1f} s")
     ctx = context_size or sae.cfg.context_size or 128
     corpus = corpus or sae.cfg.metadata.get("corpus", "default")
-    tokens = text.load_tokens(corpus, model.tokenizer, ctx, eval_tokens, split="eval", prepend_bos=sae.cfg.prepend_bos)
+    t0 = time.perf_counter()
+    tokens = text.load_tokens(corpus, model.tokenizer, ctx, eval_tokens, split="eval", prepend_bos=sae.cfg.prepend_bos, progress=progress)
+    say(f"{tokens.numel():,} held-out tokens of {corpus!r} ({tokens.shape[0]:,} sequences × {ctx}) tokenised in {time.perf_counter() - t0:.1f} s")
     if tokens.numel() + ctx <= eval_tokens:  # fewer rows than asked for: the held-out split ran out
         import warnings
 

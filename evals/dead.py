@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.dead SAE_DIR [--eval-tokens N] [--windows 1000000 10000000]``."""
     from saebench.evals.common import add_common_args
 
-    p = argparse.ArgumentParser(prog="saebench.evals.dead", description=__doc__.split("\n\n")[0])
+    from saebench.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="saebench.evals.dead", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(p)
     p.add_argument("--windows", type=int, nargs="*", default=list(DEFAULT_WINDOWS), help="dead-fraction windows in tokens")
     a = p.parse_args(argv)

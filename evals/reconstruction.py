@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.reconstruction SAE_DIR [--eval-tokens N]``."""
     from saebench.evals.common import add_common_args
 
-    p = argparse.ArgumentParser(prog="saebench.evals.reconstruction", description=__doc__.split("\n\n")[0])
+    from saebench.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="saebench.evals.reconstruction", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(p)
     a = p.parse_args(argv)
     res = run_reconstruction_eval(a.sae_dir, None, corpus=a.corpus, eval_tokens=a.eval_tokens, context_size=a.context_size,

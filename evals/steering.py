@@ -444,12 +444,15 @@ def run_steering_eval(sae_dir: str | Path, model=None, *, latent: int | None = N
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.steering SAE_DIR (--latent I | --concept food) [--strengths 0.5 1 2 4]``."""
-    p = argparse.ArgumentParser(prog="saebench.evals.steering", description="Offline steering sweep with controls and an AxBench-like score.")
+    from saebench.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="saebench.evals.steering", description="Offline steering sweep with controls and an AxBench-like score.",
+                                formatter_class=HelpFormatter)
     p.add_argument("sae_dir")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--latent", type=int)
     g.add_argument("--concept", choices=sorted(CONCEPTS))
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help="model (default: the SAE's cfg.json model_name)")
     p.add_argument("--corpus", default=None, help="text for max_act and the neutral-text KL (default: built-in neutral sentences)")
     p.add_argument("--strengths", type=float, nargs="+", default=list(SteeringConfig.strengths))
     p.add_argument("--scope", choices=["prompt", "generated", "all"], default="all")
@@ -459,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concept-metric", choices=["latent", "lexicon"], default="latent")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="output JSON (default: SAE_DIR/eval_steering.json)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     model = None

@@ -4,6 +4,8 @@ every field and a config file plus flag overrides always validate the same way."
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import sys
 import types
@@ -14,6 +16,33 @@ from typing import Any
 from pydantic import BaseModel
 
 from saebench.config import ConfigError, EvalConfig, TrainConfig, build_config, read_config_file
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows every option's default: ``(default: X)`` unless the help already says it.
+
+    Flags whose default is None or a boolean switch say what happens when they are left out in
+    their own help text instead (``None`` alone tells a user nothing). A description or epilog
+    with line breaks (a list) is printed as written; one without is wrapped.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "(default" in text or "[default" in text or action.default in (None, argparse.SUPPRESS)
+                or isinstance(action.default, bool)):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool):
+            action = copy.copy(action)  # an option without help text still shows its default
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def _parse_value(text: str) -> Any:
@@ -137,11 +166,12 @@ def cmd_dashboards(args) -> int:
     from saebench.lock import folder_lock
 
     # One builder per dashboard folder (a folder that is no SAE is left to build_dashboards to report, creating nothing).
-    lock = folder_lock(dashboard_dir(args.sae_dir), "dashboards build", hint="Wait for that build to finish (or stop it: a build "
+    target = Path(args.out_dir) if args.out_dir else dashboard_dir(args.sae_dir)
+    lock = folder_lock(target, "dashboards build", hint="Wait for that build to finish (or stop it: a build "
                        "resumes where it stopped), then rerun.") if (Path(args.sae_dir) / "cfg.json").is_file() else contextlib.nullcontext()
     with lock:
         folder = build_dashboards(args.sae_dir, model=args.model, n_tokens=args.n_tokens, batch_size=args.batch_size, resume=not args.no_resume,
-                                  progress=not args.quiet, device=args.device)
+                                  progress=not args.quiet, device=args.device, out_dir=args.out_dir)
     print(f"dashboards written to {Path(folder).resolve()}\nbrowse them with: saebench browse {Path(args.sae_dir).resolve().parent}")
     return 0
 
@@ -149,7 +179,7 @@ def cmd_dashboards(args) -> int:
 def cmd_browse(args) -> int:
     from saebench.dashboards import browse
 
-    print(f"serving the feature browser for SAEs under {Path(args.root).resolve()} on http://{args.host}:{args.port}")
+    # browse() checks the root before it says anything (it prints the address once it starts).
     return browse(args.root, host=args.host, port=args.port, model=args.model, device=args.device)
 
 
@@ -254,8 +284,10 @@ def cmd_verify(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saebench", description="Train, evaluate, browse and steer sparse autoencoders.",
-                                     epilog="Errors print one line; add --debug (anywhere) or set SAEBENCH_DEBUG=1 for the traceback.")
-    sub = parser.add_subparsers(dest="command", required=True)
+                                     epilog="Errors print one line; add --debug (anywhere) or set SAEBENCH_DEBUG=1 for the traceback.",
+                                     formatter_class=HelpFormatter)
+    # every subcommand shows its defaults
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
 
     p = sub.add_parser("train", help="Train an SAE (then run the core eval).")
     p.add_argument("--config", help="TOML/YAML/JSON file of TrainConfig fields; flags override it.")
@@ -268,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="Core evaluation of an SAE folder on held-out tokens.")
     p.add_argument("sae_dir", help="SAE folder (saebench or SAELens format).")
     p.add_argument("--config", help="TOML/YAML/JSON file of EvalConfig fields.")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="No progress bars or step messages.")
     add_config_flags(p, EvalConfig, skip=("sae",))
     p.set_defaults(fn=cmd_eval)
 
@@ -277,16 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-tokens", type=int, default=131_072, help="Held-out token positions to scan.")
     p.add_argument("--batch-size", type=int, default=16, help="Sequences per model forward.")
     p.add_argument("--model", default=None, help="Model (default: the SAE's cfg.json model_name).")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="Torch device.")
     p.add_argument("--no-resume", action="store_true", help="Rebuild from scratch (labels are kept).")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out-dir", default=None, help="Write the dashboards here (default: SAE_DIR/dashboards, the only place the browser reads).")
+    p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(fn=cmd_dashboards)
 
     p = sub.add_parser("browse", help="Serve the Streamlit feature browser for every SAE folder under ROOT (localhost).")
     p.add_argument("root")
-    p.add_argument("--host", default="127.0.0.1", help="Bind address (default localhost only).")
-    p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--model", default=None)
+    p.add_argument("--host", default="127.0.0.1", help="Bind address (localhost: only this machine can connect).")
+    p.add_argument("--port", type=int, default=8501, help="Port.")
+    p.add_argument("--model", default=None, help="Model for every SAE (default: each SAE's cfg.json model_name).")
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_browse)
 
@@ -333,45 +366,204 @@ def _run_passthrough(name: str, argv: list[str]) -> int:
     return 0
 
 
+class _Step:
+    """``with _Step("loading model x", quiet):`` prints the step to stderr, then how long it took."""
+
+    def __init__(self, what: str, quiet: bool = False):
+        self.what, self.quiet = what, quiet
+
+    def __enter__(self):
+        import time
+
+        self.t0 = time.perf_counter()
+        if not self.quiet:
+            print(f"{self.what} ...", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, exc_type, *_):
+        import time
+
+        if not self.quiet and exc_type is None:
+            print(f"{self.what}: done in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
+        return False
+
+
+def _model_config(name: str | None) -> dict | None:
+    """The HF config.json of a local model (the default one included) without loading it; None if unknown."""
+    from saebench import models
+
+    folder = models.default_model_dir() if name in (None, models.DEFAULT_MODEL) else Path(name).expanduser()
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _check_steer_site(sae, model_name: str | None, model=None) -> None:
+    """The SAE's hook on this model: its block and head in range, then (with ``model``) a hook that fires.
+
+    Without ``model`` only what the model's config.json tells (cheap, before loading it); with it,
+    :func:`saebench.models.validate_hook_name` (suggestions for a typo) and the head count.
+    """
+    import re
+
+    from saebench import steering
+
+    hook, head = steering.sae_site(sae)
+    where = f"the SAE's hook {sae.cfg.hook_name!r} (cfg.json)"
+    m = re.match(r"^blocks\.(\d+)\.", hook)
+    if model is None:
+        cfg = _model_config(model_name) or {}
+        n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+        n_heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    else:
+        from saebench.models import validate_hook_name
+
+        if hook not in model.hook_dict:  # a registered name passes at once; the full check (one forward) only finds suggestions
+            try:
+                validate_hook_name(model, hook)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if m and isinstance(n_layers, int) and int(m.group(1)) >= n_layers:
+        raise ValueError(f"{where}: block {m.group(1)} does not exist; the model {model_name or 'smollm2-135m'!r} has blocks 0-{n_layers - 1}")
+    if head is not None and isinstance(n_heads, int) and not 0 <= head < n_heads:
+        raise ValueError(f"{where}: head {head} does not exist; the model has heads 0-{n_heads - 1}")
+
+
+def _list_concepts() -> str:
+    from saebench.evals.tasks import CONCEPTS
+
+    lines = []
+    for name, c in sorted(CONCEPTS.items()):
+        lines.append(f"  {name:<12} {len(c.positive)} texts; target words: {', '.join(c.target_words[:6])}, ...")
+    return "\n".join(lines)
+
+
 def cmd_steer(args) -> int:
-    """Default vs steered generation side by side, and the next-token log-prob shifts."""
-    from saebench import models, steering, text
+    """Default vs steered generation side by side, and the next-token log-prob shifts.
+
+    Everything that can be checked without the model is checked first (latent range, strength,
+    block and head of the SAE's hook); the max activation comes from the dashboards when they
+    exist (no model pass), else from a capped scan with a progress bar.
+    """
+    import math
+    import time
+
+    if args.list_concepts:
+        print("Steering concepts (the steering eval's; --concept NAME steers with the latent that separates its texts best):")
+        print(_list_concepts())
+        return 0
+    missing = [f for f, v in (("sae_dir", args.sae_dir), ("--strength", args.strength), ("--prompt", args.prompt)) if v is None]
+    if args.latent is None and args.concept is None:
+        missing.append("--latent or --concept")
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (see saebench steer --help)")
+    if args.latent is not None and args.concept is not None:
+        raise ValueError("give --latent or --concept, not both")
+    if not math.isfinite(args.strength):
+        raise ValueError(f"--strength must be a finite number, got {args.strength}")
+    if args.max_act is not None and not (math.isfinite(args.max_act) and args.max_act > 0):
+        raise ValueError(f"--max-act must be a positive number, got {args.max_act}")
+    if args.tokens < 0:
+        raise ValueError(f"--tokens must be >= 0, got {args.tokens}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_act_tokens < 1:
+        raise ValueError(f"--max-act-tokens must be >= 1, got {args.max_act_tokens}")
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+
+    from saebench import dashboards, models, steering, text
     from saebench.sae import SAE
 
+    quiet = args.quiet
     sae = SAE.load(args.sae_dir, device=args.device)
-    model = models.load_model(args.model or sae.cfg.model_name or None, device=args.device)
+    sae.requires_grad_(False)
+    model_name = args.model or sae.cfg.model_name or None
+    if args.latent is not None and not 0 <= args.latent < sae.cfg.d_sae:
+        raise ValueError(f"--latent {args.latent} is out of range: this SAE has latents 0-{sae.cfg.d_sae - 1} (d_sae={sae.cfg.d_sae})")
+    _check_steer_site(sae, model_name)
+
+    with _Step(f"loading model {model_name or models.DEFAULT_MODEL}", quiet):
+        model = models.load_model(model_name, device=args.device)
+    _check_steer_site(sae, model_name, model)
+
+    latent = args.latent
+    if latent is None:
+        from saebench.evals.steering import select_concept_latent
+        from saebench.evals.tasks import CONCEPTS
+
+        with _Step(f"choosing the latent for concept {args.concept!r}", quiet):
+            info = select_concept_latent(model, sae, CONCEPTS[args.concept])
+        latent = info["latent"]
+        print(f"concept {args.concept!r}: latent {latent} (DiffMean score {info['diffmean_score']:.3g}, "
+              f"detection AUROC {info['detection_auroc']:.2f})")
+
     max_act = args.max_act
     if max_act is None:
-        toks = text.load_tokens(sae.cfg.metadata.get("corpus", "default"), model.tokenizer, sae.cfg.context_size or 128, args.max_act_tokens,
-                                split="eval", prepend_bos=sae.cfg.prepend_bos)
-        max_act = steering.max_activation(sae, model, toks, args.latent, special_ids=text.special_ids(model.tokenizer))
-        print(f"max activation of latent {args.latent} over {toks.numel():,} held-out tokens: {max_act:.4g}")
-    gen = dict(max_new_tokens=args.tokens, seed=args.seed, temperature=args.temperature, top_p=args.top_p, use_kv_cache=not args.no_kv_cache)
-    default, steered = steering.steered_pair(model, sae, args.prompt, args.latent, args.strength, max_act, scope=args.scope, **gen)
-    print(f"\nDEFAULT  | {default.text}\nSTEERED  | {steered.text}   (latent {args.latent}, strength {args.strength:+g} x max_act, scope {args.scope})")
+        found = dashboards.max_abs_activation(args.sae_dir, latent)
+        if found is not None:
+            max_act = found.value
+            print(f"max |activation| of latent {latent}: {max_act:.4g} (from the dashboards, {found.n_tokens:,} held-out tokens)")
+        else:
+            corpus = sae.cfg.metadata.get("corpus", "default")
+            ctx = sae.cfg.context_size or 128
+            with _Step(f"reading {args.max_act_tokens:,} held-out tokens of {corpus!r}", quiet):
+                toks = text.load_tokens(corpus, model.tokenizer, ctx, max(args.max_act_tokens, ctx), split="eval", prepend_bos=sae.cfg.prepend_bos,
+                                        progress=not quiet)
+            t_scan = time.perf_counter()
+            max_act = steering.max_activation(sae, model, toks, latent, special_ids=text.special_ids(model.tokenizer), progress=not quiet)
+            print(f"max |activation| of latent {latent}: {max_act:.4g} (scanned {toks.numel():,} held-out tokens in "
+                  f"{time.perf_counter() - t_scan:.1f} s; "
+                  f"no dashboards for these weights, so not exact: `saebench dashboards {args.sae_dir}` records it over 131,072 tokens)")
+        if max_act <= 0:
+            raise ValueError(f"latent {latent} never fired on those tokens, so it has no max activation to scale by; "
+                             "give one with --max-act VALUE to steer with it anyway")
+    run = steering.steer(model, sae, args.prompt, latent, args.strength, max_act, scope=args.scope, max_new_tokens=args.tokens, seed=args.seed,
+                         temperature=args.temperature, top_p=args.top_p, use_kv_cache=not args.no_kv_cache)
+    print(f"\nDEFAULT  | {run.default.text}\nSTEERED  | {run.steered.text}   (latent {latent}, strength {args.strength:+g} x max_act "
+          f"{max_act:.4g}, scope {args.scope})")
+    n_new = max(run.default.tokens.shape[1], run.steered.tokens.shape[1]) - run.default.prompt_len
+    print(f"(default + steered, {n_new} new tokens, generated together in {run.seconds:.2f} s)")
     print("\nnext-token log-prob change under steering:")
-    for tok, delta in steering.next_token_logprob_diff(model, sae, args.prompt, args.latent, args.strength, max_act, scope=args.scope):
+    for tok, delta in run.logprob_diff:
         print(f"  {tok!r:>20}  {delta:+.3f}")
     return 0
 
 
 def _register_steer(sub) -> None:
-    p = sub.add_parser("steer", help="Steer generation with one latent: default vs steered, same seed.")
-    p.add_argument("sae_dir")
-    p.add_argument("--latent", type=int, required=True)
-    p.add_argument("--strength", type=float, required=True, help="In units of the latent's max activation; negative allowed.")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-act", type=float, default=None, help="Max activation (default: measured on held-out text).")
-    p.add_argument("--max-act-tokens", type=int, default=16_384, help="Held-out tokens used to measure the max activation.")
-    p.add_argument("--scope", choices=["prompt", "generated", "all"], default="all")
+    p = sub.add_parser("steer", help="Steer generation with one latent: default vs steered, same seed.",
+                       description="Default and steered continuations of a prompt, side by side (same seed, so the same sampling noise), "
+                                   "plus the next-token log-prob changes. Strength is in units of the latent's max |activation|.",
+                       epilog="steering concepts (--concept NAME):\n" + _list_concepts())
+    p.add_argument("sae_dir", nargs="?", help="SAE folder.")
+    p.add_argument("--latent", type=int, default=None, help="Latent index (or give --concept).")
+    p.add_argument("--concept", choices=sorted(_concept_names()), default=None,
+                   help="Steer with the latent that best separates this concept's texts (DiffMean, as the steering eval); see below.")
+    p.add_argument("--list-concepts", action="store_true", help="List the steering concepts and exit.")
+    p.add_argument("--strength", type=float, default=None, help="In units of the latent's max activation; negative allowed. Required.")
+    p.add_argument("--prompt", default=None, help="Text to continue. Required.")
+    p.add_argument("--max-act", type=float, default=None,
+                   help="Max activation (default: from the SAE's dashboards when built, else measured on --max-act-tokens held-out tokens).")
+    p.add_argument("--max-act-tokens", type=int, default=8_192, help="Cap on the held-out tokens scanned for the max activation when there are no dashboards.")
+    p.add_argument("--scope", choices=["prompt", "generated", "all"], default="all", help="Positions steered.")
     p.add_argument("--tokens", type=int, default=30, help="New tokens to generate.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--no-kv-cache", action="store_true")
-    p.add_argument("--model", default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="Sampling seed, shared by the default and the steered run.")
+    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature; 0 is greedy.")
+    p.add_argument("--top-p", type=float, default=None, help="Nucleus sampling mass (default: none, the whole distribution).")
+    p.add_argument("--no-kv-cache", action="store_true", help="Recompute the whole sequence every step (slow; for checking).")
+    p.add_argument("--model", default=None, help="Model (default: the SAE's cfg.json model_name).")
+    p.add_argument("--device", default="cpu", help="Torch device.")
+    p.add_argument("--quiet", action="store_true", help="No progress bars or step messages.")
     p.set_defaults(fn=cmd_steer)
+
+
+def _concept_names() -> list[str]:
+    from saebench.evals.tasks import CONCEPTS
+
+    return list(CONCEPTS)
 
 
 _EXTRA_COMMANDS: list = [

@@ -33,6 +33,7 @@ import os
 import random
 import re
 import sqlite3
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -275,6 +276,7 @@ def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, b
     device = sae.device
     toks_out, feats_out, vals_out = [], [], []
     positions = torch.arange(n_seq * ctx).view(n_seq, ctx)
+    t0 = time.perf_counter()
     for start in tqdm(range(0, n_seq, batch_size), desc="harvest + encode", disable=not progress, leave=False):
         toks = tokens[start : start + batch_size]
         _, cache = model.run_with_cache(toks.to(device), names_filter=lambda n: n == hook, stop_at_layer=stop)
@@ -289,6 +291,10 @@ def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, b
         feats_out.append(acts.indices[nz].to("cpu", torch.int32))
         vals_out.append(acts.values[nz].to("cpu", torch.float32))
         del cache
+    if progress:  # the bar is transient; say what it did
+        sec = time.perf_counter() - t0
+        tqdm.write(f"harvest + encode: {n_seq * ctx:,} tokens ({n_seq:,} sequences × {ctx}) through the model and the SAE "
+                   f"in {sec:.1f} s ({n_seq * ctx / max(sec, 1e-9):,.0f} tokens/s)", file=sys.stderr)
     return torch.cat(toks_out), torch.cat(feats_out), torch.cat(vals_out)
 
 
@@ -403,10 +409,10 @@ def build_dashboards(
         if old == key and resume:
             pass
         elif resume and old is not None:
-            diff = sorted(k for k in set(key) | set(old) if key.get(k) != old.get(k))
             raise ArtifactError(
-                f"{out} holds dashboards built with other settings (differences: {', '.join(diff)}); "
-                "rebuild them with resume=False (CLI: --no-resume), or write elsewhere with out_dir"
+                f"{out} holds dashboards built with other settings; the options that differ: {'; '.join(_key_differences(old, key))}. "
+                "Rebuild them with resume=False (CLI: --no-resume; labels are kept), write these elsewhere with "
+                "out_dir=DIR (CLI: --out-dir DIR), or keep the existing build by asking for its settings"
             )
         else:
             _remove_derived(out)
@@ -457,6 +463,32 @@ def build_dashboards(
                                                  "total_s": time.perf_counter() - t_start})
     finally:
         con.close()
+    return out
+
+
+_CLI_FLAGS = {"n_tokens": "--n-tokens", "model": "--model"}
+
+
+def _key_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``'n_tokens (--n-tokens): built with 131072, asked for 1024'`` for every setting that differs."""
+    out = []
+
+    def say(name: str, a: Any, b: Any) -> None:
+        flag = f" ({_CLI_FLAGS[name]})" if name in _CLI_FLAGS else ""
+        out.append(f"{name}{flag}: built with {a!r}, asked for {b!r}")
+
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if k == "sae_sha256":
+            out.append("the SAE's weights changed since the build (sha256 " + f"{str(a)[:12]}… → {str(b)[:12]}…)")
+        elif k == "options" and isinstance(a, dict) and isinstance(b, dict):
+            for o in sorted(set(a) | set(b)):
+                if a.get(o) != b.get(o):
+                    say(o, a.get(o), b.get(o))
+        else:
+            say(k, a, b)
     return out
 
 
@@ -1390,6 +1422,10 @@ def browse(root: str | Path, host: str = "127.0.0.1", port: int = 8501, model: s
     if not root.is_dir():
         raise FileNotFoundError(f"browse root {root} is not a directory")
     env = os.environ | {APP_ROOT_ENV: str(root.resolve())}
+    # OpenMP threads that sleep instead of spinning between parallel regions: on a machine with other
+    # work running, spinning threads wait for descheduled siblings and one steering request took
+    # 41-45 s instead of 6 s (2 threads, load 6.5; docs/PERFORMANCE.md §6). A user's own setting wins.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if model:
         env[APP_MODEL_ENV] = model
     env[APP_DEVICE_ENV] = device
@@ -1404,3 +1440,40 @@ def escape(text: str) -> str:
     """HTML-escape corpus text (quotes included)."""
     return html.escape(text, quote=True)
 
+
+
+# =============================================================================================
+# Steering's unit: a latent's max |activation| from the dashboards (no model pass)
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class DashboardMax:
+    """A latent's largest |activation| as the dashboards recorded it, and over how many tokens."""
+
+    value: float
+    n_tokens: int  # non-special tokens scanned by the build
+    dead: bool
+    folder: Path
+
+
+def max_abs_activation(sae_dir: str | Path, latent: int) -> DashboardMax | None:
+    """Latent ``latent``'s max |activation| from ``SAE_DIR/dashboards``, or None when it cannot be trusted.
+
+    None when there are no readable dashboards, when they were built from other weights (the SAE
+    was retrained since: the weights' sha256 differs from the build's) or when the latent's feature
+    batch is not computed yet. One indexed query; no model is loaded.
+    """
+    sae_dir = Path(sae_dir)
+    try:
+        db = Dashboard(dashboard_dir(sae_dir))
+        built_for = (db.meta.get("key") or {}).get("sae_sha256")
+        if not built_for or built_for != _sae_fingerprint(sae_dir):
+            return None
+        f = db.feature(int(latent))
+    except (ArtifactError, sqlite3.DatabaseError, OSError):
+        return None
+    if f is None:
+        return None
+    n = int(db.meta.get("n_valid_tokens") or db.provenance.get("n_tokens") or 0)
+    return DashboardMax(float(f.max_abs_act), n, bool(f.dead), db.folder)

@@ -33,8 +33,10 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 import weakref
-from typing import Literal, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,8 @@ __all__ = [
     "steering_hook",
     "generate",
     "generate_tokens",
+    "SteeringRun",
+    "steer",
     "steered_pair",
     "next_token_logprob_diff",
     "max_activation",
@@ -275,11 +279,16 @@ def generate_tokens(
     use_kv_cache: bool = True,
     stop_at_eos: bool = True,
     progress: bool = False,
+    on_token: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> Tensor:
     """The sampling loop: ``tokens`` [B, P] (one prompt, or B copies of it) → [B, P + T].
 
     Every row sees the same noise. Rows that emitted EOS are padded with EOS; the loop stops once
     every row has (``stop_at_eos``) or after ``max_new_tokens``.
+
+    ``on_token(step, new_tokens, logits)``, if given, is called after every sampled step with the
+    step index (0 for the first new token), the new tokens [B] and the last-position logits [B, V]
+    they were drawn from (step 0's are the logits after the prompt). It streams text to a UI.
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
@@ -314,6 +323,8 @@ def generate_tokens(
                     nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                     done |= nxt == eos
                 tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                if on_token is not None:
+                    on_token(t, nxt, last)
                 if t == max_new_tokens - 1 or bool(done.all()):
                     break
                 if use_kv_cache:
@@ -390,14 +401,117 @@ def generate(
     return _result(model, out, plen)
 
 
-def steered_pair(model, sae, prompt: str | Tensor, latent: int, strength: float, max_act: float, scope: Scope = "all",
-                 **gen_kwargs) -> tuple[GenerationResult, GenerationResult]:
-    """``(default, steered)`` generations with the same seed (so the same sampling noise)."""
+class SteeringRun(NamedTuple):
+    """What :func:`steer` returns: both generations, the next-token log-prob changes, the time taken."""
+
+    default: GenerationResult
+    steered: GenerationResult
+    logprob_diff: list[tuple[str, float]]  # as next_token_logprob_diff: top_n rises, then top_n falls
+    seconds: float  # wall time of the generation (model already loaded)
+
+
+def _row_result(model, tokens: Tensor, row: int, prompt_len: int, eos: int | None) -> GenerationResult:
+    """Row ``row`` of a batched generation, cut after its first EOS (as a one-row run would stop)."""
+    seq = tokens[row]
+    if eos is not None:
+        hits = (seq[prompt_len:] == eos).nonzero()
+        if len(hits):
+            seq = seq[: prompt_len + int(hits[0]) + 1]
+    return _result(model, seq[None], prompt_len)
+
+
+def _logprob_diff(model, base_logits: Tensor, steered_logits: Tensor, top_n: int) -> list[tuple[str, float]]:
+    diff = F.log_softmax(steered_logits.float(), -1) - F.log_softmax(base_logits.float(), -1)
+    n = min(top_n, diff.numel())
+    up = diff.topk(n)
+    down = (-diff).topk(n)
+    tok = model.tokenizer
+    rises = [(tok.decode([int(i)]), float(v)) for v, i in zip(up.values, up.indices)]
+    falls = [(tok.decode([int(i)]), -float(v)) for v, i in zip(down.values, down.indices)]
+    return rises + falls
+
+
+@torch.no_grad()
+def steer(
+    model,
+    sae,
+    prompt: str | Tensor,
+    latent: int,
+    strength: float,
+    max_act: float,
+    scope: Scope = "all",
+    *,
+    max_new_tokens: int = 30,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    use_kv_cache: bool = True,
+    stop_at_eos: bool = True,
+    prepend_bos: bool = True,
+    top_n: int = 10,
+    on_text: Callable[[str, str], None] | None = None,
+) -> SteeringRun:
+    """Default and steered continuations of ``prompt`` in **one batched run** of two rows.
+
+    Row 0 adds nothing, row 1 adds ``strength · max_act · W_dec[latent]`` over ``scope``; both rows
+    see the same sampling noise (same seed), so this is :func:`generate` run twice, at the cost of
+    one run (a decode step on CPU is bound by reading the weights, which both rows share). The
+    next-token log-prob changes come from the same pass (the logits after the prompt), so they cost
+    nothing extra. ``on_text(default_new_text, steered_new_text)`` is called after every new token
+    (for streaming into a UI). Batched and one-row runs agree to float rounding (the matmuls see a
+    different batch size), so a sampled token can differ only where two candidates are tied to ~1e-6.
+    """
+    t0 = time.perf_counter()
     hook, head = sae_site(sae)
     vec = steering_vector(sae, latent, strength, max_act)
-    default = generate(model, prompt, **gen_kwargs)
-    steered = generate(model, prompt, vector=vec, hook_name=hook, head=head, scope=scope, **gen_kwargs)
-    return default, steered
+    toks = _prompt_tokens(model, prompt, prepend_bos)
+    if toks.shape[0] != 1:
+        raise ValueError(f"steer takes one prompt, got a batch of {toks.shape[0]}")
+    plen = toks.shape[1]
+    hooks = _hooks_for(torch.stack([torch.zeros_like(vec), vec]), hook, scope, plen, head)
+    eos = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos else None
+    first: list[Tensor] = []
+    new: list[Tensor] = []
+
+    def on_token(step: int, nxt: Tensor, logits: Tensor) -> None:
+        if step == 0:
+            first.append(logits.detach().float().cpu())
+        if on_text is None:
+            return
+        new.append(nxt.cpu())
+        cols = torch.stack(new, 1)
+        texts = []
+        for r in range(2):
+            row = cols[r]
+            if eos is not None:
+                hits = (row == eos).nonzero()
+                if len(hits):
+                    row = row[: int(hits[0]) + 1]
+            texts.append(_decode(model, row))
+        on_text(texts[0], texts[1])
+
+    out = generate_tokens(model, toks.expand(2, -1).contiguous(), max_new_tokens, hooks=hooks, seed=seed, temperature=temperature,
+                          top_p=top_p, use_kv_cache=use_kv_cache, stop_at_eos=stop_at_eos, on_token=on_token)
+    if hooks[0][1]._seen == 0:  # e.g. a hook TransformerLens gates off until model.set_use_*(True): nothing was steered
+        raise ValueError(f"the hook {hook!r} never ran in the forward pass, so nothing was steered (is it gated off on this model?)")
+    if not first:  # max_new_tokens == 0: no step ran, so no logits were seen
+        with model_lock(model), model.hooks(fwd_hooks=hooks):
+            for _, h in hooks:
+                h.reset()
+            first.append(_call_last(model, toks.expand(2, -1).contiguous())[:, -1].float().cpu())
+    diffs = _logprob_diff(model, first[0][0], first[0][1], top_n)
+    default, steered = (_row_result(model, out, r, plen, eos) for r in range(2))
+    return SteeringRun(default, steered, diffs, time.perf_counter() - t0)
+
+
+def steered_pair(model, sae, prompt: str | Tensor, latent: int, strength: float, max_act: float, scope: Scope = "all",
+                 **gen_kwargs) -> tuple[GenerationResult, GenerationResult]:
+    """``(default, steered)`` generations with the same seed (so the same sampling noise).
+
+    Both come from one batched run (:func:`steer`); ``gen_kwargs`` are :func:`steer`'s keywords.
+    """
+    run = steer(model, sae, prompt, latent, strength, max_act, scope, **gen_kwargs)
+    return run.default, run.steered
 
 
 @torch.no_grad()
@@ -413,36 +527,41 @@ def next_token_logprob_diff(model, sae, prompt: str | Tensor, latent: int, stren
     hook, head = sae_site(sae)
     vec = steering_vector(sae, latent, strength, max_act)
     with model_lock(model):
-        base = F.log_softmax(model(toks)[0, -1].float(), -1)
-        steered = F.log_softmax(model.run_with_hooks(toks, fwd_hooks=[(hook, SteeringHook(vec, scope, toks.shape[1], head))])[0, -1].float(), -1)
-    diff = steered - base
-    n = min(top_n, diff.numel())
-    up = diff.topk(n)
-    down = (-diff).topk(n)
-    tok = model.tokenizer
-    rises = [(tok.decode([int(i)]), float(v)) for v, i in zip(up.values, up.indices)]
-    falls = [(tok.decode([int(i)]), -float(v)) for v, i in zip(down.values, down.indices)]
-    return rises + falls
+        base = model(toks)[0, -1]
+        steered = model.run_with_hooks(toks, fwd_hooks=[(hook, SteeringHook(vec, scope, toks.shape[1], head))])[0, -1]
+    return _logprob_diff(model, base, steered, top_n)
 
 
 @torch.no_grad()
-def max_activation(sae, model, tokens: Tensor, latent: int, *, batch_size: int = 16, special_ids: Tensor | None = None) -> float:
+def max_activation(sae, model, tokens: Tensor, latent: int, *, batch_size: int = 16, special_ids: Tensor | None = None,
+                   progress: bool = False, on_progress: Callable[[int, int], None] | None = None) -> float:
     """Largest |activation| of ``latent`` over ``tokens`` [n_seq, ctx] (special positions skipped if given).
 
     For ReLU-type SAEs this is the max activation; for signed SAEs the largest magnitude, so
-    ``strength`` keeps its meaning (units of the latent's typical peak) for both poles.
+    ``strength`` keeps its meaning (units of the latent's typical peak) for both poles. The model
+    runs only up to the SAE's block. ``progress`` shows a tqdm bar (tokens, with an ETA);
+    ``on_progress(done_tokens, total_tokens)`` is called after every batch (a UI's progress bar).
+    The cost grows with ``tokens.numel()``: cap it (the CLI's ``--max-act-tokens``), or read the
+    value from the dashboards when they exist (:func:`saebench.dashboards.max_abs_activation`).
     """
     hook, head = sae_site(sae)
     best = 0.0
-    for s in range(0, tokens.shape[0], batch_size):
-        toks = tokens[s : s + batch_size]
-        x = site_activations(model, hook, head, toks, batch_size)
-        keep = torch.ones(toks.shape, dtype=torch.bool) if special_ids is None else ~torch.isin(toks, special_ids.to(toks.device))
-        x = x[keep.to(x.device)]
-        if x.shape[0] == 0:
-            continue
-        acts = sae.encode_sparse(x.to(sae.device))
-        hit = acts.indices == latent
-        if hit.any():
-            best = max(best, float(acts.values[hit].abs().max()))
+    total = int(tokens.numel())
+    bar = tqdm(total=total, desc=f"max activation of latent {latent}", unit="tok", unit_scale=True, disable=not progress, leave=False)
+    try:
+        for s in range(0, tokens.shape[0], batch_size):
+            toks = tokens[s : s + batch_size]
+            x = site_activations(model, hook, head, toks, batch_size)
+            keep = torch.ones(toks.shape, dtype=torch.bool) if special_ids is None else ~torch.isin(toks, special_ids.to(toks.device))
+            x = x[keep.to(x.device)]
+            if x.shape[0]:
+                acts = sae.encode_sparse(x.to(sae.device))
+                hit = acts.indices == latent
+                if hit.any():
+                    best = max(best, float(acts.values[hit].abs().max()))
+            bar.update(int(toks.numel()))
+            if on_progress is not None:
+                on_progress(min(total, (s + toks.shape[0]) * tokens.shape[1]), total)
+    finally:
+        bar.close()
     return best

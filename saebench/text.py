@@ -379,6 +379,7 @@ def tokenize_and_pack(
     context_size: int,
     max_tokens: int | None = None,
     prepend_bos: bool = True,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Tokenise documents and pack them into fixed-length rows.
 
@@ -394,6 +395,7 @@ def tokenize_and_pack(
         context_size: tokens per row, BOS included.
         max_tokens: stop once ``max_tokens // context_size`` rows are packed (None: all documents).
         prepend_bos: start every row with BOS.
+        progress: a tqdm bar of the tokens packed (with an ETA when ``max_tokens`` is given).
 
     Returns:
         LongTensor ``[n_seq, context_size]``.
@@ -415,6 +417,10 @@ def tokenize_and_pack(
     rows: list[np.ndarray] = []
     n_rows, n_stream = 0, 0
     carry = np.empty(0, dtype=np.int64)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=None if rows_wanted is None else rows_wanted * context_size, desc="tokenise", unit="tok", unit_scale=True,
+               disable=not progress, leave=False)
     for batch in _batches(docs):
         ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
         lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
@@ -431,8 +437,10 @@ def tokenize_and_pack(
         rows.append(stream[: k * body].reshape(k, body))
         carry = stream[k * body :]
         n_rows += k
+        bar.update(k * context_size)
         if rows_wanted is not None and n_rows >= rows_wanted:
             break
+    bar.close()
     if n_rows == 0:
         raise CorpusError(
             f"corpus too short: {n_stream} tokens, need at least context_size={context_size} "
@@ -470,6 +478,7 @@ def load_tokens(
     split: str = "train",
     text_field: str = "text",
     prepend_bos: bool = True,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Pack up to ``n_tokens`` tokens of one split of ``source`` into ``[n_seq, context_size]`` rows.
 
@@ -485,7 +494,7 @@ def load_tokens(
 
     try:
         return tokenize_and_pack(counted(iter_documents(source, split=split, text_field=text_field)), tokenizer, context_size,
-                                 max_tokens=n_tokens, prepend_bos=prepend_bos)
+                                 max_tokens=n_tokens, prepend_bos=prepend_bos, progress=progress)
     except CorpusError as e:
         if seen[0] or not str(e).startswith("corpus too short"):
             raise

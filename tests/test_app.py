@@ -216,6 +216,52 @@ def test_steering_side_by_side(monkeypatch, root, tiny_model):
     chart = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert "log-prob" in chart["layout"]["title"]["text"] and len(chart["data"][0]["x"]) == 20
     assert any("-8 × " in m.value for m in at.markdown)
+    # streamed: one page update per generated token, and the request's latency is shown
+    res = at.session_state["steer_result"]
+    n_new = max(default.tokens.shape[1], steered.tokens.shape[1]) - default.prompt_len
+    assert res["updates"] == res["n_new"] == n_new and res["seconds"] > 0
+    assert any(f"{n_new} new tokens each, generated together in {res['seconds']:.2f} s" in c.value and f"streamed in {n_new} steps" in c.value
+               for c in at.caption)
+
+
+def test_steer_page_streams_into_the_page_token_by_token(monkeypatch, root):
+    """The text boxes are updated after every token, each time with the decoded prefix so far."""
+    from saebench.app import page_steer
+
+    frames = []
+    real = page_steer._text_html
+    monkeypatch.setattr(page_steer, "_text_html", lambda css, prompt, text: frames.append((css, text)) or real(css, prompt, text))
+    at = open_app(monkeypatch, root, sae="saes/topk", feature=F.PLANTED, page="Steer")
+    at.text_area(key="steer_prompt").input("The fox")
+    at.slider(key="steer_tokens").set_value(6)
+    next(b for b in at.button if b.label == "Generate").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    res = at.session_state["steer_result"]
+    steered = [t for css, t in frames if css == "steer-steered"]
+    assert len(steered) >= res["n_new"] + 1  # one per token while generating, then the final render
+    assert steered[res["n_new"] - 1] == res["steered"] and steered[0] != res["steered"]
+    assert all(steered[k + 1].startswith(steered[k].rstrip("\ufffd")) for k in range(res["n_new"] - 1))
+
+
+def test_steer_without_dashboards_measures_the_max_activation(monkeypatch, root, tiny_model):
+    from saebench import steering, text
+    from saebench.app import page_steer
+    from saebench.sae import SAE
+
+    at = open_app(monkeypatch, root, sae="saes/nodash", feature=3, page="Steer")
+    assert any("no dashboards" in i.value for i in at.info)
+    measure = next(b for b in at.button if b.label.startswith("Measure it on"))
+    measure.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    sae = SAE.load(root / "saes" / "nodash")
+    toks = text.load_tokens(sae.cfg.metadata["corpus"], tiny_model.tokenizer, sae.cfg.context_size, page_steer.MEASURE_TOKENS, split="eval")
+    expect = steering.max_activation(sae, tiny_model, toks, 3, special_ids=text.special_ids(tiny_model.tokenizer))
+    if expect > 0:
+        assert any(f"over {toks.numel():,} held-out tokens: **{expect:.4g}**" in c.value and "measured here" in c.value for c in at.caption)
+        next(b for b in at.button if b.label == "Generate").click().run()
+        assert not at.exception and 'id="steer-steered"' in html(at)
+    else:
+        assert any("never fired" in w.value for w in at.warning)
 
 
 def test_evals_and_overview_pages(monkeypatch, root):

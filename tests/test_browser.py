@@ -141,11 +141,17 @@ def test_main_journey(server, page):
     new_tokens.focus()
     for _ in range(22):  # 30 → 8 new tokens: keeps the test quick
         new_tokens.press("ArrowLeft")
+    t_click = time.perf_counter()
     pg.get_by_role("button", name="Generate").click()
-    pg.locator("#steer-steered").wait_for()
+    pg.locator("#steer-steered").wait_for()  # the first streamed token
+    t_first = time.perf_counter() - t_click
     settle(pg)
     default, steered = pg.locator("#steer-default").inner_text(), pg.locator("#steer-steered").inner_text()
     assert default.startswith("The fox") and steered.startswith("The fox") and default != steered
+    # the page reports the request's latency; keep it (and the time to the first streamed text) with the screenshots
+    caption = pg.get_by_text(re.compile(r"new tokens each, generated together in [0-9.]+ s")).inner_text()
+    seconds = float(re.search(r"generated together in ([0-9.]+) s", caption).group(1))
+    (ARTIFACTS / "steer_latency.json").write_text(f'{{"request_s": {seconds}, "first_text_after_click_s": {t_first:.3f}}}\n')
     assert pg.get_by_text("DEFAULT", exact=True).count() == 1 and pg.get_by_text("STEERED", exact=True).count() == 1
     assert pg.locator(".js-plotly-plot").count() == 1  # next-token log-prob changes
     shot(pg, "06-steer")

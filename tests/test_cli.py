@@ -140,3 +140,205 @@ method = ["topk", "batchtopk"]
     assert main(["dashboards", str(dirs[0]), "--n-tokens", "512", "--quiet"]) == 0
     assert "dashboards written to" in capsys.readouterr().out
     assert (dirs[0] / "dashboards" / "features.sqlite").exists()
+
+
+# --------------------------------------------------------------------------- steer: validation, max activation, concepts
+
+
+def _steer_sae(tmp_path, tiny_model_dir, hook="blocks.1.hook_resid_post", name="sae", corpus=None):
+    import torch
+
+    from saebench.sae import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(architecture="topk", d_in=64, d_sae=32, k=4, hook_name=hook, model_name=str(tiny_model_dir), context_size=32,
+                        metadata={"corpus": str(corpus)} if corpus else {}))
+    sae.init_tied(torch.Generator().manual_seed(0))
+    return sae.save(tmp_path / name)
+
+
+def _no_model(monkeypatch):
+    """Make loading a model fail loudly: the checks under test must come before it."""
+    import saebench.models
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(saebench.models, "load_model", boom)
+
+
+def test_steer_latent_out_of_range_is_one_line_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    folder = _steer_sae(tmp_path, tiny_model_dir)
+    _no_model(monkeypatch)
+    assert main(["steer", str(folder), "--latent", "999999", "--strength", "2", "--prompt", "The cat"]) == 2
+    err = capsys.readouterr().err
+    assert "--latent 999999 is out of range: this SAE has latents 0-31" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("hook, message, before_model", [
+    ("blocks.7.hook_resid_post", "block 7 does not exist; the model", True),  # from config.json, no model needed
+    ("blocks.1.hook_resid_pots", "Did you mean one of: blocks.1.hook_resid_post", False),
+    ("blocks.0.attn.hook_z:99", "head 99 does not exist; the model has heads 0-3", True),
+])
+def test_steer_hook_errors_name_the_cfg_and_suggest(tiny_model_dir, tmp_path, capsys, monkeypatch, hook, message, before_model):
+    d_in = 64
+    import torch
+
+    from saebench.sae import SAE, SAEConfig
+
+    if hook.endswith(":99"):
+        d_in = 16  # one head of hook_z
+    sae = SAE(SAEConfig(architecture="topk", d_in=d_in, d_sae=32, k=4, hook_name=hook, model_name=str(tiny_model_dir)))
+    sae.init_tied(torch.Generator().manual_seed(0))
+    folder = sae.save(tmp_path / "typo")
+    if before_model:
+        _no_model(monkeypatch)
+    assert main(["steer", str(folder), "--latent", "1", "--strength", "2", "--max-act", "1", "--prompt", "The cat"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and f"the SAE's hook {hook!r} (cfg.json)" in err and "Traceback" not in err and "KeyError" not in err
+
+
+def test_steer_takes_max_act_from_the_dashboards_without_a_scan(tiny_model_dir, tiny_model, text_file, tmp_path, capsys, monkeypatch):
+    from saebench import dashboards as D
+    from saebench import steering
+
+    folder = _steer_sae(tmp_path, tiny_model_dir, corpus=text_file)
+    D.build_dashboards(folder, model=tiny_model, n_tokens=512, feature_batch_size=16, progress=False)
+    db = D.Dashboard(D.dashboard_dir(folder))
+    latent = next(i for i in range(32) if not db.feature(i).dead)
+    expect = db.feature(latent).max_abs_act
+
+    def no_scan(*a, **k):
+        raise AssertionError("scanned although the dashboards have the value")
+
+    monkeypatch.setattr(steering, "max_activation", no_scan)
+    assert main(["steer", str(folder), "--latent", str(latent), "--strength", "3", "--prompt", "The cat", "--tokens", "4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"max |activation| of latent {latent}: {expect:.4g} (from the dashboards, {db.meta['n_valid_tokens']:,} held-out tokens)" in out
+    assert "generated together in" in out and "DEFAULT  | The cat" in out
+    assert D.max_abs_activation(folder, latent).value == expect
+    # weights changed since the build: the dashboards' value is not used
+    from saebench.sae import SAE
+
+    sae = SAE.load(folder)
+    with __import__("torch").no_grad():
+        sae.W_dec.mul_(2)
+    sae.save(folder)
+    assert D.max_abs_activation(folder, latent) is None
+
+
+def test_steer_scans_with_a_progress_bar_when_there_are_no_dashboards(tiny_model_dir, text_file, tmp_path, capsys):
+    folder = _steer_sae(tmp_path, tiny_model_dir, corpus=text_file)
+    code = main(["steer", str(folder), "--latent", "0", "--strength", "3", "--prompt", "The cat", "--tokens", "3", "--max-act-tokens", "256"])
+    captured = capsys.readouterr()
+    assert "loading model" in captured.err and "done in" in captured.err
+    assert "max activation of latent 0" in captured.err  # the tqdm bar (stderr)
+    if code == 0:
+        assert "scanned 256 held-out tokens" in captured.out and "saebench dashboards" in captured.out
+    else:  # latent 0 never fired on those tokens: a clear way out, not a zero vector
+        assert code == 2 and "never fired" in captured.err and "--max-act VALUE" in captured.err
+
+
+def test_steer_lists_the_steering_concepts(capsys):
+    from saebench.evals.tasks import CONCEPTS
+
+    assert main(["steer", "--list-concepts"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in CONCEPTS)
+    help_out = subprocess.run([sys.executable, "-m", "saebench.cli", "steer", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "steering concepts" in help_out and all(f"  {name} " in help_out for name in CONCEPTS)
+    assert main(["steer", "x"]) == 2 and "missing --strength, --prompt, --latent or --concept" in capsys.readouterr().err
+
+
+def test_steer_with_a_concept_picks_its_latent(tiny_model_dir, tmp_path, capsys):
+    folder = _steer_sae(tmp_path, tiny_model_dir)
+    assert main(["steer", str(folder), "--concept", "food", "--strength", "2", "--max-act", "1.5", "--prompt", "The cat", "--tokens", "3",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "concept 'food': latent" in out and "STEERED  | The cat" in out
+
+
+# --------------------------------------------------------------------------- help, dashboards, browse, eval progress
+
+
+def test_help_shows_the_default_of_every_option():
+    import argparse
+
+    from saebench.cli import HelpFormatter, build_parser
+    from saebench.evals.bench import build_parser as bench_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    checked = 0
+    for name, p in [*subs.items(), ("bench", bench_parser())]:
+        if not p.add_help:
+            continue  # passthrough placeholders: their own parser is checked (bench here, the rest below)
+        assert p.formatter_class is HelpFormatter, name
+        for a in p._actions:
+            if not a.option_strings or a.default in (None, argparse.SUPPRESS) or isinstance(a.default, bool):
+                continue
+            shown = " ".join(p._get_formatter()._format_action(a).split())  # the option's lines in --help
+            assert str(a.default) in shown, (name, a.option_strings, shown)
+            checked += 1
+    assert checked > 20  # config-field flags (default None, "[default: X]" in their help) come on top
+    dash = subprocess.run([sys.executable, "-m", "saebench.cli", "dashboards", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "(default: 131072)" in dash and "--out-dir" in dash
+    ev = " ".join(subprocess.run([sys.executable, "-m", "saebench.cli", "eval", "--help"], capture_output=True, text=True, check=True).stdout.split())
+    assert "[default: 65536]" in ev
+    bench = " ".join(bench_parser().format_help().split())
+    assert "output folder (table, figures, cache/) (default: bench)" in bench
+
+
+def test_passthrough_help_shows_defaults(capsys):
+    for cmd, expect in (("steering-eval", "(default: all)"), ("dead", "(default: cpu)"), ("circuits", "(default: ['ioi'])")):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert expect in " ".join(capsys.readouterr().out.split()), cmd
+
+
+def test_dashboards_with_other_settings_names_them_and_the_real_flags(tiny_model_dir, tiny_model, text_file, tmp_path, capsys):
+    folder = _steer_sae(tmp_path, tiny_model_dir, corpus=text_file)
+    assert main(["dashboards", str(folder), "--n-tokens", "512", "--model", str(tiny_model_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "harvest + encode: 512 tokens (16 sequences × 32)" in err  # the bar is transient; the summary stays
+    assert main(["dashboards", str(folder), "--n-tokens", "256", "--model", str(tiny_model_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "n_tokens (--n-tokens): built with 512, asked for 256" in err and "--no-resume" in err and "--out-dir DIR" in err
+    assert "differences: options" not in err and "Traceback" not in err
+    other = tmp_path / "elsewhere"
+    assert main(["dashboards", str(folder), "--n-tokens", "256", "--model", str(tiny_model_dir), "--quiet", "--out-dir", str(other)]) == 0
+    assert (other / "features.sqlite").exists()
+
+
+def test_browse_a_missing_root_fails_before_saying_it_serves(tmp_path, capsys):
+    assert main(["browse", str(tmp_path / "nope")]) == 2
+    captured = capsys.readouterr()
+    assert "serving" not in captured.out and "http://" not in captured.out
+    assert "is not a directory" in captured.err and "Traceback" not in captured.err
+
+
+def test_eval_says_what_it_is_doing(tiny_model_dir, text_file, tmp_path, capsys):
+    folder = _steer_sae(tmp_path, tiny_model_dir, corpus=text_file)
+    assert main(["eval", str(folder), "--eval-tokens", "256", "--out", str(tmp_path / "m.json")]) == 0
+    err = capsys.readouterr().err
+    assert f"loading model {tiny_model_dir}" in err and "model loaded in" in err
+    assert "256 held-out tokens of" in err and "tokenised in" in err
+    assert main(["eval", str(folder), "--eval-tokens", "256", "--out", str(tmp_path / "m.json"), "--quiet"]) == 0
+    assert "loading model" not in capsys.readouterr().err
+
+
+def test_browse_runs_streamlit_with_sleeping_openmp_threads(tmp_path, monkeypatch):
+    """Spinning OpenMP threads made steering 7x slower on a busy machine; browse() asks for passive waits
+    unless the user set a policy."""
+    import subprocess as sp
+
+    from saebench import dashboards as D
+
+    seen = {}
+    monkeypatch.setattr(sp, "call", lambda cmd, env: seen.update(env=env, cmd=cmd) or 0)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert D.browse(tmp_path) == 0
+    assert seen["env"]["OMP_WAIT_POLICY"] == "PASSIVE" and seen["env"][D.APP_ROOT_ENV] == str(tmp_path.resolve())
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    D.browse(tmp_path)
+    assert seen["env"]["OMP_WAIT_POLICY"] == "ACTIVE"

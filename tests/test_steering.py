@@ -210,3 +210,105 @@ def test_threads_sharing_a_model_never_run_with_each_others_hooks(planted):
     assert torch.equal(results["acts"].values, alone_acts.values) and torch.equal(results["acts"].indices, alone_acts.indices)
     assert waited == [True, True], "the unsteered runs did not wait for the model while another thread's hook was attached"
     assert st.model_lock(model) is st.model_lock(model) and not st.model_lock(model)._is_owned()
+
+
+# --------------------------------------------------------------------------- batched default + steered, streaming
+
+
+def _greedy_margins(model, toks, n, hooks=()):
+    """Tokens of a one-row greedy run and the gap between the top two logits at every step."""
+    gaps = []
+
+    def rec(step, nxt, logits):
+        top = logits.float().topk(2, -1).values
+        gaps.append(float((top[:, 0] - top[:, 1]).min()))
+
+    out = st.generate_tokens(model, toks, n, hooks=hooks, temperature=0, on_token=rec)
+    return out, gaps
+
+
+@pytest.mark.parametrize("scope", ["all", "prompt", "generated"])
+def test_batched_steer_equals_a_default_and_a_steered_run(planted, scope):
+    """steer() runs both rows in one batch; each row equals its own one-row run (greedy, where the
+    top two logits are not tied to float rounding) and the log-prob changes equal next_token_logprob_diff."""
+    model, sae, _, norm = planted
+    prompt = "Tell me about your day."
+    run = st.steer(model, sae, prompt, 0, 1.5, norm, scope, max_new_tokens=10, temperature=0, stop_at_eos=False)
+    toks = model.to_tokens(prompt)
+    plen = toks.shape[1]
+    alone_default, gaps_d = _greedy_margins(model, toks, 10)
+    hook = st.SteeringHook(st.steering_vector(sae, 0, 1.5, norm), scope, plen)
+    alone_steered, gaps_s = _greedy_margins(model, toks, 10, hooks=[(SITE, hook)])
+    assert min(gaps_d + gaps_s) > 1e-3, "a near-tie: the comparison would test float rounding, not the code"
+    assert torch.equal(run.default.tokens, alone_default.cpu()) and torch.equal(run.steered.tokens, alone_steered.cpu())
+    assert run.default.prompt_len == run.steered.prompt_len == plen
+    expect = dict(st.next_token_logprob_diff(model, sae, prompt, 0, 1.5, norm, scope=scope, top_n=10))
+    got = dict(run.logprob_diff)
+    assert len(run.logprob_diff) == 20
+    for tok_str, v in got.items():
+        if tok_str in expect:
+            assert v == pytest.approx(expect[tok_str], abs=1e-4)
+    if scope != "generated":
+        assert run.logprob_diff[0][0] == " ocean"
+    else:
+        assert all(abs(v) < 1e-6 for _, v in run.logprob_diff)
+    assert run.seconds > 0
+    # steered_pair is the same batched run
+    d, s = st.steered_pair(model, sae, prompt, 0, 1.5, norm, scope, max_new_tokens=10, temperature=0, stop_at_eos=False)
+    assert torch.equal(d.tokens, run.default.tokens) and torch.equal(s.tokens, run.steered.tokens)
+
+
+def test_steer_streams_text_after_every_token(planted):
+    model, sae, _, norm = planted
+    seen = []
+    run = st.steer(model, sae, "Once upon a time", 0, 4.0, norm, max_new_tokens=7, seed=2, stop_at_eos=False,
+                   on_text=lambda a, b: seen.append((a, b)))
+    assert len(seen) == 7
+    assert seen[-1] == (run.default.new_text, run.steered.new_text)
+    ids = run.steered.tokens[0, run.steered.prompt_len:]
+    for n, (_, b) in enumerate(seen, 1):  # every update is the decoded prefix of the steered row so far
+        assert b == model.tokenizer.decode(ids[:n].tolist())
+    steps = []
+    st.generate_tokens(model, model.to_tokens("Hi"), 4, stop_at_eos=False, on_token=lambda t, nxt, lg: steps.append((t, nxt.shape, lg.shape)))
+    vocab = model.W_U.shape[1]
+    assert steps == [(t, torch.Size([1]), torch.Size([1, vocab])) for t in range(4)]
+
+
+def test_steer_cuts_each_row_at_its_own_eos(tmp_path):
+    """A row that emits EOS stops there (as a one-row run would), while the other row goes on."""
+    model = make_tiny_model(tmp_path / "eos_model")
+    eos = model.tokenizer.eos_token_id
+    u = plant_token(model, eos)
+    sae = hand_sae(torch.stack([u, torch.roll(u, 1)]) / 1.0, SITE)
+    norm = float(st.site_activations(model, SITE, None, model.to_tokens("A walk in the park"))[0, 1:].norm(dim=-1).median())
+    run = st.steer(model, sae, "A walk in the park", 0, 6.0, norm, max_new_tokens=8, seed=0)
+    new_steered = run.steered.tokens[0, run.steered.prompt_len:]
+    assert new_steered[-1] == eos and int((new_steered == eos).sum()) == 1 and len(new_steered) < 8
+    assert run.default.tokens.shape[1] == run.default.prompt_len + 8 and eos not in run.default.tokens[0, run.default.prompt_len:]
+    alone = st.generate(model, "A walk in the park", 8, vector=st.steering_vector(sae, 0, 6.0, norm), hook_name=SITE, seed=0)
+    assert torch.equal(alone.tokens, run.steered.tokens) and alone.new_text == run.steered.new_text
+
+
+def test_steer_with_zero_new_tokens_still_gives_the_logprob_changes(planted):
+    model, sae, _, norm = planted
+    run = st.steer(model, sae, "Tell me about your day.", 0, 2.0, norm, max_new_tokens=0)
+    assert run.default.new_text == run.steered.new_text == ""
+    assert run.logprob_diff[0][0] == " ocean" and run.logprob_diff[0][1] > 0
+
+
+def test_max_activation_reports_progress(planted):
+    model, sae, _, _ = planted
+    toks = model.to_tokens(["the sea and the waves", "a quiet street at dawn", "one more line of text"])
+    calls = []
+    value = st.max_activation(sae, model, toks, 2, batch_size=2, on_progress=lambda d, t: calls.append((d, t)))
+    assert value == st.max_activation(sae, model, toks, 2)
+    n = toks.numel()
+    assert calls == [(2 * toks.shape[1], n), (n, n)]
+
+
+def test_steer_refuses_a_hook_that_never_runs(planted):
+    """``hook_pos_embed`` is registered on a rotary model but never fires: say so instead of returning an unsteered 'steered' text."""
+    model, _, _, _ = planted
+    silent = hand_sae(torch.eye(64)[:4], "hook_pos_embed")
+    with pytest.raises(ValueError, match="never ran in the forward pass"):
+        st.steer(model, silent, "Hi there", 0, 1.0, 1.0, max_new_tokens=2)
