@@ -89,7 +89,7 @@ def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae:
             with st.spinner("Generating…"):
                 default, steered = steering.steered_pair(model, view, prompt, i, float(strength), float(max_act), scope=scope,
                                                          max_new_tokens=int(n_new), seed=int(seed), temperature=float(temperature))
-                diffs = steering.next_token_logprob_diff(model, view, prompt, i, float(strength), float(max_act), scope=scope, top_n=10)
+                diffs = D.next_token_changes(model, view, prompt, i, float(strength), float(max_act), scope=scope, top_n=10)
             st.session_state["steer_result"] = {
                 "key": (rel, i), "prompt": prompt, "default": default.new_text, "steered": steered.new_text, "diffs": diffs,
                 "settings": f"{strength:+g} × {max_act:.3g} at {hook}, scope {scope}, seed {seed}, T={temperature:g}",
@@ -110,3 +110,5 @@ def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae:
         else:
             st.plotly_chart(R.bar_figure([t for t, _ in diffs], [v for _, v in diffs], "Next-token log-prob change (steered − default)"),
                             key="steer_diffs")
+            st.caption("Ranked among the tokens plausible under either run (each run's top 50 cut to 95% of its probability mass), "
+                       "so rare subwords whose tiny probabilities move a lot do not crowd the chart.")
