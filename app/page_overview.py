@@ -33,6 +33,12 @@ def source_line(m: dict, name: str) -> str:
     return " · ".join(parts)
 
 
+def _fmt(v) -> str:
+    if not _num(v):
+        return "—"
+    return f"{v:,}" if isinstance(v, int) or float(v).is_integer() and abs(v) >= 1000 else f"{v:.4g}"
+
+
 SIDE_KEYS = ("l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "n_tokens", "dead_window_tokens")
 
 
@@ -51,7 +57,7 @@ def _other_sources(cfg: S.AppConfig, rel: str) -> None:
         vals = [r.get(k) for r in recs]
         nums = [v for v in vals if _num(v)]
         differ = len({round(float(v), 6) for v in nums}) > 1
-        cells = "".join(f"<td>{R.esc(f'{v:.4g}' if _num(v) else '—')}</td>" for v in vals)
+        cells = "".join(f"<td>{R.esc(_fmt(v))}</td>" for v in vals)
         body += f"<tr><td>{R.esc(k)}{' ⚠ differs' if differ else ''}</td>{cells}</tr>"
     st.html(R.STYLE + f'<table class="sb-table" id="eval-sources"><tr><th>metric</th>{head}</tr>{body}</table>')
     st.caption("Different evals use different token sets and dead windows: compare like with like.")
@@ -72,7 +78,7 @@ def render(cfg: S.AppConfig, rel: str, path: str, sae_cfg: dict, db: D.Dashboard
             for c, (k, name) in zip(cols, keys):
                 v = m.get(k)
                 c.metric(name, f"{v:.4g}" if _num(v) else "—")
-            st.caption(source_line(m, "eval_core.json"))
+            st.caption(source_line({"eval": "core"} | m, "eval_core.json"))
         except (OSError, ValueError, RecursionError):
             st.caption("eval_core.json is unreadable.")
     _other_sources(cfg, rel)
