@@ -171,10 +171,9 @@ def _neighbours(db: D.Dashboard, f: D.FeatureData) -> None:
         with tab:
             if not items:
                 st.caption("None (the latent never fired, or nothing co-occurs with it)." if what == "r" else "None.")
-            cols = st.columns(2)
-            for n, (j, v) in enumerate(items):
+            for j, v in items:
                 lab = labels.get(j) or R.short_summary(summaries.get(j))
-                cols[n % 2].button(f"#{j} · {what} {v:+.3f}" + (f" · {lab}" if lab else ""), key=f"nb_{what}_{j}",
+                st.button(f"#{j} · {what} {v:+.3f}" + (f" · {lab}" if lab else ""), key=f"nb_{what}_{j}",
                                    on_click=S.go_to, args=(j,), width="stretch")
 
 
