@@ -148,9 +148,13 @@ def test_logit_effects_and_neighbours_match_brute_force(case, tiny_model):
 def _dump(folder: Path) -> dict:
     con = sqlite3.connect(folder / D.DB_FILE)
     out = {}
-    for t in ("vocab", "features", "examples", "feature_tokens"):
+    for t in ("vocab", "features", "examples", "feature_tokens", "fire_words", "summaries"):
         out[t] = con.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall() if t != "vocab" else con.execute("SELECT * FROM vocab").fetchall()
     out["fts"] = con.execute("SELECT rowid, tokens, contexts FROM examples_fts ORDER BY rowid").fetchall()
+    out["summary_fts"] = con.execute("SELECT rowid, text FROM summary_fts ORDER BY rowid").fetchall()
+    from safetensors.torch import load_file
+
+    out["token_codes"] = {k: v.tolist() for k, v in load_file(str(folder / D.TOKEN_CODES_FILE)).items()}
     out["batches"] = con.execute("SELECT batch, first, stop FROM batches ORDER BY batch").fetchall()
     meta = dict(con.execute("SELECT key, value FROM meta"))
     for k in ("timings", "provenance"):
@@ -266,7 +270,7 @@ def test_prompt_activations_match_the_sae(root, tiny_model):
 
 def test_find_saes_stays_inside_the_root(root, tmp_path):
     rels = [e.rel for e in D.find_saes(root)]
-    assert rels == ["saes/abstopk", "saes/nodash", "saes/topk"]
+    assert rels == ["saes/abstopk", "saes/nodash", "saes/topk", "saes/topk_perm"]
     assert D.resolve_sae(root, "saes/topk").path == (root / "saes" / "topk").resolve()
     for bad in ("../root/saes/topk", "/etc", str(root / "saes" / "topk"), "saes/../saes/topk", "", None):
         assert D.resolve_sae(root, bad) is None
