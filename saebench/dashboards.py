@@ -648,6 +648,65 @@ def _window_words(tok_strs: list[str], vals: np.ndarray) -> dict[str, float]:
     return out
 
 
+class _VocabWords(NamedTuple):
+    """Per vocabulary id: its (casefolded) words, and whether it starts / ends with a word character
+    (then a word may continue into the neighbouring token)."""
+
+    words: list[tuple[str, ...]]
+    starts_w: list[bool]
+    ends_w: list[bool]
+
+    @classmethod
+    def of(cls, vocab) -> _VocabWords:
+        words, sw, ew = [], np.zeros(len(vocab), bool), np.zeros(len(vocab), bool)
+        for i, t in enumerate(vocab):
+            words.append(tuple(w.casefold() for w in _WORD.findall(t) if len(w) <= MAX_WORD_CHARS))
+            sw[i] = not t or bool(_WORD.match(t[0]))  # an empty token is transparent: a word may run through it
+            ew[i] = not t or bool(_WORD.match(t[-1]))
+        return cls(words, sw.tolist(), ew.tolist())
+
+
+_VOCAB_WORDS: dict[int, tuple[Any, _VocabWords]] = {}
+
+
+def _vocab_words(vocab) -> _VocabWords:
+    hit = _VOCAB_WORDS.get(id(vocab))
+    if hit is None or hit[0] is not vocab:
+        _VOCAB_WORDS.clear()
+        hit = _VOCAB_WORDS[id(vocab)] = (vocab, _VocabWords.of(vocab))
+    return hit[1]
+
+
+def _firing_words(ids: np.ndarray, vals: np.ndarray, vocab, vw: _VocabWords) -> dict[str, float]:
+    """Same result as :func:`_window_words` on the window's token strings, but only looks at the tokens
+    where the latent fires: a token whose words cannot continue into its neighbours contributes its
+    own words; a run of tokens joined inside a word is split into words on its joined text."""
+    out: dict[str, float] = {}
+    ids_l, vals_l = ids.tolist(), vals.tolist()
+    sw, ew, words = vw.starts_w, vw.ends_w, vw.words
+    n = len(ids_l)
+    done_to = -1
+    for j, v in enumerate(vals_l):
+        if v == 0 or j <= done_to:
+            continue
+        a = b = j
+        while a > 0 and sw[ids_l[a]] and ew[ids_l[a - 1]]:
+            a -= 1
+        while b < n - 1 and ew[ids_l[b]] and sw[ids_l[b + 1]]:
+            b += 1
+        if a == b:
+            v = abs(v)
+            for w in words[ids_l[j]]:
+                if v > out.get(w, 0.0):
+                    out[w] = v
+        else:
+            for w, v2 in _window_words([vocab[t] for t in ids_l[a : b + 1]], vals[a : b + 1]).items():
+                if v2 > out.get(w, 0.0):
+                    out[w] = v2
+            done_to = b
+    return out
+
+
 def _top_by_mass(local: Tensor, ids: Tensor, w: Tensor, B: int, V: int, k: int) -> list[list[list]]:
     """Per latent (``local`` in [0, B)), the ``k`` ids carrying most of its activation mass ``w``, as
     [id, share of the latent's total mass] pairs, largest first."""
@@ -879,11 +938,11 @@ def _compute_batch(b: int, lo: int, hi: int, codes: _Codes, tokens: Tensor, W_de
     # ---- words where the latent fires, in every stored example (text search ranks by these) ------
     max_abs = torch.maximum(max_act.abs(), min_act.abs()).tolist()
     best_word: dict[tuple[str, int], tuple] = {}
+    vw = _vocab_words(vocab)
     for e in range(len(ex_latent_l)):
         n = stop_l[e] - start_l[e]
         f = ex_latent_l[e]
-        win = vocab[toks_np[seq_l[e], start_l[e] : stop_l[e]]]
-        for w, v in _window_words(list(win), wv[e, :n]).items():
+        for w, v in _firing_words(toks_np[seq_l[e], start_l[e] : stop_l[e]], wv[e, :n], vocab, vw).items():
             cur = best_word.get((w, f))
             if cur is None or v > cur[0]:
                 best_word[(w, f)] = (v, ex_kind[e], ex_rank_l[e])

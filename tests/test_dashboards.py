@@ -525,3 +525,18 @@ def test_rank_plausible_changes_ignores_junk_subwords():
     out = D.rank_plausible_changes(lb, ls, top_n=10)
     assert [t for t, _ in out] == [1, 2, 0, 0, 2, 1]  # only the nucleus of either run: rises, then falls
     assert out[0][1] == pytest.approx(math.log(2)) and out[3][1] == pytest.approx(-math.log(2))
+
+
+def test_firing_words_equal_the_window_words():
+    """The build's fast path (only the tokens where the latent fires) gives the same words and values as
+    splitting the whole window's text, including words split over several tokens and empty tokens."""
+    rng = np.random.default_rng(0)
+    vocab = np.array([" the", " quick", "FOR", "M", "AL", "DE", " fox", ".", "\n", " over", "'s", "_x", "a-b", "<|im_start|>", "", " ", "é", "x1"],
+                     dtype=object)
+    vw = D._vocab_words(vocab)
+    for _ in range(5000):
+        ids = rng.integers(0, len(vocab), 23)
+        vals = rng.standard_normal(23).astype(np.float32)
+        vals[np.abs(vals) < rng.uniform(0, 2.5)] = 0
+        assert D._firing_words(ids, vals, vocab, vw) == D._window_words(list(vocab[ids]), vals)
+    assert D._window_words(["FOR", "M", "AL", " de"], np.array([0, 2.0, 0, 0], np.float32)) == {"formal": 2.0}
