@@ -84,6 +84,6 @@ def _buttons(other_rel: str, other_db: D.Dashboard | None, matches: list[tuple[i
     summaries = other_db.summaries(ids) if other_db is not None else {}
     for j, v in matches:
         desc = labels.get(j) or R.short_summary(summaries.get(j))
-        st.button(f"#{j} · {what} {v:+.3f}" + (f" · {desc}" if desc else ""), key=f"cmp_{other_rel}_{what}_{j}",
+        st.button(f"#{j} · {what} {v:+.3f}" + (f" · {R.md(desc)}" if desc else ""), key=f"cmp_{other_rel}_{what}_{j}",
                   on_click=S.go_to_sae, args=(other_rel, j), width="stretch",
                   help=f"Open latent {j} of {other_rel}")

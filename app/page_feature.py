@@ -173,7 +173,7 @@ def _neighbours(db: D.Dashboard, f: D.FeatureData) -> None:
                 st.caption("None (the latent never fired, or nothing co-occurs with it)." if what == "r" else "None.")
             for j, v in items:
                 lab = labels.get(j) or R.short_summary(summaries.get(j))
-                st.button(f"#{j} · {what} {v:+.3f}" + (f" · {lab}" if lab else ""), key=f"nb_{what}_{j}",
+                st.button(f"#{j} · {what} {v:+.3f}" + (f" · {R.md(lab)}" if lab else ""), key=f"nb_{what}_{j}",
                                    on_click=S.go_to, args=(j,), width="stretch")
 
 

@@ -110,4 +110,4 @@ def render(cfg: S.AppConfig, rel: str, path: str, sae_cfg: dict, db: D.Dashboard
     if labelled:
         st.subheader("Labelled latents")
         for f, lab in labelled:
-            st.button(f"#{f} · {lab}", key=f"lab_{f}", on_click=S.go_to, args=(f,))
+            st.button(f"#{f} · {R.md(lab)}", key=f"lab_{f}", on_click=S.go_to, args=(f,))

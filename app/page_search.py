@@ -64,7 +64,7 @@ def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None) -> Non
         f = _fid(h)
         c1, c2 = st.columns([1, 6], vertical_alignment="center")
         c1.button(f"#{f}", key=f"hit_{off + n}_{f}", on_click=S.go_to, args=(f,), width="stretch",
-                  help=labels.get(f) or f"Open latent {f}")
+                  help=R.md(labels[f]) if f in labels else f"Open latent {f}")
         with c2:
             if f in labels and mode != MODES[2]:
                 st.caption(R.md(labels[f]))

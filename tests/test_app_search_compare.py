@@ -200,3 +200,17 @@ def test_unreadable_sae_folders_never_bring_pages_down(monkeypatch, root, tmp_pa
         at.sidebar.radio(key="page").set_value(page).run()
         assert not at.exception, (page, [e.value for e in at.exception])
         assert len(at.warning) >= 1 and at.warning[0].value.startswith("Skipped 5")
+
+
+def test_labels_in_buttons_are_markdown_escaped(monkeypatch, root):
+    db = D.Dashboard(root / "saes" / "topk_perm" / D.DASHBOARD_DIR)
+    j = int(F.PERM_INV[F.PLANTED])
+    db.set_label(j, "**bold** [link](http://example.com) <b>x</b>")
+    try:
+        at = open_app(monkeypatch, root, sae="saes/topk", feature=F.PLANTED, page="Compare")
+        label = at.button(key=f"cmp_saes/topk_perm_cos_{j}").label
+        assert "\\*\\*bold\\*\\* \\[link\\]\\(http://example\\.com\\) \\<b\\>x\\</b\\>" in label
+        at = open_app(monkeypatch, root, sae="saes/topk_perm", page="SAE")
+        assert any(b.key == f"lab_{j}" and "\\*\\*bold" in b.label for b in at.button)
+    finally:
+        db.set_label(j, "", "")
