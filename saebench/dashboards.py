@@ -636,13 +636,13 @@ def _window_words(tok_strs: list[str], vals: np.ndarray) -> dict[str, float]:
 
     for m in _WORD.finditer(text):
         a, b = m.span()
-        if b - a > MAX_WORD_CHARS:
+        w = m.group().casefold()
+        if len(w) > MAX_WORD_CHARS:
             continue
         j0 = max(bisect.bisect_right(starts, a) - 1, 0)
         j1 = max(bisect.bisect_left(starts, b), j0 + 1)
         v = float(np.abs(vals[j0:j1]).max()) if j1 > j0 else 0.0
         if v > 0:
-            w = m.group().casefold()
             if v > out.get(w, 0.0):
                 out[w] = v
     return out
@@ -660,7 +660,7 @@ class _VocabWords(NamedTuple):
     def of(cls, vocab) -> _VocabWords:
         words, sw, ew = [], np.zeros(len(vocab), bool), np.zeros(len(vocab), bool)
         for i, t in enumerate(vocab):
-            words.append(tuple(w.casefold() for w in _WORD.findall(t) if len(w) <= MAX_WORD_CHARS))
+            words.append(tuple(w.casefold() for w in _WORD.findall(t)))
             sw[i] = not t or bool(_WORD.match(t[0]))  # an empty token is transparent: a word may run through it
             ew[i] = not t or bool(_WORD.match(t[-1]))
         return cls(words, sw.tolist(), ew.tolist())
@@ -697,13 +697,30 @@ def _firing_words(ids: np.ndarray, vals: np.ndarray, vocab, vw: _VocabWords) -> 
         if a == b:
             v = abs(v)
             for w in words[ids_l[j]]:
-                if v > out.get(w, 0.0):
+                if v > out.get(w, 0.0) and len(w) <= MAX_WORD_CHARS:
                     out[w] = v
-        else:
-            for w, v2 in _window_words([vocab[t] for t in ids_l[a : b + 1]], vals[a : b + 1]).items():
-                if v2 > out.get(w, 0.0):
-                    out[w] = v2
-            done_to = b
+            continue
+        # tokens a..b are joined inside words: merge the last word of each token with the first of the next
+        cur, cur_v, pending, is_open = "", 0.0, 0.0, False
+        for t in range(a, b + 1):
+            tid, tv = ids_l[t], abs(vals_l[t])
+            ws = words[tid]
+            if not ws:  # an empty token: counts for a word only if the word goes on after it
+                if is_open and not vocab[tid]:
+                    pending = max(pending, tv)
+                continue
+            for k, w in enumerate(ws):
+                if k == 0 and is_open and sw[tid]:
+                    cur, cur_v = cur + w, max(cur_v, pending, tv)
+                else:
+                    if cur and cur_v > 0 and cur_v > out.get(cur, 0.0) and len(cur) <= MAX_WORD_CHARS:
+                        out[cur] = cur_v
+                    cur, cur_v = w, tv
+                pending = 0.0
+            is_open = ew[tid]
+        if cur and cur_v > 0 and cur_v > out.get(cur, 0.0) and len(cur) <= MAX_WORD_CHARS:
+            out[cur] = cur_v
+        done_to = b
     return out
 
 

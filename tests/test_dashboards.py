@@ -531,10 +531,10 @@ def test_firing_words_equal_the_window_words():
     """The build's fast path (only the tokens where the latent fires) gives the same words and values as
     splitting the whole window's text, including words split over several tokens and empty tokens."""
     rng = np.random.default_rng(0)
-    vocab = np.array([" the", " quick", "FOR", "M", "AL", "DE", " fox", ".", "\n", " over", "'s", "_x", "a-b", "<|im_start|>", "", " ", "é", "x1"],
-                     dtype=object)
+    vocab = np.array([" the", " quick", "FOR", "M", "AL", "DE", " fox", ".", "\n", " over", "'s", "_x", "a-b", "<|im_start|>", "", " ", "é", "x1",
+                      "ab cd", "ß", "Σ", "x" * 40, "-", "a.b.c"], dtype=object)
     vw = D._vocab_words(vocab)
-    for _ in range(5000):
+    for _ in range(20_000):
         ids = rng.integers(0, len(vocab), 23)
         vals = rng.standard_normal(23).astype(np.float32)
         vals[np.abs(vals) < rng.uniform(0, 2.5)] = 0
