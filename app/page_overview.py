@@ -72,7 +72,7 @@ def render(cfg: S.AppConfig, rel: str, path: str, sae_cfg: dict, db: D.Dashboard
         try:
             m = json.loads(core.read_text())
             if not isinstance(m, dict):
-                raise ValueError("not an object")
+                raise ValueError("not an object")  # noqa: TRY004 - caught below with the JSON errors
             keys = [("l0", "L0"), ("fvu", "FVU"), ("ce_loss_score", "CE loss recovered"), ("dead_fraction", "dead fraction")]
             cols = st.columns(len(keys))
             for c, (k, name) in zip(cols, keys):

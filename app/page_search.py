@@ -85,7 +85,7 @@ def _fid(h) -> int:
 
 def _label_search(db: D.Dashboard, q: str) -> D.SearchPage:
     """User labels first, then automatic summaries (each hit: (latent, 'label'|'auto', label, explanation))."""
-    words, notes = D.query_words(q)
+    _, notes = D.query_words(q)
     user = db.search_labels(q, limit=2000)
     auto = db.search_summaries(q)
     seen = {f for f, _, _ in user}
@@ -108,7 +108,7 @@ def _hit_html(db: D.Dashboard, mode: str, h, summ: dict | None) -> str:
         toks = ", ".join(R.quoted(t) for t in h.tokens)
         return (R.STYLE + f'<div class="sb-summary">peaks on {toks} in {h.n} top example{"s" if h.n != 1 else ""} '
                 f"(max {h.max_value:.3g}) · density {R.esc(R.fmt_density(h.density))}</div>")
-    f, kind, lab, exp = h
+    _, kind, lab, exp = h
     if kind == "label":
         return R.STYLE + f'<span class="sb-list"><b>{R.esc(lab)}</b> {R.esc(exp)}</span>'
     return R.summary_html(summ or {}, compact=True).replace('id="auto-summary"', "") + R.STYLE + '<span class="sb-list" style="color:#888">automatic summary</span>'

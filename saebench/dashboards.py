@@ -614,8 +614,8 @@ class _BatchRows(NamedTuple):
     feature_tokens: list[tuple]
     fts: list[tuple]
     stats: dict[str, np.ndarray]
-    fire_words: list[tuple] = []
-    summaries: list[tuple] = []
+    fire_words: list[tuple] = []  # noqa: RUF012 - NamedTuple defaults, never mutated
+    summaries: list[tuple] = []  # noqa: RUF012
 
 
 _WORD = re.compile(r"\w+", flags=re.UNICODE)
@@ -642,9 +642,8 @@ def _window_words(tok_strs: list[str], vals: np.ndarray) -> dict[str, float]:
         j0 = max(bisect.bisect_right(starts, a) - 1, 0)
         j1 = max(bisect.bisect_left(starts, b), j0 + 1)
         v = float(np.abs(vals[j0:j1]).max()) if j1 > j0 else 0.0
-        if v > 0:
-            if v > out.get(w, 0.0):
-                out[w] = v
+        if v > 0 and v > out.get(w, 0.0):
+            out[w] = v
     return out
 
 
@@ -1398,15 +1397,15 @@ class Dashboard:
         for f in common:
             at = {w: d[f] for w, d in zip(words, per_word)}
             best_w = max(at, key=lambda w: at[w][0])
-            v, r, kind, rank = at[best_w]
+            _, _, kind, rank = at[best_w]
             hits.append(TextHit(f, min(x[1] for x in at.values()), sum(x[0] for x in at.values()),
                                 {w: (x[0], x[1]) for w, x in at.items()}, kind, rank, float(dens[f]) if f < len(dens) else 0.0))
         hits.sort(key=lambda h: (-h.score, -h.total, h.feature))
         return SearchPage(hits, len(hits), notes)
 
     def _search_contexts(self, words: list[str], notes: list[str]) -> SearchPage:
-        notes = notes + ["These dashboards predate activation-ranked search: words are matched anywhere in the top examples' "
-                         "text. Rebuild them (saebench dashboards SAE_DIR --no-resume) to match where latents fire."]
+        notes = [*notes, ("These dashboards predate activation-ranked search: words are matched anywhere in the top examples' "
+                          "text. Rebuild them (saebench dashboards SAE_DIR --no-resume) to match where latents fire.")]
         q = " ".join('"' + w.replace('"', '""') + '"' for w in words)
         dens = self.densities()
         with _reading(self.db_path) as con:
@@ -1808,7 +1807,7 @@ def _read_sae_cfg(d: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"cfg.json is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"cfg.json holds a {type(cfg).__name__}, not an object")
+        raise ValueError(f"cfg.json holds a {type(cfg).__name__}, not an object")  # noqa: TRY004 - one error type for "unreadable"
     for key in ("d_in", "d_sae"):
         v = cfg.get(key)
         if v is None and key == "d_in":
