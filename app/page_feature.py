@@ -20,7 +20,9 @@ def provenance_caption(db: D.Dashboard) -> str:
     n = p.get("n_tokens") or 0
     return (f"Examples from {n:,} tokens ({p.get('n_sequences', '?')} sequences × {p.get('context_size', '?')}) of "
             f"{R.code(p.get('corpus', '?'))} ({p.get('split', '?')} split) · model {R.code(p.get('model', '?'))} · "
-            f"hook {R.code(p.get('hook_name', '?'))}" + (" · special tokens masked" if p.get("exclude_special_tokens") else ""))
+            f"hook {R.code(p.get('hook_name', '?'))}" + (" · special tokens masked" if p.get("exclude_special_tokens") else "")
+            + (f" · {p['n_outlier_tokens']:,} tokens with an activation norm over {p.get('outlier_norm_factor'):g}x the median masked"
+               if p.get("n_outlier_tokens") else ""))
 
 
 def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae: int) -> None:

@@ -93,6 +93,9 @@ class DashboardConfig(BaseModel):
     split: Literal["train", "eval"] = Field("eval", description="Corpus split; 'eval' is held out from SAE training.")
     context_size: int | None = Field(None, gt=1, description="Tokens per sequence (default: the SAE's context size, else 128).")
     exclude_special_tokens: bool = Field(True, description="Mask BOS/EOS/pad positions: they never count as activations.")
+    outlier_norm_factor: float | None = Field(10.0, gt=1, description=(
+        "Mask tokens whose activation norm exceeds this multiple of the median of their model batch (attention sinks, as in "
+        "training): on SmolLM2 the first token after BOS has a norm of ~1,000x the rest and every latent would peak there. None keeps all."))
     model_batch_size: int = Field(16, gt=0, description="Sequences per model forward while harvesting.")
     feature_batch_size: int = Field(256, gt=0, description="Latents processed (and committed) together; the unit of resume.")
     n_top: int = Field(20, gt=0, description="Top-activating examples stored per latent (and most negative ones for signed SAEs).")
@@ -329,11 +332,15 @@ def _vocab_strings(tokenizer) -> list[str]:
 
 
 @torch.no_grad()
-def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, batch_size: int = 16, progress: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, batch_size: int = 16, progress: bool = True,
+                  outlier_norm_factor: float | None = None, counts: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Run the model and the SAE over ``tokens`` [n_seq, ctx] once; return the non-zero codes.
 
     Returns ``(tok, feat, val)``: flat position ``seq * ctx + pos`` (int64), latent (int32) and value
-    (float32) of every non-zero activation, sorted by position. Special positions are never encoded.
+    (float32) of every non-zero activation, sorted by position. Special positions are never encoded, nor
+    (with ``outlier_norm_factor``) positions whose activation norm exceeds that multiple of the median
+    over the batch's other kept positions. ``counts`` (if given) receives ``n_valid`` (positions encoded)
+    and ``n_outliers`` (positions masked as outliers).
     """
     from saebench.activations import _flatten_site, hook_layer_of, token_mask
     from saebench.models import validate_hook_name
@@ -344,6 +351,7 @@ def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, b
     n_seq, ctx = tokens.shape
     device = sae.device
     toks_out, feats_out, vals_out = [], [], []
+    n_kept = n_out = 0
     positions = torch.arange(n_seq * ctx).view(n_seq, ctx)
     for start in tqdm(range(0, n_seq, batch_size), desc="harvest + encode", disable=not progress, leave=False):
         toks = tokens[start : start + batch_size]
@@ -351,14 +359,25 @@ def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, b
         x = _flatten_site(cache[hook], head)
         if x.shape[-1] != sae.d_in:
             raise ArtifactError(f"SAE d_in={sae.d_in} does not match the width {x.shape[-1]} of hook {hook} in this model")
-        keep = token_mask(toks, special_ids)
-        acts = sae.encode_sparse(x[keep.to(x.device)].float())
+        keep = token_mask(toks, special_ids).to(x.device)
+        if outlier_norm_factor is not None:
+            norms = x.float().norm(dim=-1)
+            ref = norms[keep & torch.isfinite(norms)]
+            if ref.numel():
+                ok = norms <= outlier_norm_factor * ref.median()
+                n_out += int((keep & ~ok).sum())
+                keep &= ok
+        n_kept += int(keep.sum())
+        acts = sae.encode_sparse(x[keep].float())
+        keep = keep.cpu()
         nz = acts.values != 0
         pos = positions[start : start + toks.shape[0]][keep]
         toks_out.append(pos[:, None].expand(-1, acts.indices.shape[1])[nz.cpu()])
         feats_out.append(acts.indices[nz].to("cpu", torch.int32))
         vals_out.append(acts.values[nz].to("cpu", torch.float32))
         del cache
+    if counts is not None:
+        counts.update(n_valid=n_kept, n_outliers=n_out)
     return torch.cat(toks_out), torch.cat(feats_out), torch.cat(vals_out)
 
 
@@ -367,7 +386,7 @@ class _Codes:
     """Sparse codes in both orders: token-major (for co-occurrence) and feature-major (examples)."""
 
     n_positions: int
-    n_valid: int  # non-special positions (the density denominator)
+    n_valid: int  # non-special, non-outlier positions (the density denominator)
     tok: Tensor  # [nnz] int64, token-major
     feat: Tensor  # [nnz] int32
     val: Tensor  # [nnz] float32
@@ -380,6 +399,7 @@ class _Codes:
     pad_val: Tensor | None = field(init=False)
     mean: Tensor = field(init=False)  # per-latent E[f] over valid tokens (float64)
     std: Tensor = field(init=False)
+    n_outliers: int = 0  # positions masked as activation-norm outliers
 
     def index(self, d_sae: int) -> _Codes:
         counts = torch.bincount(self.tok, minlength=self.n_positions)
@@ -508,7 +528,8 @@ def build_dashboards(
         n_seq = tokens.shape[0]
         with con:
             _set_meta(con, n_sequences=n_seq, n_positions=codes.n_positions, n_valid_tokens=codes.n_valid,
-                      provenance=_provenance(sae, model_name, cfg, corpus, ctx) | {"n_sequences": n_seq, "n_positions": codes.n_positions, "n_tokens": codes.n_valid})
+                      provenance=_provenance(sae, model_name, cfg, corpus, ctx) | {"n_sequences": n_seq, "n_positions": codes.n_positions, "n_tokens": codes.n_valid,
+                                                                                   "n_outlier_tokens": codes.n_outliers})
 
         W_dec = sae.W_dec.detach().float()
         W_dec_unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
@@ -555,6 +576,7 @@ def _provenance(sae: SAE, model_name: str, cfg: DashboardConfig, corpus: str, ct
         "split": cfg.split,
         "context_size": ctx,
         "exclude_special_tokens": cfg.exclude_special_tokens,
+        "outlier_norm_factor": cfg.outlier_norm_factor,
         "requested_tokens": cfg.n_tokens,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -575,21 +597,26 @@ def _load_or_harvest(out: Path, model, sae: SAE, cfg: DashboardConfig, corpus: s
         try:
             t = load_file(str(codes_path))
             tokens = torch.from_numpy(np.load(out / TOKENS_FILE).astype(np.int64))
-            return tokens, _Codes(tokens.numel(), int(t["n_valid"].item()), t["tok"], t["feat"], t["val"])
+            codes = _Codes(tokens.numel(), int(t["n_valid"].item()), t["tok"], t["feat"], t["val"])
+            codes.n_outliers = int(t["n_outliers"].item()) if "n_outliers" in t else 0
+            return tokens, codes
         except (SafetensorError, OSError, KeyError, ValueError):
             codes_path.unlink(missing_ok=True)  # a corrupted cache is recomputed, never trusted
     from saebench import text
 
     tokens = text.load_tokens(corpus, tokenizer, ctx, cfg.n_tokens, split=cfg.split)
     special = _special_ids(tokenizer) if cfg.exclude_special_tokens else None
-    tok, feat, val = harvest_codes(model, sae, tokens, special, batch_size=cfg.model_batch_size, progress=progress)
-    from saebench.activations import token_mask
-
-    n_valid = int(token_mask(tokens, special).sum())
+    counts: dict[str, int] = {}
+    tok, feat, val = harvest_codes(model, sae, tokens, special, batch_size=cfg.model_batch_size, progress=progress,
+                                   outlier_norm_factor=cfg.outlier_norm_factor, counts=counts)
+    n_valid = counts["n_valid"]
     buf = _npy_bytes(tokens.numpy().astype(np.int32))
     atomic_write_bytes(out / TOKENS_FILE, buf)
-    save_tensors(codes_path, {"tok": tok, "feat": feat, "val": val, "n_valid": torch.tensor(n_valid)})
-    return tokens, _Codes(tokens.numel(), n_valid, tok, feat, val)
+    save_tensors(codes_path, {"tok": tok, "feat": feat, "val": val, "n_valid": torch.tensor(n_valid),
+                              "n_outliers": torch.tensor(counts["n_outliers"])})
+    codes = _Codes(tokens.numel(), n_valid, tok, feat, val)
+    codes.n_outliers = counts["n_outliers"]
+    return tokens, codes
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

@@ -540,3 +540,31 @@ def test_firing_words_equal_the_window_words():
         vals[np.abs(vals) < rng.uniform(0, 2.5)] = 0
         assert D._firing_words(ids, vals, vocab, vw) == D._window_words(list(vocab[ids]), vals)
     assert D._window_words(["FOR", "M", "AL", " de"], np.array([0, 2.0, 0, 0], np.float32)) == {"formal": 2.0}
+
+
+def test_outlier_norm_tokens_are_masked(root, tiny_model, tmp_path):
+    """Tokens whose activation norm exceeds factor x the batch median are never encoded (as in training):
+    on SmolLM2 the first token after BOS has ~1,000x the norm and every latent would peak on it."""
+    sae_dir = root / "saes" / "topk"
+    out = tmp_path / "dash"
+    D.build_dashboards(sae_dir, model=tiny_model, n_tokens=F.N_TOKENS, feature_batch_size=48, progress=False, out_dir=out,
+                       outlier_norm_factor=1.15)
+    db = D.Dashboard(out)
+    toks = torch.from_numpy(np.asarray(db.tokens()).astype(np.int64))
+    special = D._special_ids(tiny_model.tokenizer)
+    masked = torch.zeros(toks.shape, dtype=torch.bool)
+    for s in range(0, toks.shape[0], 16):  # the model batches of the build
+        with torch.no_grad():
+            _, cache = tiny_model.run_with_cache(toks[s : s + 16], names_filter=lambda n: n == F.HOOK, stop_at_layer=1)
+        norms = cache[F.HOOK].float().norm(dim=-1)
+        keep = ~torch.isin(toks[s : s + 16], special)
+        masked[s : s + 16] = keep & (norms > 1.15 * norms[keep].median())
+    n_special = int(torch.isin(toks, special).sum())
+    assert 0 < int(masked.sum()) == db.provenance["n_outlier_tokens"]
+    assert db.provenance["n_tokens"] == toks.numel() - n_special - int(masked.sum()) and db.provenance["outlier_norm_factor"] == 1.15
+    for i in range(db.d_sae):
+        f = db.feature(i)
+        assert f.density == pytest.approx(f.n_active / db.provenance["n_tokens"])
+        for e in db.examples(i):
+            assert not masked[e.seq, e.pos]
+            assert all(v == 0 for v, m in zip(e.acts, masked[e.seq, e.start : e.start + len(e.acts)].tolist()) if m)
