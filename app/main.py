@@ -8,7 +8,8 @@ navigation state lives in the URL (``?sae=...&feature=...&page=...``), so every 
 from __future__ import annotations
 
 import streamlit as st
-from saebench.app import page_evals, page_feature, page_overview, page_search, page_steer
+from saebench.app import page_compare, page_evals, page_feature, page_overview, page_search, page_steer
+from saebench.app import render as R
 from saebench.app import state as S
 
 
@@ -22,7 +23,7 @@ def _sae_option(info: dict, rel: str) -> str:
 def run() -> None:
     st.set_page_config(page_title="saebench · feature browser", layout="wide")
     cfg = S.app_config()
-    saes = S.list_saes(str(cfg.root))
+    saes, skipped = S.list_saes(str(cfg.root))
     rels = [s[0] for s in saes]
     warnings = S.init_from_url(rels)
     st.session_state.setdefault("page", "Feature")
@@ -33,6 +34,10 @@ def run() -> None:
     page = sb.radio("Page", S.PAGES, key="page", horizontal=True)
     for w in warnings:
         st.warning(w)
+    if skipped:
+        st.warning(f"Skipped {len(skipped)} SAE folder{'s' if len(skipped) != 1 else ''} that cannot be read:\n\n"
+                   + "\n".join(f"- {R.code(rel)}: {R.md(reason)}" for rel, reason in skipped[:20])
+                   + (f"\n- … and {len(skipped) - 20} more" if len(skipped) > 20 else ""))
 
     if not saes:
         if page == "Evals":
@@ -67,19 +72,27 @@ def run() -> None:
         sb.caption("No dashboards for this SAE.")
     else:
         counts = db.counts()
-        sb.caption(f"{counts['live']:,} live · {counts['dead']:,} dead · {counts['dense']:,} dense"
+        n_tok = db.provenance.get("n_tokens") or 0
+        sb.caption(f"{counts['live']:,} live · {counts['dead']:,} dead · {counts['dense']:,} dense "
+                   f"(never fired / dense on the {n_tok:,} dashboard tokens)"
                    + ("" if db.complete else f" · build unfinished ({counts['computed']:,}/{d_sae:,} computed)"))
 
-    if page == "SAE":
-        page_overview.render(cfg, rel, path, sae_cfg, db)
-    elif page == "Feature":
-        page_feature.render(cfg, rel, path, db, d_sae)
-    elif page == "Search":
-        page_search.render(cfg, rel, path, db)
-    elif page == "Steer":
-        page_steer.render(cfg, rel, path, db, d_sae)
-    else:
-        page_evals.render(cfg)
+    try:
+        if page == "SAE":
+            page_overview.render(cfg, rel, path, sae_cfg, db)
+        elif page == "Feature":
+            page_feature.render(cfg, rel, path, db, d_sae)
+        elif page == "Search":
+            page_search.render(cfg, rel, path, db)
+        elif page == "Compare":
+            page_compare.render(cfg, rel, path, sae_cfg, db, [(r, p, c, h) for r, p, c, h in saes])
+        elif page == "Steer":
+            page_steer.render(cfg, rel, path, db, d_sae)
+        else:
+            page_evals.render(cfg)
+    except Exception as e:  # noqa: BLE001 - one line instead of a traceback (Streamlit's reruns are BaseExceptions)
+        msg = (str(e).splitlines() or [""])[0].replace(str(cfg.root), "<root>")[:300]
+        st.error(f"This page could not be shown for {R.code(rel)}: {type(e).__name__}: {R.md(msg)}")
     S.sync_url()
 
 

@@ -8,8 +8,8 @@ from saebench.app import state as S
 
 from saebench import dashboards as D
 
-COLUMNS = ["sae / run", "method", "architecture", "d_sae", "l0", "fvu", "explained_variance", "ce_loss_score", "kl_div_score",
-           "dead_fraction", "dense_fraction_1pct", "n_tokens", "source"]
+COLUMNS = ["sae / run", "eval", "source", "n_tokens", "dead_window_tokens", "method", "architecture", "d_sae", "l0", "fvu",
+           "explained_variance", "ce_loss_score", "kl_div_score", "dead_fraction", "dense_fraction_1pct"]
 
 
 @st.cache_data(ttl=20, show_spinner=False)
@@ -28,7 +28,17 @@ def render(cfg: S.AppConfig) -> None:
     records = [{"sae / run": r.get("sae") or r.get("name") or r.get("run") or r.get("source", "")} | r for r in records]
     cols = [c for c in COLUMNS if any(c in r for r in records)]
     extra = sorted({k for r in records for k in r} - set(cols) - {"sae", "name", "run"})
-    st.caption(f"{len(records)} result{'s' if len(records) != 1 else ''}: lower L0 and FVU are better, higher CE loss recovered is better.")
+    st.caption(f"{len(records)} result{'s' if len(records) != 1 else ''}, one row per source file: an SAE with an eval_core.json "
+               "and a bench row appears twice, each row saying which eval, file, token count and dead window it comes from. "
+               "Lower L0 and FVU are better, higher CE loss recovered is better.")
+    per_sae: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("sae"):
+            per_sae.setdefault(str(r["sae"]), []).append(r)
+    multi = {k: v for k, v in per_sae.items() if len(v) > 1}
+    if multi:
+        st.info("Several sources for " + ", ".join(R.code(k) for k in sorted(multi))
+                + ": their numbers are shown side by side below, never one replacing the other.")
     st.dataframe([{c: r.get(c) for c in cols + extra} for r in records], hide_index=True, width="stretch", key="evals_table")
     a, b = st.columns(2)
     with a:

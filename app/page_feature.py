@@ -20,7 +20,9 @@ def provenance_caption(db: D.Dashboard) -> str:
     n = p.get("n_tokens") or 0
     return (f"Examples from {n:,} tokens ({p.get('n_sequences', '?')} sequences × {p.get('context_size', '?')}) of "
             f"{R.code(p.get('corpus', '?'))} ({p.get('split', '?')} split) · model {R.code(p.get('model', '?'))} · "
-            f"hook {R.code(p.get('hook_name', '?'))}" + (" · special tokens masked" if p.get("exclude_special_tokens") else ""))
+            f"hook {R.code(p.get('hook_name', '?'))}" + (" · special tokens masked" if p.get("exclude_special_tokens") else "")
+            + (f" · {p['n_outlier_tokens']:,} tokens with an activation norm over {p.get('outlier_norm_factor'):g}x the median masked"
+               if p.get("n_outlier_tokens") else ""))
 
 
 def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae: int) -> None:
@@ -44,8 +46,9 @@ def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae:
 
     signed = bool(db.provenance.get("signed"))
     m = st.columns(5 if signed else 4)
-    m[0].metric("Density", R.fmt_density(f.density), help="Fraction of (non-special) tokens on which the latent is non-zero.")
-    m[1].metric("Active on", f"{f.n_active:,} tokens")
+    n_tok = db.provenance.get("n_tokens") or 0
+    m[0].metric("Density", R.fmt_density(f.density), help=f"Fraction of the {n_tok:,} (non-special) dashboard tokens on which the latent is non-zero.")
+    m[1].metric("Active on", f"{f.n_active:,} tokens", help=f"Of the {n_tok:,} dashboard tokens (see the line above).")
     m[2].metric("Max activation", f"{f.max_act:.4g}" if f.max_act is not None else "—")
     if signed:
         m[3].metric("Min activation", f"{f.min_act:.4g}" if f.min_act is not None else "—")
@@ -54,6 +57,12 @@ def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae:
     if f.dead:
         st.warning(f"Latent {i} is dead: it never fired on the {db.provenance.get('n_tokens', 0):,} tokens scanned. "
                    "Its decoder direction (logit effects, neighbours) is still shown below.")
+
+    summ = db.summary(i)
+    if summ:
+        st.html(R.summary_html(summ))
+    elif not f.dead:
+        st.caption("No automatic summary: these dashboards were built before summaries existed (rebuild them to get one).")
 
     left, right = st.columns([2, 3], gap="medium")
     with right:
@@ -71,14 +80,17 @@ def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae:
         _logits(f, i)
         _neighbours(db, f)
         _label_editor(db, rel, i, label, explanation)
-        st.button("Steer with this latent →", key="to_steer", on_click=S.go_to, args=(i, "Steer"), type="primary")
+        c1, c2 = st.columns(2)
+        c1.button("Steer with this latent →", key="to_steer", on_click=S.go_to, args=(i, "Steer"), type="primary")
+        c2.button("Compare across SAEs →", key="to_compare", on_click=S.go_to, args=(i, "Compare"))
 
 
 def _test_prompt(cfg: S.AppConfig, rel: str, path: str, i: int, f: D.FeatureData) -> dict | None:
     """The "test a prompt" box; returns the latest result for this latent (or None)."""
     with st.form("test_prompt_form", border=True):
         text = st.text_area("Test a prompt", key="test_prompt_text", height=80,
-                            placeholder="Type text to see this latent's activation on every token")
+                            placeholder="Type text to see this latent's activation on every token",
+                            help=f"The first {D.PROMPT_MAX_TOKENS} tokens are run (a longer text is cut, and the page says so).")
         submitted = st.form_submit_button("Run on my text")
     if submitted:
         if not text.strip():
@@ -91,7 +103,7 @@ def _test_prompt(cfg: S.AppConfig, rel: str, path: str, i: int, f: D.FeatureData
             else:
                 acts = D.prompt_activations(model, sae, text)
                 st.session_state["test_result"] = {"sae": rel, "feature": i, "prompt": text, "tokens": acts.tokens,
-                                                   "values": acts.latent(i), "special": acts.special}
+                                                   "values": acts.latent(i), "special": acts.special, "n_total": acts.n_prompt_tokens}
     res = st.session_state.get("test_result")
     if not res or res["sae"] != rel or res["feature"] != i:
         return None
@@ -100,6 +112,8 @@ def _test_prompt(cfg: S.AppConfig, rel: str, path: str, i: int, f: D.FeatureData
     scale = max(f.max_abs_act, max((abs(v) for v in vals), default=0.0)) or 1.0
     top = vals[peak] if peak is not None else 0.0
     st.markdown(f"**Your prompt** · max activation **{top:.4g}**" + (f" ({top / f.max_abs_act:.0%} of the dataset max)" if f.max_abs_act else ""))
+    if res.get("n_total", 0) > len(res["tokens"]):
+        st.warning(f"Your text has {res['n_total']:,} tokens; only the first {len(res['tokens']):,} were run.")
     st.html(R.examples_html([(top, res["tokens"], vals, peak, res["special"])], scale, css_id="test-prompt-result"))
     return res
 
@@ -154,14 +168,14 @@ def _neighbours(db: D.Dashboard, f: D.FeatureData) -> None:
     t1, t2 = st.tabs(["Decoder cosine", "Activation correlation"])
     ids = [j for j, _ in f.cos_neighbours] + [j for j, _ in f.corr_neighbours]
     labels = db.labels(ids)
+    summaries = db.summaries(ids)
     for tab, items, what in ((t1, f.cos_neighbours, "cos"), (t2, f.corr_neighbours, "r")):
         with tab:
             if not items:
                 st.caption("None (the latent never fired, or nothing co-occurs with it)." if what == "r" else "None.")
-            cols = st.columns(2)
-            for n, (j, v) in enumerate(items):
-                lab = labels.get(j, "")
-                cols[n % 2].button(f"#{j} · {what} {v:+.3f}" + (f" · {lab}" if lab else ""), key=f"nb_{what}_{j}",
+            for j, v in items:
+                lab = labels.get(j) or R.short_summary(summaries.get(j))
+                st.button(f"#{j} · {what} {v:+.3f}" + (f" · {R.md(lab)}" if lab else ""), key=f"nb_{what}_{j}",
                                    on_click=S.go_to, args=(j,), width="stretch")
 
 

@@ -213,3 +213,5 @@ def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae:
         else:
             st.plotly_chart(R.bar_figure([t for t, _ in diffs], [v for _, v in diffs], "Next-token log-prob change (steered − default)"),
                             key="steer_diffs")
+            st.caption("Ranked among the tokens plausible under either run (each run's top 50 cut to 95% of its probability mass), "
+                       "so rare subwords whose tiny probabilities move a lot do not crowd the chart.")

@@ -55,8 +55,9 @@ def _bg(value: float, scale: float) -> str:
 
 
 def token_spans(tokens: Sequence[str], values: Sequence[float], scale: float, peak: int | None = None,
-                special: Sequence[bool] | None = None) -> str:
-    """Tokens as inline spans coloured by activation, with the exact value on hover (``title``)."""
+                special: Sequence[bool] | None = None, match: set[int] | frozenset[int] = frozenset()) -> str:
+    """Tokens as adjacent inline spans (the text reads as text; boundaries are a faint line) coloured by
+    activation, with the exact value on hover (``title``); ``match`` marks tokens of searched words."""
     parts = []
     for j, (tok, v) in enumerate(zip(tokens, values)):
         style = f"background:{_bg(v, scale)};"
@@ -65,6 +66,8 @@ def token_spans(tokens: Sequence[str], values: Sequence[float], scale: float, pe
             cls += " peak"
         if special is not None and special[j]:
             cls += " special"
+        if j in match:
+            cls += " match"
         title = f"{visible_token(tok)!r} = {v:.4g}" if v else f"{visible_token(tok)!r}"
         parts.append(f'<span class="{cls}" style="{style}" title="{esc(title)}">{esc(visible_token(tok))}</span>')
     return "".join(parts)
@@ -72,13 +75,21 @@ def token_spans(tokens: Sequence[str], values: Sequence[float], scale: float, pe
 
 STYLE = """
 <style>
-.sb-examples {font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 0.82rem; line-height: 1.7;}
+.sb-examples {font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; font-size: 0.88rem; line-height: 1.75;}
 .sb-examples .row {display: flex; gap: 0.6rem; align-items: baseline; border-bottom: 1px solid rgba(128,128,128,0.15); padding: 1px 0;}
-.sb-examples .val {min-width: 4.5rem; text-align: right; color: #888; flex: none;}
+.sb-examples .val {min-width: 4.5rem; text-align: right; color: #888; flex: none; font-family: ui-monospace, monospace; font-size: 0.8rem;}
 .sb-examples .ctx {white-space: pre-wrap; word-break: break-word;}
-.sb-examples .tok {border-radius: 3px; padding: 0 1px; margin: 0 0.5px;}
-.sb-examples .tok.peak {outline: 1.5px solid rgba(0,0,0,0.65);}
+.sb-examples .tok {margin: 0; padding: 0; border-radius: 0; box-shadow: inset -1px 0 0 rgba(128,128,128,0.22);}
+.sb-examples .tok:hover {box-shadow: inset 0 0 0 1px rgba(0,0,0,0.55);}
+.sb-examples .tok.peak {outline: 1.5px solid rgba(0,0,0,0.65); outline-offset: -1px;}
 .sb-examples .tok.special {color: #999; font-style: italic;}
+.sb-examples .tok.match {text-decoration: underline 2px rgba(0,0,0,0.6); text-underline-offset: 3px;}
+.sb-summary {border-left: 3px solid rgba(120,120,200,0.6); padding: 0.3rem 0.7rem; background: rgba(120,120,200,0.07); font-size: 0.88rem;}
+.sb-summary .q {font-family: ui-monospace, monospace; background: rgba(255,128,0,0.18); padding: 0 2px; white-space: pre;}
+.sb-summary .auto {color: #777; font-size: 0.8rem;}
+table.sb-table {border-collapse: collapse; font-size: 0.85rem;}
+table.sb-table td, table.sb-table th {padding: 2px 10px 2px 0; border-bottom: 1px solid rgba(128,128,128,0.15); text-align: left; vertical-align: top;}
+table.sb-table .t {font-family: ui-monospace, monospace; white-space: pre;}
 .sb-examples .hdr {font-weight: 600; margin-top: 0.4rem; font-family: sans-serif;}
 .sb-list {font-family: ui-monospace, monospace; font-size: 0.85rem;}
 .sb-list .tok {padding: 0 3px; border-radius: 3px; white-space: pre;}
@@ -93,8 +104,8 @@ def examples_html(rows: Sequence[tuple], scale: float, header: str | None = None
     out = [STYLE, f'<div class="sb-examples"{ident}>']
     if header:
         out.append(f'<div class="hdr">{esc(header)}</div>')
-    for value, toks, vals, peak, *special in rows:
-        spans = token_spans(toks, vals, scale, peak, special[0] if special else None)
+    for value, toks, vals, peak, *rest in rows:
+        spans = token_spans(toks, vals, scale, peak, rest[0] if rest else None, rest[1] if len(rest) > 1 else frozenset())
         out.append(f'<div class="row"><span class="val">{value:.3f}</span><span class="ctx">{spans}</span></div>')
     out.append("</div>")
     return "".join(out)
@@ -146,6 +157,35 @@ def bar_figure(labels: Sequence[str], values: Sequence[float], title: str) -> go
     fig.update_layout(title={"text": esc(title), "font": {"size": 14}}, height=max(220, 22 * len(labels) + 60),
                       margin={"l": 10, "r": 10, "t": 40, "b": 30}, yaxis={"autorange": "reversed"}, xaxis_title="Δ log-prob")
     return fig
+
+
+def quoted(tok: str) -> str:
+    """A token as an escaped inline chip (spaces kept visible)."""
+    return f'<span class="q">{esc(visible_token(tok))}</span>'
+
+
+def summary_html(summ: dict, compact: bool = False) -> str:
+    """The automatic statistical summary of a latent (escaped), clearly marked as automatic."""
+    def toks(items):
+        return ", ".join(f"{quoted(t)} {s:.0%}" for t, s in items)
+
+    parts = []
+    if summ.get("at"):
+        parts.append(f"<strong>fires on</strong> {toks(summ['at'])}")
+    if summ.get("before"):
+        parts.append(f"<strong>just after</strong> {toks(summ['before'])}")
+    if summ.get("promotes"):
+        parts.append(f"<strong>promotes</strong> {', '.join(quoted(t) for t in summ['promotes'])}")
+    head = "" if compact else ('<div class="auto">Automatic statistical summary, not an explanation: shares of the latent\'s '
+                               "activation mass on the dashboard tokens, and its top logit effects.</div>")
+    return STYLE + f'<div class="sb-summary" id="auto-summary">{head}{" · ".join(parts)}</div>'
+
+
+def short_summary(summ: dict | None, n: int = 3) -> str:
+    """Plain text for a button: the latent's top tokens (e.g. "' fox', ' dog'")."""
+    if not summ or not summ.get("at"):
+        return ""
+    return ", ".join(repr(visible_token(t)) for t, _ in summ["at"][:n])
 
 
 def fmt_density(d: float) -> str:

@@ -20,7 +20,7 @@ import streamlit as st
 
 from saebench import dashboards as D
 
-PAGES = ("SAE", "Feature", "Search", "Steer", "Evals")
+PAGES = ("SAE", "Feature", "Search", "Compare", "Steer", "Evals")
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,11 @@ def app_config() -> AppConfig:
 
 
 @st.cache_data(ttl=20, show_spinner=False)
-def list_saes(root: str) -> list[tuple[str, str, dict, bool]]:
-    """(rel, abs path, cfg, has dashboard) of every SAE under ``root`` (re-scanned every 20 s)."""
-    return [(e.rel, str(e.path), e.cfg, e.has_dashboard) for e in D.find_saes(root)]
+def list_saes(root: str) -> tuple[list[tuple[str, str, dict, bool]], list[tuple[str, str]]]:
+    """(rel, abs path, cfg, has dashboard) of every SAE under ``root``, and (rel, one-line reason) of the
+    SAE folders skipped because they cannot be read (re-scanned every 20 s)."""
+    saes, skipped = D.scan_saes(root)
+    return [(e.rel, str(e.path), e.cfg, e.has_dashboard) for e in saes], [(s.rel, s.reason) for s in skipped]
 
 
 @st.cache_resource(show_spinner="Loading the language model…", max_entries=2)
@@ -178,6 +180,43 @@ def sync_url() -> None:
     if current != want:
         for k, v in want.items():
             st.query_params[k] = v
+
+
+def go_to_sae(rel: str, feature: int, page: str = "Feature") -> None:
+    """Button callback: open latent ``feature`` of another SAE (``rel`` is one of the discovered folders)."""
+    st.session_state["sae"] = rel
+    go_to(feature, page)
+
+
+def feature_link(rel: str, feature: int, page: str = "Feature") -> str:
+    """A relative deep link (query string only) to a latent's page; the values are URL-encoded."""
+    from urllib.parse import urlencode
+
+    return "?" + urlencode({"sae": rel, "feature": int(feature), "page": page})
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _decoder_directions(path: str, mtime: float):
+    return D.decoder_directions(path)
+
+
+def decoder_directions(path: str):
+    """Unit decoder rows of the SAE in ``path`` (cached; a retrained SAE reloads)."""
+    p = Path(path)
+    w = p / "sae.safetensors" if (p / "sae.safetensors").exists() else p / "sae_weights.safetensors"
+    return _decoder_directions(path, w.stat().st_mtime if w.exists() else 0.0)
+
+
+@st.cache_resource(show_spinner="Loading the sparse codes…", max_entries=4)
+def _token_codes(folder: str, version: str):
+    return D.TokenCodes(folder)
+
+
+def token_codes(db: D.Dashboard):
+    """The dashboard's kept sparse codes (None when the build did not keep them: format 1)."""
+    if not D.TokenCodes.available(db.folder):
+        return None
+    return _token_codes(str(db.folder), _db_version(db.folder))
 
 
 def go_to(feature: int, page: str = "Feature") -> None:

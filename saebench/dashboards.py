@@ -34,6 +34,7 @@ import random
 import re
 import sqlite3
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -57,7 +58,9 @@ LABELS_FILE = "labels.sqlite"
 TOKENS_FILE = "tokens.npy"
 STATS_FILE = "feature_stats.npz"
 CODES_FILE = "codes.safetensors"
-FORMAT_VERSION = 1
+TOKEN_CODES_FILE = "token_codes.safetensors"  # the sparse codes, kept for co-activation across SAEs
+# 2: fire_words (text search where the latent fires), summaries (+ FTS), token_codes.safetensors
+FORMAT_VERSION = 2
 
 __all__ = [
     "Dashboard",
@@ -92,6 +95,9 @@ class DashboardConfig(BaseModel):
     split: Literal["train", "eval"] = Field("eval", description="Corpus split; 'eval' is held out from SAE training.")
     context_size: int | None = Field(None, gt=1, description="Tokens per sequence (default: the SAE's context size, else 128).")
     exclude_special_tokens: bool = Field(True, description="Mask BOS/EOS/pad positions: they never count as activations.")
+    outlier_norm_factor: float | None = Field(10.0, gt=1, description=(
+        "Mask tokens whose activation norm exceeds this multiple of the median of their model batch (attention sinks, as in "
+        "training): on SmolLM2 the first token after BOS has a norm of ~1,000x the rest and every latent would peak there. None keeps all."))
     model_batch_size: int = Field(16, gt=0, description="Sequences per model forward while harvesting.")
     feature_batch_size: int = Field(256, gt=0, description="Latents processed (and committed) together; the unit of resume.")
     n_top: int = Field(20, gt=0, description="Top-activating examples stored per latent (and most negative ones for signed SAEs).")
@@ -152,6 +158,12 @@ CREATE TABLE IF NOT EXISTS feature_tokens(
     PRIMARY KEY(token_id, feature)
 ) WITHOUT ROWID;
 CREATE VIRTUAL TABLE IF NOT EXISTS examples_fts USING fts5(tokens, contexts);
+CREATE TABLE IF NOT EXISTS fire_words(
+    word TEXT NOT NULL, feature INTEGER NOT NULL, value REAL NOT NULL, rel REAL NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL,
+    PRIMARY KEY(word, feature)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS summaries(feature INTEGER PRIMARY KEY, summary TEXT NOT NULL, text TEXT NOT NULL);
+CREATE VIRTUAL TABLE IF NOT EXISTS summary_fts USING fts5(text);
 """
 
 _LABELS_SCHEMA = """
@@ -201,11 +213,73 @@ def _set_meta(con: sqlite3.Connection, **items: Any) -> None:
 
 
 def _fts_query(text: str) -> str | None:
-    """User text → an FTS5 query matching all its words as literal strings (no FTS syntax)."""
-    words = re.findall(r"\w+", text, flags=re.UNICODE)
+    """User text → an FTS5 query matching all its words as literal strings (no FTS syntax).
+
+    Bounded like every search: at most ``MAX_QUERY_CHARS`` characters and ``MAX_QUERY_WORDS`` distinct words.
+    """
+    words, _ = query_words(text)
     if not words:
         return None
     return " ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+# ---- bounds on user searches (issue: a pasted 50,000-word query kept the server busy for hours) ----
+MAX_QUERY_CHARS = 1000  # characters of a query that are read; the rest is ignored (and said so)
+MAX_QUERY_WORDS = 16  # distinct words used
+SEARCH_TIME_LIMIT_S = 2.0  # SQLite work per search; a longer one is interrupted (progress handler)
+PROGRESS_STEPS = 2000  # SQLite VM steps between two checks of the deadline
+SEARCH_SLOTS = 2  # searches running at once in this process; others wait up to the time limit
+_search_slots = threading.BoundedSemaphore(SEARCH_SLOTS)
+
+
+def query_words(text: str) -> tuple[list[str], list[str]]:
+    """The distinct (casefolded) words of a user query, bounded; and notes saying what was cut."""
+    notes = []
+    text = str(text)
+    if len(text) > MAX_QUERY_CHARS:
+        notes.append(f"The query was cut to its first {MAX_QUERY_CHARS:,} characters (of {len(text):,}).")
+        text = text[:MAX_QUERY_CHARS]
+    words = list(dict.fromkeys(w.casefold() for w in _WORD.findall(text) if len(w) <= MAX_WORD_CHARS))
+    if len(words) > MAX_QUERY_WORDS:
+        notes.append(f"Only the first {MAX_QUERY_WORDS} of its {len(words)} distinct words were searched.")
+        words = words[:MAX_QUERY_WORDS]
+    return words, notes
+
+
+class SearchBusy(RuntimeError):
+    """Every search slot stayed taken for the whole time limit."""
+
+
+@contextlib.contextmanager
+def _bounded_search(con: sqlite3.Connection, seconds: float | None = None) -> Iterator[list[bool]]:
+    """Hold one of ``SEARCH_SLOTS`` and interrupt the connection's SQLite work after ``seconds``.
+
+    Yields a one-element list that is True once the deadline passed (the query then raises
+    ``sqlite3.OperationalError: interrupted``). Raises :class:`SearchBusy` if no slot frees up in time.
+    """
+    seconds = SEARCH_TIME_LIMIT_S if seconds is None else seconds
+    if not _search_slots.acquire(timeout=seconds):
+        raise SearchBusy("other searches are running; try again in a moment")
+    deadline = time.monotonic() + seconds
+    hit = [False]
+
+    def check() -> int:
+        if time.monotonic() > deadline:
+            hit[0] = True
+            return 1
+        return 0
+
+    con.set_progress_handler(check, PROGRESS_STEPS)
+    try:
+        yield hit
+    finally:
+        con.set_progress_handler(None, 0)
+        _search_slots.release()
+
+
+def _time_note(seconds: float | None = None) -> str:
+    return (f"The search was stopped after {SEARCH_TIME_LIMIT_S if seconds is None else seconds:g} s "
+            "(the time limit per search): results may be incomplete.")
 
 
 # =============================================================================================
@@ -260,11 +334,15 @@ def _vocab_strings(tokenizer) -> list[str]:
 
 
 @torch.no_grad()
-def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, batch_size: int = 16, progress: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, batch_size: int = 16, progress: bool = True,
+                  outlier_norm_factor: float | None = None, counts: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Run the model and the SAE over ``tokens`` [n_seq, ctx] once; return the non-zero codes.
 
     Returns ``(tok, feat, val)``: flat position ``seq * ctx + pos`` (int64), latent (int32) and value
-    (float32) of every non-zero activation, sorted by position. Special positions are never encoded.
+    (float32) of every non-zero activation, sorted by position. Special positions are never encoded, nor
+    (with ``outlier_norm_factor``) positions whose activation norm exceeds that multiple of the median
+    over the batch's other kept positions. ``counts`` (if given) receives ``n_valid`` (positions encoded)
+    and ``n_outliers`` (positions masked as outliers).
     """
     from saebench.activations import _flatten_site, hook_layer_of, token_mask
     from saebench.models import validate_hook_name
@@ -275,6 +353,7 @@ def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, b
     n_seq, ctx = tokens.shape
     device = sae.device
     toks_out, feats_out, vals_out = [], [], []
+    n_kept = n_out = 0
     positions = torch.arange(n_seq * ctx).view(n_seq, ctx)
     t0 = time.perf_counter()
     for start in tqdm(range(0, n_seq, batch_size), desc="harvest + encode", disable=not progress, leave=False):
@@ -283,8 +362,17 @@ def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, b
         x = _flatten_site(cache[hook], head)
         if x.shape[-1] != sae.d_in:
             raise ArtifactError(f"SAE d_in={sae.d_in} does not match the width {x.shape[-1]} of hook {hook} in this model")
-        keep = token_mask(toks, special_ids)
-        acts = sae.encode_sparse(x[keep.to(x.device)].float())
+        keep = token_mask(toks, special_ids).to(x.device)
+        if outlier_norm_factor is not None:
+            norms = x.float().norm(dim=-1)
+            ref = norms[keep & torch.isfinite(norms)]
+            if ref.numel():
+                ok = norms <= outlier_norm_factor * ref.median()
+                n_out += int((keep & ~ok).sum())
+                keep &= ok
+        n_kept += int(keep.sum())
+        acts = sae.encode_sparse(x[keep].float())
+        keep = keep.cpu()
         nz = acts.values != 0
         pos = positions[start : start + toks.shape[0]][keep]
         toks_out.append(pos[:, None].expand(-1, acts.indices.shape[1])[nz.cpu()])
@@ -295,6 +383,8 @@ def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, b
         sec = time.perf_counter() - t0
         tqdm.write(f"harvest + encode: {n_seq * ctx:,} tokens ({n_seq:,} sequences × {ctx}) through the model and the SAE "
                    f"in {sec:.1f} s ({n_seq * ctx / max(sec, 1e-9):,.0f} tokens/s)", file=sys.stderr)
+    if counts is not None:
+        counts.update(n_valid=n_kept, n_outliers=n_out)
     return torch.cat(toks_out), torch.cat(feats_out), torch.cat(vals_out)
 
 
@@ -303,7 +393,7 @@ class _Codes:
     """Sparse codes in both orders: token-major (for co-occurrence) and feature-major (examples)."""
 
     n_positions: int
-    n_valid: int  # non-special positions (the density denominator)
+    n_valid: int  # non-special, non-outlier positions (the density denominator)
     tok: Tensor  # [nnz] int64, token-major
     feat: Tensor  # [nnz] int32
     val: Tensor  # [nnz] float32
@@ -316,6 +406,7 @@ class _Codes:
     pad_val: Tensor | None = field(init=False)
     mean: Tensor = field(init=False)  # per-latent E[f] over valid tokens (float64)
     std: Tensor = field(init=False)
+    n_outliers: int = 0  # positions masked as activation-norm outliers
 
     def index(self, d_sae: int) -> _Codes:
         counts = torch.bincount(self.tok, minlength=self.n_positions)
@@ -444,7 +535,8 @@ def build_dashboards(
         n_seq = tokens.shape[0]
         with con:
             _set_meta(con, n_sequences=n_seq, n_positions=codes.n_positions, n_valid_tokens=codes.n_valid,
-                      provenance=_provenance(sae, model_name, cfg, corpus, ctx) | {"n_sequences": n_seq, "n_positions": codes.n_positions, "n_tokens": codes.n_valid})
+                      provenance=_provenance(sae, model_name, cfg, corpus, ctx) | {"n_sequences": n_seq, "n_positions": codes.n_positions, "n_tokens": codes.n_valid,
+                                                                                   "n_outlier_tokens": codes.n_outliers})
 
         W_dec = sae.W_dec.detach().float()
         W_dec_unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
@@ -517,13 +609,14 @@ def _provenance(sae: SAE, model_name: str, cfg: DashboardConfig, corpus: str, ct
         "split": cfg.split,
         "context_size": ctx,
         "exclude_special_tokens": cfg.exclude_special_tokens,
+        "outlier_norm_factor": cfg.outlier_norm_factor,
         "requested_tokens": cfg.n_tokens,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
 def _remove_derived(out: Path) -> None:
-    for name in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm", TOKENS_FILE, STATS_FILE, CODES_FILE):
+    for name in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm", TOKENS_FILE, STATS_FILE, CODES_FILE, TOKEN_CODES_FILE):
         (out / name).unlink(missing_ok=True)
 
 
@@ -537,21 +630,26 @@ def _load_or_harvest(out: Path, model, sae: SAE, cfg: DashboardConfig, corpus: s
         try:
             t = load_file(str(codes_path))
             tokens = torch.from_numpy(np.load(out / TOKENS_FILE).astype(np.int64))
-            return tokens, _Codes(tokens.numel(), int(t["n_valid"].item()), t["tok"], t["feat"], t["val"])
+            codes = _Codes(tokens.numel(), int(t["n_valid"].item()), t["tok"], t["feat"], t["val"])
+            codes.n_outliers = int(t["n_outliers"].item()) if "n_outliers" in t else 0
+            return tokens, codes
         except (SafetensorError, OSError, KeyError, ValueError):
             codes_path.unlink(missing_ok=True)  # a corrupted cache is recomputed, never trusted
     from saebench import text
 
     tokens = text.load_tokens(corpus, tokenizer, ctx, cfg.n_tokens, split=cfg.split)
     special = _special_ids(tokenizer) if cfg.exclude_special_tokens else None
-    tok, feat, val = harvest_codes(model, sae, tokens, special, batch_size=cfg.model_batch_size, progress=progress)
-    from saebench.activations import token_mask
-
-    n_valid = int(token_mask(tokens, special).sum())
+    counts: dict[str, int] = {}
+    tok, feat, val = harvest_codes(model, sae, tokens, special, batch_size=cfg.model_batch_size, progress=progress,
+                                   outlier_norm_factor=cfg.outlier_norm_factor, counts=counts)
+    n_valid = counts["n_valid"]
     buf = _npy_bytes(tokens.numpy().astype(np.int32))
     atomic_write_bytes(out / TOKENS_FILE, buf)
-    save_tensors(codes_path, {"tok": tok, "feat": feat, "val": val, "n_valid": torch.tensor(n_valid)})
-    return tokens, _Codes(tokens.numel(), n_valid, tok, feat, val)
+    save_tensors(codes_path, {"tok": tok, "feat": feat, "val": val, "n_valid": torch.tensor(n_valid),
+                              "n_outliers": torch.tensor(counts["n_outliers"])})
+    codes = _Codes(tokens.numel(), n_valid, tok, feat, val)
+    codes.n_outliers = counts["n_outliers"]
+    return tokens, codes
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -576,6 +674,136 @@ class _BatchRows(NamedTuple):
     feature_tokens: list[tuple]
     fts: list[tuple]
     stats: dict[str, np.ndarray]
+    fire_words: list[tuple] = []  # noqa: RUF012 - NamedTuple defaults, never mutated
+    summaries: list[tuple] = []  # noqa: RUF012
+
+
+_WORD = re.compile(r"\w+", flags=re.UNICODE)
+MAX_WORD_CHARS = 64
+SUMMARY_TOP = 5
+
+
+def _window_words(tok_strs: list[str], vals: np.ndarray) -> dict[str, float]:
+    """Words of a window (found in the joined text, so a word split into several tokens is one word)
+    mapped to the largest |activation| on the tokens it overlaps; words where the latent is 0 are left out."""
+    starts, pos = [], 0
+    for t in tok_strs:
+        starts.append(pos)
+        pos += len(t)
+    text = "".join(tok_strs)
+    out: dict[str, float] = {}
+    import bisect
+
+    for m in _WORD.finditer(text):
+        a, b = m.span()
+        w = m.group().casefold()
+        if len(w) > MAX_WORD_CHARS:
+            continue
+        j0 = max(bisect.bisect_right(starts, a) - 1, 0)
+        j1 = max(bisect.bisect_left(starts, b), j0 + 1)
+        v = float(np.abs(vals[j0:j1]).max()) if j1 > j0 else 0.0
+        if v > 0 and v > out.get(w, 0.0):
+            out[w] = v
+    return out
+
+
+class _VocabWords(NamedTuple):
+    """Per vocabulary id: its (casefolded) words, and whether it starts / ends with a word character
+    (then a word may continue into the neighbouring token)."""
+
+    words: list[tuple[str, ...]]
+    starts_w: list[bool]
+    ends_w: list[bool]
+
+    @classmethod
+    def of(cls, vocab) -> _VocabWords:
+        words, sw, ew = [], np.zeros(len(vocab), bool), np.zeros(len(vocab), bool)
+        for i, t in enumerate(vocab):
+            words.append(tuple(w.casefold() for w in _WORD.findall(t)))
+            sw[i] = not t or bool(_WORD.match(t[0]))  # an empty token is transparent: a word may run through it
+            ew[i] = not t or bool(_WORD.match(t[-1]))
+        return cls(words, sw.tolist(), ew.tolist())
+
+
+_VOCAB_WORDS: dict[int, tuple[Any, _VocabWords]] = {}
+
+
+def _vocab_words(vocab) -> _VocabWords:
+    hit = _VOCAB_WORDS.get(id(vocab))
+    if hit is None or hit[0] is not vocab:
+        _VOCAB_WORDS.clear()
+        hit = _VOCAB_WORDS[id(vocab)] = (vocab, _VocabWords.of(vocab))
+    return hit[1]
+
+
+def _firing_words(ids: np.ndarray, vals: np.ndarray, vocab, vw: _VocabWords) -> dict[str, float]:
+    """Same result as :func:`_window_words` on the window's token strings, but only looks at the tokens
+    where the latent fires: a token whose words cannot continue into its neighbours contributes its
+    own words; a run of tokens joined inside a word is split into words on its joined text."""
+    out: dict[str, float] = {}
+    ids_l, vals_l = ids.tolist(), vals.tolist()
+    sw, ew, words = vw.starts_w, vw.ends_w, vw.words
+    n = len(ids_l)
+    done_to = -1
+    for j, v in enumerate(vals_l):
+        if v == 0 or j <= done_to:
+            continue
+        a = b = j
+        while a > 0 and sw[ids_l[a]] and ew[ids_l[a - 1]]:
+            a -= 1
+        while b < n - 1 and ew[ids_l[b]] and sw[ids_l[b + 1]]:
+            b += 1
+        if a == b:
+            v = abs(v)
+            for w in words[ids_l[j]]:
+                if v > out.get(w, 0.0) and len(w) <= MAX_WORD_CHARS:
+                    out[w] = v
+            continue
+        # tokens a..b are joined inside words: merge the last word of each token with the first of the next
+        cur, cur_v, pending, is_open = "", 0.0, 0.0, False
+        for t in range(a, b + 1):
+            tid, tv = ids_l[t], abs(vals_l[t])
+            ws = words[tid]
+            if not ws:  # an empty token: counts for a word only if the word goes on after it
+                if is_open and not vocab[tid]:
+                    pending = max(pending, tv)
+                continue
+            for k, w in enumerate(ws):
+                if k == 0 and is_open and sw[tid]:
+                    cur, cur_v = cur + w, max(cur_v, pending, tv)
+                else:
+                    if cur and cur_v > 0 and cur_v > out.get(cur, 0.0) and len(cur) <= MAX_WORD_CHARS:
+                        out[cur] = cur_v
+                    cur, cur_v = w, tv
+                pending = 0.0
+            is_open = ew[tid]
+        if cur and cur_v > 0 and cur_v > out.get(cur, 0.0) and len(cur) <= MAX_WORD_CHARS:
+            out[cur] = cur_v
+        done_to = b
+    return out
+
+
+def _top_by_mass(local: Tensor, ids: Tensor, w: Tensor, B: int, V: int, k: int) -> list[list[list]]:
+    """Per latent (``local`` in [0, B)), the ``k`` ids carrying most of its activation mass ``w``, as
+    [id, share of the latent's total mass] pairs, largest first."""
+    out: list[list[list]] = [[] for _ in range(B)]
+    keep = ids >= 0
+    local, ids, w = local[keep], ids[keep], w[keep].double()
+    if len(local) == 0:
+        return out
+    total = torch.zeros(B, dtype=torch.float64).index_add_(0, local, w)
+    uniq, inv = torch.unique(local.long() * V + ids.long(), return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, w)
+    ul, ut = uniq // V, uniq % V
+    order = torch.argsort((ul << 32) | _desc_order_bits(sums.float()), stable=True)
+    ul, ut, sums = ul[order], ut[order], sums[order]
+    first = torch.zeros(B, dtype=torch.long)
+    first[1:] = torch.bincount(ul, minlength=B).cumsum(0)[:-1]
+    sel = (torch.arange(len(ul)) - first[ul]) < k
+    tot = total.tolist()
+    for a, t, v in zip(ul[sel].tolist(), ut[sel].tolist(), sums[sel].tolist()):
+        out[a].append([t, round(v / tot[a], 4) if tot[a] > 0 else 0.0])
+    return out
 
 
 def _hist(values: Tensor, group: Tensor, lo: Tensor, hi: Tensor, n_groups: int, n_bins: int) -> Tensor:
@@ -782,7 +1010,37 @@ def _compute_batch(b: int, lo: int, hi: int, codes: _Codes, tokens: Tensor, W_de
     feature_tokens = [(tid, f, n, peak_max[(tid, f)]) for f, cnt in peak_counter.items() for tid, n in cnt.items()]
     fts = [(f, " ".join(dict.fromkeys(vocab[t].strip() for t in peak_counter[f])), "\n".join(texts[f])) for f in texts]
     stats = {"density": density.numpy(), "max_act": max_act.numpy(), "min_act": min_act.numpy(), "n_active": counts.numpy()}
-    return _BatchRows(features, examples, feature_tokens, fts, stats)
+
+    # ---- words where the latent fires, in every stored example (text search ranks by these) ------
+    max_abs = torch.maximum(max_act.abs(), min_act.abs()).tolist()
+    best_word: dict[tuple[str, int], tuple] = {}
+    vw = _vocab_words(vocab)
+    for e in range(len(ex_latent_l)):
+        n = stop_l[e] - start_l[e]
+        f = ex_latent_l[e]
+        for w, v in _firing_words(toks_np[seq_l[e], start_l[e] : stop_l[e]], wv[e, :n], vocab, vw).items():
+            cur = best_word.get((w, f))
+            if cur is None or v > cur[0]:
+                best_word[(w, f)] = (v, ex_kind[e], ex_rank_l[e])
+    fire_words = [(w, lo + f, v, v / max_abs[f] if max_abs[f] > 0 else 0.0, kind, rank) for (w, f), (v, kind, rank) in best_word.items()]
+
+    # ---- automatic statistical summary: tokens at and just before the activations, top logits ----
+    flat = tokens.reshape(-1)
+    V = len(vocab)
+    at_ids = flat[ft] if len(ft) else torch.zeros(0, dtype=torch.long)
+    prev_ids = torch.where(ft % ctx > 0, flat[(ft - 1).clamp_min(0)], torch.full_like(ft, -1)) if len(ft) else at_ids
+    mass = fv.abs()
+    at_top = _top_by_mass(local, at_ids, mass, B, V, SUMMARY_TOP)
+    before_top = _top_by_mass(local, prev_ids, mass, B, V, SUMMARY_TOP)
+    summaries = []
+    for r in range(B):
+        if not at_top[r]:
+            continue
+        promotes = [t for t, _ in logits_pos[r][:SUMMARY_TOP]] if logits_pos else []
+        summ = {"at": at_top[r], "before": before_top[r], "promotes": promotes}
+        words = [vocab[t].strip() for t, _ in at_top[r]] + [vocab[t].strip() for t, _ in before_top[r]] + [vocab[t].strip() for t in promotes]
+        summaries.append((lo + r, json.dumps(summ), " ".join(w for w in words if w)))
+    return _BatchRows(features, examples, feature_tokens, fts, stats, fire_words, summaries)
 
 
 def _window_values(codes: _Codes, wtok: Tensor, latent: Tensor, wvalid: Tensor) -> Tensor:
@@ -866,6 +1124,12 @@ def _write_batch(con: sqlite3.Connection, b: int, lo: int, hi: int, rows: _Batch
         con.execute("DELETE FROM examples WHERE feature >= ? AND feature < ?", (lo, hi))
         con.execute("DELETE FROM feature_tokens WHERE feature >= ? AND feature < ?", (lo, hi))
         con.execute("DELETE FROM examples_fts WHERE rowid >= ? AND rowid < ?", (lo, hi))
+        con.execute("DELETE FROM fire_words WHERE feature >= ? AND feature < ?", (lo, hi))
+        con.execute("DELETE FROM summaries WHERE feature >= ? AND feature < ?", (lo, hi))
+        con.execute("DELETE FROM summary_fts WHERE rowid >= ? AND rowid < ?", (lo, hi))
+        con.executemany("INSERT INTO fire_words VALUES (?,?,?,?,?,?)", rows.fire_words)
+        con.executemany("INSERT INTO summaries VALUES (?,?,?)", rows.summaries)
+        con.executemany("INSERT INTO summary_fts(rowid, text) VALUES (?,?)", [(f, t) for f, _, t in rows.summaries])
         con.executemany("INSERT INTO features VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows.features)
         con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?)", rows.examples)
         con.executemany("INSERT INTO feature_tokens VALUES (?,?,?,?)", rows.feature_tokens)
@@ -884,6 +1148,10 @@ def _finish(out: Path, con: sqlite3.Connection, codes: _Codes, d_sae: int, timin
     buf = io.BytesIO()
     np.savez(buf, **stats)
     atomic_write_bytes(out / STATS_FILE, buf.getvalue())
+    # The codes stay (token-major, 8 bytes per non-zero) so latents of SAEs whose dashboards scanned the
+    # same tokens can be compared by co-activation (see TokenCodes).
+    save_tensors(out / TOKEN_CODES_FILE, {"row_ptr": codes.row_ptr, "feat": codes.feat.to(torch.int32), "val": codes.val.float(),
+                                          "n_valid": torch.tensor(codes.n_valid)})
     with con:
         _set_meta(con, complete=True, timings=timings, n_live=int((stats["n_active"] > 0).sum()))
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -943,6 +1211,62 @@ class FeatureData:
         return max(abs(self.max_act or 0.0), abs(self.min_act or 0.0))
 
 
+class TextHit(NamedTuple):
+    """A latent that fires on every word of a text query."""
+
+    feature: int
+    score: float  # min over the query's words of (activation at the word / the latent's max |activation|)
+    total: float  # summed activation at the words
+    words: dict[str, tuple[float, float]]  # word -> (activation, fraction of max)
+    kind: str  # the stored example where it fires most on a query word
+    rank: int
+    density: float
+
+
+class TokenHit(NamedTuple):
+    """A latent whose top examples peak on the searched token (one hit per latent)."""
+
+    feature: int
+    tokens: list[str]  # the vocabulary tokens it peaks on that match (e.g. " love" and "Love")
+    n: int  # top examples peaking on one of them
+    max_value: float
+    density: float
+
+
+@dataclass
+class SearchPage:
+    """All hits of a search (the app pages them) and notes on what was cut or stopped."""
+
+    hits: list
+    total: int
+    notes: list[str] = field(default_factory=list)
+
+
+def word_tokens(tokens: list[str], words) -> set[int]:
+    """Indices of the tokens that are part of one of ``words`` (casefolded, found in the joined text, so a
+    word split into several tokens marks all of them)."""
+    import bisect
+
+    want = {w.casefold() for w in words}
+    starts, pos = [], 0
+    for t in tokens:
+        starts.append(pos)
+        pos += len(t)
+    out: set[int] = set()
+    for m in _WORD.finditer("".join(tokens)):
+        if m.group().casefold() in want:
+            a, b = m.span()
+            j0 = max(bisect.bisect_right(starts, a) - 1, 0)
+            out.update(range(j0, max(bisect.bisect_left(starts, b), j0 + 1)))
+    return out
+
+
+def mark_words(ex: Example, words) -> str:
+    """The example's text with the tokens of ``words`` where the latent fires wrapped in ⟦ ⟧."""
+    hit = {j for j in word_tokens(ex.tokens, words) if ex.acts[j] != 0}
+    return "".join(f"\u27e6{t}\u27e7" if j in hit else t for j, t in enumerate(ex.tokens))
+
+
 class Dashboard:
     """Read access to one SAE's dashboards (plus its writable labels store)."""
 
@@ -961,6 +1285,9 @@ class Dashboard:
         self.d_sae = int(self.meta.get("d_sae", 0))
         self._tokens: np.ndarray | None = None
         self._vocab: list[str] | None = None
+        self._density: np.ndarray | None = None
+        self._tok_index: dict[str, list[int]] | None = None
+        self._peak_ids: frozenset[int] | None = None  # token ids some top example peaks on
         self.special_ids = frozenset(int(t) for t in self.meta.get("special_ids", []))
 
     # ---- whole-SAE facts -------------------------------------------------------------------------
@@ -1036,14 +1363,7 @@ class Dashboard:
             args += (kind,)
         with _reading(self.db_path) as con:
             rows = con.execute(q + " ORDER BY kind, rank", args).fetchall()
-        toks = self.tokens()
-        out = []
-        for kind_, rank, bin_, seq, pos, value, start, blob in rows:
-            acts = np.frombuffer(blob, dtype=np.float32).tolist()
-            ids = [int(t) for t in toks[seq, start : start + len(acts)]]
-            out.append(Example(kind_, rank, bin_, seq, pos, value, start, ids, [self.token_str(t) for t in ids], acts,
-                               [t in self.special_ids for t in ids]))
-        return out
+        return [self._example(r) for r in rows]
 
     def neighbour_stats(self, ids: list[int]) -> dict[int, tuple[float, float | None]]:
         """(density, max_act) of a few latents, for neighbour tables."""
@@ -1078,33 +1398,179 @@ class Dashboard:
             return int(con.execute(f"SELECT feature FROM features {where} ORDER BY feature LIMIT 1 OFFSET ?", (rng.randrange(n),)).fetchone()[0])
 
     # ---- search ------------------------------------------------------------------------------------------
-    def search_text(self, query: str, limit: int = 20) -> list[tuple[int, str]]:
-        """Latents whose top examples contain all words of ``query``: (latent, snippet) best first."""
-        q = _fts_query(query)
-        if q is None:
-            return []
+    def example(self, i: int, kind: str, rank: int) -> Example | None:
+        """One stored example of latent ``i``."""
         with _reading(self.db_path) as con:
-            rows = con.execute(
-                "SELECT rowid, snippet(examples_fts, 1, '\u27e6', '\u27e7', '…', 12) FROM examples_fts WHERE examples_fts MATCH ? "
-                "ORDER BY bm25(examples_fts, 4.0, 1.0) LIMIT ?", (q, limit)).fetchall()
-        return [(int(f), s) for f, s in rows]
+            row = con.execute("SELECT kind, rank, bin, seq, pos, value, start, acts FROM examples WHERE feature = ? AND kind = ? AND rank = ?",
+                              (int(i), kind, int(rank))).fetchone()
+        return self._example(row) if row else None
 
-    def search_token(self, token: str, limit: int = 20) -> list[tuple[int, str, int, float]]:
+    def _example(self, row) -> Example:
+        kind_, rank, bin_, seq, pos, value, start, blob = row
+        acts = np.frombuffer(blob, dtype=np.float32).tolist()
+        ids = [int(t) for t in self.tokens()[seq, start : start + len(acts)]]
+        return Example(kind_, rank, bin_, seq, pos, value, start, ids, [self.token_str(t) for t in ids], acts, [t in self.special_ids for t in ids])
+
+    def densities(self) -> np.ndarray:
+        if self._density is None:
+            self._density = self.stats()["density"]
+        return self._density
+
+    def search_fires(self, query: str) -> SearchPage:
+        """Latents that FIRE on every word of ``query`` in their stored examples, best first.
+
+        A word matches where the latent is non-zero on a token of that word (a word split into several
+        tokens counts once). Hits are ranked by the smallest, over the query's words, activation at the
+        word relative to the latent's max (then by the summed activation); each hit says where it fires
+        most (the example to show) and the latent's density. Bounded: see :func:`query_words` and
+        ``SEARCH_TIME_LIMIT_S``. Dashboards built before format 2 fall back to matching words anywhere
+        in the top examples' contexts, with a note.
+        """
+        words, notes = query_words(query)
+        if not words:
+            return SearchPage([], 0, notes)
+        per_word: list[dict[int, tuple]] = []
+        with _reading(self.db_path) as con:
+            try:
+                with _bounded_search(con) as timed_out:
+                    try:
+                        for w in words:
+                            rows = con.execute("SELECT feature, value, rel, kind, rank FROM fire_words WHERE word = ?", (w,)).fetchall()
+                            per_word.append({int(f): (v, r, k, rk) for f, v, r, k, rk in rows})
+                            if not per_word[-1]:
+                                break
+                    except sqlite3.OperationalError as e:
+                        if "no such table" in str(e):
+                            return self._search_contexts(words, notes)
+                        if not timed_out[0]:
+                            raise
+                        notes.append(_time_note())
+            except SearchBusy as e:
+                return SearchPage([], 0, notes + [f"Search is busy: {e}."])
+        if len(per_word) < len(words) and notes and notes[-1].startswith("The search was stopped"):
+            return SearchPage([], 0, notes)
+        common = set(per_word[0]) if per_word else set()
+        for d in per_word[1:]:
+            common &= set(d)
+        dens = self.densities()
+        hits = []
+        for f in common:
+            at = {w: d[f] for w, d in zip(words, per_word)}
+            best_w = max(at, key=lambda w: at[w][0])
+            _, _, kind, rank = at[best_w]
+            hits.append(TextHit(f, min(x[1] for x in at.values()), sum(x[0] for x in at.values()),
+                                {w: (x[0], x[1]) for w, x in at.items()}, kind, rank, float(dens[f]) if f < len(dens) else 0.0))
+        hits.sort(key=lambda h: (-h.score, -h.total, h.feature))
+        return SearchPage(hits, len(hits), notes)
+
+    def _search_contexts(self, words: list[str], notes: list[str]) -> SearchPage:
+        notes = [*notes, ("These dashboards predate activation-ranked search: words are matched anywhere in the top examples' "
+                          "text. Rebuild them (saebench dashboards SAE_DIR --no-resume) to match where latents fire.")]
+        q = " ".join('"' + w.replace('"', '""') + '"' for w in words)
+        dens = self.densities()
+        with _reading(self.db_path) as con:
+            try:
+                with _bounded_search(con) as timed_out:
+                    try:
+                        rows = con.execute("SELECT rowid FROM examples_fts WHERE examples_fts MATCH ? ORDER BY bm25(examples_fts, 4.0, 1.0) LIMIT 2000",
+                                           (q,)).fetchall()
+                    except sqlite3.OperationalError:
+                        if not timed_out[0]:
+                            raise
+                        return SearchPage([], 0, notes + [_time_note()])
+            except SearchBusy as e:
+                return SearchPage([], 0, notes + [f"Search is busy: {e}."])
+        hits = [TextHit(int(f), 0.0, 0.0, {}, "top", 0, float(dens[f]) if f < len(dens) else 0.0) for (f,) in rows]
+        return SearchPage(hits, len(hits), notes)
+
+    def search_text(self, query: str, limit: int = 20) -> list[tuple[int, str]]:
+        """(latent, snippet) of the best ``limit`` hits of :meth:`search_fires`; the snippet is the example
+        window where the latent fires most on a query word, with that word's tokens marked ⟦ ⟧."""
+        page = self.search_fires(query)
+        out = []
+        for h in page.hits[:limit]:
+            ex = self.example(h.feature, h.kind, h.rank)
+            out.append((h.feature, mark_words(ex, h.words) if ex is not None else ""))
+        return out
+
+    def _token_index(self) -> dict[str, list[int]]:
+        if self._tok_index is None:
+            idx: dict[str, list[int]] = {}
+            for i, t in enumerate(self.vocab()):
+                idx.setdefault(t.strip().casefold(), []).append(i)
+            self._tok_index = idx
+        return self._tok_index
+
+    def search_token(self, token: str, limit: int | None = None) -> list[TokenHit]:
         """Latents whose top examples peak on a token equal to ``token`` (ignoring case and edge spaces).
 
-        Returns (latent, token string, number of top examples peaking on it, largest |value|).
+        One hit per latent (a latent peaking on both " love" and "Love" is one hit listing both), best
+        first: most top examples peaking on one of the tokens, then largest |value|.
         """
+        if len(token) > MAX_QUERY_CHARS:
+            return []
         want = token.strip().casefold()
         if not want:
             return []
-        ids = [i for i, t in enumerate(self.vocab()) if t.strip().casefold() == want]
+        if self._peak_ids is None:
+            with _reading(self.db_path) as con:
+                self._peak_ids = frozenset(t for (t,) in con.execute("SELECT DISTINCT token_id FROM feature_tokens"))
+        ids = [t for t in self._token_index().get(want, []) if t in self._peak_ids]
         if not ids:
             return []
         with _reading(self.db_path) as con:
-            q = (f"SELECT feature, token_id, n, max_value FROM feature_tokens WHERE token_id IN ({','.join('?' * len(ids))}) "
-                 "ORDER BY n DESC, max_value DESC LIMIT ?")
-            rows = con.execute(q, (*ids, limit)).fetchall()
-        return [(int(f), self.token_str(t), int(n), float(v)) for f, t, n, v in rows]
+            q = (f"SELECT feature, SUM(n), MAX(max_value), group_concat(token_id) FROM feature_tokens "
+                 f"WHERE token_id IN ({','.join('?' * len(ids))}) GROUP BY feature ORDER BY SUM(n) DESC, MAX(max_value) DESC, feature")
+            rows = con.execute(q + (" LIMIT ?" if limit else ""), (*ids, limit) if limit else tuple(ids)).fetchall()
+        dens = self.densities()
+        return [TokenHit(int(f), [self.token_str(int(t)) for t in dict.fromkeys(str(ts).split(","))], int(n), float(v),
+                         float(dens[f]) if f < len(dens) else 0.0) for f, n, v, ts in rows]
+
+    # ---- automatic statistical summaries ---------------------------------------------------------------
+    def summary(self, i: int) -> dict | None:
+        """The automatic statistical summary of latent ``i``: tokens at its activations (``at``), tokens just
+        before them (``before``), each as (token, share of the latent's |activation| mass), and the
+        tokens it promotes most (``promotes``, top logit effects). None for dead latents or old dashboards."""
+        return self.summaries([i]).get(int(i))
+
+    def summaries(self, ids: list[int]) -> dict[int, dict]:
+        if not ids:
+            return {}
+        with _reading(self.db_path) as con:
+            try:
+                q = f"SELECT feature, summary FROM summaries WHERE feature IN ({','.join('?' * len(ids))})"
+                rows = con.execute(q, [int(x) for x in ids]).fetchall()
+            except sqlite3.OperationalError:
+                return {}
+        tok = self.token_str
+        out = {}
+        for f, js in rows:
+            d = json.loads(js)
+            out[int(f)] = {"at": [(tok(t), s) for t, s in d.get("at", [])], "before": [(tok(t), s) for t, s in d.get("before", [])],
+                           "promotes": [tok(t) for t in d.get("promotes", [])]}
+        return out
+
+    def search_summaries(self, query: str, limit: int = 2000) -> SearchPage:
+        """Latents whose automatic summary contains all words of ``query`` (bounded like every search)."""
+        words, notes = query_words(query)
+        if not words:
+            return SearchPage([], 0, notes)
+        q = " ".join('"' + w.replace('"', '""') + '"' for w in words)
+        with _reading(self.db_path) as con:
+            try:
+                with _bounded_search(con) as timed_out:
+                    try:
+                        rows = con.execute("SELECT rowid FROM summary_fts WHERE summary_fts MATCH ? ORDER BY bm25(summary_fts) LIMIT ?",
+                                           (q, limit)).fetchall()
+                    except sqlite3.OperationalError as e:
+                        if timed_out[0]:
+                            return SearchPage([], 0, notes + [_time_note()])
+                        if "no such table" in str(e):
+                            return SearchPage([], 0, notes)
+                        raise
+            except SearchBusy as e:
+                return SearchPage([], 0, notes + [f"Search is busy: {e}."])
+        return SearchPage([int(f) for (f,) in rows], len(rows), notes)
 
     # ---- labels ------------------------------------------------------------------------------------------
     def _labels_con(self) -> sqlite3.Connection:
@@ -1164,10 +1630,11 @@ class Dashboard:
             return []
         with _reading(self.labels_path) as con:
             try:
-                rows = con.execute(
-                    "SELECT l.feature, l.label, l.explanation FROM labels_fts JOIN labels l ON l.feature = labels_fts.rowid "
-                    "WHERE labels_fts MATCH ? ORDER BY bm25(labels_fts, 2.0, 1.0) LIMIT ?", (q, limit)).fetchall()
-            except sqlite3.OperationalError:
+                with _bounded_search(con):
+                    rows = con.execute(
+                        "SELECT l.feature, l.label, l.explanation FROM labels_fts JOIN labels l ON l.feature = labels_fts.rowid "
+                        "WHERE labels_fts MATCH ? ORDER BY bm25(labels_fts, 2.0, 1.0) LIMIT ?", (q, limit)).fetchall()
+            except (sqlite3.OperationalError, SearchBusy):
                 return []
         return [(int(f), lab, exp) for f, lab, exp in rows]
 
@@ -1183,14 +1650,22 @@ class PromptActs(NamedTuple):
     special: list[bool]  # masked positions (BOS/EOS/pad): values are zeroed
     values: Tensor  # [T, K]
     indices: Tensor  # [T, K]
+    n_prompt_tokens: int = 0  # tokens of the whole prompt (BOS included); > len(tokens) when it was cut
+
+    @property
+    def truncated(self) -> bool:
+        return self.n_prompt_tokens > len(self.tokens)
 
     def latent(self, i: int) -> list[float]:
         """Activation of latent ``i`` at every position."""
         return ((self.indices == i) * self.values).sum(-1).tolist()
 
 
+PROMPT_MAX_TOKENS = 512
+
+
 @torch.no_grad()
-def prompt_activations(model, sae: SAE, prompt: str, max_tokens: int = 512) -> PromptActs:
+def prompt_activations(model, sae: SAE, prompt: str, max_tokens: int = PROMPT_MAX_TOKENS) -> PromptActs:
     """Run ``prompt`` (BOS prepended) through the model and the SAE; special positions are zeroed.
 
     Holds the model's :func:`saebench.steering.model_lock` for the forward pass, so a model shared by
@@ -1200,7 +1675,8 @@ def prompt_activations(model, sae: SAE, prompt: str, max_tokens: int = 512) -> P
     from saebench.steering import model_lock
 
     hook, head = _sae_hook(sae)
-    toks = model.to_tokens(prompt)[:, :max_tokens]
+    all_toks = model.to_tokens(prompt)
+    toks = all_toks[:, :max_tokens]
     stop = hook_layer_of(hook) + 1 if hook.startswith("blocks.") else None
     with model_lock(model):
         _, cache = model.run_with_cache(toks.to(sae.device), names_filter=lambda n: n == hook, stop_at_layer=stop)
@@ -1209,7 +1685,7 @@ def prompt_activations(model, sae: SAE, prompt: str, max_tokens: int = 512) -> P
     ids = toks[0].tolist()
     special = torch.isin(toks[0], _special_ids(model.tokenizer)).tolist()
     values = acts.values.cpu() * ~torch.tensor(special)[:, None]
-    return PromptActs(ids, [model.tokenizer.decode([t]) for t in ids], special, values, acts.indices.cpu())
+    return PromptActs(ids, [model.tokenizer.decode([t]) for t in ids], special, values, acts.indices.cpu(), int(all_toks.shape[1]))
 
 
 def top_latents_per_token(acts: PromptActs, n: int = 5) -> list[list[tuple[int, float]]]:
@@ -1219,6 +1695,92 @@ def top_latents_per_token(acts: PromptActs, n: int = 5) -> list[list[tuple[int, 
         order = vals.abs().argsort(descending=True)[:n]
         out.append([(int(idx[j]), float(vals[j])) for j in order if vals[j] != 0])
     return out
+
+
+# =============================================================================================
+# Comparing latents across SAEs on the same hook
+# =============================================================================================
+
+
+def decoder_directions(sae_dir: str | Path) -> Tensor:
+    """Unit-norm decoder rows [d_sae, d_in] of the SAE in ``sae_dir`` (only ``W_dec`` is read)."""
+    from safetensors import safe_open
+
+    p = Path(sae_dir)
+    f = p / "sae.safetensors" if (p / "sae.safetensors").is_file() else p / "sae_weights.safetensors"
+    with safe_open(str(f), framework="pt") as fh:
+        W = fh.get_tensor("W_dec").float()
+    return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def cosine_matches(direction: Tensor, W_unit: Tensor, k: int = 5) -> list[tuple[int, float]]:
+    """The ``k`` rows of ``W_unit`` closest in cosine to ``direction`` (a unit vector): (latent, cosine)."""
+    cos = W_unit @ direction.float()
+    top = cos.topk(min(k, len(cos)))
+    return [(int(j), float(v)) for j, v in zip(top.indices, top.values)]
+
+
+class TokenCodes:
+    """The sparse codes a dashboard build kept (``token_codes.safetensors``), token-major."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors.torch import load_file
+
+        self.folder = Path(folder)
+        t = load_file(str(self.folder / TOKEN_CODES_FILE))
+        self.row_ptr = t["row_ptr"].numpy()
+        self.feat = t["feat"].numpy()
+        self.val = t["val"].numpy().astype(np.float64)
+        self.n_valid = max(int(t["n_valid"]), 1)
+        self.n_positions = len(self.row_ptr) - 1
+        d = int(self.feat.max()) + 1 if len(self.feat) else 0
+        s1 = np.bincount(self.feat, weights=self.val, minlength=d)
+        s2 = np.bincount(self.feat, weights=self.val * self.val, minlength=d)
+        self.mean = s1 / self.n_valid
+        self.std = np.sqrt(np.clip(s2 / self.n_valid - self.mean**2, 0, None))
+
+    @staticmethod
+    def available(folder: str | Path) -> bool:
+        return (Path(folder) / TOKEN_CODES_FILE).is_file()
+
+    def latent(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, values) where latent ``i`` is non-zero."""
+        entries = np.flatnonzero(self.feat == i)
+        return np.searchsorted(self.row_ptr, entries, side="right") - 1, self.val[entries]
+
+    def _stat(self, arr: np.ndarray, i: int) -> float:
+        return float(arr[i]) if i < len(arr) else 0.0
+
+    def coactivation(self, pos: np.ndarray, vals: np.ndarray, mean_a: float, std_a: float, k: int = 5) -> list[tuple[int, float]]:
+        """Latents of THIS SAE most correlated (Pearson, over the same valid tokens) with activations
+        ``vals`` at ``pos`` of another SAE's latent (mean ``mean_a``, std ``std_a`` over those tokens)."""
+        if len(pos) == 0 or std_a <= 0:
+            return []
+        starts, stops = self.row_ptr[pos], self.row_ptr[pos + 1]
+        lens = stops - starts
+        owner = np.repeat(np.arange(len(pos)), lens)
+        idx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+        j = self.feat[idx]
+        cross = np.bincount(j, weights=self.val[idx] * vals[owner], minlength=len(self.mean))
+        cand = np.flatnonzero(cross)
+        den = std_a * self.std[cand]
+        r = np.where(den > 0, (cross[cand] / self.n_valid - mean_a * self.mean[cand]) / np.where(den > 0, den, 1), 0.0)
+        order = np.argsort(-r, kind="stable")[:k]
+        return [(int(cand[o]), float(r[o])) for o in order if r[o] > 0]
+
+
+def same_tokens(folder_a: str | Path, folder_b: str | Path) -> bool:
+    """Whether two dashboard folders scanned exactly the same token set (co-activation needs that)."""
+    a, b = Path(folder_a) / TOKENS_FILE, Path(folder_b) / TOKENS_FILE
+    if not (a.is_file() and b.is_file()):
+        return False
+    ta, tb = np.load(a, mmap_mode="r"), np.load(b, mmap_mode="r")
+    return ta.shape == tb.shape and bool(np.array_equal(ta, tb))
+
+
+def same_site(cfg_a: dict, cfg_b: dict) -> bool:
+    """Whether two SAE configs read the same hook of the same width (so their decoder rows compare)."""
+    return bool(cfg_a.get("hook_name")) and cfg_a.get("hook_name") == cfg_b.get("hook_name") and cfg_a.get("d_in") == cfg_b.get("d_in")
 
 
 # =============================================================================================
@@ -1243,21 +1805,71 @@ def _is_sae_dir(p: Path) -> bool:
     return is_sae_folder(p)
 
 
-def find_saes(root: str | Path, max_depth: int = 6) -> list[SaeEntry]:
-    """Every SAE folder under ``root`` (symlinks leading outside the root are not followed)."""
+MAX_CFG_BYTES = 1_000_000
+
+
+def _read_sae_cfg(d: Path) -> dict[str, Any]:
+    """The folder's cfg.json, checked enough for the browser to list it; raises ValueError with a one-line reason."""
+    f = d / CFG_FILE
+    size = f.stat().st_size
+    if size > MAX_CFG_BYTES:
+        raise ValueError(f"cfg.json is {size:,} bytes (more than {MAX_CFG_BYTES:,})")
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError("cfg.json is nested too deeply to read") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"cfg.json is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"cfg.json holds a {type(cfg).__name__}, not an object")  # noqa: TRY004 - one error type for "unreadable"
+    for key in ("d_in", "d_sae"):
+        v = cfg.get(key)
+        if v is None and key == "d_in":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{key} is {_short(v)}, not a positive integer")
+    return cfg
+
+
+def _short(v: Any, n: int = 40) -> str:
+    try:
+        r = repr(v)
+    except RecursionError:
+        r = f"<deeply nested {type(v).__name__}>"
+    return r if len(r) <= n else r[: n - 1] + "…"
+
+
+@dataclass
+class SkippedSae:
+    rel: str
+    reason: str  # one line, no paths outside the root
+
+
+def scan_saes(root: str | Path, max_depth: int = 6) -> tuple[list[SaeEntry], list[SkippedSae]]:
+    """Every SAE folder under ``root``, and the SAE-looking folders skipped because they cannot be read.
+
+    Any error reading one folder (a cfg.json nested 200,000 levels deep, ``"d_sae": "abc"``, an
+    unreadable file) skips that folder with a one-line reason; it never stops the scan. Symlinks
+    leading outside the root are not followed.
+    """
     root = Path(root).resolve()
     out: list[SaeEntry] = []
+    skipped: list[SkippedSae] = []
     if not root.is_dir():
-        return out
+        return out, skipped
 
     def walk(d: Path, depth: int) -> None:
-        if _is_sae_dir(d):
+        try:
+            is_sae = _is_sae_dir(d)
+        except OSError:
+            is_sae = False
+        if is_sae:
+            rel = d.relative_to(root).as_posix() or "."
             try:
-                cfg = json.loads((d / CFG_FILE).read_text())
-            except (OSError, json.JSONDecodeError):
-                cfg = {}
-            rel = d.relative_to(root).as_posix()
-            out.append(SaeEntry(rel if rel else ".", d, cfg if isinstance(cfg, dict) else {}))
+                out.append(SaeEntry(rel, d, _read_sae_cfg(d)))
+            except Exception as e:  # noqa: BLE001 - any failure skips this folder only
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                skipped.append(SkippedSae(rel, reason.replace(str(root), "<root>")[:200]))
         if depth >= max_depth:
             return
         try:
@@ -1270,7 +1882,12 @@ def find_saes(root: str | Path, max_depth: int = 6) -> list[SaeEntry]:
                 walk(c, depth + 1)
 
     walk(root, 0)
-    return out
+    return out, skipped
+
+
+def find_saes(root: str | Path, max_depth: int = 6) -> list[SaeEntry]:
+    """Every readable SAE folder under ``root`` (see :func:`scan_saes`, which also says what was skipped)."""
+    return scan_saes(root, max_depth)[0]
 
 
 def resolve_sae(root: str | Path, rel: str | None) -> SaeEntry | None:
@@ -1289,30 +1906,41 @@ def load_eval_results(root: str | Path) -> list[dict[str, Any]]:
     Bench results (``evals/bench.py``) are read from ``*results*.json`` / ``*results*.csv`` files
     under the root (a JSON list of records, or an object with a ``results`` list; CSV with a
     header); of a ``results.json`` + ``results.csv`` pair only the JSON is read. Each record gets
-    ``source`` (file, relative to the root); SAE records get ``sae`` (folder relative to the root).
-    An SAE that a bench row covers (its ``sae_dir``) is not listed a second time from eval_core.json.
+    ``source`` (file, relative to the root) and ``eval`` (``core`` or ``bench``); SAE records get ``sae``
+    (folder relative to the root), bench rows too when their ``sae_dir`` is an SAE under the root.
+    Every source is kept: an SAE with both an eval_core.json and a bench row appears twice, each row
+    saying where its numbers come from (its ``n_tokens`` and ``dead_window_tokens`` when recorded),
+    never one silently replacing the other.
     """
     root_p = Path(root).resolve()
+    saes = find_saes(root_p)
+    by_path = {str(e.path.resolve()): e.rel for e in saes}
     bench: list[dict[str, Any]] = []
     for f in _bench_files(root_p):
         bench.extend(_read_bench_file(f, root_p))
-    covered = set()
     for r in bench:
+        r.setdefault("eval", "bench")
         d = r.get("sae_dir")
         if isinstance(d, str) and d:
-            p = Path(d) if Path(d).is_absolute() else root_p / d
-            covered.add(str(p.resolve()))
+            try:
+                p = (Path(d) if Path(d).is_absolute() else root_p / d).resolve()
+            except (OSError, RuntimeError, ValueError):
+                continue
+            if str(p) in by_path:
+                r["bench_sae"] = r.get("sae")
+                r["sae"] = by_path[str(p)]
     records: list[dict[str, Any]] = []
-    for e in find_saes(root_p):
+    for e in saes:
         f = e.path / "eval_core.json"
-        if not f.is_file() or str(e.path.resolve()) in covered:
+        if not f.is_file():
             continue
         try:
             m = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, RecursionError):
             continue
         if isinstance(m, dict):
-            rec = {"sae": e.rel, "source": f.relative_to(root_p).as_posix(), "method": e.cfg.get("method") or e.cfg.get("architecture", "")}
+            rec = {"sae": e.rel, "source": f.relative_to(root_p).as_posix(), "eval": "core",
+                   "method": e.cfg.get("method") or e.cfg.get("architecture", "")}
             rec |= {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
             records.append(rec)
     return records + bench
@@ -1357,7 +1985,7 @@ def _read_bench_file(f: Path, root: Path) -> list[dict[str, Any]]:
             rows = data.get("results") if isinstance(data, dict) else data
             if isinstance(data, dict) and rows is None and any(k in data for k in ("l0", "fvu")):
                 rows = [data]
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):
         return []
     if not isinstance(rows, list):
         return []

@@ -60,6 +60,7 @@ __all__ = [
     "steer",
     "steered_pair",
     "next_token_logprob_diff",
+    "rank_plausible_changes",
     "max_activation",
     "sae_site",
     "site_activations",
@@ -420,12 +421,44 @@ def _row_result(model, tokens: Tensor, row: int, prompt_len: int, eos: int | Non
     return _result(model, seq[None], prompt_len)
 
 
-def _logprob_diff(model, base_logits: Tensor, steered_logits: Tensor, top_n: int) -> list[tuple[str, float]]:
-    diff = F.log_softmax(steered_logits.float(), -1) - F.log_softmax(base_logits.float(), -1)
+def rank_plausible_changes(base: Tensor, steered: Tensor, top_n: int = 10, top_k: int = 50, top_p: float = 0.95) -> list[tuple[int, float]]:
+    """Rank next-token log-prob changes among the tokens plausible under EITHER distribution.
+
+    ``base`` and ``steered`` are log-probabilities over the vocabulary. The candidates are the union,
+    over both runs, of the ``top_k`` most likely tokens cut to the nucleus of mass ``top_p`` (at least
+    one token each), so junk subwords whose tiny probabilities move a lot never dominate. Returns
+    ``top_n`` rises (largest first) then ``top_n`` falls (most negative first) as (token id, change);
+    fewer when there are fewer candidates.
+    """
+    cand: set[int] = set()
+    for lp in (base, steered):
+        v, i = lp.float().topk(min(top_k, lp.numel()))
+        cum = v.exp().cumsum(0)
+        n = int((cum < top_p).sum()) + 1
+        cand.update(i[:n].tolist())
+    ids = torch.tensor(sorted(cand))
+    diff = (steered.float() - base.float())[ids]
+    order = torch.argsort(diff, descending=True)
+    n = min(top_n, len(ids))
+    rises = [(int(ids[j]), float(diff[j])) for j in order[:n]]
+    falls = [(int(ids[j]), float(diff[j])) for j in order.flip(0)[:n]]
+    return rises + falls
+
+
+def _logprob_diff(model, base_logits: Tensor, steered_logits: Tensor, top_n: int, plausible: bool = True) -> list[tuple[str, float]]:
+    """``top_n`` rises then ``top_n`` falls of log p_steered − log p_default, as (token string, change).
+
+    ``plausible``: rank only tokens plausible under either run (:func:`rank_plausible_changes`);
+    otherwise the whole vocabulary, where junk subwords with tiny probabilities often move most.
+    """
+    base, steered = F.log_softmax(base_logits.float(), -1), F.log_softmax(steered_logits.float(), -1)
+    tok = model.tokenizer
+    if plausible:
+        return [(tok.decode([t]), v) for t, v in rank_plausible_changes(base, steered, top_n)]
+    diff = steered - base
     n = min(top_n, diff.numel())
     up = diff.topk(n)
     down = (-diff).topk(n)
-    tok = model.tokenizer
     rises = [(tok.decode([int(i)]), float(v)) for v, i in zip(up.values, up.indices)]
     falls = [(tok.decode([int(i)]), -float(v)) for v, i in zip(down.values, down.indices)]
     return rises + falls
@@ -449,6 +482,7 @@ def steer(
     stop_at_eos: bool = True,
     prepend_bos: bool = True,
     top_n: int = 10,
+    plausible: bool = True,
     on_text: Callable[[str, str], None] | None = None,
 ) -> SteeringRun:
     """Default and steered continuations of ``prompt`` in **one batched run** of two rows.
@@ -457,7 +491,8 @@ def steer(
     see the same sampling noise (same seed), so this is :func:`generate` run twice, at the cost of
     one run (a decode step on CPU is bound by reading the weights, which both rows share). The
     next-token log-prob changes come from the same pass (the logits after the prompt), so they cost
-    nothing extra. ``on_text(default_new_text, steered_new_text)`` is called after every new token
+    nothing extra; with ``plausible`` they are ranked among tokens plausible under either run
+    (:func:`rank_plausible_changes`). ``on_text(default_new_text, steered_new_text)`` is called after every new token
     (for streaming into a UI). Batched and one-row runs agree to float rounding (the matmuls see a
     different batch size), so a sampled token can differ only where two candidates are tied to ~1e-6.
     """
@@ -499,7 +534,7 @@ def steer(
             for _, h in hooks:
                 h.reset()
             first.append(_call_last(model, toks.expand(2, -1).contiguous())[:, -1].float().cpu())
-    diffs = _logprob_diff(model, first[0][0], first[0][1], top_n)
+    diffs = _logprob_diff(model, first[0][0], first[0][1], top_n, plausible)
     default, steered = (_row_result(model, out, r, plen, eos) for r in range(2))
     return SteeringRun(default, steered, diffs, time.perf_counter() - t0)
 
@@ -516,7 +551,7 @@ def steered_pair(model, sae, prompt: str | Tensor, latent: int, strength: float,
 
 @torch.no_grad()
 def next_token_logprob_diff(model, sae, prompt: str | Tensor, latent: int, strength: float, max_act: float,
-                            scope: Scope = "all", top_n: int = 10) -> list[tuple[str, float]]:
+                            scope: Scope = "all", top_n: int = 10, plausible: bool = True) -> list[tuple[str, float]]:
     """Tokens whose next-token log-prob changes most under steering: ``top_n`` rises, then ``top_n`` falls.
 
     Each entry is ``(token string, log p_steered − log p_default)`` for the token after the prompt;
@@ -529,7 +564,7 @@ def next_token_logprob_diff(model, sae, prompt: str | Tensor, latent: int, stren
     with model_lock(model):
         base = model(toks)[0, -1]
         steered = model.run_with_hooks(toks, fwd_hooks=[(hook, SteeringHook(vec, scope, toks.shape[1], head))])[0, -1]
-    return _logprob_diff(model, base, steered, top_n)
+    return _logprob_diff(model, base, steered, top_n, plausible)
 
 
 @torch.no_grad()

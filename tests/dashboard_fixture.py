@@ -4,6 +4,8 @@ Layout built by :func:`build_root`::
 
     root/corpus.txt            eval-split paragraphs (some with <script>/<b> tags in them)
     root/saes/topk/            TopK SAE (96 latents, latent 5 dead) + dashboards + eval_core.json
+    root/saes/topk_perm/       the same SAE with its latents permuted (PERM) + dashboards: latent i of
+                               topk is latent PERM_INV[i] here (decoder cosine 1, co-activation r = 1)
     root/saes/abstopk/         signed AbsTopK SAE (48 latents) + dashboards + eval_core.json
     root/saes/nodash/          an SAE without dashboards
     root/bench/results.json    bench-style results records
@@ -27,6 +29,8 @@ DEAD = 5
 PLANTED = 7  # a TopK latent aimed at the token " fox"
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "while", "a", "curious", "cat", "watches", "from", "old", "wooden", "fence", "and", "birds", "sing", "in", "tall", "green", "trees", "near", "quiet", "river", "bank"]
 SCRIPT = "<script>alert('x')</script>"
+PERM = torch.randperm(96, generator=torch.Generator().manual_seed(7))  # topk_perm latent j = topk latent PERM[j]
+PERM_INV = torch.argsort(PERM)  # topk latent i = topk_perm latent PERM_INV[i]
 
 
 def write_corpus(path: Path, n_docs: int = 260) -> Path:
@@ -74,6 +78,15 @@ def build_root(root: Path, model_dir: Path, model) -> Path:
             (folder / "eval_core.json").write_text(json.dumps({
                 "l0": float(k), "fvu": 0.3 + 0.1 * seed, "ce_loss_score": 0.8 - 0.1 * seed, "kl_div_score": 0.7,
                 "dead_fraction": 1 / d_sae, "n_tokens": 1000, "architecture": arch, "method": arch, "d_sae": d_sae}))
+    topk = SAE.load(root / "saes" / "topk")
+    perm = SAE(topk.cfg)
+    with torch.no_grad():
+        perm.encoder_weight.copy_(topk.encoder_weight[PERM])
+        perm.W_dec.copy_(topk.W_dec[PERM])
+        perm.b_enc.copy_(topk.b_enc[PERM])
+        perm.b_dec.copy_(topk.b_dec)
+    folder = perm.save(root / "saes" / "topk_perm")
+    build_dashboards(folder, model=model, n_tokens=N_TOKENS, feature_batch_size=32, progress=False)
     bench = root / "bench"
     bench.mkdir(exist_ok=True)
     (bench / "results.json").write_text(json.dumps({"results": [

@@ -170,7 +170,11 @@ def test_search_opens_a_latent(monkeypatch, root, mode, query):
     assert len(hits) >= 3 and f"#{F.PLANTED}" in [b.label for b in hits]
     if mode == "Token":
         assert hits[0].label == f"#{F.PLANTED}"
-    assert "<mark>" in html(at) if mode.startswith("Text") else "peaks on" in html(at)
+    body = html(at)
+    if mode.startswith("Text"):  # the example where it fires on the word, the word marked, the density
+        assert "fires on" in body and "tok match" in body and "density" in body and "tok peak" in body
+    else:
+        assert "peaks on" in body and "density" in body
     target = next(b for b in hits if b.label == f"#{F.PLANTED}")
     target.click().run()
     assert at.session_state["page"] == "Feature" and texts(at.header)[0].startswith(f"Latent {F.PLANTED}")
@@ -182,9 +186,12 @@ def test_prompt_to_top_latents(monkeypatch, root):
     at.text_area(key="prompt_search_text").input("a lazy fox")
     next(b for b in at.button if b.label == "Find latents").click().run()
     assert not at.exception
-    df = at.dataframe[0].value
-    assert list(df["token"]) == ["'<|im_start|>'", "'a'", "' lazy'", "' fox'"]
-    assert df["top latents"][0] == "(special token, masked)" and f"#{F.PLANTED} " in df["top latents"][3]
+    table = next(h.proto.body for h in at.html if 'id="prompt-top-latents"' in h.proto.body)
+    rows = table.split("<tr>")[2:]  # a full-height table, not a 10-row scroll box
+    assert len(rows) == 4 and "&#x27;&lt;|im_start|&gt;&#x27;" in rows[0] and "special token, masked" in rows[0]
+    assert "&#x27; fox&#x27;" in rows[3]
+    # every latent id is a deep link to its feature page
+    assert f'<a href="?sae=saes%2Ftopk&amp;feature={F.PLANTED}&amp;page=Feature" target="_self">#{F.PLANTED}</a>' in rows[3]
     at.selectbox(key="prompt_search_pick").set_value(F.PLANTED).run()
     at.button(key="prompt_search_open").click().run()
     assert at.session_state["page"] == "Feature" and at.session_state["feature"] == F.PLANTED

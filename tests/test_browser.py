@@ -27,6 +27,11 @@ ARTIFACTS = B.ARTIFACTS_ROOT / "browser"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir, tiny_model):
     root = F.build_root(tmp_path_factory.mktemp("browser") / "root", tiny_model_dir, tiny_model)
+    # hostile SAE folders under the root: skipped with a note, never a traceback (issue 14.8)
+    for name, cfg in (("deep", '{"d_sae": ' + "[" * 200_000 + "]" * 200_000 + "}"), ("dabc", '{"d_in": 64, "d_sae": "abc"}')):
+        (root / "bad" / name).mkdir(parents=True)
+        shutil.copy(root / "saes" / "nodash" / "sae.safetensors", root / "bad" / name / "sae.safetensors")
+        (root / "bad" / name / "cfg.json").write_text(cfg)
     with B.serve(root, tmp_path_factory.mktemp("log")) as srv:
         yield srv.url, root
 
@@ -81,8 +86,13 @@ def test_main_journey(server, page):
     heading(pg, "Latent 0")
     pg.get_by_test_id("stSelectbox").first.click()
     options = pg.get_by_role("option").all_inner_texts()
-    assert [o.split(" · ")[0] for o in options] == ["saes/abstopk", "saes/nodash", "saes/topk"]
-    pg.get_by_role("option").filter(has_text="saes/topk").click()
+    assert [o.split(" · ")[0] for o in options] == ["saes/abstopk", "saes/nodash", "saes/topk", "saes/topk_perm"]
+    pg.keyboard.press("Escape")
+    note = pg.get_by_text(re.compile("Skipped 2 SAE folders that cannot be read")).first
+    expect(note).to_be_visible()
+    assert "nested too deeply" in pg.get_by_test_id("stAlert").first.inner_text() and "Traceback" not in pg.content()
+    pg.get_by_test_id("stSelectbox").first.click()
+    pg.get_by_role("option").filter(has_text=re.compile("^saes/topk ·")).click()
     heading(pg, "Latent 0")
     expect(pg).to_have_url(re.compile("sae=saes(%2F|/)topk"))
     shot(pg, "01-sae-picked")
@@ -98,6 +108,16 @@ def test_main_journey(server, page):
     assert re.search(r"= 0\.\d+", peak.get_attribute("title"))
     assert pg.locator("#top-examples .row").count() >= 20
     assert pg.locator(".js-plotly-plot").count() >= 2  # activation + logit histograms
+    # automatic summary; tokens read as text (no gaps between token spans)
+    expect(pg.locator("#auto-summary")).to_contain_text("fires on")
+    row = pg.locator("#top-examples .row .ctx").first
+    toks = row.locator(".tok")
+    gaps = pg.evaluate("""() => { const t = [...document.querySelectorAll('#top-examples .row .ctx')[0].querySelectorAll('.tok')];
+        let g = 0; for (let i = 1; i < t.length; i++) { const a = t[i-1].getBoundingClientRect(), b = t[i].getBoundingClientRect();
+        if (Math.abs(a.top - b.top) < 2) g = Math.max(g, b.left - a.right); } return g; }""")
+    assert toks.count() > 5 and gaps < 0.5, gaps
+    nb = pg.get_by_role("button", name=re.compile(r"^#\d+ · cos .+ · '"))
+    assert nb.count() >= 5  # neighbours show their top tokens
     shot(pg, "02-feature")
 
     # 3. corpus text with HTML in it is shown as text, never run
@@ -113,12 +133,35 @@ def test_main_journey(server, page):
     # 4. search by text in top examples, open a hit
     pg.get_by_test_id("stSidebar").get_by_text("Search", exact=True).click()
     heading(pg, "Search latents")
+    pg.get_by_label("Query", exact=True).fill("the")
+    pg.get_by_role("button", name="Search", exact=True).click()
+    pg.get_by_text(re.compile(r"results · showing 1–20")).wait_for()
+    settle(pg)
+    assert pg.locator(".tok.match").count() >= 20 and pg.get_by_text(re.compile("of max\\)")).count() >= 20
+    pg.get_by_role("button", name="Next page ▶").click()
+    pg.get_by_text(re.compile(r"results · showing 21–")).wait_for()
+    settle(pg)
+    # token search for words a latent peaks on in two spellings ("in" / " in"): no duplicate-key crash
+    pg.get_by_text("Token", exact=True).click()
+    settle(pg)
+    for word in ("in", "the", "love", "fox"):
+        pg.get_by_label("Query", exact=True).fill(word)
+        pg.get_by_role("button", name="Search", exact=True).click()
+        settle(pg)
+        assert pg.get_by_test_id("stException").count() == 0 and "DuplicateElementKey" not in pg.content(), word
+    # a pasted 50,000-word query comes back promptly, saying it was cut
+    pg.get_by_text("Text in top examples", exact=True).click()
+    settle(pg)
+    t0 = time.perf_counter()
+    pg.get_by_label("Query", exact=True).fill("cat " * 50_000)
+    pg.get_by_role("button", name="Search", exact=True).click()
+    pg.get_by_text(re.compile("cut to its first 1,000 characters")).wait_for()
+    assert time.perf_counter() - t0 < 30
     pg.get_by_label("Query", exact=True).fill("fox")
     pg.get_by_role("button", name="Search", exact=True).click()
     hit = pg.get_by_role("button", name=f"#{F.PLANTED}", exact=True)
     hit.wait_for()
     settle(pg)
-    assert pg.locator(".sb-snippet mark").count() >= 1
     shot(pg, "04-search")
     hit.click()
     heading(pg, f"Latent {F.PLANTED}")
@@ -156,7 +199,31 @@ def test_main_journey(server, page):
     assert pg.locator(".js-plotly-plot").count() == 1  # next-token log-prob changes
     shot(pg, "06-steer")
 
-    # 7. evals page, and a dead latent
+    # 7. compare across SAEs: the permuted copy holds the same latent; jump to it
+    pg.goto(f"{url}/?sae=saes/topk&feature={F.PLANTED}&page=Compare")
+    heading(pg, f"Latent {F.PLANTED} across SAEs")
+    j = int(F.PERM_INV[F.PLANTED])
+    match = pg.get_by_role("button", name=re.compile(f"^#{j} · r \\+1\\.000"))
+    expect(match).to_be_visible()
+    shot(pg, "06b-compare")
+    match.click()
+    heading(pg, f"Latent {j}")
+    expect(pg).to_have_url(re.compile("sae=saes(%2F|/)topk_perm"))
+
+    # 8. prompt -> top latents: ids are deep links
+    pg.goto(f"{url}/?sae=saes/topk&page=Search")
+    heading(pg, "Search latents")
+    pg.get_by_text("Prompt → top latents", exact=True).click()
+    settle(pg)
+    pg.get_by_label("Prompt", exact=True).fill("a lazy fox")
+    pg.get_by_role("button", name="Find latents").click()
+    link = pg.locator("#prompt-top-latents a", has_text=f"#{F.PLANTED}").first
+    link.wait_for()
+    settle(pg)
+    link.click()
+    heading(pg, f"Latent {F.PLANTED}")
+
+    # 9. evals page, and a dead latent
     pg.goto(f"{url}/?page=Evals")
     heading(pg, "Evals")
     assert pg.locator(".js-plotly-plot").count() == 2

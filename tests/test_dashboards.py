@@ -148,9 +148,13 @@ def test_logit_effects_and_neighbours_match_brute_force(case, tiny_model):
 def _dump(folder: Path) -> dict:
     con = sqlite3.connect(folder / D.DB_FILE)
     out = {}
-    for t in ("vocab", "features", "examples", "feature_tokens"):
+    for t in ("vocab", "features", "examples", "feature_tokens", "fire_words", "summaries"):
         out[t] = con.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall() if t != "vocab" else con.execute("SELECT * FROM vocab").fetchall()
     out["fts"] = con.execute("SELECT rowid, tokens, contexts FROM examples_fts ORDER BY rowid").fetchall()
+    out["summary_fts"] = con.execute("SELECT rowid, text FROM summary_fts ORDER BY rowid").fetchall()
+    from safetensors.torch import load_file
+
+    out["token_codes"] = {k: v.tolist() for k, v in load_file(str(folder / D.TOKEN_CODES_FILE)).items()}
     out["batches"] = con.execute("SELECT batch, first, stop FROM batches ORDER BY batch").fetchall()
     meta = dict(con.execute("SELECT key, value FROM meta"))
     for k in ("timings", "provenance"):
@@ -212,8 +216,8 @@ def test_other_settings_refuse_to_resume_and_rebuild_keeps_labels(root, tiny_mod
 def test_search_text_token_and_labels(root):
     db = D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR)
     hits = db.search_token(" Fox ")
-    assert hits and hits[0][0] == F.PLANTED and hits[0][1].strip() == "fox"
-    for f, _, n, _ in hits:
+    assert hits and hits[0].feature == F.PLANTED and [t.strip() for t in hits[0].tokens] == ["fox"]
+    for f, _, n, _, _ in hits:
         peaks = [e.tokens[e.peak_index].strip().lower() for e in db.examples(f, "top")]
         assert peaks.count("fox") == n
     text_hits = db.search_text("fox")
@@ -266,7 +270,7 @@ def test_prompt_activations_match_the_sae(root, tiny_model):
 
 def test_find_saes_stays_inside_the_root(root, tmp_path):
     rels = [e.rel for e in D.find_saes(root)]
-    assert rels == ["saes/abstopk", "saes/nodash", "saes/topk"]
+    assert rels == ["saes/abstopk", "saes/nodash", "saes/topk", "saes/topk_perm"]
     assert D.resolve_sae(root, "saes/topk").path == (root / "saes" / "topk").resolve()
     for bad in ("../root/saes/topk", "/etc", str(root / "saes" / "topk"), "saes/../saes/topk", "", None):
         assert D.resolve_sae(root, bad) is None
@@ -301,8 +305,268 @@ def test_eval_results_read_bench_tables_once(root, tmp_path):
     (r / "bench" / "results.json").write_text(_json.dumps(rows))
     (r / "bench" / "results.csv").write_text("sae,sae_dir,method,l0,fvu,ce_loss_score\ntopk,x,topk,6.0,0.3,0.8\n")
     recs = D.load_eval_results(r)
-    assert len(recs) == 1 and recs[0]["source"] == "bench/results.json"  # eval_core.json of the same SAE not repeated
+    # both sources of the same SAE are kept, each naming its file: never one silently replacing the other
+    assert sorted(x["source"] for x in recs) == ["bench/results.json", "saes/topk/eval_core.json"]
+    assert {x["sae"] for x in recs} == {"saes/topk"} and {x["eval"] for x in recs} == {"bench", "core"}
     (r / "bench" / "results.json").unlink()
     recs = D.load_eval_results(r)
     assert sorted(x["source"] for x in recs) == ["bench/results.csv", "saes/topk/eval_core.json"]
     assert next(x for x in recs if x["source"] == "bench/results.csv")["l0"] == 6.0
+
+
+# ---- issue 19 / 14: search, summaries, compare, discovery ---------------------------------------------
+
+
+def _expected_token_hits(db):
+    """Brute force from the stored top examples: normalised token -> {latent: top examples peaking on it}."""
+    out: dict[str, dict[int, int]] = {}
+    for f in range(db.d_sae):
+        for e in db.examples(f, "top"):
+            key = e.tokens[e.peak_index].strip().casefold()
+            out.setdefault(key, {}).setdefault(f, 0)
+            out[key][f] += 1
+    return out
+
+
+def test_token_search_over_the_whole_vocabulary(root):
+    """Every token of the vocabulary: one hit per latent (no duplicates, which crashed the app with
+    StreamlitDuplicateElementKey), counts equal to the stored top examples."""
+    db = D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR)
+    expected = _expected_token_hits(db)
+    vocab = db.vocab()
+    assert len(vocab) > 40_000
+    seen_keys = set()
+    for tok in vocab:
+        key = tok.strip().casefold()
+        if key in seen_keys:
+            continue
+        seen_keys.add(key)
+        hits = db.search_token(tok)
+        feats = [h.feature for h in hits]
+        assert len(feats) == len(set(feats)), tok
+        assert {h.feature: h.n for h in hits} == expected.get(key, {}) if key else hits == [], tok
+        assert [(-h.n, -h.max_value) for h in hits] == sorted((-h.n, -h.max_value) for h in hits)
+    # the case that crashed: one latent peaking on two spellings of the same word is one hit listing both
+    multi = [(k, h) for k in expected for h in db.search_token(k) if len(h.tokens) > 1]
+    assert multi and all(len({t.strip().casefold() for t in h.tokens}) == 1 for _, h in multi)
+
+
+def test_text_search_ranks_where_the_latent_fires(root):
+    db = D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR)
+    for q in ("fox", "Quick FOX", "the"):
+        words = q.lower().split()
+        expected = {}
+        for f in range(db.d_sae):
+            fd = db.feature(f)
+            if fd.dead:
+                continue
+            exs = db.examples(f)
+            per = [max((abs(e.acts[j]) for e in exs for j in D.word_tokens(e.tokens, [w])), default=0.0) for w in words]
+            if all(v > 0 for v in per):
+                expected[f] = min(v / fd.max_abs_act for v in per)
+        page = db.search_fires(q)
+        assert page.total == len(page.hits) == len(expected) > 0 and page.notes == []
+        assert {h.feature: round(h.score, 5) for h in page.hits} == {f: round(v, 5) for f, v in expected.items()}
+        assert [h.score for h in page.hits] == sorted((h.score for h in page.hits), reverse=True)
+        for h in page.hits:  # the example shown is one where it fires on a query word
+            ex = db.example(h.feature, h.kind, h.rank)
+            assert any(ex.acts[j] != 0 for j in D.word_tokens(ex.tokens, words)), (q, h)
+            assert h.density == pytest.approx(db.feature(h.feature).density)
+    # a word that never appears where a latent fires matches nothing, even if it is in the context
+    assert db.search_fires("zebra").hits == []
+
+
+def test_search_is_bounded(root, monkeypatch):
+    import time
+
+    db = D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR)
+    t = time.perf_counter()
+    page = db.search_fires("cat " * 50_000)
+    assert time.perf_counter() - t < 2.0
+    assert page.hits and any("first 1,000 characters (of 200,000)" in n for n in page.notes)
+    page = db.search_fires(" ".join(f"w{i}" for i in range(100)))
+    assert any("first 16 of its 100 distinct words" in n for n in page.notes)
+    t = time.perf_counter()
+    assert db.search_labels("cat " * 50_000) == [] and db.search_summaries(" ".join(f"w{i}" for i in range(50_000))).notes
+    assert db.search_token("cat " * 50_000) == [] and time.perf_counter() - t < 2.0
+    # the time limit interrupts SQLite itself (a query that would run for minutes stops at the limit) ...
+    con = D._connect(db.db_path, readonly=True)
+    monkeypatch.setattr(D, "SEARCH_TIME_LIMIT_S", 0.3)
+    t = time.perf_counter()
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"), D._bounded_search(con) as stopped:
+        con.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT COUNT(*) FROM c").fetchone()
+    assert stopped == [True] and time.perf_counter() - t < 1.5
+    con.close()
+    # ... and a search cut by it says so
+    monkeypatch.setattr(D, "SEARCH_TIME_LIMIT_S", 0.0)
+    monkeypatch.setattr(D, "PROGRESS_STEPS", 1)
+    page = db.search_fires("the fox")
+    assert page.hits == [] and any("stopped after 0 s" in n for n in page.notes)
+    # while every search slot is taken, a search waits at most the limit and says why; pages still load
+    monkeypatch.setattr(D, "SEARCH_TIME_LIMIT_S", 0.2)
+    monkeypatch.setattr(D, "PROGRESS_STEPS", 2000)
+    held = [D._search_slots.acquire(timeout=5) for _ in range(D.SEARCH_SLOTS)]
+    try:
+        assert all(held)
+        t = time.perf_counter()
+        page = db.search_fires("fox")
+        assert page.hits == [] and any("busy" in n for n in page.notes) and time.perf_counter() - t < 1.0
+        assert db.feature(F.PLANTED) is not None and db.examples(F.PLANTED)
+    finally:
+        for _ in held:
+            D._search_slots.release()
+    assert db.search_fires("fox").hits
+
+
+def test_summary_matches_brute_force(case):
+    db, sae, dense = case
+    toks = torch.from_numpy(np.asarray(db.tokens()).astype(np.int64)).flatten()
+    ctx = db.tokens().shape[1]
+    checked = 0
+    for i in range(sae.d_sae):
+        a = dense[:, i]
+        nz = (a != 0).nonzero().squeeze(1)
+        summ = db.summary(i)
+        if len(nz) == 0:
+            assert summ is None
+            continue
+        mass = a[nz].abs().double()
+        for key, ids, keep in (("at", toks[nz], torch.ones(len(nz), dtype=torch.bool)), ("before", toks[(nz - 1).clamp_min(0)], nz % ctx > 0)):
+            share = torch.zeros(len(db.vocab()), dtype=torch.float64).index_add_(0, ids[keep], mass[keep]) / mass[keep].sum()
+            want = share.sort(descending=True).values[: len(summ[key])].tolist()
+            assert [s for _, s in summ[key]] == pytest.approx(want, abs=2e-4)
+            for tok, s in summ[key]:
+                assert share[[t for t, v in enumerate(db.vocab()) if v == tok]].max().item() == pytest.approx(s, abs=2e-4)
+        assert summ["promotes"] == [t for t, _ in db.feature(i).logits_pos[:5]]
+        checked += 1
+        if checked >= 8:
+            break
+    assert checked == 8
+
+
+def test_summaries_are_searchable(root):
+    db = D.Dashboard(root / "saes" / "topk" / D.DASHBOARD_DIR)
+    word = db.summary(F.PLANTED)["at"][0][0].strip()
+    assert word == "fox"
+    page = db.search_summaries(word)
+    assert F.PLANTED in page.hits and all(word in " ".join(t for t, _ in db.summary(f)["at"] + db.summary(f)["before"]) + " ".join(db.summary(f)["promotes"])
+                                          for f in page.hits)
+
+
+def test_compare_finds_the_same_latent_in_a_permuted_sae(root):
+    a, b = root / "saes" / "topk", root / "saes" / "topk_perm"
+    Wa, Wb = D.decoder_directions(a), D.decoder_directions(b)
+    ca, cb = D.TokenCodes(a / D.DASHBOARD_DIR), D.TokenCodes(b / D.DASHBOARD_DIR)
+    assert D.same_tokens(a / D.DASHBOARD_DIR, b / D.DASHBOARD_DIR) and D.same_site(SAE.load(a).cfg.model_dump(), SAE.load(b).cfg.model_dump())
+    live = 0
+    for i in range(96):
+        j = int(F.PERM_INV[i])
+        (top, cos), *_ = D.cosine_matches(Wa[i], Wb, 3)
+        assert top == j and cos == pytest.approx(1.0, abs=1e-5)
+        pos, vals = ca.latent(i)
+        matches = cb.coactivation(pos, vals, ca.mean[i], ca.std[i], 3)
+        if i == F.DEAD:
+            assert len(pos) == 0 and matches == []
+            continue
+        live += 1
+        assert matches[0][0] == j and matches[0][1] == pytest.approx(1.0, abs=1e-6)
+    assert live == 95
+    # co-activation equals a brute-force Pearson r over the dashboard tokens (against the signed SAE)
+    c2 = D.TokenCodes(root / "saes" / "abstopk" / D.DASHBOARD_DIR)
+    pos, vals = ca.latent(F.PLANTED)
+    got = c2.coactivation(pos, vals, ca.mean[F.PLANTED], ca.std[F.PLANTED], 3)
+    def dense_of(c, d):
+        m = np.zeros((c.n_positions, d))
+        rows = np.repeat(np.arange(c.n_positions), np.diff(c.row_ptr))
+        m[rows, c.feat] = c.val
+        return m
+    valid = ~np.isin(np.asarray(D.Dashboard(a / D.DASHBOARD_DIR).tokens()).reshape(-1), list(D.Dashboard(a / D.DASHBOARD_DIR).special_ids))
+    A, B2 = dense_of(ca, 96)[valid], dense_of(c2, 48)[valid]
+    r = [(np.corrcoef(A[:, F.PLANTED], B2[:, j])[0, 1] if B2[:, j].std() > 0 else 0.0) for j in range(48)]
+    for j, v in got:
+        assert v == pytest.approx(r[j], abs=1e-6)
+    assert got[0][0] == int(np.nanargmax(r))
+
+
+def _bad_root(root, tmp_path):
+    import shutil
+
+    r = tmp_path / "bad_root"
+    shutil.copytree(root / "saes" / "nodash", r / "good")
+    for name, cfg in (("deep", '{"d_sae": ' + "[" * 200_000 + "]" * 200_000 + "}"), ("dabc", '{"d_in": 64, "d_sae": "abc"}'),
+                      ("dtrue", '{"d_in": 64, "d_sae": true}'), ("listcfg", "[1, 2]"), ("notjson", "{nope")):
+        (r / name).mkdir()
+        shutil.copy(root / "saes" / "nodash" / "sae.safetensors", r / name / "sae.safetensors")
+        (r / name / "cfg.json").write_text(cfg)
+        (r / name / "eval_core.json").write_text(cfg)
+    return r
+
+
+def test_unreadable_sae_folders_are_skipped_with_a_reason(root, tmp_path):
+    r = _bad_root(root, tmp_path)
+    saes, skipped = D.scan_saes(r)
+    assert [e.rel for e in saes] == ["good"] and [e.rel for e in D.find_saes(r)] == ["good"]
+    reasons = {s.rel: s.reason for s in skipped}
+    assert reasons == {"dabc": "d_sae is 'abc', not a positive integer", "deep": "cfg.json is nested too deeply to read",
+                       "dtrue": "d_sae is True, not a positive integer", "listcfg": "cfg.json holds a list, not an object",
+                       "notjson": reasons["notjson"]}
+    assert reasons["notjson"].startswith("cfg.json is not valid JSON") and "\n" not in reasons["notjson"]
+    assert [x["sae"] for x in D.load_eval_results(r)] == []  # good has no eval; the bad ones never raise
+
+
+def test_rank_plausible_changes_ignores_junk_subwords():
+    from saebench.steering import rank_plausible_changes
+
+    base = torch.full((1000,), 0.01 / 997)
+    base[:3] = torch.tensor([0.6, 0.3, 0.09])
+    steered = base.clone()
+    steered[:3] = torch.tensor([0.3, 0.6, 0.085])
+    steered[500] = 0.005  # a junk token: from 1e-5 to 5e-3, the largest log-prob change in the vocabulary
+    lb, ls = base.log(), steered.log()
+    assert int((ls - lb).argmax()) == 500
+    out = rank_plausible_changes(lb, ls, top_n=10)
+    assert [t for t, _ in out] == [1, 2, 0, 0, 2, 1]  # only the nucleus of either run: rises, then falls
+    assert out[0][1] == pytest.approx(math.log(2)) and out[3][1] == pytest.approx(-math.log(2))
+
+
+def test_firing_words_equal_the_window_words():
+    """The build's fast path (only the tokens where the latent fires) gives the same words and values as
+    splitting the whole window's text, including words split over several tokens and empty tokens."""
+    rng = np.random.default_rng(0)
+    vocab = np.array([" the", " quick", "FOR", "M", "AL", "DE", " fox", ".", "\n", " over", "'s", "_x", "a-b", "<|im_start|>", "", " ", "é", "x1",
+                      "ab cd", "ß", "Σ", "x" * 40, "-", "a.b.c"], dtype=object)
+    vw = D._vocab_words(vocab)
+    for _ in range(20_000):
+        ids = rng.integers(0, len(vocab), 23)
+        vals = rng.standard_normal(23).astype(np.float32)
+        vals[np.abs(vals) < rng.uniform(0, 2.5)] = 0
+        assert D._firing_words(ids, vals, vocab, vw) == D._window_words(list(vocab[ids]), vals)
+    assert D._window_words(["FOR", "M", "AL", " de"], np.array([0, 2.0, 0, 0], np.float32)) == {"formal": 2.0}
+
+
+def test_outlier_norm_tokens_are_masked(root, tiny_model, tmp_path):
+    """Tokens whose activation norm exceeds factor x the batch median are never encoded (as in training):
+    on SmolLM2 the first token after BOS has ~1,000x the norm and every latent would peak on it."""
+    sae_dir = root / "saes" / "topk"
+    out = tmp_path / "dash"
+    D.build_dashboards(sae_dir, model=tiny_model, n_tokens=F.N_TOKENS, feature_batch_size=48, progress=False, out_dir=out,
+                       outlier_norm_factor=1.15)
+    db = D.Dashboard(out)
+    toks = torch.from_numpy(np.asarray(db.tokens()).astype(np.int64))
+    special = D._special_ids(tiny_model.tokenizer)
+    masked = torch.zeros(toks.shape, dtype=torch.bool)
+    for s in range(0, toks.shape[0], 16):  # the model batches of the build
+        with torch.no_grad():
+            _, cache = tiny_model.run_with_cache(toks[s : s + 16], names_filter=lambda n: n == F.HOOK, stop_at_layer=1)
+        norms = cache[F.HOOK].float().norm(dim=-1)
+        keep = ~torch.isin(toks[s : s + 16], special)
+        masked[s : s + 16] = keep & (norms > 1.15 * norms[keep].median())
+    n_special = int(torch.isin(toks, special).sum())
+    assert 0 < int(masked.sum()) == db.provenance["n_outlier_tokens"]
+    assert db.provenance["n_tokens"] == toks.numel() - n_special - int(masked.sum()) and db.provenance["outlier_norm_factor"] == 1.15
+    for i in range(db.d_sae):
+        f = db.feature(i)
+        assert f.density == pytest.approx(f.n_active / db.provenance["n_tokens"])
+        for e in db.examples(i):
+            assert not masked[e.seq, e.pos]
+            assert all(v == 0 for v, m in zip(e.acts, masked[e.seq, e.start : e.start + len(e.acts)].tolist()) if m)
