@@ -31,16 +31,30 @@ class LogisticProbe:
         return float(((self.logits(x) > 0).long() == y.long()).double().mean())
 
 
-def logistic_objective(w: Tensor, b: Tensor, x: Tensor, y: Tensor, C: float) -> Tensor:
-    """scikit-learn's L2 logistic objective with labels y ∈ {0, 1}."""
+def logistic_objective(w: Tensor, b: Tensor, x: Tensor, y: Tensor, C: float, sample_weight: Tensor | None = None) -> Tensor:
+    """scikit-learn's L2 logistic objective with labels y ∈ {0, 1} (and optional per-sample weights)."""
     s = 2.0 * y.double() - 1.0
-    return C * torch.nn.functional.softplus(-s * (x @ w + b)).sum() + 0.5 * (w @ w)
+    loss = torch.nn.functional.softplus(-s * (x @ w + b))
+    if sample_weight is not None:
+        loss = loss * sample_weight
+    return C * loss.sum() + 0.5 * (w @ w)
 
 
-def fit_logistic(x: Tensor, y: Tensor, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-6) -> LogisticProbe:
+def balanced_weights(y: Tensor) -> Tensor:
+    """scikit-learn's ``class_weight="balanced"``: n / (2·n_class) for each sample's class."""
+    y = y.long()
+    n, n1 = len(y), int(y.sum())
+    if n1 in (0, n):
+        raise ValueError("balanced weights need both classes in y")
+    return torch.where(y == 1, n / (2.0 * n1), n / (2.0 * (n - n1))).double()
+
+
+def fit_logistic(x: Tensor, y: Tensor, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-6,
+                 sample_weight: Tensor | None = None) -> LogisticProbe:
     """Fit the L2 logistic regression (scikit-learn's objective) to ``x`` [n, d], ``y`` [n] ∈ {0, 1}."""
     x = x.detach().double()
     y = y.detach().double()
+    sw = None if sample_weight is None else sample_weight.double()
     if x.shape[0] != y.shape[0] or x.dim() != 2:
         raise ValueError(f"x must be [n, d] and y [n]; got {tuple(x.shape)} and {tuple(y.shape)}")
     with torch.enable_grad():
@@ -51,13 +65,13 @@ def fit_logistic(x: Tensor, y: Tensor, C: float = 1.0, max_iter: int = 1000, tol
 
         def closure():
             opt.zero_grad()
-            loss = logistic_objective(w, b, x, y, C)
+            loss = logistic_objective(w, b, x, y, C, sw)
             loss.backward()
             return loss
 
         opt.step(closure)
         opt.zero_grad()
-        logistic_objective(w, b, x, y, C).backward()
+        logistic_objective(w, b, x, y, C, sw).backward()
         g = torch.cat([w.grad, b.grad.view(1)]).abs().max().item()
     n_iter = opt.state[opt._params[0]].get("n_iter", 0)
     return LogisticProbe(w.detach(), float(b.detach()), g, int(n_iter))
