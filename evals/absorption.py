@@ -284,9 +284,12 @@ def absorption_for_sae(sae: SAE, x_tr: Tensor, y_tr: Tensor, x_te: Tensor, y_te:
             "letters": per_letter, "hook_name": sae.cfg.hook_name, "d_sae": sae.d_sae, "config": cfg.to_dict()}
 
 
-def evaluate_absorption(saes: SAE | Sequence[SAE], model, config: AbsorptionConfig | None = None, *, progress: bool = True
-                        ) -> dict[str, Any] | list[dict[str, Any]]:
-    """Absorption for one SAE or several at one hook (prompts, activations and probes are shared)."""
+def evaluate_absorption(saes: SAE | Sequence[SAE], model, config: AbsorptionConfig | None = None, *, progress: bool = True,
+                        activations_out: dict | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+    """Absorption for one SAE or several at one hook (prompts, activations and probes are shared).
+
+    ``activations_out``, if given, receives the word activations, labels, words and probes (for side-by-side runs).
+    """
     cfg = config or AbsorptionConfig()
     single = isinstance(saes, SAE)
     sae_list = [saes] if single else list(saes)
@@ -308,6 +311,9 @@ def evaluate_absorption(saes: SAE | Sequence[SAE], model, config: AbsorptionConf
     letters = [li for li in range(len(LETTERS)) if (y_tr == li).any() and (y_tr != li).any() and (y_te == li).any()]
     probes = ground_truth_probes(x_tr, y_tr, x_te, y_te, letters)
     words_te = [w for w, _ in words[n_tr:]]
+    if activations_out is not None:
+        activations_out |= {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te, "words": [w for w, _ in words], "n_train": n_tr,
+                            "probes": {LETTERS[li]: (p["probe"].w.float(), p["probe"].b) for li, p in probes.items()}}
     res = []
     for s in sae_list:
         r = absorption_for_sae(s, x_tr, y_tr, x_te, y_te, words_te, probes, cfg)

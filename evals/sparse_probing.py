@@ -169,13 +169,15 @@ def _mean_dicts(ds: Sequence[dict[str, Any]]) -> dict[str, float]:
 @torch.no_grad()
 def evaluate_sparse_probing(saes: SAE | Sequence[SAE], model, config: SparseProbingConfig | None = None, *,
                             datasets: Sequence[ProbeDataset] | None = None, special_ids: Tensor | None = None,
-                            progress: bool = True) -> dict[str, Any] | list[dict[str, Any]]:
+                            progress: bool = True, activations_out: dict | None = None) -> dict[str, Any] | list[dict[str, Any]]:
     """Sparse-probing results for one SAE or several at one hook (the model forwards are shared).
 
     Returns per SAE: the SAEBench-named means over datasets (``llm_test_accuracy``,
     ``llm_top_{k}_test_accuracy``, ``sae_test_accuracy``, ``sae_top_{k}_test_accuracy``) and
     ``datasets[name]`` with the same means over its classes and ``tasks[class]`` with each task's
-    accuracies and ``top_1_latent`` / ``top_1_mean_diff``.
+    accuracies and ``top_1_latent`` / ``top_1_mean_diff``. ``activations_out``, if given, receives per
+    dataset the pooled activations and latents, the class layout and the tasks' row indices (for
+    side-by-side runs).
     """
     cfg = config or SparseProbingConfig()
     single = isinstance(saes, SAE)
@@ -209,10 +211,14 @@ def evaluate_sparse_probing(saes: SAE | Sequence[SAE], model, config: SparseProb
             split_x[split] = pooled_activations(model, sae_list, texts, hook=hook, head=head, context_length=cfg.context_length,
                                                 batch_size=cfg.batch_size, special_ids=special_ids, progress=progress)
         tasks_llm, tasks_sae = {}, [dict() for _ in sae_list]
+        if activations_out is not None:
+            activations_out[ds.name] = {"pooled": split_x, "layout": layout, "classes": ds.classes, "tasks": {}}
         for ci, c in enumerate(ds.classes):
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + ci)
             tr_idx, ytr = binary_task(*layout["train"], c, gen)
             te_idx, yte = binary_task(*layout["test"], c, gen)
+            if activations_out is not None:
+                activations_out[ds.name]["tasks"][c] = (tr_idx, ytr, te_idx, yte)
             (xtr, lat_tr), (xte, lat_te) = split_x["train"], split_x["test"]
             tasks_llm[c] = probe_accuracies(xtr[tr_idx], ytr, xte[te_idx], yte, cfg.ks, "llm", C=cfg.C)
             for si in range(len(sae_list)):
