@@ -6,7 +6,8 @@ Times, for the SAE folder given (at its hook, on the default model):
 
 - ``core`` on ``--eval-tokens`` held-out tokens (the pass AFA rides on), and the AFA part alone: the
   ``AFAAccumulator`` fed the same tokens' activations and codes (its added cost in the core pass);
-- ``sparse_probing`` with the default config (three offline datasets, 200 / 100 texts per task);
+- ``sparse_probing`` on the three offline datasets (``--probe-train-size`` / ``--probe-test-size`` texts per
+  task, default 200 / 100 as the eval's);
 - ``absorption`` with ``--max-words`` vocabulary words.
 
 Each eval runs once (they take minutes on CPU); the machine's load average is recorded before and after
@@ -73,6 +74,8 @@ def main() -> None:
     p.add_argument("sae_dir")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--max-words", type=int, default=AbsorptionConfig.max_words)
+    p.add_argument("--probe-train-size", type=int, default=SparseProbingConfig.train_size)
+    p.add_argument("--probe-test-size", type=int, default=SparseProbingConfig.test_size)
     p.add_argument("--evals", nargs="+", default=["core", "sparse_probing", "absorption"])
     p.add_argument("--out", default=str(RESULTS / "bench_interp_evals"))
     p.add_argument("--dump", default=None, help="folder for the inputs of benchmarks/interp_vs_saebench.py (SAEBench's code on our data)")
@@ -107,7 +110,7 @@ def main() -> None:
         print(json.dumps(rec["evals"]["core"], indent=1))
 
     if "sparse_probing" in a.evals:
-        cfg = SparseProbingConfig()
+        cfg = SparseProbingConfig(train_size=a.probe_train_size, test_size=a.probe_test_size)
         l0, t = load(), time.time()
         dump_sp = {} if a.dump else None
         sp = evaluate_sparse_probing(sae, model, cfg, progress=False, activations_out=dump_sp)

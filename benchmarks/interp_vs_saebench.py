@@ -34,6 +34,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# jaxtyping's run-time shape checks share dimension names between SAEBench's nested calls: its
+# train_probe_on_activations names the per-class tensors "train_dataset_size" and then calls
+# train_sklearn_probe on a binary task twice that size under the same name, which fails with
+# jaxtyping 0.3. The checks are annotations only; turn them off.
+os.environ.setdefault("JAXTYPING_DISABLE", "1")
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch  # noqa: E402
 
