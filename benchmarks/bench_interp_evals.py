@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-
-from saebench import models
 from saebench.evals.absorption import AbsorptionConfig, evaluate_absorption
 from saebench.evals.absorption import format_summary as absorption_summary
 from saebench.evals.common import load_eval_tokens, special_ids_of
@@ -34,6 +32,8 @@ from saebench.evals.core import evaluate_core
 from saebench.evals.quasi_orthogonality import AFAAccumulator
 from saebench.evals.sparse_probing import SparseProbingConfig, evaluate_sparse_probing
 from saebench.evals.sparse_probing import format_summary as probing_summary
+
+from saebench import models
 from saebench.sae import SAE
 from saebench.steering import site_activations
 

@@ -39,11 +39,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # train_sklearn_probe on a binary task twice that size under the same name, which fails with
 # jaxtyping 0.3. The checks are annotations only; turn them off.
 os.environ.setdefault("JAXTYPING_DISABLE", "1")
-import warnings  # noqa: E402
+import warnings
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -52,10 +52,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from saebench.evals.probes import balanced_weights, fit_logistic
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saebench.evals.probes import balanced_weights, fit_logistic
 from saebench.sae import SAE
 from saebench.steering import _flatten, sae_site, stop_layer
 
@@ -99,7 +99,7 @@ def alpha_vocab(tokenizer) -> list[tuple[str, int]]:
     out = []
     for tok, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
         w = tokenizer.convert_tokens_to_string([tok])
-        core = w[1:] if w.startswith(" ") else w
+        core = w.removeprefix(" ")
         if core and all(c in letters for c in core):
             out.append((w, i))
     return out
@@ -336,6 +336,7 @@ def format_summary(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.absorption SAE_DIR``; writes ``eval_absorption.json``."""
     from saebench.evals.common import load_sae_and_model
+
     from saebench.io import write_json
 
     p = argparse.ArgumentParser(prog="saebench.evals.absorption", description=__doc__.split("\n\n")[0])

@@ -167,7 +167,7 @@ def split_rst(text: str) -> tuple[list[str], list[str]]:
         stripped = line.strip()
         if not stripped:
             flush_para()
-        elif line[0] in " \t" or stripped.startswith("..") or _HEADING.match(stripped) or stripped.startswith(("+-", "|")):
+        elif line[0] in " \t" or stripped.startswith(("..", "+-", "|")) or _HEADING.match(stripped):
             flush_para()
             if i + 1 < n and _HEADING.match(lines[i + 1].strip() or "x"):
                 i += 1

@@ -34,16 +34,16 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from saebench.evals.probe_datasets import OFFLINE, ProbeDataset, load_probe_dataset
+from saebench.evals.probes import fit_logistic, top_k_mean_diff
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saebench.evals.probe_datasets import OFFLINE, ProbeDataset, load_probe_dataset
-from saebench.evals.probes import fit_logistic, top_k_mean_diff
 from saebench.sae import SAE
 from saebench.steering import _flatten, sae_site, stop_layer
 
@@ -210,7 +210,7 @@ def evaluate_sparse_probing(saes: SAE | Sequence[SAE], model, config: SparseProb
             layout[split] = (n_by, offs)
             split_x[split] = pooled_activations(model, sae_list, texts, hook=hook, head=head, context_length=cfg.context_length,
                                                 batch_size=cfg.batch_size, special_ids=special_ids, progress=progress)
-        tasks_llm, tasks_sae = {}, [dict() for _ in sae_list]
+        tasks_llm, tasks_sae = {}, [{} for _ in sae_list]
         if activations_out is not None:
             activations_out[ds.name] = {"pooled": split_x, "layout": layout, "classes": ds.classes, "tasks": {}}
         for ci, c in enumerate(ds.classes):
@@ -253,6 +253,7 @@ def format_summary(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.sparse_probing SAE_DIR [--datasets ...]``; writes ``eval_sparse_probing.json``."""
     from saebench.evals.common import load_sae_and_model
+
     from saebench.io import write_json
 
     p = argparse.ArgumentParser(prog="saebench.evals.sparse_probing", description=__doc__.split("\n\n")[0])

@@ -4,10 +4,17 @@ probe, and the prompt/position pipeline on the tiny model."""
 from __future__ import annotations
 
 import torch
-
 from helpers_evals import hand_sae
-from saebench.evals.absorption import (AbsorptionConfig, LETTERS, absorption_for_sae, alpha_vocab, evaluate_absorption,
-                                       ground_truth_probes, icl_prompt, l1_multi_probe)
+from saebench.evals.absorption import (
+    LETTERS,
+    AbsorptionConfig,
+    absorption_for_sae,
+    alpha_vocab,
+    evaluate_absorption,
+    ground_truth_probes,
+    icl_prompt,
+    l1_multi_probe,
+)
 
 HOOK = "blocks.0.hook_resid_post"
 D = 16

@@ -4,10 +4,10 @@ from the core pass, their figures, and resuming from the cache."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
-
 from helpers_evals import random_topk_sae
 from saebench.evals.absorption import AbsorptionConfig
 from saebench.evals.bench import bench_main, run_bench
@@ -19,7 +19,7 @@ HOOK = "blocks.0.hook_resid_post"
 @pytest.fixture
 def labelled_file(tmp_path):
     rng = random.Random(0)
-    words = {"fruit": "apple banana cherry grape lemon mango melon peach".split(), "place": "river mountain forest desert valley ocean".split()}
+    words = {"fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "peach"], "place": ["river", "mountain", "forest", "desert", "valley", "ocean"]}
     rows = [{"text": " ".join(rng.choice(w) for _ in range(16)), "label": lab} for lab, w in words.items() for _ in range(12)]
     path = tmp_path / "task.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
@@ -33,9 +33,9 @@ def test_bench_runs_interp_evals_with_columns_figures_and_cache(tiny_model, labe
         random_topk_sae(64, 128, k, HOOK, seed=k, method=f"topk-k{k}").save(tmp_path / "saes" / f"topk{k}")
     toks = torch.randint(3, 20_000, (4, 16), generator=torch.Generator().manual_seed(0))
     toks[:, 0] = 1
-    kw = dict(out_dir=tmp_path / "bench", tokens=toks, batch_size=4, progress=False,
-              sparse_probing=SparseProbingConfig(datasets=(str(labelled_file),), train_size=12, test_size=8, ks=(1, 2), context_length=24),
-              absorption=AbsorptionConfig(max_words=80, min_letters=1, l1_iters=50))
+    kw = {"out_dir": tmp_path / "bench", "tokens": toks, "batch_size": 4, "progress": False,
+          "sparse_probing": SparseProbingConfig(datasets=(str(labelled_file),), train_size=12, test_size=8, ks=(1, 2), context_length=24),
+          "absorption": AbsorptionConfig(max_words=80, min_letters=1, l1_iters=50)}
     res = run_bench(str(tmp_path / "saes" / "*"), ["core", "sparse_probing", "absorption"], tiny_model, **kw)
     assert len(res.computed) == 6
     jobs = sorted((j["job"], len(j["saes"])) for j in res.timings["jobs"])
@@ -50,7 +50,7 @@ def test_bench_runs_interp_evals_with_columns_figures_and_cache(tiny_model, labe
         assert res.files[name].exists(), name
     again = run_bench(str(tmp_path / "saes" / "*"), ["core", "sparse_probing", "absorption"], tiny_model, **kw)
     assert again.computed == []
-    same = lambda a, b: a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)  # NaN (e.g. no usable letter)
+    same = lambda a, b: a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))  # NaN: no usable letter
     assert all(r1.keys() == r2.keys() and all(same(r1[k], r2[k]) for k in r1) for r1, r2 in zip(again.rows, res.rows))
     # another probing config is another cache entry
     kw["sparse_probing"] = SparseProbingConfig(datasets=(str(labelled_file),), train_size=12, test_size=8, ks=(1,), context_length=24)

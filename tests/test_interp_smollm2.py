@@ -12,10 +12,10 @@ HOOK = "blocks.6.hook_resid_post"
 
 def test_probing_and_absorption_on_smollm2():
     from helpers_evals import orthonormal_sae
-
     from saebench.evals.absorption import AbsorptionConfig, evaluate_absorption
     from saebench.evals.probe_datasets import load_probe_dataset
     from saebench.evals.sparse_probing import SparseProbingConfig, evaluate_sparse_probing, pooled_activations
+
     from saebench.models import load_model
 
     model = load_model()

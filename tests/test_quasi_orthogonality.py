@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-
 from helpers_evals import hand_sae
 from saebench.evals.common import special_ids_of
 from saebench.evals.core import evaluate_core
 from saebench.evals.quasi_orthogonality import AFAAccumulator
 from saebench.evals.reconstruction import evaluate_reconstruction
+
 from saebench.sparse import SparseActs
 
 HOOK = "blocks.0.hook_resid_post"

@@ -8,11 +8,11 @@ import random
 
 import pytest
 import torch
-
 from helpers_evals import hand_sae, random_topk_sae
 from saebench.evals.probe_datasets import LANGUAGES, ProbeDataset, load_probe_dataset, split_rst
 from saebench.evals.probes import fit_logistic, logistic_objective, top_k_mean_diff
 from saebench.evals.sparse_probing import SparseProbingConfig, binary_task, evaluate_sparse_probing, pooled_activations
+
 from saebench.text import CorpusError
 
 HOOK = "blocks.0.hook_resid_post"
@@ -74,8 +74,8 @@ Another paragraph of prose here.
 """
     code, prose = split_rst(rst)
     assert code == [">>> f(1)\n2", "def f(x):\n    return x + 1"]
-    assert prose == ["This paragraph explains what the function does, in plain English words that continue on a second line.  "
-                     "For example:", "Another paragraph of prose here."]
+    first = "This paragraph explains what the function does, in plain English words that continue on a second line.  For example:"
+    assert prose == [first, "Another paragraph of prose here."]
 
 
 def test_offline_datasets_are_real_and_disjoint():
@@ -113,8 +113,8 @@ def test_hf_name_reads_a_local_stand_in_with_datasets(tmp_path, monkeypatch):
 
 def _two_class_dataset(n_train: int = 30, n_test: int = 20) -> ProbeDataset:
     rng = random.Random(0)
-    a = "apple banana cherry grape lemon mango melon peach pear plum".split()
-    b = "river mountain forest desert valley ocean island canyon meadow lake".split()
+    a = ["apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "peach", "pear", "plum"]
+    b = ["river", "mountain", "forest", "desert", "valley", "ocean", "island", "canyon", "meadow", "lake"]
     make = lambda words, n: [" ".join(rng.choice(words) for _ in range(rng.randint(12, 24))) for _ in range(n)]
     return ProbeDataset("planted", {"fruit": make(a, n_train), "place": make(b, n_train)}, {"fruit": make(a, n_test), "place": make(b, n_test)})
 
