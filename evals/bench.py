@@ -42,10 +42,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saebench.evals.absorption import AbsorptionConfig, evaluate_absorption
 from saebench.evals.circuits import CircuitConfig, evaluate_circuit
 from saebench.evals.common import config_hash, load_eval_tokens, sae_checksum, special_ids_of
 from saebench.evals.dead import DEFAULT_WINDOWS
 from saebench.evals.reconstruction import evaluate_hook_group
+from saebench.evals.sparse_probing import SparseProbingConfig, evaluate_sparse_probing
 from saebench.evals.steering import SteeringConfig, evaluate_steering
 from saebench.io import read_json, write_json
 from saebench.layout import WEIGHTS_FILES, is_sae_folder
@@ -53,7 +55,7 @@ from saebench.layout import describe as describe_sae_layout
 from saebench.sae import SAE
 from saebench.steering import sae_site
 
-EVALS = ("core", "dead", "steering", "circuits", "compat")
+EVALS = ("core", "dead", "steering", "circuits", "compat", "sparse_probing", "absorption")
 ALIASES = {"reconstruction": "core", "saebench_compat": "compat", "circuit": "circuits"}
 CACHE_VERSION = 1
 
@@ -181,6 +183,8 @@ def run_bench(
     force: bool = False,
     figures: bool = True,
     progress: bool = True,
+    sparse_probing: SparseProbingConfig | None = None,
+    absorption: AbsorptionConfig | None = None,
 ) -> BenchResult:
     """Evaluate every SAE folder with every eval, resuming from cached results; write table + figures.
 
@@ -191,7 +195,7 @@ def run_bench(
         eval_tokens: tokens for the core metrics; ``dead_tokens`` (default = ``eval_tokens``) for the
             dead-latent window. Both come from the held-out split of ``corpus`` unless ``tokens``
             [n_seq, ctx] are given.
-        steering, circuits: their configs (defaults: ``SteeringConfig()``, ``CircuitConfig()``).
+        steering, circuits, sparse_probing, absorption: their configs (defaults: ``SteeringConfig()``, ...).
         force: recompute even when a cached result exists.
     """
     t_start = time.time()
@@ -202,6 +206,8 @@ def run_bench(
     evals = list(dict.fromkeys(evals))
     steering = steering or SteeringConfig()
     circuits = circuits or CircuitConfig()
+    sparse_probing = sparse_probing or SparseProbingConfig()
+    absorption = absorption or AbsorptionConfig()
     dead_tokens = dead_tokens or eval_tokens
     out = Path(out_dir)
     dirs = expand_sae_dirs(sae_dirs)
@@ -219,6 +225,10 @@ def run_bench(
             return base | data | steering.to_dict()
         if ev == "circuits":
             return base | circuits.to_dict()
+        if ev == "sparse_probing":
+            return base | sparse_probing.to_dict()
+        if ev == "absorption":
+            return base | absorption.to_dict()
         return {"version": CACHE_VERSION}
 
     def cache_path(d: str, ev: str, model_id: str) -> Path:
@@ -246,7 +256,8 @@ def run_bench(
     if pending:
         _compute(pending, results, times, res, model=model, cache_path=cache_path, cfg_model=cfg_model, checksums=checksums, corpus=corpus,
                  eval_tokens=eval_tokens, dead_tokens=dead_tokens, context_size=context_size, batch_size=batch_size, tokens=tokens,
-                 windows=windows, steering=steering, circuits=circuits, device=device, progress=progress, eval_config=eval_config)
+                 windows=windows, steering=steering, circuits=circuits, device=device, progress=progress, eval_config=eval_config,
+                 sparse_probing=sparse_probing, absorption=absorption)
 
     labels = sae_labels(dirs)
     res.rows = [_row(d, results[str(d)], labels[str(d)]) | _timing_columns(times[str(d)]) for d in dirs]
@@ -294,7 +305,7 @@ def _cfg_model_name(d: Path) -> str:
 
 
 def _compute(pending, results, times, res, *, model, cache_path, cfg_model, checksums, corpus, eval_tokens, dead_tokens, context_size, batch_size,
-             tokens, windows, steering, circuits, device, progress, eval_config) -> None:
+             tokens, windows, steering, circuits, device, progress, eval_config, sparse_probing, absorption) -> None:
     from saebench import models as model_lib
 
     def save(d: str, ev: str, mid: str, result: dict, job: dict[str, Any]) -> None:
@@ -379,6 +390,19 @@ def _compute(pending, results, times, res, *, model, cache_path, cfg_model, chec
                                              progress=progress)
             save(d, "circuits", mid, {"tasks": per}, job("circuits", [d], ["circuits"], t))
 
+        # Sparse probing and absorption: one job per hook; the model forwards (and probes) are shared by its SAEs.
+        for ev, fn, cfg in (("sparse_probing", evaluate_sparse_probing, sparse_probing), ("absorption", evaluate_absorption, absorption)):
+            by_site: dict[tuple, list[str]] = defaultdict(list)
+            for d in pending.get(ev, []):
+                if d in saes:
+                    by_site[sae_site(saes[d])].append(d)
+            for site, ds in by_site.items():
+                t = time.time()
+                out = fn([saes[d] for d in ds], lm, cfg, progress=progress)
+                j = job(ev, list(ds), [ev], t, hook=site[0] if site[1] is None else f"{site[0]}:{site[1]}")
+                for d, r in zip(ds, out):
+                    save(d, ev, mid, r, j)
+
 
 def _steering_summary(per: dict[str, dict]) -> dict[str, Any]:
     def mean(key):
@@ -436,6 +460,31 @@ def _row(d: Path, res: dict[str, Any], label: str) -> dict[str, Any]:
             row[f"circuit_patch_pearson[{task}]"] = r.get("patch_check", {}).get("pearson")
     if "compat" in res:
         row["saebench_compatible"] = res["compat"].get("ok")
+    row |= _interp_columns(res)
+    return row
+
+
+_AFA_COLS = ("afa_norm_ratio", "afa_rel_error", "afa_abs_rel_error", "afa_over_activated_fraction", "afa_eps_lbo_median")
+_ABSORPTION_COLS = ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features", "n_usable_letters",
+                    "mean_probe_f1")
+
+
+def _interp_columns(res: dict[str, Any]) -> dict[str, Any]:
+    """AFA (from core), sparse-probing and absorption columns."""
+    row: dict[str, Any] = {}
+    core = res.get("core") or {}
+    row |= {c: core[c] for c in _AFA_COLS if c in core}
+    sp = res.get("sparse_probing")
+    if sp:
+        row |= {k: v for k, v in sp.items() if k.endswith("_test_accuracy")}
+        for name, d in sp.get("datasets", {}).items():
+            for k in ("llm_test_accuracy", "sae_top_1_test_accuracy", "sae_top_5_test_accuracy"):
+                if k in d:
+                    row[f"{k}[{name}]"] = d[k]
+    ab = res.get("absorption")
+    if ab:
+        row |= {c: ab.get(c) for c in _ABSORPTION_COLS}
+        row["absorption_enough_letters"] = ab.get("enough_letters")
     return row
 
 
@@ -487,6 +536,7 @@ def _figures(rows, results, out: Path) -> dict[str, Path]:
     circ = {f"{name}/{t}": r for name, res in results.items() for t, r in res.get("circuits", {}).get("tasks", {}).items()}
     if circ:
         figs["circuit_curves"] = plots.circuit_figure(circ)
+    figs |= plots.interp_figures(rows, results)
     return {f"figure:{k}": v for k, v in plots.write_figures(figs, out / "figures").items()}
 
 
@@ -517,6 +567,12 @@ def build_parser(prog: str = "saebench bench") -> argparse.ArgumentParser:
     p.add_argument("--circuit-tasks", nargs="+", default=list(CircuitConfig.tasks), choices=["ioi", "sva", "greater_than"])
     p.add_argument("--circuit-method", choices=["atp", "ig"], default=CircuitConfig.method)
     p.add_argument("--circuit-examples", type=int, default=CircuitConfig.n_examples)
+    p.add_argument("--probe-datasets", nargs="+", default=list(SparseProbingConfig.datasets),
+                   help="sparse probing: offline task names, hf:NAME (SAEBench's datasets) or labelled files")
+    p.add_argument("--probe-train-size", type=int, default=SparseProbingConfig.train_size, help="sparse probing: texts per binary task (train)")
+    p.add_argument("--probe-test-size", type=int, default=SparseProbingConfig.test_size, help="sparse probing: texts per binary task (test)")
+    p.add_argument("--probe-ks", type=int, nargs="+", default=list(SparseProbingConfig.ks), help="sparse probing: k values")
+    p.add_argument("--absorption-words", type=int, default=AbsorptionConfig.max_words, help="absorption: vocabulary words sampled")
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="recompute cached results")
     p.add_argument("--no-figures", action="store_true")
@@ -530,9 +586,13 @@ def bench_main(argv: list[str] | None = None) -> BenchResult:
     steering = SteeringConfig(strengths=tuple(a.steer_strengths), concepts=tuple(a.steer_concepts), scope=a.steer_scope,
                               n_prompts=a.steer_prompts, max_new_tokens=a.steer_tokens)
     circuits = CircuitConfig(tasks=tuple(a.circuit_tasks), method=a.circuit_method, n_examples=a.circuit_examples)
+    probing = SparseProbingConfig(datasets=tuple(a.probe_datasets), train_size=a.probe_train_size, test_size=a.probe_test_size,
+                                  ks=tuple(a.probe_ks), batch_size=a.batch_size)
+    absorption = AbsorptionConfig(max_words=a.absorption_words, batch_size=a.batch_size)
     res = run_bench(a.sae_dirs, a.evals, a.model, out_dir=a.out, corpus=a.corpus, eval_tokens=a.eval_tokens, dead_tokens=a.dead_tokens,
                     context_size=a.context_size, batch_size=a.batch_size, windows=a.windows, steering=steering, circuits=circuits,
-                    device=a.device, force=a.force, figures=not a.no_figures, progress=not a.no_progress)
+                    device=a.device, force=a.force, figures=not a.no_figures, progress=not a.no_progress, sparse_probing=probing,
+                    absorption=absorption)
     print(format_rows(res.rows))
     print(f"\n{len(res.computed)} results computed, {len(res.cached)} from cache; table: {res.files['csv']}")
     return res
@@ -541,7 +601,8 @@ def bench_main(argv: list[str] | None = None) -> BenchResult:
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A compact text table of the headline columns."""
     cols = [c for c in ("sae", "l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "dead_window_tokens", "dense_fraction_1pct",
-                        "steering_score", "saebench_compatible", "seconds_total") if any(c in r for r in rows)]
+                        "steering_score", "sae_top_1_test_accuracy", "mean_absorption_fraction_score", "afa_rel_error", "saebench_compatible",
+                        "seconds_total") if any(c in r for r in rows)]
 
     def fmt(v):
         if isinstance(v, float):

@@ -265,10 +265,14 @@ class CoreAccumulator:
         self.sae = sae
         self.sums = _Sums(sum_x=torch.zeros(sae.d_in, dtype=torch.float64), sum_x_in=torch.zeros(sae.d_in, dtype=torch.float64),
                           fires=torch.zeros(sae.d_sae, dtype=torch.long))
+        from saebench.evals.quasi_orthogonality import AFAAccumulator  # AFA / quasi-orthogonality (afa_* keys)
+
+        self.afa = AFAAccumulator(sae)
 
     def add_reconstruction(self, x: Tensor, x_hat: Tensor, acts) -> None:
         """Non-special activations ``x`` [N, d_in], their reconstruction and the ``SparseActs``."""
         _accumulate(self.sums, x, x_hat, acts)
+        self.afa.add(x, acts)
 
     def add_downstream(self, toks: Tensor, keep: Tensor, logits_sae: Tensor, *, logprobs_clean: Tensor, ce_zero: float, kl_zero: float,
                        clean: tuple[Tensor, Tensor] | None = None, ce_clean: float | None = None) -> None:
@@ -296,7 +300,7 @@ class CoreAccumulator:
         """The metrics dict (as ``evaluate_core`` returns it)."""
         if self.sums.n == 0:
             raise ValueError("no tokens to evaluate (every position was a special token?)")
-        return _summarise(self.sums, self.sae, downstream)
+        return _summarise(self.sums, self.sae, downstream) | self.afa.result()
 
 
 def _accumulate(s: _Sums, x: Tensor, x_hat: Tensor, acts) -> None:

@@ -109,6 +109,67 @@ def circuit_figure(results: Mapping[str, Mapping[str, Any]]) -> go.Figure:
     return fig
 
 
+def sparse_probing_figure(results: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """Sparse-probing test accuracy against k (SAE top-k latents), one line per SAE; dotted: the dense LLM probe."""
+    fig = go.Figure()
+    for i, (name, res) in enumerate(results.items()):
+        ks = sorted(int(k.split("_")[2]) for k in res if k.startswith("sae_top_") and k.endswith("_test_accuracy"))
+        color = _PALETTE[i % len(_PALETTE)]
+        fig.add_trace(go.Scatter(x=ks, y=[res[f"sae_top_{k}_test_accuracy"] for k in ks], mode="lines+markers", name=name,
+                                 line=dict(color=color), legendgroup=name))
+        if _finite(res.get("llm_test_accuracy")) and ks:
+            fig.add_trace(go.Scatter(x=[ks[0], ks[-1]], y=[res["llm_test_accuracy"]] * 2, mode="lines", name=f"{name} [dense probe]",
+                                     line=dict(color=color, dash="dot"), legendgroup=name))
+    fig.update_xaxes(type="log", title_text="k (latents in the probe)")
+    fig.update_layout(title="Sparse probing: test accuracy of k-latent probes (mean over tasks); dotted: logistic probe on the activations",
+                      yaxis_title="test accuracy", template="plotly_white")
+    return fig
+
+
+def absorption_figure(results: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """Per SAE: mean absorption fraction and full-absorption rate per letter (probe F1 on hover; unusable letters hollow)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("mean absorption fraction per letter", "full absorption rate per letter"))
+    for i, (name, res) in enumerate(results.items()):
+        letters = res.get("letters", {})
+        xs = list(letters)
+        color = _PALETTE[i % len(_PALETTE)]
+        for col, key in ((1, "mean_absorption_fraction"), (2, "full_absorption_rate")):
+            fig.add_trace(go.Scatter(x=xs, y=[letters[x][key] for x in xs], mode="markers", name=name, legendgroup=name, showlegend=col == 1,
+                                     marker=dict(color=color, size=9, symbol=["circle" if letters[x]["usable"] else "circle-open" for x in xs]),
+                                     text=[f"probe F1 {letters[x]['f1_probe']:.2f}, {letters[x]['num_probe_true_positives']} TPs" for x in xs],
+                                     hovertemplate="%{x}: %{y:.3f}<br>%{text}"), row=1, col=col)
+    fig.update_layout(title="Feature absorption (first-letter task); hollow: letters whose probe F1 is too low to count",
+                      template="plotly_white")
+    return fig
+
+
+def afa_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """AFA: mean ‖f̃‖/‖z‖ per SAE (1 = the code has the norm the input predicts) against L0, ε_LBO on hover."""
+    rs = [r for r in rows if _finite(r.get("afa_norm_ratio"))]
+    fig = go.Figure(go.Scatter(x=[r.get("l0") for r in rs], y=[r["afa_norm_ratio"] for r in rs], mode="markers+text",
+                               text=[r.get("sae", "") for r in rs], textposition="top center",
+                               customdata=[r.get("afa_eps_lbo_median") for r in rs],
+                               hovertemplate="%{text}<br>L0 %{x:.4g}<br>‖f̃‖/‖z‖ %{y:.4f}<br>median ε_LBO %{customdata:.3g}<extra></extra>"))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="black")
+    fig.update_layout(title="Approximate feature activation: mean ‖f̃‖/‖z‖ (>1 over-activated, <1 under-activated)", xaxis_title="L0",
+                      yaxis_title="mean ‖f̃‖ / ‖z‖", template="plotly_white")
+    return fig
+
+
+def interp_figures(rows: Sequence[Mapping[str, Any]], results: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
+    """The sparse-probing, absorption and AFA figures that ``rows`` / ``results`` (label -> eval -> result) have data for."""
+    figs = {}
+    sp = {name: r["sparse_probing"] for name, r in results.items() if r.get("sparse_probing")}
+    if sp:
+        figs["sparse_probing"] = sparse_probing_figure(sp)
+    ab = {name: r["absorption"] for name, r in results.items() if r.get("absorption")}
+    if ab:
+        figs["absorption"] = absorption_figure(ab)
+    if any(_finite(r.get("afa_norm_ratio")) for r in rows):
+        figs["afa_norm_ratio"] = afa_figure(rows)
+    return figs
+
+
 def write_figures(figs: Mapping[str, go.Figure], out_dir: str | Path) -> dict[str, Path]:
     """Write each figure to ``out_dir/<name>.html`` (offline: plotly.min.js is written once beside them)."""
     out = Path(out_dir)

@@ -28,6 +28,12 @@ apt_install() {
 NEED=()
 [[ -d /usr/share/games/fortunes ]] || NEED+=(fortunes)
 [[ -d /usr/share/doc/python3.11/html/_sources ]] || NEED+=(python3.11-doc)
+# Fortunes in other languages: the sparse-probing eval's language-identification task (each installs
+# /usr/share/games/fortunes/<lang>/). Not fortunes-br: it puts 'brasil' beside the English files,
+# where the default corpus would read it.
+for LANG_PKG in de es it pl ru cs; do
+  [[ -d /usr/share/games/fortunes/$LANG_PKG ]] || NEED+=(fortunes-$LANG_PKG)
+done
 if [[ $WANT_TEST == 1 && ! -x /usr/bin/chromium ]]; then NEED+=(chromium); fi
 if (( ${#NEED[@]} )); then echo "setup: installing ${NEED[*]} (apt)"; apt_install "${NEED[@]}"; fi
 

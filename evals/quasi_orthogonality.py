@@ -1,0 +1,96 @@
+"""Approximate Feature Activation (AFA): does the sparse code have the norm the dense input predicts?
+
+Lee, Davies, Canby & Hockenmaier, "Evaluating and Designing Sparse Autoencoders by Approximating
+Quasi-Orthogonality" (arXiv 2503.24277; code github.com/SewoongLee/top-afa-sae,
+``visualization/zf-plot.ipynb``). If the input is a sparse combination of ε-quasi-orthogonal unit
+directions, z = Σ_i f̃_i w_i with |w_i·w_j| ≤ ε, then
+‖z‖² = ‖f̃‖² + Σ_{i≠j} f̃_i f̃_j w_i·w_j and |‖z‖² − ‖f̃‖²| ≤ ε(h − 1)‖f̃‖²: the closed-form expected
+norm of the code is the norm of the dense input, **AFA = ‖z‖**, with that error bound.
+
+Per token (the core pass's non-special tokens), as in the authors' ZF-plot code:
+
+- z = the activation fed to the SAE (raw, before ``b_dec`` is subtracted);
+- f̃ = (f_i·‖W_dec[i]‖)_i followed by ‖b_dec‖ (the decoder bias is the always-on feature), so that
+  x̂ = Σ_i f̃_i (W_dec[i]/‖W_dec[i]‖) + ‖b_dec‖·(b_dec/‖b_dec‖) exactly;
+- ``rel_error`` r = (‖f̃‖ − ‖z‖)/‖z‖: > 0 the code is over-activated, < 0 under-activated;
+- ε_LBO = |‖z‖² − ‖f̃‖²| / ((h − 1)‖f̃‖²) with h = d_sae (the authors' ``elbo`` column; their ``h`` is
+  the dictionary size): the smallest quasi-orthogonality ε that the bound above allows for this token.
+
+Per SAE: ``afa_norm_ratio`` = mean ‖f̃‖/‖z‖; ``afa_rel_error`` = mean r; ``afa_abs_rel_error`` =
+mean |r|; ``afa_over_activated_fraction`` = fraction of tokens with r > 0; ``afa_eps_lbo_median`` (the
+per-layer summary of the authors' violin plots) and ``afa_eps_lbo_mean``. Per latent
+(``afa_per_latent``): ``mean_rel_error[i]`` = mean r over the tokens on which latent i is active
+(None if it never is), and ``n_tokens[i]``, which latents sit on over- or under-activated tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def code_norm(values: Tensor, indices: Tensor, dec_norms: Tensor, b_dec_norm: float) -> Tensor:
+    """‖f̃‖ per token from a sparse code (values [N, K], indices [N, K]): sqrt(Σ (f_i‖W_dec[i]‖)² + ‖b_dec‖²)."""
+    scaled = values.double() * dec_norms[indices]
+    return (scaled.pow(2).sum(-1) + b_dec_norm**2).sqrt()
+
+
+def eps_lbo(z_norm: Tensor, f_norm: Tensor, h: int) -> Tensor:
+    """|‖z‖² − ‖f̃‖²| / ((h − 1)‖f̃‖²) per token."""
+    return (z_norm.pow(2) - f_norm.pow(2)).abs() / ((h - 1) * f_norm.pow(2))
+
+
+class AFAAccumulator:
+    """Running AFA sums for one SAE, fed the core pass's tokens (``CoreAccumulator`` calls it)."""
+
+    def __init__(self, sae):
+        self.h = sae.d_sae
+        self.dec_norms = sae.W_dec.detach().double().norm(dim=-1).cpu()
+        self.b_dec_norm = float(sae.b_dec.detach().double().norm())
+        self.n = 0
+        self.ratio = self.rel = self.abs_rel = 0.0
+        self.over = 0
+        self.eps: list[Tensor] = []
+        self.lat_sum = torch.zeros(self.h, dtype=torch.float64)
+        self.lat_n = torch.zeros(self.h, dtype=torch.long)
+
+    @torch.no_grad()
+    def add(self, x: Tensor, acts) -> None:
+        """``x`` [N, d_in] (the SAE's input) and its ``SparseActs``."""
+        if x.shape[0] == 0:
+            return
+        z = x.double().norm(dim=-1).cpu()
+        vals, idx = acts.values.detach().cpu(), acts.indices.detach().cpu()
+        f = code_norm(vals, idx, self.dec_norms, self.b_dec_norm)
+        ok = z > 0
+        z, f, vals, idx = z[ok], f[ok], vals[ok], idx[ok]
+        r = (f - z) / z
+        self.n += int(z.numel())
+        self.ratio += float((f / z).sum())
+        self.rel += float(r.sum())
+        self.abs_rel += float(r.abs().sum())
+        self.over += int((r > 0).sum())
+        self.eps.append(eps_lbo(z, f, self.h).float())
+        active = vals != 0
+        rows = r[:, None].expand_as(idx)[active]
+        self.lat_sum.index_add_(0, idx[active], rows)
+        self.lat_n.index_add_(0, idx[active], torch.ones_like(idx[active]))
+
+    def result(self) -> dict[str, Any]:
+        if self.n == 0:
+            return {}
+        eps = torch.cat(self.eps)
+        mean_lat = torch.where(self.lat_n > 0, self.lat_sum / self.lat_n.clamp_min(1), torch.nan)
+        return {
+            "afa_norm_ratio": self.ratio / self.n,
+            "afa_rel_error": self.rel / self.n,
+            "afa_abs_rel_error": self.abs_rel / self.n,
+            "afa_over_activated_fraction": self.over / self.n,
+            "afa_eps_lbo_median": float(eps.median()),
+            "afa_eps_lbo_mean": float(eps.double().mean()),
+            "afa_per_latent": {"mean_rel_error": [None if math.isnan(v) else round(v, 6) for v in mean_lat.tolist()],
+                               "n_tokens": self.lat_n.tolist()},
+        }
