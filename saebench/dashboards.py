@@ -2048,7 +2048,9 @@ def browse(root: str | Path, host: str = "127.0.0.1", port: int = 8501, model: s
 
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"browse root {root} is not a directory")
+        from saebench.config import ConfigError  # a path the user typed: bad input (CLI exit code 2), not the environment
+
+        raise ConfigError(f"browse root {root} is not a directory: pass the folder that holds your SAE folders (e.g. runs)")
     env = os.environ | {APP_ROOT_ENV: str(root.resolve())}
     # OpenMP threads that sleep instead of spinning between parallel regions: on a machine with other
     # work running, spinning threads wait for descheduled siblings and one steering request took
