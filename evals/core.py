@@ -306,21 +306,22 @@ class CoreAccumulator:
 def _accumulate(s: _Sums, x: Tensor, x_hat: Tensor, acts) -> None:
     s.n += x.shape[0]
     err = (x - x_hat).pow(2).sum(-1)
-    sq = x.double().pow(2).sum(-1)
+    # Sums accumulate in float64 without float64 copies of [B, d] tensors (memory stays ~one batch).
+    sq = x.pow(2).sum(-1, dtype=torch.float64)
     s.sse += err.sum().item()
     s.sum_sq += sq.sum().item()
-    s.sum_x += x.double().sum(0)
+    s.sum_x += x.sum(0, dtype=torch.float64)
     if x.shape[0]:
         norms = sq.sqrt()
         inl = norms <= OUTLIER_NORM_FACTOR * norms.median()
         s.n_out += int((~inl).sum())
         s.sse_in += err[inl].sum().item()
         s.sum_sq_in += sq[inl].sum().item()
-        s.sum_x_in += x[inl].double().sum(0)
+        s.sum_x_in += x[inl].sum(0, dtype=torch.float64)
     s.cos += F.cosine_similarity(x, x_hat, dim=-1).sum().item()
     s.l2_ratio += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum().item()
-    xhat_sq = x_hat.double().pow(2).sum()
-    x_dot_xhat = (x.double() * x_hat.double()).sum()
+    xhat_sq = x_hat.pow(2).sum(dtype=torch.float64)
+    x_dot_xhat = (x * x_hat).sum(dtype=torch.float64)
     s.xhat_sq += xhat_sq.item()
     s.x_dot_xhat += x_dot_xhat.item()
     if x.shape[0]:  # one SAEBench batch (sae_bench/evals/core/main.py, get_sparsity_and_variance_metrics)

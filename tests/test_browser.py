@@ -16,6 +16,7 @@ import dashboard_fixture as F
 import pytest
 
 from saebench import dashboards as D
+from saebench.layout import WEIGHTS_FILE
 
 pytestmark = pytest.mark.browser
 B.require_browser()
@@ -30,7 +31,7 @@ def server(tmp_path_factory, tiny_model_dir, tiny_model):
     # hostile SAE folders under the root: skipped with a note, never a traceback (issue 14.8)
     for name, cfg in (("deep", '{"d_sae": ' + "[" * 200_000 + "]" * 200_000 + "}"), ("dabc", '{"d_in": 64, "d_sae": "abc"}')):
         (root / "bad" / name).mkdir(parents=True)
-        shutil.copy(root / "saes" / "nodash" / "sae.safetensors", root / "bad" / name / "sae.safetensors")
+        shutil.copy(root / "saes" / "nodash" / WEIGHTS_FILE, root / "bad" / name / WEIGHTS_FILE)
         (root / "bad" / name / "cfg.json").write_text(cfg)
     with B.serve(root, tmp_path_factory.mktemp("log")) as srv:
         yield srv.url, root

@@ -13,6 +13,7 @@ import torch
 
 from saebench import dashboards as D
 from saebench.io import ArtifactError
+from saebench.layout import WEIGHTS_FILE
 from saebench.sae import SAE
 
 
@@ -496,7 +497,7 @@ def _bad_root(root, tmp_path):
     for name, cfg in (("deep", '{"d_sae": ' + "[" * 200_000 + "]" * 200_000 + "}"), ("dabc", '{"d_in": 64, "d_sae": "abc"}'),
                       ("dtrue", '{"d_in": 64, "d_sae": true}'), ("listcfg", "[1, 2]"), ("notjson", "{nope")):
         (r / name).mkdir()
-        shutil.copy(root / "saes" / "nodash" / "sae.safetensors", r / name / "sae.safetensors")
+        shutil.copy(root / "saes" / "nodash" / WEIGHTS_FILE, r / name / WEIGHTS_FILE)
         (r / name / "cfg.json").write_text(cfg)
         (r / name / "eval_core.json").write_text(cfg)
     return r
