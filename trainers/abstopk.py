@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
 from torch import Tensor
 
 from saebench import sparse
@@ -24,7 +25,9 @@ from saebench.trainers.batchtopk import ThresholdMixin, ThresholdOptions
 
 
 class AbsTopKOptions(ThresholdOptions):
-    variant: Literal["token", "batch"] = "token"
+    variant: Literal["token", "batch"] = Field("token", description=(
+        "'token': the k largest |pre| of each token, exported as abstopk. 'batch' (the authors' default): the k·B largest |pre| "
+        "of the batch, with a learned symmetric threshold at inference (abs_jumprelu)."))
 
 
 @register
