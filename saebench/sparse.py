@@ -147,6 +147,25 @@ def mask_to_indices(mask: Tensor, scores: Tensor | None = None) -> tuple[Tensor,
     return torch.where(valid, idx, 0), valid
 
 
+def pairs_to_rows(rows: Tensor, cols: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """Selected (row, col) pairs [N] as padded ``(indices [n_rows, K], valid [n_rows, K])``, K the largest row count.
+
+    What ``mask_to_indices`` gives for the boolean matrix with those entries set, without building it:
+    O(N log N) for N pairs instead of O(n_rows · n_cols).
+    """
+    counts = torch.bincount(rows, minlength=n_rows)
+    width = max(int(counts.max()) if rows.numel() else 0, 1)
+    order = rows.argsort(stable=True)
+    rows, cols = rows[order], cols[order]
+    starts = counts.cumsum(0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    idx = torch.zeros(n_rows, width, dtype=torch.long, device=rows.device)
+    valid = torch.zeros(n_rows, width, dtype=torch.bool, device=rows.device)
+    idx[rows, pos] = cols
+    valid[rows, pos] = True
+    return idx, valid
+
+
 def batch_topk_mask(scores: Tensor, k_total: int) -> Tensor:
     """Boolean ``[B, n]`` mask of the ``k_total`` largest entries of ``scores`` over the whole batch.
 

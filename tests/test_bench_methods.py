@@ -66,7 +66,7 @@ def test_tiny_mode_gives_one_finite_row_per_method_and_resumes(tmp_path, monkeyp
 
 def test_auxk_and_the_zipf_dead_branch_fire_in_a_benchmark_shaped_run(tmp_path):
     """Issue #15.1: the benchmark's dead window must be reachable, so AuxK (TopK) and the Zipf loss's
-    dead branch (Feature Choice) act. The bench's own settings, scaled down (60 steps, batch 256), on planted data."""
+    dead branch (Mutual Choice; Feature Choice's capacities leave no latent dead) act. The bench's own settings, scaled down (60 steps, batch 256), on planted data."""
     import torch
 
     from saebench.activations import SyntheticSource
@@ -80,7 +80,7 @@ def test_auxk_and_the_zipf_dead_branch_fire_in_a_benchmark_shaped_run(tmp_path):
     src = SyntheticSource(d=16, m=24, n_active=3, chunk_tokens=4096)
     fields = base | {"hook_name": "synthetic", "model": "none", "training_tokens": args.tokens, "eval_tokens": 0, "log_every_steps": 1,
                      "checkpoint_every_steps": 10**6, "activation_cache": None, "harvest_tokens": None}
-    for method in ("topk",):
+    for method in ("topk", "mutual_choice"):  # AuxK; aux_zipf_loss, whose dead latents have gap 1
         torch.manual_seed(0)
         cfg = TrainConfig(**fields | {"method": method, "out_dir": str(tmp_path / method)})
         hist = train(cfg, source=src, progress=False).history

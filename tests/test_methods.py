@@ -907,3 +907,57 @@ def test_the_loop_builds_the_harvest_for_activation_methods_and_for_mixed_runs(t
     results = loop.train_many(cfgs, model=model, progress=False)
     assert seen == [(True, ["blocks.0.hook_resid_post"])]
     assert [r.steps for r in results] == [2, 2, 2] and "loss/kl_loss" in results[2].history[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse selections against their dense references; Mutual Choice's own loss; Zipf capacities
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B, n, m", [(64, 48, 3), (33, 200, 1), (16, 8, 20)])
+def test_feature_choice_sparse_selection_equals_the_dense_mask(B, n, m):
+    from saebench import sparse
+    from saebench.trainers.choice import feature_choice_mask, feature_choice_select
+
+    pre = torch.randn(B, n, generator=torch.Generator().manual_seed(B + n))
+    idx, valid = feature_choice_select(pre.clamp_min(0), m)
+    got = torch.zeros(B, n).scatter_add_(1, idx, valid.float()) > 0
+    assert torch.equal(got, feature_choice_mask(pre.clamp_min(0), m))
+    ref_idx, _ = sparse.mask_to_indices(feature_choice_mask(pre.clamp_min(0), m), pre)
+    assert idx.shape[1] == ref_idx.shape[1]  # same padding width
+
+
+def test_zipf_capacities_follow_the_density_ranks_and_spend_the_budget(tmp_path):
+    from saebench.trainers.choice import feature_choice_select, zipf_capacities
+
+    n, B, k = 64, 512, 4
+    rho = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    cap = zipf_capacities(rho, k * B, B, 1.0)
+    order = rho.argsort(descending=True)
+    assert (cap[order][:-1] >= cap[order][1:]).all() and cap[order[0]] > 10 * cap[order[-1]]
+    assert abs(int(cap.sum()) - k * B) <= n and cap.min() >= 1 and cap.max() <= B
+    pre = torch.randn(B, n, generator=torch.Generator().manual_seed(1)).abs()
+    idx, valid = feature_choice_select(pre, cap)
+    per_latent = torch.zeros(n).index_add_(0, idx[valid], torch.ones(int(valid.sum())))
+    assert torch.equal(per_latent.long(), cap)  # every affinity positive: each latent takes exactly m_i tokens
+    # Through the method: uniform until the density EMA has an estimate, then Zipf-shaped; trains and resumes.
+    cfg = config("feature_choice", tmp_path, d_sae=n, k=k, steps=30, opts={"capacity": "zipf", "threshold_start_step": 10})
+    method = get_method("feature_choice")(cfg)
+    assert method.capacities(B, n, "cpu") == method.capacity(B, n)
+    src = MemorySource(SyntheticSource(d=32, m=64, n_active=3))
+    res = train(cfg, source=src, progress=False)
+    assert math.isfinite(res.history[-1]["fvu"]) and res.history[-1]["fvu"] < 1
+
+
+def test_mutual_choice_is_batchtopk_plus_the_zipf_loss(tmp_path):
+    """#15.4: MC selects as BatchTopK but trains with aux_zipf_loss, so the two are no longer the same SAE."""
+    src = MemorySource(SyntheticSource(d=32, m=64, n_active=3))
+    res = {name: train(config(name, tmp_path / name, steps=60, dead_window_tokens=512 * 5, log_every_steps=1), source=src, progress=False)
+           for name in ("batchtopk", "mutual_choice")}
+    assert not torch.equal(res["batchtopk"].sae.W_dec, res["mutual_choice"].sae.W_dec)
+    aux = [h.get("loss/auxiliary_reconstruction_loss", 0.0) for h in res["mutual_choice"].history]
+    assert max(aux) > 0
+    # Same selection rule: exactly k·B non-zeros in a training step.
+    x = src.held_out(101).acts[HOOK][:512]
+    _, out = _train_step_acts("mutual_choice", res["mutual_choice"].sae, x, tmp_path)
+    assert int((out.acts.values != 0).sum()) == 3 * 512

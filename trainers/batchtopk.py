@@ -2,7 +2,8 @@
 
 Training: keep the k·B largest entries of ReLU(pre) over the whole batch of B tokens, so per-token
 L0 varies and only its mean is k; loss = FVU + α·AuxK as TopK. Mutual Choice (the unconstrained
-token–feature allocation of Ayonrinde) is mathematically the same rule and is registered as an alias.
+token–feature allocation of Ayonrinde) is the same selection rule trained with the paper's auxiliary
+Zipf loss instead of AuxK: ``mutual_choice`` in ``trainers/choice.py``.
 
 Inference must not depend on the batch, so a global threshold θ is learned alongside: a
 bias-corrected EMA (β = 0.999) of the batch's smallest selected activation, updated from step
@@ -120,10 +121,3 @@ class BatchTopK(ThresholdMixin, Method):
         pos = vals > 0
         if pos.any():  # θ statistic: the batch's smallest selected (positive) activation
             self._set_threshold(sae, vals[pos].min(), None, step)
-
-
-@register
-class MutualChoice(BatchTopK):
-    """Mutual Choice SAE (Ayonrinde 2024): the unconstrained top-(k·B) allocation, i.e. BatchTopK."""
-
-    name = "mutual_choice"
