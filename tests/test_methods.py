@@ -961,3 +961,43 @@ def test_mutual_choice_is_batchtopk_plus_the_zipf_loss(tmp_path):
     x = src.held_out(101).acts[HOOK][:512]
     _, out = _train_step_acts("mutual_choice", res["mutual_choice"].sae, x, tmp_path)
     assert int((out.acts.values != 0).sum()) == 3 * 512
+
+
+@pytest.mark.parametrize("name", ["vsae", "vsae_det"])
+def test_vsae_step_gradients_equal_dense_autograd(name, tmp_path):
+    """The KL's one-product backward (and the sparse reconstruction path) give dense autograd's gradients."""
+    from saebench.trainers.base import normalized_mse, total_variance
+
+    cfg = config(name, tmp_path, d_sae=96, k=5, opts={"kl_coef": 0.7, "kl_warmup_steps": 0, "auxk_coef": 0.0})
+    method = get_method(name)(cfg)
+    sae = SAE(method.sae_config(24))
+    method.init_sae(sae, torch.randn(256, 24), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    out = method.step(sae, StepInput(x=x, dead_mask=None, step=3))
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    pre = F.linear(x - sae.b_dec, sae.encoder_weight, sae.b_enc)
+    mu = F.relu(pre)
+    z = mu + method._noise if name == "vsae" else mu
+    idx = z.detach().topk(5, -1).indices
+    code = torch.zeros_like(pre).scatter(1, idx, z.gather(1, idx))
+    x_hat = code @ sae.W_dec + sae.b_dec
+    ref = normalized_mse(x_hat, x) + 0.7 * 0.5 * mu.pow(2).sum() / total_variance(x)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    ref.backward()
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_gsae_in_place_scores_equal_the_formula():
+    from saebench.trainers.gsae import gradient_scores
+
+    g = torch.Generator().manual_seed(0)
+    pre, grads, W_dec = torch.randn(16, 40, generator=g), torch.randn(16, 8, generator=g), torch.randn(40, 8, generator=g)
+    for beta in (0.0, 0.5, 1.0, 10.0):
+        gn = grads / grads.pow(2).mean(-1, keepdim=True).sqrt()
+        ref = pre + beta * F.relu(pre) * (gn @ W_dec.T).abs()
+        torch.testing.assert_close(gradient_scores(pre, grads, W_dec, beta, out=torch.empty(16, 40)), ref)

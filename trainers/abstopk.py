@@ -46,7 +46,7 @@ class AbsTopK(ThresholdMixin, Method):
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         if self.opts.variant == "token" or self._warming_up(batch):
             return sparse.topk_select(pre.abs(), self.cfg.k), None
-        return sparse.batch_topk_select(pre.abs(), self.cfg.k * pre.shape[0])
+        return sparse.batch_topk_select(pre, self.cfg.k * pre.shape[0], absolute=True)
 
     def after_step(self, sae: SAE, inp: StepInput, out: StepOutput, step: int) -> None:
         if self.opts.variant != "batch":

@@ -114,7 +114,9 @@ class BatchTopK(ThresholdMixin, Method):
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         if self._warming_up(batch):
             return sparse.topk_select(pre, self.cfg.k), None
-        return sparse.batch_topk_select(pre.clamp_min(0), self.cfg.k * pre.shape[0])
+        # The top k·B of pre, not of ReLU(pre): the same entries whenever k·B of them are positive, and no
+        # dense [B, n] copy; selected non-positive entries (a batch with fewer positives) activate to 0.
+        return sparse.batch_topk_select(pre, self.cfg.k * pre.shape[0])
 
     def after_step(self, sae: SAE, inp: StepInput, out: StepOutput, step: int) -> None:
         vals = out.acts.values.detach()

@@ -95,24 +95,27 @@ def feature_choice_mask(affinity: Tensor, m: int) -> Tensor:
     return mask & (affinity > 0)
 
 
-def feature_choice_select(affinity: Tensor, capacity: Tensor | int) -> tuple[Tensor, Tensor]:
+def feature_choice_select(affinity: Tensor, capacity: Tensor | int, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Padded rows ``(indices, valid)`` of each column's top-``capacity`` positive entries of ``affinity`` [B, n].
 
     ``capacity``: one m for every column, or m_i per column [n]. The same selection as
-    ``mask_to_indices(feature_choice_mask(...))`` (up to ties) without a dense [B, n] mask: one column-wise
-    top-m_max, then the chosen (token, latent) pairs grouped by token (``sparse.pairs_to_rows``).
+    ``mask_to_indices(feature_choice_mask(...))`` (up to ties) without a dense [B, n] mask: the columns'
+    top-m_max from a contiguous transposed copy (``scratch`` [n, B], reused between steps if given: a
+    top-k along the strided batch dimension costs ~1.7x as much), then the chosen (token, latent) pairs
+    grouped by token (``sparse.pairs_to_rows``).
     """
     B, n = affinity.shape
+    cols_first = scratch.copy_(affinity.t()) if scratch is not None else affinity.t().contiguous()
     if isinstance(capacity, int):
         m_max = max(1, min(capacity, B))
-        vals, rows = affinity.topk(m_max, dim=0, sorted=False)
+        vals, rows = cols_first.topk(m_max, dim=-1, sorted=False)
         keep = vals > 0
     else:
         capacity = capacity.clamp(1, B)
         m_max = int(capacity.max())
-        vals, rows = affinity.topk(m_max, dim=0, sorted=True)
-        keep = (vals > 0) & (torch.arange(m_max, device=affinity.device)[:, None] < capacity[None, :])
-    cols = torch.arange(n, device=affinity.device).expand(m_max, n)
+        vals, rows = cols_first.topk(m_max, dim=-1, sorted=True)
+        keep = (vals > 0) & (torch.arange(m_max, device=affinity.device)[None, :] < capacity[:, None])
+    cols = torch.arange(n, device=affinity.device)[:, None].expand(n, m_max)
     return sparse.pairs_to_rows(rows[keep], cols[keep], B)
 
 
@@ -213,7 +216,11 @@ class FeatureChoice(ZipfAuxMixin, ThresholdMixin, Method):
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         if self._warming_up(batch):
             return sparse.topk_select(pre, self.cfg.k), None
-        return feature_choice_select(pre, self.capacities(*pre.shape, pre.device))
+        scratch = getattr(self, "_scratch", None)
+        if scratch is None or scratch.shape != pre.shape[::-1] or scratch.dtype != pre.dtype or scratch.device != pre.device:
+            scratch = self._scratch = torch.empty(pre.shape[::-1], dtype=pre.dtype, device=pre.device)
+        # Only positive entries are taken, so pre needs no ReLU'd copy.
+        return feature_choice_select(pre, self.capacities(*pre.shape, pre.device), scratch)
 
     @torch.no_grad()
     def after_step(self, sae: SAE, inp: StepInput, out: StepOutput, step: int) -> None:
