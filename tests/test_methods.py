@@ -1001,3 +1001,17 @@ def test_gsae_in_place_scores_equal_the_formula():
         gn = grads / grads.pow(2).mean(-1, keepdim=True).sqrt()
         ref = pre + beta * F.relu(pre) * (gn @ W_dec.T).abs()
         torch.testing.assert_close(gradient_scores(pre, grads, W_dec, beta, out=torch.empty(16, 40)), ref)
+
+
+def test_default_lr_follows_width_and_input_size_and_the_loop_uses_it(tmp_path):
+    """#20.5: Gao et al.'s 2e-4/sqrt(d_sae/2^14) at d_in 768, scaled by sqrt(768/d_in) elsewhere."""
+    from saebench.trainers.loop import default_lr
+
+    assert default_lr(2**14, 768) == pytest.approx(2e-4)
+    assert default_lr(4 * 2**14, 768) == pytest.approx(1e-4)
+    assert default_lr(1280, 80) == pytest.approx(2.2e-3, rel=0.01)  # the issue's planted shape (2e-3 recovered 100%)
+    assert default_lr(4608, 576) == pytest.approx(4.35e-4, rel=0.01)
+    assert "sqrt(768 / d_in)" in TrainConfig.model_fields["lr"].description
+    cfg = config("topk", tmp_path, steps=3, lr=None, lr_warmup_steps=0, lr_decay_fraction=0.0, log_every_steps=1)
+    res = train(cfg, source=MemorySource(SyntheticSource(d=32, m=64, n_active=3)), progress=False)
+    assert res.history[0]["lr"] == pytest.approx(default_lr(128, 32))
