@@ -231,7 +231,7 @@ def batch_topk_select(scores: Tensor, k_total: int, absolute: bool = False) -> t
     return torch.where(valid, idx, 0), valid
 
 
-def _threshold_candidates(scores: Tensor, k_total: int, absolute: bool, sample_rows: int = 256) -> tuple[Tensor, Tensor] | None:
+def _threshold_candidates(scores: Tensor, k_total: int, absolute: bool, sample_rows: int = 64) -> tuple[Tensor, Tensor] | None:
     """Way 1 of ``batch_topk_select``; None when the sampled threshold does not give between k_total and 16·k_total candidates."""
     B, n = scores.shape
     stride = max(1, B // sample_rows)

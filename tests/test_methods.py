@@ -206,9 +206,11 @@ def test_method_state_survives_a_resume(tmp_path, name, opts):
 
 
 def _train_step_acts(name, sae, x, tmp_path, **kw):
-    method = get_method(name)(config(name, tmp_path, **kw))
+    """One training step of ``name`` after its TopK warm start (the batch rule in force)."""
+    cfg = config(name, tmp_path, **kw)
+    method = get_method(name)(cfg)
     with torch.no_grad():
-        return method, method.step(sae, StepInput(x=x, dead_mask=None, step=0))
+        return method, method.step(sae, StepInput(x=x, dead_mask=None, step=cfg.total_steps - 1))
 
 
 def test_batchtopk_trains_with_exactly_k_times_B_nonzeros_and_infers_batch_free(runs, planted, tmp_path):

@@ -270,12 +270,12 @@ def test_sparse_decode_backward_matches_dense_autograd():
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("case", ["random", "heavy_rows_outside_the_sample", "fallback_path"])
 def test_batch_topk_select_threshold_path_equals_the_batch_wide_sort(case, absolute, monkeypatch):
-    """The sampled-threshold path (rows strided 1 in 4 here) and its fallback select exactly the batch's top k·B, by |score| too."""
+    """The sampled-threshold path (rows strided 1 in 16 here) and its fallback select exactly the batch's top k·B, by |score| too."""
     g = torch.Generator().manual_seed(1)
     B, n, k_total = 1024, 200, 1024 * 4
     scores = torch.randn(B, n, generator=g)
     if case == "heavy_rows_outside_the_sample":
-        scores[[1, 2, 3, 5]] *= 6.0  # rows the sample (0, 4, 8, ...) never sees hold most winners
+        scores[[1, 2, 3, 5]] *= 6.0  # rows the sample (0, 16, 32, ...) never sees hold most winners
     calls = []
     real = sparse._threshold_candidates
     monkeypatch.setattr(sparse, "_threshold_candidates", lambda *a, **kw: calls.append(r := real(*a, **kw)) or r)

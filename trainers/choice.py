@@ -53,6 +53,9 @@ class ZipfOptions(ThresholdOptions):
 
 
 class FeatureChoiceOptions(ZipfOptions):
+    topk_warmup_fraction: float = Field(0.0, ge=0, le=1, description=(
+        "Per-token TopK warm start as a fraction of training when topk_warmup_steps is not given; 0: Feature Choice's capacities "
+        "already spread tokens over every latent (planted recovery 98% without a warm start)."))
     capacity: Literal["uniform", "zipf"] = Field("uniform", description=(
         "Tokens per latent per batch: 'uniform' m = round(k·B/n) for every latent; 'zipf' m_i ∝ r_i^(−s) over the latents' "
         "density ranks (the running firing-frequency EMA), normalised to k·B and clamped to [1, B]."))
