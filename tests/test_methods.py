@@ -1017,3 +1017,21 @@ def test_default_lr_follows_width_and_input_size_and_the_loop_uses_it(tmp_path):
     cfg = config("topk", tmp_path, steps=3, lr=None, lr_warmup_steps=0, lr_decay_fraction=0.0, log_every_steps=1)
     res = train(cfg, source=MemorySource(SyntheticSource(d=32, m=64, n_active=3)), progress=False)
     assert res.history[0]["lr"] == pytest.approx(default_lr(128, 32))
+
+
+def test_jumprelu_revive_dead_moves_a_dead_latents_threshold_to_the_target_rate(tmp_path):
+    cfg = config("jumprelu", tmp_path, d_sae=40, k=4, opts={"sparsity_mode": "target_l0", "revive_dead": True})
+    method = get_method("jumprelu")(cfg)
+    sae = SAE(method.sae_config(16))
+    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(0))
+    method.init_sae(sae, x, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.log_threshold[[3, 7]] = math.log(1e3)  # never fire
+    before = sae.log_threshold.detach().clone()
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[[3, 7]] = True
+    method.after_step(sae, StepInput(x=x, dead_mask=dead, step=5), None, 5)
+    assert torch.equal(sae.log_threshold[~dead], before[~dead])
+    with torch.no_grad():
+        fires = (sae.pre_acts(x)[:, [3, 7]] > sae.threshold[[3, 7]]).sum(0)
+    assert all(40 <= f <= 41 for f in fires.tolist())  # 400·4/40 tokens each (+1 from θ's log/exp rounding), as the quantile init

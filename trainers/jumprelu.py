@@ -58,6 +58,10 @@ class JumpReLUOptions(Options):
         "save per token to be worth firing."))
     sparsity_warmup_steps: int | None = Field(None, ge=0, description="Linear warmup of the sparsity coefficient; default 10% of training.")
     target_l0: float | None = Field(None, gt=0, description="Target mean L0 for target_l0 mode; default the config's k.")
+    revive_dead: bool = Field(False, description=(
+        "After each step, move the threshold of every dead latent (no firing for dead_window_tokens) to where it would fire "
+        "on L0_target/d_sae of the batch, as the quantile initialisation does: a latent below θ − ε/2 everywhere gets no "
+        "gradient at all and would stay dead (our addition)."))
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -144,6 +148,16 @@ class JumpReLU(Method):
                 sae.log_threshold.copy_(quantile_thresholds(sae, sample, self.opts.target_l0 or float(self.cfg.k)).log())
             else:
                 sae.log_threshold.fill_(math.log(self.opts.theta_init))
+
+    @torch.no_grad()
+    def after_step(self, sae: SAE, inp: StepInput, out, step: int) -> None:
+        if not self.opts.revive_dead or inp.dead_mask is None or not inp.dead_mask.any():
+            return
+        dead = inp.dead_mask.nonzero().squeeze(1)
+        pre = F.linear(sae.center(inp.x), sae.encoder_weight[dead], sae.b_enc[dead])  # [B, n_dead]: the dead columns only
+        n_fire = min(pre.shape[0] - 1, max(1, round(pre.shape[0] * (self.opts.target_l0 or float(self.cfg.k)) / sae.d_sae)))
+        theta = pre.topk(n_fire + 1, dim=0).values[-1].clamp_min(1e-3)
+        sae.log_threshold[dead] = theta.log().to(sae.dtype)
 
     def param_groups(self, sae: SAE, lr: float) -> list[dict]:
         rest = [p for p in sae.parameters() if p is not sae.log_threshold]
