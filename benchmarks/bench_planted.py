@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py                      # the documented sweep
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py --shapes issue --methods topk batchtopk --samples 1000000
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py --shapes lognormal_pairs uniform_sparse wide_dense \
+        --samples 307200 --batch 1024 --chunk-tokens 8192                                 # the unit-test family's table
 
 Data (``PlantedSource``): m unit-norm random features in d dimensions; each sample activates each feature
 independently with probability n_active/m, with a magnitude drawn from a log-normal (σ = 0.5, median 1) or
@@ -48,12 +50,22 @@ class Shape:
 
 
 SHAPES: dict[str, Shape] = {
+    # The unit-test family (tests/test_planted.py; run with --samples 307200 --batch 1024):
+    # d 24, 48 features, ~3 active (log-normal magnitudes), 4 correlated pairs, 2x latents
+    "lognormal_pairs": Shape(d=24, m=48, n_active=3.0, law="lognormal", pairs=4, d_sae=96, k=4),
+    # smaller d, uniform magnitudes, no correlation, sparser
+    "uniform_sparse": Shape(d=16, m=32, n_active=2.0, law="uniform", pairs=0, d_sae=64, k=3),
+    # wider: more features than 2x d, denser codes, log-normal, more pairs
+    "wide_dense": Shape(d=32, m=80, n_active=5.0, law="lognormal", pairs=10, d_sae=160, k=6),
+    # The issue's shape and larger variations (the default --samples 3M):
     "issue": Shape(),
     "uniform": Shape(law="uniform", pairs=0),
     "wide": Shape(d=64, m=1024, n_active=5.0, d_sae=2048, k=6),
     "dense": Shape(d=48, m=256, n_active=10.0, d_sae=512, k=12, pairs=10),
     "small": Shape(d=32, m=96, n_active=3.0, d_sae=192, k=4, pairs=8),
 }
+TEST_SHAPES = ["lognormal_pairs", "uniform_sparse", "wide_dense"]
+LARGE_SHAPES = [s for s in SHAPES if s not in TEST_SHAPES]
 
 
 class PlantedSource(ActivationSource):
@@ -149,12 +161,13 @@ def _default_lr(d_sae: int, d_in: int) -> float:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=LARGE_SHAPES, choices=list(SHAPES), help=f"default: {' '.join(LARGE_SHAPES)}")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--samples", type=int, default=3_000_000, help="training samples per run (the issue's 3M)")
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the library's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk-tokens", type=int, default=16_384, help="samples per generated chunk (the tests use 8,192)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--runs-dir", default="runs/bench_planted")
     ap.add_argument("--force", action="store_true")
@@ -166,7 +179,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"])
 
     for shape_name in args.shapes:
-        src = PlantedSource(SHAPES[shape_name], seed=args.seed)
+        src = PlantedSource(SHAPES[shape_name], seed=args.seed, chunk_tokens=args.chunk_tokens)
         for key in args.methods:
             want = (shape_name, key, args.samples, args.lr, args.seed)
             if not args.force and any(cell(r) == want for r in rows):
