@@ -104,13 +104,25 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig fields shared by every SAE (method, budget, out_dir and cache set per SAE)."""
     if args.tiny:
         return dict(model=str(_tiny_model_dir(args)), hook_name="blocks.0.hook_resid_post", corpus="default", context_size=16, k=4, expansion_factor=2,
-                    batch_size_tokens=128, lr=args.lr, lr_warmup_steps=1, dead_window_tokens=512, checkpoint_every_steps=2, log_every_steps=1,
+                    batch_size_tokens=128, lr=args.lr, lr_warmup_steps=1, dead_window_tokens=dead_window(512, 128), checkpoint_every_steps=2,
+                    log_every_steps=1,
                     harvest_tokens=1_024, model_batch_size=8, eval_tokens=0, seed=0)
     return dict(model="smollm2-135m", hook_name="blocks.15.hook_resid_post", corpus="default", context_size=128, k=args.k,
                 expansion_factor=args.expansion_factor, batch_size_tokens=args.batch_size_tokens, lr=args.lr,
                 lr_warmup_steps=max(1, min(10, args.tokens // args.batch_size_tokens // 5)),
-                dead_window_tokens=args.tokens, checkpoint_every_steps=10, log_every_steps=5, harvest_tokens=args.harvest_tokens,
+                dead_window_tokens=dead_window(args.tokens, args.batch_size_tokens), checkpoint_every_steps=10, log_every_steps=5, harvest_tokens=args.harvest_tokens,
                 model_batch_size=16, eval_tokens=0, seed=0)
+
+
+def dead_window(tokens: int, batch: int) -> int:
+    """The dead-latent window of a benchmark run: a fifth of its tokens (at least one batch).
+
+    A latent is dead (AuxK, the Zipf loss's dead branch) after ``dead_window_tokens`` without firing. A window
+    as long as the run (this benchmark's setting until issue #15.1) can never be reached: a latent that
+    last fired at step 0 has gone ``tokens - batch`` tokens without firing by the last step, so AuxK never
+    fired. A fifth of a 60-step run is 12 steps (49,152 tokens at batch 4,096).
+    """
+    return max(batch, tokens // 5)
 
 
 def _tiny_model_dir(args) -> Path:

@@ -11,6 +11,12 @@ processes hits every variant alike; medians reported):
 - ``dense_reference``: the same step written the usual dense way (scatter codes into a [B, n]
   tensor, dense decode, dense autograd, plain ``torch.optim.Adam``), as SAELens and dictionary_learning do.
 
+- ``method:<name>``: a full training step of every other activation method (``--methods``, default all of
+  them: batchtopk, mutual_choice, jumprelu (target-L0 mode, thresholds initialised at the target L0), abstopk
+  (token and batch variants), vsae, vsae_det, feature_choice, gsae (with random ∇ₓ)), each on its own SAE
+  initialised by its own ``init_sae``, past any warm-up (threshold EMAs active), including its ``after_step``;
+  each reported as a ratio to ``matmul`` measured in the same rounds.
+
 Then, in a fresh subprocess that runs only our step, the peak memory of a training step (max RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA) with what it is made of.
 
@@ -18,6 +24,8 @@ Prints the ratios and writes benchmarks/results/train_step.json. Default shapes 
 d_in 576, 16,384 latents, k 32, batch 4,096, fp32.
 
     python benchmarks/bench_train_step.py [--d-in 576 --n 16384 --k 32 --batch 4096 --repeats 5 --device cpu --autocast]
+    python benchmarks/bench_train_step.py --small            # d_in 192, 4,096 latents, batch 1,024: seconds
+    python benchmarks/bench_train_step.py --methods jumprelu vsae --skip-memory
 """
 
 from __future__ import annotations
@@ -89,6 +97,52 @@ def our_step(cfg, method, sae, x, opt, use_autocast: bool):
     return step
 
 
+# Every activation method, with the options that put it at the common L0 k (as benchmarks/bench_methods.py).
+METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
+    "batchtopk": ("batchtopk", {}),
+    "mutual_choice": ("mutual_choice", {}),
+    "jumprelu": ("jumprelu", {"sparsity_mode": "target_l0"}),
+    "abstopk": ("abstopk", {}),
+    "abstopk_batch": ("abstopk", {"variant": "batch"}),
+    "vsae": ("vsae", {}),
+    "vsae_det": ("vsae_det", {}),
+    "feature_choice": ("feature_choice", {}),
+    "gsae": ("gsae", {}),
+}
+
+
+def method_step(name: str, args, x: torch.Tensor):
+    """A closure running one full training step of method ``name`` as the loop does (AuxK-style losses on, a few dead latents)."""
+    from saebench.trainers.loop import _count_firing  # noqa: F401  (the loop's firing count is not method work; not timed)
+
+    method_name, opts = METHOD_VARIANTS[name]
+    dev = args.device
+    steps = 10_000
+    cfg = TrainConfig(hook_name="bench", d_sae=args.n, k=args.k, training_tokens=args.batch * steps, batch_size_tokens=args.batch,
+                      method=method_name, method_options=opts, device=dev, lr=1e-4)
+    method = get_method(method_name)(cfg)
+    sae = SAE(method.sae_config(args.d_in)).to(dev)
+    method.init_sae(sae, x, torch.Generator().manual_seed(0))
+    opt = make_optimizer(method.param_groups(sae, 1e-4), cfg, 1e-4)
+    # 1% of latents dead: AuxK / the Zipf loss's dead branch run, as in a real run.
+    dead = torch.zeros(args.n, dtype=torch.bool, device=dev)
+    dead[:: 100] = True
+    grads = torch.randn_like(x) if method.needs_grads else None
+    step_no = steps // 2  # past warm-ups: threshold EMAs update, sparsity/KL coefficients at full weight
+
+    def step():
+        inp = StepInput(x=x, dead_mask=dead, step=step_no, grads=grads)
+        out = method.step(sae, inp)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.project_decoder_grad()
+        opt.step()
+        sae.normalize_decoder()
+        method.after_step(sae, inp, out, step_no)
+
+    return step
+
+
 def memory_only(args) -> None:
     """Subprocess mode: run our step only and print its peak memory as JSON."""
     cfg, method, sae, x = build(args)
@@ -135,9 +189,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--autocast", action="store_true", help="also time the step under bf16 autocast")
+    ap.add_argument("--small", action="store_true", help="small shapes (d_in 192, 4,096 latents, batch 1,024) for a quick look")
+    ap.add_argument("--methods", nargs="*", default=list(METHOD_VARIANTS), choices=list(METHOD_VARIANTS), metavar="METHOD",
+                    help=f"other activation methods to time (default all: {' '.join(METHOD_VARIANTS)}); none: TopK only")
+    ap.add_argument("--skip-memory", action="store_true", help="skip the peak-memory subprocess")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
     args = ap.parse_args()
+    if args.small:
+        args.d_in, args.n, args.batch = 192, 4096, 1024
     if args.memory_only:
         memory_only(args)
         return
@@ -172,8 +232,26 @@ def main() -> None:
     if args.autocast:
         fns["saebench_autocast"] = our_step(cfg, method, sae, x, opt, True)
     fns["dense_reference"] = dense_reference
+    for name in args.methods:
+        fns[f"method:{name}"] = method_step(name, args, x)
     res = timed_interleaved(fns, args.repeats, dev)
     med = {k: statistics.median(v) for k, v in res.items()}
+    # Each round's ratio to that round's matmul, then the median: robust to load that shifts between rounds.
+    ratios = {k: statistics.median(t / m for t, m in zip(v, res["matmul"])) for k, v in res.items()}
+    methods_report = {"topk": {"seconds": med["saebench"], "over_matmul": ratios["saebench"]}} | {
+        k.split(":", 1)[1]: {"seconds": med[k], "over_matmul": ratios[k]} for k in res if k.startswith("method:")}
+    print(f"{'method':<16}{'step s':>9}{'x matmul':>10}   (target <= 1.6x; matmul {med['matmul']:.3f} s)")
+    for k, v in methods_report.items():
+        print(f"{k:<16}{v['seconds']:>9.3f}{v['over_matmul']:>10.2f}")
+    if args.skip_memory:
+        report = {"shapes": {"d_in": args.d_in, "n_latents": args.n, "k": args.k, "batch_tokens": args.batch, "dtype": "float32"},
+                  "device": dev if dev == "cpu" else torch.cuda.get_device_name(), "threads": torch.get_num_threads(),
+                  "torch": torch.__version__, "command": " ".join(sys.argv), "median_seconds": med, "all_seconds": res,
+                  "methods_step_over_matmul": methods_report}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+        return
 
     cmd = [sys.executable, __file__, "--memory-only", "--d-in", str(args.d_in), "--n", str(args.n), "--k", str(args.k), "--batch", str(args.batch), "--device", dev]
     mem = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
@@ -196,6 +274,7 @@ def main() -> None:
         "saebench_step_over_matmul": med["saebench"] / med["matmul"],
         "saebench_step_over_matmul_into_buffer": med["saebench"] / med["matmul_into_buffer"],
         "dense_reference_over_saebench": med["dense_reference"] / med["saebench"],
+        "methods_step_over_matmul": methods_report,
         "memory": {"peak_of_a_training_step": mem, "components_MB": components, "components_total_MB": sum(components.values())},
     }
     if args.autocast:

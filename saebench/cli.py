@@ -8,6 +8,7 @@ import copy
 import functools
 import json
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -250,8 +251,11 @@ def cmd_methods(args) -> int:
     for name, cls in sorted(METHODS.items()):
         doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
         print(f"{name:<16} architecture={cls.architecture:<13} {doc[0] if doc else ''}")
-        for opt, f in cls.Options.model_fields.items():
-            print(f"{'':<18}--method-options {opt}=...  (default {f.default!r})")
+        for opt in cls.Options.describe():
+            modes = "".join(f"; {mode}: {value!r}" for mode, value in opt["mode_defaults"].items())
+            print(f"{'':<18}--method-options {opt['name']}=...  (default {opt['default']!r}{modes})")
+            if opt["description"]:
+                print(textwrap.fill(opt["description"], width=120, initial_indent=" " * 22, subsequent_indent=" " * 22))
     return 0
 
 

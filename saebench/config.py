@@ -50,7 +50,11 @@ class TrainConfig(_Frozen):
     # optimisation
     training_tokens: int = Field(2_000_000, gt=0, description="Tokens the SAE is trained on (epochs over a cache count each time).")
     batch_size_tokens: int = Field(4096, gt=0, description="Tokens per optimizer step.")
-    lr: float | None = Field(None, gt=0, description="Adam learning rate; default 2e-4 / sqrt(d_sae / 2^14) (Gao et al. scaling).")
+    lr: float | None = Field(None, gt=0, description=(
+        "Adam learning rate; default 2e-4 / sqrt(d_sae / 2^14) * sqrt(768 / d_in): Gao et al.'s width scaling (fitted at d_in 768) "
+        "carried to other input sizes, e.g. 4.4e-4 at d_in 576, d_sae 4608; 2.2e-3 at d_in 80, d_sae 1280. Raise it (2-3x) for short "
+        "runs (under ~1,000 steps) or when features are learned slowly (FVU still falling at the end); lower it if the loss spikes "
+        "or latents die early. Methods share it (JumpReLU's thresholds take threshold_lr_scale times it)."))
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
     adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     lr_warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warmup steps.")

@@ -137,14 +137,34 @@ def mask_to_indices(mask: Tensor, scores: Tensor | None = None) -> tuple[Tensor,
     """Turn a boolean ``[B, n]`` selection into padded ``(indices [B, K], valid [B, K])``.
 
     K is the largest row count in the batch (at least 1). Padding entries point at latent 0 and are
-    marked invalid; callers zero their values so they neither decode nor receive gradient.
+    marked invalid; callers zero their values so they neither decode nor receive gradient. Within a row
+    the entries are in ascending latent order. One pass over the mask (``nonzero``) and O(nnz) work after
+    it: no [B, n] float key or top-K over it. ``scores`` is accepted for compatibility and not needed.
     """
-    counts = mask.sum(-1)
-    width = max(int(counts.max().item()) if mask.numel() else 0, 1)
-    key = mask.to(torch.float32) if scores is None else torch.where(mask, scores.abs() + 1.0, 0.0)
-    idx = key.topk(width, dim=-1, sorted=False).indices
-    valid = mask.gather(1, idx)
-    return torch.where(valid, idx, 0), valid
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major: grouped by row already
+    return _rows_from_sorted_pairs(rows, cols, mask.shape[0])
+
+
+def _rows_from_sorted_pairs(rows: Tensor, cols: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    counts = torch.bincount(rows, minlength=n_rows)
+    width = max(int(counts.max()) if rows.numel() else 0, 1)
+    starts = counts.cumsum(0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    idx = torch.zeros(n_rows, width, dtype=torch.long, device=rows.device)
+    valid = torch.zeros(n_rows, width, dtype=torch.bool, device=rows.device)
+    idx[rows, pos] = cols
+    valid[rows, pos] = True
+    return idx, valid
+
+
+def pairs_to_rows(rows: Tensor, cols: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """Selected (row, col) pairs [N] as padded ``(indices [n_rows, K], valid [n_rows, K])``, K the largest row count.
+
+    What ``mask_to_indices`` gives for the boolean matrix with those entries set, without building it:
+    O(N log N) for N pairs instead of O(n_rows · n_cols).
+    """
+    order = rows.argsort(stable=True)
+    return _rows_from_sorted_pairs(rows[order], cols[order], n_rows)
 
 
 def batch_topk_mask(scores: Tensor, k_total: int) -> Tensor:
@@ -163,21 +183,33 @@ def batch_topk_mask(scores: Tensor, k_total: int) -> Tensor:
     return mask.view_as(scores)
 
 
-def batch_topk_select(scores: Tensor, k_total: int) -> tuple[Tensor, Tensor]:
+def batch_topk_select(scores: Tensor, k_total: int, absolute: bool = False) -> tuple[Tensor, Tensor]:
     """The ``k_total`` largest entries of ``scores`` [B, n] over the whole batch, as padded ``(indices, valid)`` rows.
 
-    The selection of ``mask_to_indices(batch_topk_mask(scores, k_total))`` (up to ties) without a
-    batch-wide sort, which on a CPU costs ~10x a per-token TopK (B = 4,096, n = 4,608, k = 32). Every
-    row's m = 4·k_total/B largest entries are candidates, and τ is the k_total-th largest of them.
-    A row whose m-th largest is below τ cannot hold a winner outside its candidates; the few rows
-    that reach τ ("heavy" rows: high-norm tokens early in training) contribute all their entries
-    instead. That can only raise the k_total-th largest candidate, so the other rows stay below it,
-    and the top k_total of the candidates is the batch's, exactly.
+    ``absolute``: rank by |scores| (AbsTopK's batch variant) without materialising ``scores.abs()``.
+
+    Exact (up to ties) and without a batch-wide sort, in two ways:
+
+    1. ``_threshold_candidates``: a threshold τ_low estimated from a strided sample of rows, set where the
+       sample predicts about 2·k_total entries; one pass ``scores > τ_low`` (``nonzero``) collects the
+       candidates. When there are at least k_total of them, every winner is one (everything left out is
+       ≤ τ_low < every candidate), so the top k_total of the candidates is the batch's. Otherwise (or with
+       too many candidates), way 2.
+    2. Every row's m = 4·k_total/B largest entries are candidates, and τ is the k_total-th largest of them.
+       A row whose m-th largest is below τ cannot hold a winner outside its candidates; the few rows
+       that reach τ ("heavy" rows: high-norm tokens early in training) contribute all their entries
+       instead. That can only raise the k_total-th largest candidate, so the other rows stay below it,
+       and the top k_total of the candidates is the batch's, exactly.
     """
     if distributed.active() or scores.dim() != 2:
-        return mask_to_indices(batch_topk_mask(scores, k_total), scores)
+        return mask_to_indices(batch_topk_mask(scores.abs() if absolute else scores, k_total), scores)
     B, n = scores.shape
     k_total = min(k_total, B * n)
+    fast = _threshold_candidates(scores, k_total, absolute)
+    if fast is not None:
+        return fast
+    if absolute:
+        scores = scores.abs()
     m = min(n, max(1, 4 * -(-k_total // B)))
     vals, idx = scores.topk(m, dim=-1, sorted=False)
     tau = vals.reshape(-1).topk(k_total, sorted=False).values.min()
@@ -197,6 +229,30 @@ def batch_topk_select(scores: Tensor, k_total: int) -> tuple[Tensor, Tensor]:
         idx, valid = F.pad(idx, (0, width - idx.shape[1])), F.pad(valid, (0, width - valid.shape[1]))
         idx[heavy], valid[heavy] = F.pad(h_idx, (0, width - h_idx.shape[1])), F.pad(h_valid, (0, width - h_valid.shape[1]))
     return torch.where(valid, idx, 0), valid
+
+
+def _threshold_candidates(scores: Tensor, k_total: int, absolute: bool, sample_rows: int = 64) -> tuple[Tensor, Tensor] | None:
+    """Way 1 of ``batch_topk_select``; None when the sampled threshold does not give between k_total and 16·k_total candidates."""
+    B, n = scores.shape
+    stride = max(1, B // sample_rows)
+    sample = scores[::stride]
+    sample = sample.abs() if absolute else sample
+    want = min(sample.numel(), max(1, -(-2 * k_total * sample.shape[0] // B)))
+    tau = sample.reshape(-1).topk(want, sorted=False).values.min()
+    if absolute and tau <= 0:
+        return None
+    mask = torch.gt(scores, tau)
+    if absolute:
+        mask |= torch.lt(scores, -tau)
+    count = int(torch.count_nonzero(mask))  # a bool .sum() copies the mask to int64 first: 30x slower
+    if not k_total <= count <= 16 * k_total:
+        return None
+    rows, cols = mask.nonzero(as_tuple=True)
+    vals = scores[rows, cols]
+    vals = vals.abs() if absolute else vals
+    keep = torch.zeros(count, dtype=torch.bool, device=scores.device)
+    keep[vals.topk(k_total, sorted=False).indices] = True
+    return _rows_from_sorted_pairs(rows[keep], cols[keep], B)
 
 
 def _compact(idx: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:

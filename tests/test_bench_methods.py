@@ -62,3 +62,31 @@ def test_tiny_mode_gives_one_finite_row_per_method_and_resumes(tmp_path, monkeyp
     # ... and --force redoes only the named methods.
     redo = bench.main(["--tiny", "--quiet", "--out", str(out), "--runs-dir", str(runs), "--methods", "topk", "--force"])
     assert [r["key"] for r in redo] == keys
+
+
+def test_auxk_and_the_zipf_dead_branch_fire_in_a_benchmark_shaped_run(tmp_path):
+    """Issue #15.1: the benchmark's dead window must be reachable, so AuxK (TopK) and the Zipf loss's
+    dead branch (Mutual Choice; Feature Choice's capacities leave no latent dead) act. The bench's own settings, scaled down (60 steps, batch 256), on planted data."""
+    import torch
+
+    from saebench.activations import SyntheticSource
+    from saebench.config import TrainConfig
+    from saebench.trainers.loop import train
+
+    bench = _bench()
+    args = bench.build_parser().parse_args(["--tokens", str(60 * 256), "--batch-size-tokens", "256", "--k", "4", "--expansion-factor", "16"])
+    base = bench.settings(args)
+    assert base["dead_window_tokens"] <= args.tokens - 2 * args.batch_size_tokens  # reachable before the last step
+    src = SyntheticSource(d=16, m=24, n_active=3, chunk_tokens=4096)
+    fields = base | {"hook_name": "synthetic", "model": "none", "training_tokens": args.tokens, "eval_tokens": 0, "log_every_steps": 1,
+                     "checkpoint_every_steps": 10**6, "activation_cache": None, "harvest_tokens": None}
+    for method in ("topk", "mutual_choice"):  # AuxK; aux_zipf_loss, whose dead latents have gap 1
+        torch.manual_seed(0)
+        cfg = TrainConfig(**fields | {"method": method, "out_dir": str(tmp_path / method)})
+        hist = train(cfg, source=src, progress=False).history
+        dead_steps = [h for h in hist if h["dead_fraction"] > 0]
+        assert dead_steps, f"{method}: no latent was ever dead: its dead-latent loss never ran"
+        assert any(h.get("loss/auxiliary_reconstruction_loss", 0.0) > 0 for h in dead_steps), f"{method}: dead latents but no auxiliary loss"
+    # The old setting (window = the run's tokens) left every latent alive at every step.
+    cfg = TrainConfig(**fields | {"method": "topk", "out_dir": str(tmp_path / "old"), "dead_window_tokens": args.tokens})
+    assert all(h["dead_fraction"] == 0 and "loss/auxiliary_reconstruction_loss" not in h for h in train(cfg, source=src, progress=False).history)

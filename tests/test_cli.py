@@ -342,3 +342,34 @@ def test_browse_runs_streamlit_with_sleeping_openmp_threads(tmp_path, monkeypatc
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     D.browse(tmp_path)
     assert seen["env"]["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_methods_prints_each_option_with_its_meaning_and_the_default_that_runs_in_each_mode(capsys):
+    """Issue #20.4: every option is described, and a mode's own defaults are printed as they are applied."""
+    from saebench.trainers import METHODS
+
+    assert main(["methods"]) == 0
+    printed = capsys.readouterr().out
+    blocks = {}
+    for line in printed.splitlines():
+        if line and not line.startswith(" "):
+            name = line.split()[0]
+            blocks[name] = []
+        else:
+            blocks[name].append(line)
+    assert set(blocks) == set(METHODS)
+    for name, cls in METHODS.items():
+        text = "\n".join(blocks[name])
+        for opt in cls.Options.describe():
+            assert opt["description"], f"{name}.{opt['name']} has no description"
+            head = next(l for l in blocks[name] if f"--method-options {opt['name']}=..." in l)
+            # The printed defaults are what an Options built with only that mode set holds.
+            assert f"(default {cls.Options().__getattribute__(opt['name'])!r}" in head, (name, head)
+            for mode, value in opt["mode_defaults"].items():
+                field, raw = mode.split("=", 1)
+                built = cls.Options(**{field: raw.strip("'")})
+                assert f"{mode}: {getattr(built, opt['name'])!r}" in head and getattr(built, opt["name"]) == value, (name, head)
+            assert opt["description"].split()[0] in text
+    jr = "\n".join(blocks["jumprelu"])
+    assert "sparsity_coef=...  (default 0.001; sparsity_mode='target_l0': 1.0)" in jr
+    assert "theta_init_mode=...  (default 'constant'; sparsity_mode='target_l0': 'quantile')" in jr

@@ -206,9 +206,11 @@ def test_method_state_survives_a_resume(tmp_path, name, opts):
 
 
 def _train_step_acts(name, sae, x, tmp_path, **kw):
-    method = get_method(name)(config(name, tmp_path, **kw))
+    """One training step of ``name`` after its TopK warm start (the batch rule in force)."""
+    cfg = config(name, tmp_path, **kw)
+    method = get_method(name)(cfg)
     with torch.no_grad():
-        return method, method.step(sae, StepInput(x=x, dead_mask=None, step=0))
+        return method, method.step(sae, StepInput(x=x, dead_mask=None, step=cfg.total_steps - 1))
 
 
 def test_batchtopk_trains_with_exactly_k_times_B_nonzeros_and_infers_batch_free(runs, planted, tmp_path):
@@ -907,3 +909,129 @@ def test_the_loop_builds_the_harvest_for_activation_methods_and_for_mixed_runs(t
     results = loop.train_many(cfgs, model=model, progress=False)
     assert seen == [(True, ["blocks.0.hook_resid_post"])]
     assert [r.steps for r in results] == [2, 2, 2] and "loss/kl_loss" in results[2].history[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse selections against their dense references; Mutual Choice's own loss; Zipf capacities
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B, n, m", [(64, 48, 3), (33, 200, 1), (16, 8, 20)])
+def test_feature_choice_sparse_selection_equals_the_dense_mask(B, n, m):
+    from saebench import sparse
+    from saebench.trainers.choice import feature_choice_mask, feature_choice_select
+
+    pre = torch.randn(B, n, generator=torch.Generator().manual_seed(B + n))
+    idx, valid = feature_choice_select(pre.clamp_min(0), m)
+    got = torch.zeros(B, n).scatter_add_(1, idx, valid.float()) > 0
+    assert torch.equal(got, feature_choice_mask(pre.clamp_min(0), m))
+    ref_idx, _ = sparse.mask_to_indices(feature_choice_mask(pre.clamp_min(0), m), pre)
+    assert idx.shape[1] == ref_idx.shape[1]  # same padding width
+
+
+def test_zipf_capacities_follow_the_density_ranks_and_spend_the_budget(tmp_path):
+    from saebench.trainers.choice import feature_choice_select, zipf_capacities
+
+    n, B, k = 64, 512, 4
+    rho = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    cap = zipf_capacities(rho, k * B, B, 1.0)
+    order = rho.argsort(descending=True)
+    assert (cap[order][:-1] >= cap[order][1:]).all() and cap[order[0]] > 10 * cap[order[-1]]
+    assert abs(int(cap.sum()) - k * B) <= n and cap.min() >= 1 and cap.max() <= B
+    pre = torch.randn(B, n, generator=torch.Generator().manual_seed(1)).abs()
+    idx, valid = feature_choice_select(pre, cap)
+    per_latent = torch.zeros(n).index_add_(0, idx[valid], torch.ones(int(valid.sum())))
+    assert torch.equal(per_latent.long(), cap)  # every affinity positive: each latent takes exactly m_i tokens
+    # Through the method: uniform until the density EMA has an estimate, then Zipf-shaped; trains and resumes.
+    cfg = config("feature_choice", tmp_path, d_sae=n, k=k, steps=30, opts={"capacity": "zipf", "threshold_start_step": 10})
+    method = get_method("feature_choice")(cfg)
+    assert method.capacities(B, n, "cpu") == method.capacity(B, n)
+    src = MemorySource(SyntheticSource(d=32, m=64, n_active=3))
+    res = train(cfg, source=src, progress=False)
+    assert math.isfinite(res.history[-1]["fvu"]) and res.history[-1]["fvu"] < 1
+
+
+def test_mutual_choice_is_batchtopk_plus_the_zipf_loss(tmp_path):
+    """#15.4: MC selects as BatchTopK but trains with aux_zipf_loss, so the two are no longer the same SAE."""
+    src = MemorySource(SyntheticSource(d=32, m=64, n_active=3))
+    res = {name: train(config(name, tmp_path / name, steps=60, dead_window_tokens=512 * 5, log_every_steps=1), source=src, progress=False)
+           for name in ("batchtopk", "mutual_choice")}
+    assert not torch.equal(res["batchtopk"].sae.W_dec, res["mutual_choice"].sae.W_dec)
+    aux = [h.get("loss/auxiliary_reconstruction_loss", 0.0) for h in res["mutual_choice"].history]
+    assert max(aux) > 0
+    # Same selection rule: exactly k·B non-zeros in a training step.
+    x = src.held_out(101).acts[HOOK][:512]
+    _, out = _train_step_acts("mutual_choice", res["mutual_choice"].sae, x, tmp_path)
+    assert int((out.acts.values != 0).sum()) == 3 * 512
+
+
+@pytest.mark.parametrize("name", ["vsae", "vsae_det"])
+def test_vsae_step_gradients_equal_dense_autograd(name, tmp_path):
+    """The KL's one-product backward (and the sparse reconstruction path) give dense autograd's gradients."""
+    from saebench.trainers.base import normalized_mse, total_variance
+
+    cfg = config(name, tmp_path, d_sae=96, k=5, opts={"kl_coef": 0.7, "kl_warmup_steps": 0, "auxk_coef": 0.0})
+    method = get_method(name)(cfg)
+    sae = SAE(method.sae_config(24))
+    method.init_sae(sae, torch.randn(256, 24), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    out = method.step(sae, StepInput(x=x, dead_mask=None, step=3))
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    pre = F.linear(x - sae.b_dec, sae.encoder_weight, sae.b_enc)
+    mu = F.relu(pre)
+    z = mu + method._noise if name == "vsae" else mu
+    idx = z.detach().topk(5, -1).indices
+    code = torch.zeros_like(pre).scatter(1, idx, z.gather(1, idx))
+    x_hat = code @ sae.W_dec + sae.b_dec
+    ref = normalized_mse(x_hat, x) + 0.7 * 0.5 * mu.pow(2).sum() / total_variance(x)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    ref.backward()
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_gsae_in_place_scores_equal_the_formula():
+    from saebench.trainers.gsae import gradient_scores
+
+    g = torch.Generator().manual_seed(0)
+    pre, grads, W_dec = torch.randn(16, 40, generator=g), torch.randn(16, 8, generator=g), torch.randn(40, 8, generator=g)
+    for beta in (0.0, 0.5, 1.0, 10.0):
+        gn = grads / grads.pow(2).mean(-1, keepdim=True).sqrt()
+        ref = pre + beta * F.relu(pre) * (gn @ W_dec.T).abs()
+        torch.testing.assert_close(gradient_scores(pre, grads, W_dec, beta, out=torch.empty(16, 40)), ref)
+
+
+def test_default_lr_follows_width_and_input_size_and_the_loop_uses_it(tmp_path):
+    """#20.5: Gao et al.'s 2e-4/sqrt(d_sae/2^14) at d_in 768, scaled by sqrt(768/d_in) elsewhere."""
+    from saebench.trainers.loop import default_lr
+
+    assert default_lr(2**14, 768) == pytest.approx(2e-4)
+    assert default_lr(4 * 2**14, 768) == pytest.approx(1e-4)
+    assert default_lr(1280, 80) == pytest.approx(2.2e-3, rel=0.01)  # the issue's planted shape (2e-3 recovered 100%)
+    assert default_lr(4608, 576) == pytest.approx(4.35e-4, rel=0.01)
+    assert "sqrt(768 / d_in)" in TrainConfig.model_fields["lr"].description
+    cfg = config("topk", tmp_path, steps=3, lr=None, lr_warmup_steps=0, lr_decay_fraction=0.0, log_every_steps=1)
+    res = train(cfg, source=MemorySource(SyntheticSource(d=32, m=64, n_active=3)), progress=False)
+    assert res.history[0]["lr"] == pytest.approx(default_lr(128, 32))
+
+
+def test_jumprelu_revive_dead_moves_a_dead_latents_threshold_to_the_target_rate(tmp_path):
+    cfg = config("jumprelu", tmp_path, d_sae=40, k=4, opts={"sparsity_mode": "target_l0", "revive_dead": True})
+    method = get_method("jumprelu")(cfg)
+    sae = SAE(method.sae_config(16))
+    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(0))
+    method.init_sae(sae, x, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.log_threshold[[3, 7]] = math.log(1e3)  # never fire
+    before = sae.log_threshold.detach().clone()
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[[3, 7]] = True
+    method.after_step(sae, StepInput(x=x, dead_mask=dead, step=5), None, 5)
+    assert torch.equal(sae.log_threshold[~dead], before[~dead])
+    with torch.no_grad():
+        fires = (sae.pre_acts(x)[:, [3, 7]] > sae.threshold[[3, 7]]).sum(0)
+    assert all(40 <= f <= 41 for f in fires.tolist())  # 400·4/40 tokens each (+1 from θ's log/exp rounding), as the quantile init

@@ -266,3 +266,26 @@ def test_sparse_decode_backward_matches_dense_autograd():
     ((dense @ W) * upstream).sum().backward()
     torch.testing.assert_close(got[0], W.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], vals.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("case", ["random", "heavy_rows_outside_the_sample", "fallback_path"])
+def test_batch_topk_select_threshold_path_equals_the_batch_wide_sort(case, absolute, monkeypatch):
+    """The sampled-threshold path (rows strided 1 in 16 here) and its fallback select exactly the batch's top k·B, by |score| too."""
+    g = torch.Generator().manual_seed(1)
+    B, n, k_total = 1024, 200, 1024 * 4
+    scores = torch.randn(B, n, generator=g)
+    if case == "heavy_rows_outside_the_sample":
+        scores[[1, 2, 3, 5]] *= 6.0  # rows the sample (0, 16, 32, ...) never sees hold most winners
+    calls = []
+    real = sparse._threshold_candidates
+    monkeypatch.setattr(sparse, "_threshold_candidates", lambda *a, **kw: calls.append(r := real(*a, **kw)) or r)
+    if case == "fallback_path":  # the sampled threshold refused: the per-row candidate search
+        monkeypatch.setattr(sparse, "_threshold_candidates", lambda s, k, a, sample_rows=256: real(s, k // 20, a) and None)
+    idx, valid = sparse.batch_topk_select(scores, k_total, absolute=absolute)
+    got = torch.zeros_like(scores, dtype=torch.bool)
+    got[torch.arange(B)[:, None].expand_as(idx)[valid], idx[valid]] = True
+    ref = sparse.batch_topk_mask(scores.abs() if absolute else scores, k_total)
+    assert int(valid.sum()) == k_total and torch.equal(got, ref)
+    if case == "random":
+        assert calls and calls[0] is not None  # the fast path served this batch

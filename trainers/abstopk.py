@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
 from torch import Tensor
 
 from saebench import sparse
@@ -24,7 +25,12 @@ from saebench.trainers.batchtopk import ThresholdMixin, ThresholdOptions
 
 
 class AbsTopKOptions(ThresholdOptions):
-    variant: Literal["token", "batch"] = "token"
+    variant: Literal["token", "batch"] = Field("token", description=(
+        "'token': the k largest |pre| of each token, exported as abstopk. 'batch' (the authors' default): the k·B largest |pre| "
+        "of the batch, with a learned symmetric threshold at inference (abs_jumprelu)."))
+    topk_warmup_fraction: float = Field(0.3, ge=0, le=1, description=(
+        "Batch variant: per-token selection for this fraction of training when topk_warmup_steps is not given (planted recovery "
+        "35% without, 75% with 10%, 94% with 30%: docs/METHODS_IMPLEMENTED.md)."))
 
 
 @register
@@ -43,7 +49,7 @@ class AbsTopK(ThresholdMixin, Method):
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         if self.opts.variant == "token" or self._warming_up(batch):
             return sparse.topk_select(pre.abs(), self.cfg.k), None
-        return sparse.batch_topk_select(pre.abs(), self.cfg.k * pre.shape[0])
+        return sparse.batch_topk_select(pre, self.cfg.k * pre.shape[0], absolute=True)
 
     def after_step(self, sae: SAE, inp: StepInput, out: StepOutput, step: int) -> None:
         if self.opts.variant != "batch":

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
 from saebench import distributed, sparse
@@ -44,12 +44,38 @@ def get_method(name: str) -> type["Method"]:
 
 
 class Options(BaseModel):
-    """Method-specific options shared by the TopK family."""
+    """Method-specific options shared by the TopK family.
+
+    Every option has a ``description`` (printed by ``saebench methods``). An option whose default depends on
+    another option (a "mode") is declared in ``mode_defaults``: ``{mode_option: {mode_value: {option: default}}}``;
+    those defaults apply where the user did not set the option, and ``saebench methods`` prints them per mode.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    mode_defaults: ClassVar[dict[str, dict[Any, dict[str, Any]]]] = {}
 
-    auxk_coef: float = 1 / 32
-    k_aux: int | None = None  # default d_in // 2
+    auxk_coef: float = Field(1 / 32, ge=0, description=(
+        "Weight α of AuxK: the top-k_aux dead latents (no firing for dead_window_tokens) reconstruct the residual; 0 disables."))
+    k_aux: int | None = Field(None, gt=0, description="Dead latents AuxK may use per token; default d_in // 2.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_mode_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for mode, per_value in cls.mode_defaults.items():
+            value = data.get(mode, cls.model_fields[mode].default)
+            data = per_value.get(value, {}) | data
+        return data
+
+    @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        """Each option: name, description, default, and its default in each mode that changes it (what actually runs)."""
+        out = []
+        for name, f in cls.model_fields.items():
+            per_mode = {f"{mode}={value!r}": d[name] for mode, vals in cls.mode_defaults.items() for value, d in vals.items() if name in d}
+            out.append({"name": name, "default": f.default, "description": f.description or "", "mode_defaults": per_mode})
+        return out
 
 
 @dataclass

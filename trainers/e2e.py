@@ -47,7 +47,7 @@ from saebench.trainers.base import Method, Options, StepInput, StepOutput, regis
 
 
 class E2EOptions(Options):
-    auxk_coef: float = 0.0  # ReLU SAE: no AuxK
+    auxk_coef: float = Field(0.0, ge=0, description="Weight of AuxK on dead latents; 0 as the paper's ReLU SAEs (no dead-latent loss).")
     activation: Literal["relu", "topk"] = Field("relu", description=(
         "'relu': the paper's SAE, whose L0 is whatever the L1 term gives. 'topk': the same end-to-end losses on a TopK SAE "
         "(k from the config; set sparsity_coef = 0 for no L1), so e2e can be compared with the other methods at a fixed L0 "

@@ -29,10 +29,18 @@ class GSAEOptions(Options):
     beta: float = Field(1.0, ge=0, description="Weight of the gradient term |d_i·g| (g at unit RMS per token) in the selection score.")
 
 
-def gradient_scores(pre: Tensor, grads: Tensor, W_dec: Tensor, beta: float) -> Tensor:
-    """Selection scores [B, n]: π + β·ReLU(π)·|W_dec g|, g [B, d] normalised to unit RMS per token."""
+def gradient_scores(pre: Tensor, grads: Tensor, W_dec: Tensor, beta: float, out: Tensor | None = None) -> Tensor:
+    """Selection scores [B, n]: π + β·ReLU(π)·|W_dec g|, g [B, d] normalised to unit RMS per token.
+
+    Computed in place in one [B, n] tensor (``out`` if given, reused between steps): ReLU(π)·|G| =
+    max(π·|G|, 0) as |G| ≥ 0, so no ReLU'd copy of π is made.
+    """
     g = grads / grads.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
-    return pre + beta * pre.clamp_min(0) * (g @ W_dec.T).abs()
+    scores = torch.mm(g, W_dec.T, out=out) if out is not None else g @ W_dec.T
+    scores.abs_().mul_(pre).clamp_min_(0)
+    if beta != 1:
+        scores.mul_(beta)
+    return scores.add_(pre)
 
 
 @register
@@ -48,5 +56,8 @@ class GradientTopK(Method):
         if batch.grads is None:
             raise ConfigError("method 'gsae' needs ∇ₓ of the LM loss with every batch; the activation source gave none")
         with torch.no_grad():
-            scores = gradient_scores(pre, batch.grads.detach().to(pre.dtype), sae.W_dec.detach(), self.opts.beta)
+            buf = getattr(self, "_scores", None)
+            if buf is None or buf.shape != pre.shape or buf.dtype != pre.dtype or buf.device != pre.device:
+                buf = self._scores = torch.empty_like(pre)
+            scores = gradient_scores(pre, batch.grads.detach().to(pre.dtype), sae.W_dec.detach().to(pre.dtype), self.opts.beta, out=buf)
         return sparse.topk_select(scores, self.cfg.k), None

@@ -23,11 +23,11 @@ optimiser is Adam(β1 = 0, β2 = 0.999): set ``adam_betas = [0.0, 0.999]`` in th
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
 from saebench import sparse
@@ -36,7 +36,9 @@ from saebench.trainers.base import Method, Options, SparseActs, StepInput, regis
 
 
 class JumpReLUOptions(Options):
-    auxk_coef: float = 0.0  # the paper has no dead-latent loss; AuxK is available (e.g. 1/32)
+    mode_defaults = {"sparsity_mode": {"target_l0": {"sparsity_coef": 1.0, "theta_init_mode": "quantile"}}}
+
+    auxk_coef: float = Field(0.0, ge=0, description="Weight of AuxK on dead latents; 0 as the paper (which has no dead-latent loss); e.g. 1/32.")
     bandwidth: float = Field(0.05, gt=0, description="KDE bandwidth ε of the rectangle-kernel STE (scaled-input units).")
     theta_init: float = Field(0.1, gt=0, description="Initial threshold θ₀ for every latent (theta_init_mode='constant').")
     theta_init_mode: Literal["constant", "quantile"] = Field("constant", description=(
@@ -48,20 +50,18 @@ class JumpReLUOptions(Options):
         "the size of its gradient, so at lr 1e-3 and scale 1 a threshold changes ~0.1% a step: too slow to follow the encoder in a "
         "run of hundreds of steps (measured in docs/METHODS_IMPLEMENTED.md: target L0 32 ends at 18.7 after 60 steps with scale 1, "
         "31.5 with 10)."))
-    sparsity_mode: Literal["l0", "target_l0"] = "l0"
+    sparsity_mode: Literal["l0", "target_l0"] = Field("l0", description=(
+        "'l0': the paper's λ·L0 penalty (L0 is whatever λ gives). 'target_l0': c·(L0/target_l0 − 1)² (dictionary_learning), "
+        "which holds the mean L0 near target_l0; it changes the defaults of sparsity_coef and theta_init_mode."))
     sparsity_coef: float = Field(1e-3, ge=0, description=(
         "λ (l0 mode, default 1e-3) or c (target_l0 mode, default 1 as dictionary_learning). In l0 mode it is the FVU a latent must "
         "save per token to be worth firing."))
     sparsity_warmup_steps: int | None = Field(None, ge=0, description="Linear warmup of the sparsity coefficient; default 10% of training.")
     target_l0: float | None = Field(None, gt=0, description="Target mean L0 for target_l0 mode; default the config's k.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _target_mode_defaults(cls, data: Any) -> Any:
-        """target_l0 mode's own defaults where not given: c = 1 and thresholds that start at the target."""
-        if isinstance(data, dict) and data.get("sparsity_mode") == "target_l0":
-            return {"sparsity_coef": 1.0, "theta_init_mode": "quantile"} | data
-        return data
+    revive_dead: bool = Field(False, description=(
+        "After each step, move the threshold of every dead latent (no firing for dead_window_tokens) to where it would fire "
+        "on L0_target/d_sae of the batch, as the quantile initialisation does: a latent below θ − ε/2 everywhere gets no "
+        "gradient at all and would stay dead (our addition)."))
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -148,6 +148,16 @@ class JumpReLU(Method):
                 sae.log_threshold.copy_(quantile_thresholds(sae, sample, self.opts.target_l0 or float(self.cfg.k)).log())
             else:
                 sae.log_threshold.fill_(math.log(self.opts.theta_init))
+
+    @torch.no_grad()
+    def after_step(self, sae: SAE, inp: StepInput, out, step: int) -> None:
+        if not self.opts.revive_dead or inp.dead_mask is None or not inp.dead_mask.any():
+            return
+        dead = inp.dead_mask.nonzero().squeeze(1)
+        pre = F.linear(sae.center(inp.x), sae.encoder_weight[dead], sae.b_enc[dead])  # [B, n_dead]: the dead columns only
+        n_fire = min(pre.shape[0] - 1, max(1, round(pre.shape[0] * (self.opts.target_l0 or float(self.cfg.k)) / sae.d_sae)))
+        theta = pre.topk(n_fire + 1, dim=0).values[-1].clamp_min(1e-3)
+        sae.log_threshold[dead] = theta.log().to(sae.dtype)
 
     def param_groups(self, sae: SAE, lr: float) -> list[dict]:
         rest = [p for p in sae.parameters() if p is not sae.log_threshold]

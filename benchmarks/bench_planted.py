@@ -1,0 +1,211 @@
+"""Planted ground truth: the fraction of true features each method recovers (best decoder row at cos >= 0.9).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py                      # the documented sweep
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py --shapes issue --methods topk batchtopk --samples 1000000
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py --shapes lognormal_pairs uniform_sparse wide_dense \
+        --samples 307200 --batch 1024 --chunk-tokens 8192                                 # the unit-test family's table
+
+Data (``PlantedSource``): m unit-norm random features in d dimensions; each sample activates each feature
+independently with probability n_active/m, with a magnitude drawn from a log-normal (σ = 0.5, median 1) or
+Uniform[0.5, 1.5] law; ``pairs`` correlated pairs (feature 2j+1 fires with probability 0.5 whenever 2j fires,
+besides its own rate); ``signed`` features take a random sign; Gaussian noise of std ``noise`` per coordinate
+relative to the signal's RMS. Every method runs at its defaults, at the common sparsity k = target L0
+(JumpReLU in target-L0 mode, AbsTopK per token and per batch), with the library's default learning rate
+(``TrainConfig.lr`` unset) unless ``--lr`` is given, and is scored on its exported (inference) form: recovery
+(|cos| for the signed methods), FVU and L0 on held-out samples, and the fraction of latents that never fire on them.
+
+Shapes (``SHAPES``): the issue's (d 80, 640 features, ~6 active, log-normal, 20 correlated pairs, d_sae 1,280,
+k 8) and variations of d, width, sparsity, magnitude law and correlation. Resumable: finished (shape, method)
+cells are read back from ``--out``/planted_recovery.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from saebench.activations import ActivationSource, Batch
+
+HOOK = "planted"
+
+
+@dataclass(frozen=True)
+class Shape:
+    d: int = 80
+    m: int = 640  # planted features
+    n_active: float = 6.0  # expected active features per sample
+    law: str = "lognormal"  # or "uniform"
+    pairs: int = 20  # correlated pairs
+    signed: bool = False
+    noise: float = 0.02
+    d_sae: int = 1280
+    k: int = 8
+
+
+SHAPES: dict[str, Shape] = {
+    # The unit-test family (tests/test_planted.py; run with --samples 307200 --batch 1024):
+    # d 24, 48 features, ~3 active (log-normal magnitudes), 4 correlated pairs, 2x latents
+    "lognormal_pairs": Shape(d=24, m=48, n_active=3.0, law="lognormal", pairs=4, d_sae=96, k=4),
+    # smaller d, uniform magnitudes, no correlation, sparser
+    "uniform_sparse": Shape(d=16, m=32, n_active=2.0, law="uniform", pairs=0, d_sae=64, k=3),
+    # wider: more features than 2x d, denser codes, log-normal, more pairs
+    "wide_dense": Shape(d=32, m=80, n_active=5.0, law="lognormal", pairs=10, d_sae=160, k=6),
+    # The issue's shape and larger variations (the default --samples 3M):
+    "issue": Shape(),
+    "uniform": Shape(law="uniform", pairs=0),
+    "wide": Shape(d=64, m=1024, n_active=5.0, d_sae=2048, k=6),
+    "dense": Shape(d=48, m=256, n_active=10.0, d_sae=512, k=12, pairs=10),
+    "small": Shape(d=32, m=96, n_active=3.0, d_sae=192, k=4, pairs=8),
+}
+TEST_SHAPES = ["lognormal_pairs", "uniform_sparse", "wide_dense"]
+LARGE_SHAPES = [s for s in SHAPES if s not in TEST_SHAPES]
+
+
+class PlantedSource(ActivationSource):
+    """Unbounded planted-feature stream; chunk i is a pure function of (seed, i)."""
+
+    def __init__(self, shape: Shape, seed: int = 0, chunk_tokens: int = 16_384):
+        self.shape, self.seed, self.chunk_tokens = shape, seed, chunk_tokens
+        g = torch.Generator().manual_seed(seed)
+        self.features = F.normalize(torch.randn(shape.m, shape.d, generator=g), dim=-1)
+        self.hook_names, self.d_in = [HOOK], {HOOK: shape.d}
+
+    def chunk_size(self, i: int) -> int:
+        return self.chunk_tokens
+
+    def coefficients(self, i: int) -> torch.Tensor:
+        s, n = self.shape, self.chunk_tokens
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i + 1)
+        active = torch.rand(n, s.m, generator=g) < s.n_active / s.m
+        if s.pairs:
+            lead = torch.arange(0, 2 * s.pairs, 2)
+            follow = active[:, lead] & (torch.rand(n, s.pairs, generator=g) < 0.5)
+            active[:, lead + 1] |= follow
+        if s.law == "lognormal":
+            mags = torch.exp(0.5 * torch.randn(n, s.m, generator=g))
+        else:
+            mags = torch.rand(n, s.m, generator=g) + 0.5
+        if s.signed:
+            mags = mags * torch.where(torch.rand(n, s.m, generator=g) < 0.5, -1.0, 1.0)
+        return active * mags
+
+    def chunk(self, i: int) -> Batch:
+        c = self.coefficients(i)
+        x = c @ self.features
+        if self.shape.noise:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + i + 10**9)
+            rms = x.pow(2).mean().sqrt()
+            x = x + self.shape.noise * rms * torch.randn(x.shape, generator=g)
+        return Batch({HOOK: x}, torch.zeros(len(x), dtype=torch.long))
+
+
+# Every method at the common sparsity k (its target L0), otherwise its defaults.
+METHODS: dict[str, tuple[str, dict]] = {
+    "topk": ("topk", {}),
+    "batchtopk": ("batchtopk", {}),
+    "mutual_choice": ("mutual_choice", {}),
+    "jumprelu": ("jumprelu", {"sparsity_mode": "target_l0"}),
+    "abstopk": ("abstopk", {}),
+    "abstopk_batch": ("abstopk", {"variant": "batch"}),
+    "vsae": ("vsae", {}),
+    "vsae_det": ("vsae_det", {}),
+    "feature_choice": ("feature_choice", {}),
+}
+SIGNED = {"abstopk", "abstopk_batch"}
+
+
+def recovery(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False, thresh: float = 0.9) -> float:
+    """Fraction of planted features whose best decoder row has cos >= ``thresh`` (|cos| for signed SAEs)."""
+    cos = F.normalize(features, dim=-1) @ F.normalize(W_dec.detach().float(), dim=-1).T
+    return ((cos.abs() if signed else cos).max(1).values >= thresh).float().mean().item()
+
+
+def run_one(key: str, shape: Shape, samples: int, out_dir: Path, *, lr: float | None = None, batch: int = 4096, seed: int = 0,
+            options: dict | None = None, source: PlantedSource | None = None) -> dict:
+    """Train ``key`` (a METHODS entry) on ``shape`` for ``samples`` samples; score its exported SAE on held-out samples."""
+    from saebench.config import TrainConfig
+    from saebench.trainers.loop import train
+
+    method, opts = METHODS[key]
+    src = source or PlantedSource(shape, seed=seed)
+    cfg = TrainConfig(method=method, hook_name=HOOK, model="none", d_sae=shape.d_sae, k=shape.k, batch_size_tokens=batch,
+                      training_tokens=samples, lr=lr, method_options=opts | (options or {}), out_dir=str(out_dir), eval_tokens=0,
+                      log_every_steps=10**6, checkpoint_every_steps=10**6, resume=False, seed=seed,
+                      lr_warmup_steps=min(100, max(1, samples // batch // 10)), dead_window_tokens=min(1_000_000, max(batch, samples // 5)))
+    t = time.perf_counter()
+    res = train(cfg, source=src, progress=False)
+    seconds = time.perf_counter() - t
+    sae = res.sae
+    x = torch.cat([src.chunk(10**6 + j).acts[HOOK] for j in range(2)])
+    with torch.no_grad():
+        z = sae.encode(x)
+        x_hat = sae.decode(z)
+    fvu = ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    return {"method": key, "shape": asdict(shape), "samples": samples, "lr": lr or _default_lr(shape.d_sae, shape.d), "seed": seed,
+            "recovery": recovery(sae.W_dec, src.features, signed=key in SIGNED), "fvu": fvu, "l0": (z != 0).sum(-1).float().mean().item(),
+            "never_fired_fraction": ((z != 0).sum(0) == 0).float().mean().item(), "train_seconds": seconds, "options": opts | (options or {})}
+
+
+def _default_lr(d_sae: int, d_in: int) -> float:
+    from saebench.trainers.loop import default_lr
+
+    return default_lr(d_sae, d_in)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=LARGE_SHAPES, choices=list(SHAPES), help=f"default: {' '.join(LARGE_SHAPES)}")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--samples", type=int, default=3_000_000, help="training samples per run (the issue's 3M)")
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the library's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk-tokens", type=int, default=16_384, help="samples per generated chunk (the tests use 8,192)")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--runs-dir", default="runs/bench_planted")
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args(argv)
+    out = Path(args.out) / "planted_recovery.json"
+    rows = json.loads(out.read_text())["rows"] if out.is_file() else []
+
+    def cell(r):
+        return (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"])
+
+    for shape_name in args.shapes:
+        src = PlantedSource(SHAPES[shape_name], seed=args.seed, chunk_tokens=args.chunk_tokens)
+        for key in args.methods:
+            want = (shape_name, key, args.samples, args.lr, args.seed)
+            if not args.force and any(cell(r) == want for r in rows):
+                continue
+            r = run_one(key, SHAPES[shape_name], args.samples, Path(args.runs_dir) / f"{shape_name}-{key}", lr=args.lr, batch=args.batch,
+                        seed=args.seed, source=src) | {"shape_name": shape_name, "lr_arg": args.lr}
+            rows = [x for x in rows if cell(x) != want] + [r]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"command": "benchmarks/bench_planted.py", "rows": rows}, indent=1))
+            print(f"{shape_name:<8} {key:<15} recovery {r['recovery']:.3f}  fvu {r['fvu']:.3f}  l0 {r['l0']:.2f}  "
+                  f"never fired {r['never_fired_fraction']:.3f}  ({r['train_seconds']:.0f} s)", flush=True)
+    print(table(rows, args.shapes, args.methods, args.samples, args.lr, args.seed))
+    return rows
+
+
+def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int, lr, seed: int) -> str:
+    """Markdown: recovery per method (rows) and shape (columns)."""
+    lines = ["| method | " + " | ".join(shapes) + " |", "|---" * (len(shapes) + 1) + "|"]
+    for key in methods:
+        cells = []
+        for s in shapes:
+            r = next((r for r in rows if (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"]) == (s, key, samples, lr, seed)), None)
+            cells.append("" if r is None else f"{100 * r['recovery']:.0f}%")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
