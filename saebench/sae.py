@@ -8,6 +8,11 @@ inference every SAE is one of a few architectures:
 - ``jumprelu``: ``pre · 1[pre > θ_i]`` (JumpReLU; also BatchTopK, Mutual and Feature Choice export);
 - ``abs_jumprelu``: ``pre · 1[|pre| > θ_i]`` (the batch AbsTopK variant);
 - ``relu``: plain ReLU (end-to-end SAEs; SAELens calls it "standard").
+- ``standard``: the same ReLU SAE under SAELens' name (the ``standard`` L1 method exports it, so SAELens loads it);
+- ``gated``: ``1[π_gate > 0] · ReLU(e^{r_mag} ⊙ (W_enc(x − b_dec)) + b_mag)`` with π_gate = W_enc(x − b_dec) + b_gate
+  (Rajamanoharan et al. 2024; saved as SAELens' ``gated``: ``b_gate``, ``r_mag``, ``b_mag``, no ``b_enc``);
+- ``matching_pursuit``: the encoder is greedy matching pursuit on the decoder rows (tied; no encoder weights
+  are used), saved with SAELens' ``residual_threshold`` / ``max_iterations`` / ``stop_on_duplicate_support``.
 
 Weights follow SAELens/SAEBench conventions: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in] with
 unit-norm rows, ``b_enc`` [d_sae], ``b_dec`` [d_in], ``threshold`` [d_sae]. Internally the encoder is
@@ -31,9 +36,12 @@ from saebench import sparse
 from saebench.io import ArtifactError, read_json, save_tensors, write_json, write_manifest
 from saebench.sparse import SparseActs
 
-Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu"]
+Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu", "standard", "gated", "matching_pursuit"]
 THRESHOLD_ARCHS = ("jumprelu", "abs_jumprelu")
 SIGNED_ARCHS = ("abstopk", "abs_jumprelu")
+RELU_ARCHS = ("relu", "standard")
+# SAELens' matching-pursuit fields: written to cfg.json only for that architecture.
+MP_FIELDS = ("residual_threshold", "max_iterations", "stop_on_duplicate_support")
 WEIGHTS_FILE = "sae.safetensors"
 CFG_FILE = "cfg.json"
 FORMAT_VERSION = 1
@@ -59,6 +67,12 @@ class SAEConfig(BaseModel):
     context_size: int | None = None
     prepend_bos: bool = True
     method: str = ""
+    # matching_pursuit only (SAELens names): stop a token once its residual norm is below this (0: never)...
+    residual_threshold: float | None = Field(default=None, ge=0)
+    # ...or after this many pursuit steps (None: d_in, SAELens' default)...
+    max_iterations: int | None = Field(default=None, gt=0)
+    # ...or once a step leaves the token's set of active latents unchanged.
+    stop_on_duplicate_support: bool | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -86,6 +100,10 @@ class SAE(nn.Module):
         if cfg.architecture in THRESHOLD_ARCHS:
             # log θ keeps θ positive; JumpReLU trains it, BatchTopK-style methods set it by EMA.
             self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), -math.inf, dtype=dtype))
+        if cfg.architecture == "gated":
+            # b_enc is the gate's bias (SAELens' b_gate); the magnitude path shares W_enc, scaled by e^{r_mag}.
+            self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+            self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
 
     # ----- SAEBench / SAELens interface -------------------------------------------------------
     @property
@@ -129,7 +147,7 @@ class SAE(nn.Module):
             return sparse.topk_select(pre, self.cfg.k), None
         if arch == "abstopk":
             return sparse.topk_select(pre.abs(), self.cfg.k), None
-        if arch == "relu":
+        if arch in RELU_ARCHS or arch == "gated":  # gated: the gate π_gate > 0 selects
             return sparse.mask_to_indices(pre > 0, pre)
         score = pre.abs() if arch == "abs_jumprelu" else pre
         return sparse.mask_to_indices(score > self.threshold, pre)
@@ -138,20 +156,32 @@ class SAE(nn.Module):
         """Rectify selected values, except for signed architectures."""
         return values if self.cfg.signed else F.relu(values)
 
+    def gated_magnitudes(self, gate_values: Tensor, indices: Tensor) -> Tensor:
+        """Gated SAE: ReLU(e^{r_mag}·(π_gate − b_gate) + b_mag) at the selected entries (π_gate values [B, K])."""
+        mag = self.r_mag.exp()[indices] * (gate_values - self.b_enc[indices]) + self.b_mag[indices]
+        return F.relu(mag)
+
     def encode_sparse(self, x: Tensor) -> SparseActs:
         """Encode [B, d_in] to ``SparseActs`` (values [B, K], indices [B, K])."""
         x = self._check_input(x)
         x_c = self.center(x)
+        if self.cfg.architecture == "matching_pursuit":
+            c = self.cfg
+            return matching_pursuit(x_c, self.W_dec, c.max_iterations or c.d_in, c.residual_threshold or 0.0,
+                                    bool(c.stop_on_duplicate_support))
         with torch.no_grad():
             pre = F.linear(x_c, self.encoder_weight, self.b_enc)
         idx, valid = self.select(pre)
-        vals = self.activate(sparse.gather_pre(x_c, self.encoder_weight, self.b_enc, pre, idx))
+        gathered = sparse.gather_pre(x_c, self.encoder_weight, self.b_enc, pre, idx)
+        vals = self.gated_magnitudes(gathered, idx) if self.cfg.architecture == "gated" else self.activate(gathered)
         if valid is not None:
             vals = vals * valid
         return SparseActs(vals, idx)
 
     def decode_sparse(self, acts: SparseActs) -> Tensor:
         """Decode ``SparseActs`` to [B, d_in]."""
+        if self.cfg.architecture == "matching_pursuit" and not self.cfg.apply_b_dec_to_input:
+            return sparse.decode(acts, self.W_dec)
         return sparse.decode(acts, self.W_dec, self.b_dec)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -162,6 +192,8 @@ class SAE(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """Reconstruct from dense latents [..., d_sae] → [..., d_in]."""
+        if self.cfg.architecture == "matching_pursuit" and not self.cfg.apply_b_dec_to_input:
+            return z @ self.W_dec  # SAELens: a tied MP SAE adds b_dec only where it subtracted it
         return z @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
@@ -218,21 +250,38 @@ class SAE(nn.Module):
         self.b_dec.div_(scale)
         if hasattr(self, "log_threshold"):
             self.log_threshold.sub_(math.log(scale))
+        if hasattr(self, "b_mag"):  # gated: the magnitude path's bias (r_mag is a ratio of scales: unchanged)
+            self.b_mag.div_(scale)
+        if self.cfg.residual_threshold:  # matching pursuit: compared with the residual norm, in input units
+            self.cfg = self.cfg.model_copy(update={"residual_threshold": self.cfg.residual_threshold / scale})
 
     # ----- save / load -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         """Tensors in the on-disk (SAELens) layout."""
+        if self.cfg.architecture == "matching_pursuit":  # tied: SAELens reads only the decoder
+            return {"W_dec": self.W_dec, "b_dec": self.b_dec}
         out = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
         if self.threshold is not None:
             out["threshold"] = self.threshold
+        if self.cfg.architecture == "gated":  # SAELens' names: the gate's bias is b_gate, there is no b_enc
+            out["b_gate"] = out.pop("b_enc")
+            out |= {"r_mag": self.r_mag, "b_mag": self.b_mag}
         return out
+
+    def cfg_dict(self) -> dict[str, Any]:
+        """``cfg.json``'s content: the config, without the matching-pursuit fields unless they are set."""
+        data = self.cfg.model_dump()
+        for key in MP_FIELDS:
+            if data[key] is None:
+                del data[key]
+        return data
 
     def save(self, folder: str | Path, extra_files: list[str] = ()) -> Path:
         """Write ``sae.safetensors``, ``cfg.json`` and a checksum manifest into ``folder`` atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_tensors(folder / WEIGHTS_FILE, self.state_tensors(), metadata={"format": "saebench"})
-        write_json(folder / CFG_FILE, self.cfg.model_dump())
+        write_json(folder / CFG_FILE, self.cfg_dict())
         write_manifest(folder, [WEIGHTS_FILE, CFG_FILE, *extra_files])
         return folder
 
@@ -270,6 +319,11 @@ class SAE(nn.Module):
         expected = {"W_enc": (c.d_in, c.d_sae), "W_dec": (c.d_sae, c.d_in), "b_enc": (c.d_sae,), "b_dec": (c.d_in,)}
         if c.architecture in THRESHOLD_ARCHS:
             expected["threshold"] = (c.d_sae,)
+        if c.architecture == "gated":
+            del expected["b_enc"]
+            expected |= {"b_gate": (c.d_sae,), "r_mag": (c.d_sae,), "b_mag": (c.d_sae,)}
+        if c.architecture == "matching_pursuit":  # tied: the encoder is the decoder (W_enc/b_enc are not read)
+            del expected["W_enc"], expected["b_enc"]
         for name, shape in expected.items():
             if name not in tensors:
                 raise ArtifactError(f"{where} has no tensor {name!r} (has {sorted(tensors)})")
@@ -280,10 +334,17 @@ class SAE(nn.Module):
                 raise ArtifactError(f"{where}: {name} has dtype {t.dtype}, expected a float tensor")
             if not torch.isfinite(t).all() and name != "threshold":
                 raise ArtifactError(f"{where}: {name} contains NaN or inf values")
-        self.encoder_weight.copy_(tensors["W_enc"].T)
         self.W_dec.copy_(tensors["W_dec"])
-        self.b_enc.copy_(tensors["b_enc"])
         self.b_dec.copy_(tensors["b_dec"])
+        if c.architecture == "matching_pursuit":
+            self.encoder_weight.copy_(tensors["W_dec"])  # unused by the pursuit; kept tied for W_enc readers
+            self.b_enc.zero_()
+            return
+        self.encoder_weight.copy_(tensors["W_enc"].T)
+        self.b_enc.copy_(tensors["b_gate" if c.architecture == "gated" else "b_enc"])
+        if c.architecture == "gated":
+            self.r_mag.copy_(tensors["r_mag"])
+            self.b_mag.copy_(tensors["b_mag"])
         if c.architecture in THRESHOLD_ARCHS:
             self.log_threshold.copy_(tensors["threshold"].clamp_min(0).log())
 
@@ -298,7 +359,8 @@ def _parse_cfg(raw: dict, folder: Path) -> SAEConfig:
         raise ArtifactError(f"{folder / CFG_FILE} is not a valid saebench SAE config: {msgs}") from None
 
 
-_SAELENS_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+_SAELENS_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu", "gated": "gated",
+                 "matching_pursuit": "matching_pursuit"}
 
 
 def _cfg_from_saelens(raw: dict, folder: Path) -> SAEConfig:
@@ -327,6 +389,8 @@ def _cfg_from_saelens(raw: dict, folder: Path) -> SAEConfig:
             dtype=str(raw.get("dtype", "float32")).replace("torch.", ""),
             context_size=raw.get("context_size") or meta.get("context_size"),
             method=f"saelens:{arch}",
+            **({"residual_threshold": float(raw.get("residual_threshold", 1e-2)), "max_iterations": raw.get("max_iterations"),
+                "stop_on_duplicate_support": bool(raw.get("stop_on_duplicate_support", True))} if arch == "matching_pursuit" else {}),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{folder / CFG_FILE} is not a valid SAELens config ({e!r})") from None
@@ -337,6 +401,57 @@ def _layer_of(hook_name: str, given: Any) -> int:
         return given
     parts = hook_name.split(".")
     return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else -1
+
+
+def matching_pursuit(x_c: Tensor, W_dec: Tensor, steps: int, residual_threshold: float = 0.0,
+                     stop_on_duplicate_support: bool = False) -> SparseActs:
+    """Greedy (non-negative) matching pursuit of ``x_c`` [B, d] on the rows of ``W_dec`` [n, d], as SAELens 6.54 encodes.
+
+    Each step picks i* = argmax_i ReLU(⟨r, d_i⟩), adds v = ReLU(⟨r, d_i*⟩) to latent i* and sets r ← r − v·d_i*,
+    from r = x_c. A token stops (its later steps add nothing) once its residual norm is below
+    ``residual_threshold`` (when > 0) or, with ``stop_on_duplicate_support``, once a step leaves its set of
+    non-zero latents unchanged; the loop ends after ``steps`` steps or when every token has stopped. The
+    values are differentiable in ``x_c`` and ``W_dec`` (the choices are not); the dense score product is
+    taken without autograd. Returns the steps' (value, latent) pairs with repeats merged (``coalesce``).
+    """
+    r = x_c
+    B = x_c.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=x_c.device)
+    vals, idxs = [], []
+    support = None
+    for _ in range(steps):
+        with torch.no_grad():
+            i = (r.detach() @ W_dec.detach().T).argmax(-1)  # argmax of ReLU(scores) = argmax of scores unless all ≤ 0 (then v = 0)
+        d = W_dec[i]
+        v = F.relu((r * d).sum(-1)) * (~done)
+        r = r - v.unsqueeze(-1) * d
+        vals.append(v)
+        idxs.append(i)
+        if stop_on_duplicate_support or residual_threshold > 0:
+            with torch.no_grad():
+                if stop_on_duplicate_support:
+                    new = torch.zeros(B, W_dec.shape[0], dtype=torch.bool, device=x_c.device)
+                    new[torch.arange(B, device=x_c.device), i] = v.detach() != 0
+                    new = new if support is None else new | support
+                    done = done | ((new == support).all(-1) if support is not None else (v.detach() == 0))
+                    support = new
+                if residual_threshold > 0:
+                    done = done | (r.detach().norm(dim=-1) < residual_threshold)
+                if bool(done.all()):
+                    break
+    return coalesce(SparseActs(torch.stack(vals, 1), torch.stack(idxs, 1)))
+
+
+def coalesce(acts: SparseActs) -> SparseActs:
+    """Merge repeated latents within each row (their values add); freed slots hold value 0 at latent 0. Differentiable."""
+    idx, order = acts.indices.sort(-1)
+    vals = acts.values.gather(1, order)
+    new = torch.ones_like(idx, dtype=torch.bool)
+    new[:, 1:] = idx[:, 1:] != idx[:, :-1]
+    slot = new.long().cumsum(-1) - 1
+    out_vals = torch.zeros_like(vals).scatter_add(1, slot, vals)
+    out_idx = torch.zeros_like(idx).scatter(1, slot, idx)
+    return SparseActs(out_vals, out_idx)
 
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
