@@ -54,6 +54,12 @@ class MatryoshkaBatchTopK(BatchTopK):
     name = "matryoshka_batchtopk"
     Options = MatryoshkaOptions
 
+    def sae_config(self, d_in: int, **fields):
+        cfg = super().sae_config(d_in, **fields)
+        if self.opts.widths is not None and self.opts.widths[-1] >= cfg.d_sae:
+            raise ConfigError(f"method {self.name!r}: widths {self.opts.widths} must all be below d_sae={cfg.d_sae} (d_sae is implied)")
+        return cfg
+
     def inner_widths(self, d_sae: int, step: int) -> list[int]:
         """The inner prefix widths used at ``step`` (sorted, distinct, each < d_sae)."""
         o = self.opts
@@ -64,8 +70,6 @@ class MatryoshkaBatchTopK(BatchTopK):
             w = torch.exp(torch.log(torch.tensor(float(lo))) + u * (torch.log(torch.tensor(float(d_sae))) - torch.log(torch.tensor(float(lo)))))
             return sorted({min(d_sae - 1, max(lo, int(v))) for v in w.tolist()})
         if o.widths is not None:
-            if o.widths[-1] >= d_sae:
-                raise ConfigError(f"method {self.name!r}: widths {o.widths} must all be below d_sae={d_sae} (d_sae is implied)")
             return list(o.widths)
         return sorted({max(1, d_sae // f) for f in (16, 8, 4, 2)} - {d_sae})
 
