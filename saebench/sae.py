@@ -12,7 +12,9 @@ inference every SAE is one of a few architectures:
 - ``gated``: ``1[π_gate > 0] · ReLU(e^{r_mag} ⊙ (W_enc(x − b_dec)) + b_mag)`` with π_gate = W_enc(x − b_dec) + b_gate
   (Rajamanoharan et al. 2024; saved as SAELens' ``gated``: ``b_gate``, ``r_mag``, ``b_mag``, no ``b_enc``);
 - ``matching_pursuit``: the encoder is greedy matching pursuit on the decoder rows (tied; no encoder weights
-  are used), saved with SAELens' ``residual_threshold`` / ``max_iterations`` / ``stop_on_duplicate_support``.
+  are used), saved with SAELens' ``residual_threshold`` / ``max_iterations`` / ``stop_on_duplicate_support``;
+- ``top_afa``: ReLU of the k(x) largest pre-activations, k(x) chosen per token so that the selected code's norm
+  best matches ‖x − b_dec‖ (top-AFA, Lee et al. 2025; no fixed k; not a SAELens architecture).
 
 Weights follow SAELens/SAEBench conventions: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in] with
 unit-norm rows, ``b_enc`` [d_sae], ``b_dec`` [d_in], ``threshold`` [d_sae]. Internally the encoder is
@@ -36,7 +38,7 @@ from saebench import sparse
 from saebench.io import ArtifactError, read_json, save_tensors, write_json, write_manifest
 from saebench.sparse import SparseActs
 
-Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu", "standard", "gated", "matching_pursuit"]
+Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu", "standard", "gated", "matching_pursuit", "top_afa"]
 THRESHOLD_ARCHS = ("jumprelu", "abs_jumprelu")
 SIGNED_ARCHS = ("abstopk", "abs_jumprelu")
 RELU_ARCHS = ("relu", "standard")
@@ -152,6 +154,11 @@ class SAE(nn.Module):
         score = pre.abs() if arch == "abs_jumprelu" else pre
         return sparse.mask_to_indices(score > self.threshold, pre)
 
+    def top_afa_select(self, pre: Tensor, x_c: Tensor) -> tuple[Tensor, Tensor]:
+        """top-AFA's selection for this SAE: scores ReLU(π_i)·‖d_i‖, target ‖x − b_dec‖ (see ``top_afa_select``)."""
+        with torch.no_grad():
+            return top_afa_select(F.relu(pre) * self.W_dec.norm(dim=-1), x_c.norm(dim=-1))
+
     def activate(self, values: Tensor) -> Tensor:
         """Rectify selected values, except for signed architectures."""
         return values if self.cfg.signed else F.relu(values)
@@ -171,7 +178,7 @@ class SAE(nn.Module):
                                     bool(c.stop_on_duplicate_support))
         with torch.no_grad():
             pre = F.linear(x_c, self.encoder_weight, self.b_enc)
-        idx, valid = self.select(pre)
+        idx, valid = self.top_afa_select(pre, x_c) if self.cfg.architecture == "top_afa" else self.select(pre)
         gathered = sparse.gather_pre(x_c, self.encoder_weight, self.b_enc, pre, idx)
         vals = self.gated_magnitudes(gathered, idx) if self.cfg.architecture == "gated" else self.activate(gathered)
         if valid is not None:
@@ -440,6 +447,34 @@ def matching_pursuit(x_c: Tensor, W_dec: Tensor, steps: int, residual_threshold:
                 if bool(done.all()):
                     break
     return coalesce(SparseActs(torch.stack(vals, 1), torch.stack(idxs, 1)))
+
+
+def top_afa_select(scores: Tensor, target: Tensor, candidates: int = 64) -> tuple[Tensor, Tensor]:
+    """top-AFA (Lee et al. 2025): per token, the k largest ``scores`` [B, n] (≥ 0) with k = argmin_k |√(Σ_{j≤k} s_(j)²) − target|.
+
+    ``target`` [B] is the approximate feature activation norm ‖x − b_dec‖; s_(1) ≥ s_(2) ≥ … are the sorted
+    scores. As the authors' code (``TopAFASAE.forward``), the last cumulative sum is replaced by 1e8 (so k < n
+    unless the target is beyond it) and ties go to the smallest k. The cumulative norm is non-decreasing, so
+    the best k is where it crosses the target: the top ``candidates`` suffice for a row whose cumulative norm
+    reaches the target within them; only the other rows are fully sorted. Returns padded ``(indices [B, K],
+    valid [B, K])``, K the batch's largest k.
+    """
+    B, n = scores.shape
+    m = min(n, candidates)
+    vals, idx = scores.topk(m, dim=-1, sorted=True)
+    short = (vals.square().cumsum(-1)[:, -1].sqrt() < target).nonzero().flatten() if m < n else idx.new_zeros(0)
+    if len(short):  # rows whose crossing lies beyond the candidates: sort them fully
+        full_vals, full_idx = scores[short].sort(-1, descending=True)
+        vals = torch.cat([vals, vals.new_zeros(B, n - m)], 1)
+        idx = torch.cat([idx, idx.new_zeros(B, n - m)], 1)
+        vals[short], idx[short] = full_vals, full_idx
+    norm = vals.square().cumsum(-1)
+    if vals.shape[1] == n:
+        norm[:, -1] = 1e8
+    k = (norm.sqrt() - target.unsqueeze(-1)).abs().argmin(-1) + 1  # [B]
+    width = int(k.max())
+    valid = torch.arange(width, device=scores.device) < k.unsqueeze(-1)
+    return torch.where(valid, idx[:, :width], 0), valid
 
 
 def coalesce(acts: SparseActs) -> SparseActs:
