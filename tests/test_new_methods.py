@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from saebench.trainers import METHODS, get_method
+from saebench.trainers.base import StepInput
+from saebench.trainers.loop import train
 
 from saebench.activations import SyntheticSource
 from saebench.config import ConfigError
 from saebench.sae import SAE, SAEConfig, coalesce, matching_pursuit
 from saebench.sparse import SparseActs
-from saebench.trainers import METHODS, get_method
-from saebench.trainers.base import StepInput
-from saebench.trainers.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_methods import HOOK, MemorySource, assert_reloads, config, recovery  # noqa: E402
+from test_methods import HOOK, MemorySource, assert_reloads, config, recovery
 
 NEW_METHODS = ["standard", "standard_constrained", "gated", "matryoshka_batchtopk", "matching_pursuit", "top_afa"]
 NORM = "expected_average_only_in"
@@ -211,7 +210,7 @@ def test_standard_recovers_planted_features_and_reloads(l1_runs, planted):
 def test_standard_resumes_bit_identically_with_its_free_decoder(tmp_path):
     """W_dec_free lives on the SAE, so checkpoints carry it and its Adam state: a resumed run is bit-identical."""
     src = SyntheticSource(d=16, m=32, n_active=2, seed=3, chunk_tokens=4096)
-    common = dict(d_sae=64, k=2, steps=30, batch=256, checkpoint_every_steps=10, normalize_activations=NORM, opts={"sparsity_coef": 1.0})
+    common = {"d_sae": 64, "k": 2, "steps": 30, "batch": 256, "checkpoint_every_steps": 10, "normalize_activations": NORM, "opts": {"sparsity_coef": 1.0}}
     full = train(config("standard", tmp_path / "full", **common), source=src, progress=False)
 
     class Interrupt(Exception):
@@ -326,7 +325,7 @@ def test_matryoshka_prefixes_reconstruct_on_their_own_better_than_batchtopk(tmp_
     same prefix of a plain BatchTopK SAE (whose latents are in no order), at the same full-dictionary FVU."""
     src = MemorySource(ZipfSource(d=32, m=64, n_active=3))
     widths = [8, 16, 32, 64]
-    common = dict(steps=250, lr=1e-2, normalize_activations=NORM)
+    common = {"steps": 250, "lr": 1e-2, "normalize_activations": NORM}
     mat = train(config("matryoshka_batchtopk", tmp_path / "m", opts={"threshold_start_step": 100, "widths": widths}, **common),
                 source=src, progress=False)
     btk = train(config("batchtopk", tmp_path / "b", opts={"threshold_start_step": 100}, **common), source=src, progress=False)
@@ -370,7 +369,7 @@ def test_matryoshka_random_widths_depend_only_on_seed_and_step(tmp_path):
 
 def test_matryoshka_random_widths_train_and_resume_bit_identically(tmp_path):
     src = SyntheticSource(d=16, m=32, n_active=2, seed=3, chunk_tokens=4096)
-    common = dict(d_sae=64, k=2, steps=30, batch=256, checkpoint_every_steps=10, opts={"random_widths": 2, "threshold_start_step": 5})
+    common = {"d_sae": 64, "k": 2, "steps": 30, "batch": 256, "checkpoint_every_steps": 10, "opts": {"random_widths": 2, "threshold_start_step": 5}}
     full = train(config("matryoshka_batchtopk", tmp_path / "full", **common), source=src, progress=False)
 
     class Interrupt(Exception):
@@ -462,6 +461,7 @@ def test_matching_pursuit_explains_away_correlated_features(tmp_path):
         if name == "matching_pursuit":
             assert_reloads(r, x[:512])
             assert r.sae.cfg.architecture == "matching_pursuit" and r.sae.cfg.max_iterations == 2
+            assert torch.equal(r.sae.W_enc, r.sae.W_dec.T) and not r.sae.b_enc.any()  # tied, as loaded
     assert stats["matching_pursuit"][0] < 0.15 and stats["topk"][0] > 0.3, stats
     assert stats["matching_pursuit"][1] < 0.5 * stats["topk"][1], stats
 
@@ -538,8 +538,8 @@ def test_saelens_loads_the_new_inference_forms_and_encodes_identically(tmp_path)
     x = torch.randn(64, 16, generator=g) * 2
     folders = {}
     for tag, arch, extra in [("standard", "standard", {}), ("gated", "gated", {}),
-                             ("mp", "matching_pursuit", dict(residual_threshold=0.0, max_iterations=3, stop_on_duplicate_support=False)),
-                             ("mp_stop", "matching_pursuit", dict(residual_threshold=0.5, stop_on_duplicate_support=True))]:
+                             ("mp", "matching_pursuit", {"residual_threshold": 0.0, "max_iterations": 3, "stop_on_duplicate_support": False}),
+                             ("mp_stop", "matching_pursuit", {"residual_threshold": 0.5, "stop_on_duplicate_support": True})]:
         sae = SAE(SAEConfig(architecture=arch, d_in=16, d_sae=48, hook_name="blocks.0.hook_resid_post", hook_layer=0, model_name="m", **extra))
         sae.init_tied(g)
         with torch.no_grad():
@@ -552,7 +552,7 @@ def test_saelens_loads_the_new_inference_forms_and_encodes_identically(tmp_path)
         save_file({"x": x, "z": z, "x_hat": x_hat}, str(tmp_path / tag / "io.safetensors"))
         folders[str(tmp_path / tag)] = arch
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1")
-    res = subprocess.run([_saelens_python(), "-c", _SAELENS_CHECK, *folders], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([_saelens_python(), "-c", _SAELENS_CHECK, *folders], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     classes = {"standard": "StandardSAE", "gated": "GatedSAE", "matching_pursuit": "MatchingPursuitSAE"}

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from pydantic import Field
+from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register
+from saebench.trainers.standard import L1Options, per_token_variance, sparsity_coef
 from torch import Tensor
 
 from saebench import sparse
 from saebench.sae import SAE
 from saebench.sparse import SparseActs
-from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register
-from saebench.trainers.standard import L1Options, per_token_variance, sparsity_coef
 
 
 class GatedOptions(L1Options):

@@ -20,10 +20,11 @@ does the same); the code's repeated entries are merged, so L0 ≤ k.
 
 from __future__ import annotations
 
-from saebench import sparse
-from saebench.sae import SAE, SAEConfig, matching_pursuit
-from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register
+import torch
 from pydantic import BaseModel, ConfigDict
+from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register
+
+from saebench.sae import SAE, SAEConfig, matching_pursuit
 
 
 class MPOptions(BaseModel):
@@ -42,6 +43,13 @@ class MatchingPursuit(Method):
 
     def sae_config(self, d_in: int, **fields) -> SAEConfig:
         return super().sae_config(d_in, residual_threshold=0.0, max_iterations=self.cfg.k, stop_on_duplicate_support=False, **fields)
+
+    @torch.no_grad()
+    def export(self, sae: SAE) -> SAE:
+        """Tie the unused encoder to the decoder (W_enc = W_decᵀ, b_enc = 0), as a loaded MP SAE has it."""
+        sae.encoder_weight.copy_(sae.W_dec)
+        sae.b_enc.zero_()
+        return sae
 
     def step(self, sae: SAE, inp: StepInput) -> StepOutput:
         x = inp.x

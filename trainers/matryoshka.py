@@ -19,16 +19,18 @@ heavy-tailed distribution over lengths; his exact one is not reproduced). Draws 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from pydantic import Field, field_validator
+from saebench.trainers.base import StepInput, normalized_mse, register
+from saebench.trainers.batchtopk import BatchTopK, ThresholdOptions
 from torch import Tensor
 
 from saebench import sparse
 from saebench.config import ConfigError
 from saebench.sae import SAE
 from saebench.sparse import SparseActs
-from saebench.trainers.base import StepInput, normalized_mse, register
-from saebench.trainers.batchtopk import BatchTopK, ThresholdOptions
 
 
 class MatryoshkaOptions(ThresholdOptions):
@@ -42,7 +44,7 @@ class MatryoshkaOptions(ThresholdOptions):
     @field_validator("widths")
     @classmethod
     def _increasing(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or any(w <= 0 for w in v) or any(a >= b for a, b in zip(v, v[1:]))):
+        if v is not None and (not v or any(w <= 0 for w in v) or any(a >= b for a, b in itertools.pairwise(v))):
             raise ValueError("widths must be a non-empty, strictly increasing list of positive latent counts")
         return v
 

@@ -26,11 +26,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register, total_variance
 from torch import Tensor, nn
 
 from saebench import distributed, sparse
 from saebench.sae import SAE
-from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register, total_variance
 from saebench.sparse import SparseActs
 
 

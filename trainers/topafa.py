@@ -18,13 +18,12 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
-from torch import Tensor
-
-from saebench import sparse
-from saebench.sae import SAE
-from saebench.sparse import SparseActs
 from saebench.trainers.base import Method, Options, StepInput, register
 from saebench.trainers.standard import per_token_variance
+from torch import Tensor
+
+from saebench.sae import SAE
+from saebench.sparse import SparseActs
 
 
 class TopAFAOptions(Options):
