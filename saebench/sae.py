@@ -13,6 +13,8 @@ inference every SAE is one of a few architectures:
   (Rajamanoharan et al. 2024; saved as SAELens' ``gated``: ``b_gate``, ``r_mag``, ``b_mag``, no ``b_enc``);
 - ``matching_pursuit``: the encoder is greedy matching pursuit on the decoder rows (tied; no encoder weights
   are used), saved with SAELens' ``residual_threshold`` / ``max_iterations`` / ``stop_on_duplicate_support``;
+- ``itda``: signed matching pursuit (argmax |⟨r, d_i⟩|, signed coefficients) for ``max_iterations`` steps on a
+  dictionary of normalised real activations, no biases (ITDA, Leask et al. 2025; not a SAELens architecture);
 - ``top_afa``: ReLU of the k(x) largest pre-activations, k(x) chosen per token so that the selected code's norm
   best matches ‖x − b_dec‖ (top-AFA, Lee et al. 2025; no fixed k; not a SAELens architecture).
 
@@ -38,9 +40,9 @@ from saebench import sparse
 from saebench.io import ArtifactError, read_json, save_tensors, write_json, write_manifest
 from saebench.sparse import SparseActs
 
-Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu", "standard", "gated", "matching_pursuit", "top_afa"]
+Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu", "standard", "gated", "matching_pursuit", "top_afa", "itda"]
 THRESHOLD_ARCHS = ("jumprelu", "abs_jumprelu")
-SIGNED_ARCHS = ("abstopk", "abs_jumprelu")
+SIGNED_ARCHS = ("abstopk", "abs_jumprelu", "itda")
 RELU_ARCHS = ("relu", "standard")
 # SAELens' matching-pursuit fields: written to cfg.json only for that architecture.
 MP_FIELDS = ("residual_threshold", "max_iterations", "stop_on_duplicate_support")
@@ -172,10 +174,10 @@ class SAE(nn.Module):
         """Encode [B, d_in] to ``SparseActs`` (values [B, K], indices [B, K])."""
         x = self._check_input(x)
         x_c = self.center(x)
-        if self.cfg.architecture == "matching_pursuit":
+        if self.cfg.architecture in ("matching_pursuit", "itda"):
             c = self.cfg
             return matching_pursuit(x_c, self.W_dec, c.max_iterations or c.d_in, c.residual_threshold or 0.0,
-                                    bool(c.stop_on_duplicate_support))
+                                    bool(c.stop_on_duplicate_support), signed=c.architecture == "itda")
         with torch.no_grad():
             pre = F.linear(x_c, self.encoder_weight, self.b_enc)
         idx, valid = self.top_afa_select(pre, x_c) if self.cfg.architecture == "top_afa" else self.select(pre)
@@ -265,7 +267,7 @@ class SAE(nn.Module):
     # ----- save / load -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         """Tensors in the on-disk (SAELens) layout."""
-        if self.cfg.architecture == "matching_pursuit":  # tied: SAELens reads only the decoder
+        if self.cfg.architecture in ("matching_pursuit", "itda"):  # tied: SAELens reads only the decoder
             return {"W_dec": self.W_dec, "b_dec": self.b_dec}
         out = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
         if self.threshold is not None:
@@ -329,7 +331,7 @@ class SAE(nn.Module):
         if c.architecture == "gated":
             del expected["b_enc"]
             expected |= {"b_gate": (c.d_sae,), "r_mag": (c.d_sae,), "b_mag": (c.d_sae,)}
-        if c.architecture == "matching_pursuit":  # tied: the encoder is the decoder (W_enc/b_enc are not read)
+        if c.architecture in ("matching_pursuit", "itda"):  # tied: the encoder is the decoder (W_enc/b_enc are not read)
             del expected["W_enc"], expected["b_enc"]
         for name, shape in expected.items():
             if name not in tensors:
@@ -343,7 +345,7 @@ class SAE(nn.Module):
                 raise ArtifactError(f"{where}: {name} contains NaN or inf values")
         self.W_dec.copy_(tensors["W_dec"])
         self.b_dec.copy_(tensors["b_dec"])
-        if c.architecture == "matching_pursuit":
+        if c.architecture in ("matching_pursuit", "itda"):
             self.encoder_weight.copy_(tensors["W_dec"])  # unused by the pursuit; kept tied for W_enc readers
             self.b_enc.zero_()
             return
@@ -411,7 +413,7 @@ def _layer_of(hook_name: str, given: Any) -> int:
 
 
 def matching_pursuit(x_c: Tensor, W_dec: Tensor, steps: int, residual_threshold: float = 0.0,
-                     stop_on_duplicate_support: bool = False) -> SparseActs:
+                     stop_on_duplicate_support: bool = False, signed: bool = False) -> SparseActs:
     """Greedy (non-negative) matching pursuit of ``x_c`` [B, d] on the rows of ``W_dec`` [n, d], as SAELens 6.54 encodes.
 
     Each step picks i* = argmax_i ReLU(⟨r, d_i⟩), adds v = ReLU(⟨r, d_i*⟩) to latent i* and sets r ← r − v·d_i*,
@@ -420,6 +422,7 @@ def matching_pursuit(x_c: Tensor, W_dec: Tensor, steps: int, residual_threshold:
     non-zero latents unchanged; the loop ends after ``steps`` steps or when every token has stopped. The
     values are differentiable in ``x_c`` and ``W_dec`` (the choices are not); the dense score product is
     taken without autograd. Returns the steps' (value, latent) pairs with repeats merged (``coalesce``).
+    ``signed``: classic matching pursuit (ITDA's ``mp_encode``): i* = argmax_i |⟨r, d_i⟩| and v = ⟨r, d_i*⟩, no ReLU.
     """
     r = x_c
     B = x_c.shape[0]
@@ -428,9 +431,11 @@ def matching_pursuit(x_c: Tensor, W_dec: Tensor, steps: int, residual_threshold:
     support = None
     for _ in range(steps):
         with torch.no_grad():
-            i = (r.detach() @ W_dec.detach().T).argmax(-1)  # argmax of ReLU(scores) = argmax of scores unless all ≤ 0 (then v = 0)
+            scores = r.detach() @ W_dec.detach().T
+            i = (scores.abs() if signed else scores).argmax(-1)  # argmax of ReLU(scores) = argmax of scores unless all ≤ 0 (then v = 0)
         d = W_dec[i]
-        v = F.relu((r * d).sum(-1)) * (~done)
+        v = (r * d).sum(-1)
+        v = (v if signed else F.relu(v)) * (~done)
         r = r - v.unsqueeze(-1) * d
         vals.append(v)
         idxs.append(i)

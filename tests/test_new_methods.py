@@ -29,7 +29,7 @@ from saebench.sparse import SparseActs
 sys.path.insert(0, str(Path(__file__).parent))
 from test_methods import HOOK, MemorySource, assert_reloads, config, recovery
 
-NEW_METHODS = ["standard", "standard_constrained", "gated", "matryoshka_batchtopk", "matching_pursuit", "top_afa"]
+NEW_METHODS = ["standard", "standard_constrained", "gated", "matryoshka_batchtopk", "matching_pursuit", "top_afa", "itda"]
 NORM = "expected_average_only_in"
 
 
@@ -624,3 +624,72 @@ def test_top_afa_trains_without_a_fixed_k_and_saves_its_inference_form(tmp_path,
     V = (x - x.mean(0)).pow(2).sum() / x.shape[0]
     want = 0.5 * (z.norm(dim=-1) - x.norm(dim=-1)).square().mean() * 32 / V
     assert out.losses["afa_loss"].item() == pytest.approx(want.item(), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# ITDA
+# ----------------------------------------------------------------------------------------------
+
+
+def test_itda_builds_its_dictionary_from_real_activations_without_gradients(tmp_path, planted):
+    """Every atom is a normalised training activation; the dictionary grows only where pursuit reconstructs badly, and
+    grows to a better reconstruction than the first batch's atoms alone."""
+    common = {"k": 6, "d_sae": 512, "steps": 40}
+    grown = train(config("itda", tmp_path / "grown", opts={"loss_threshold": 1e-3}, **common), source=planted, progress=False)
+    seed_only = train(config("itda", tmp_path / "seed", opts={"loss_threshold": 1.0}, **common), source=planted, progress=False)
+    assert seed_only.sae.d_sae == 32  # the first batch's d_in most frequent activations, nothing added (errors ≤ 4/d_in < 1)
+    assert grown.sae.d_sae == 512 and grown.history[-1]["dictionary_size"] == 512
+    seen = F.normalize(torch.cat([planted.chunk(i).acts[HOOK] for i in range(3)]), dim=-1)
+    assert ((grown.sae.W_dec @ seen.T).max(-1).values > 1 - 1e-5).all()  # each atom is a (normalised) activation
+    x = planted.held_out(100).acts[HOOK][:2048]
+    with torch.no_grad():
+        f_grown, f_seed = fvu(x, grown.sae(x)), fvu(x, seed_only.sae(x))
+    assert f_grown < 0.1 and f_grown < 0.5 * f_seed, (f_grown, f_seed)
+    assert grown.sae.cfg.architecture == "itda" and grown.sae.cfg.max_iterations == 6
+    assert_reloads(grown, x[:512])
+
+
+def test_itda_adds_exactly_the_badly_reconstructed_tokens_and_encodes_like_its_reference(tmp_path):
+    method, sae, x = fresh("itda", tmp_path, k=2, d_sae=96, opts={"loss_threshold": 5e-3})
+    assert int(method.n_atoms) == 32 and torch.equal(sae.b_dec, torch.zeros(32))
+    out = method.step(sae, StepInput(x=x, dead_mask=None, step=0))
+    # the authors' mp_encode, densely: argmax |⟨r, d⟩|, signed coefficients
+    D, r, z = sae.W_dec.detach(), x.clone(), torch.zeros(x.shape[0], 96)
+    for _ in range(2):
+        c = r @ D.T
+        best = c.abs().argmax(1)
+        v = c[torch.arange(len(x)), best]
+        z[torch.arange(len(x)), best] += v
+        r -= v[:, None] * D[best]
+    assert torch.allclose(out.acts.to_dense(96), z, atol=1e-5)
+    err = (F.normalize(x, dim=-1) - F.normalize(z @ D, dim=-1)).square().mean(-1)
+    bad = x[err > 5e-3]
+    method.after_step(sae, StepInput(x=x, dead_mask=None, step=0), out, 0)
+    assert int(method.n_atoms) == 96 and len(bad) >= 64
+    assert torch.allclose(sae.W_dec[32:96], F.normalize(bad[:64], dim=-1))  # in batch order, up to the capacity
+
+
+def test_itda_resumes_bit_identically(tmp_path):
+    src = SyntheticSource(d=16, m=32, n_active=2, seed=3, chunk_tokens=4096)
+    common = {"d_sae": 2000, "k": 2, "steps": 30, "batch": 64, "checkpoint_every_steps": 10, "opts": {"loss_threshold": 1e-2}}
+    full = train(config("itda", tmp_path / "full", **common), source=src, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    orig = src.batches
+
+    def dying(*a, **kw):
+        for i, item in enumerate(orig(*a, **kw)):
+            if i == 15:
+                raise Interrupt
+            yield item
+
+    cut = config("itda", tmp_path / "cut", **common)
+    src.batches = dying
+    with pytest.raises(Interrupt):
+        train(cut, source=src, progress=False)
+    src.batches = orig
+    resumed = train(cut, source=src, progress=False)
+    assert 300 < full.sae.d_sae < 2000  # still growing at the interruption (293 atoms at step 15, 364 at 30)
+    assert resumed.sae.d_sae == full.sae.d_sae and torch.equal(resumed.sae.W_dec, full.sae.W_dec)
