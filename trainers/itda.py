@@ -26,12 +26,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register
 from torch import Tensor
 
 from saebench import distributed, sparse
 from saebench.config import ConfigError
 from saebench.sae import SAE, SAEConfig, matching_pursuit
-from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register
 
 
 class ITDAOptions(BaseModel):
