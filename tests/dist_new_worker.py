@@ -10,14 +10,14 @@ import torch
 
 torch.set_num_threads(1)
 
-from saebench.trainers.loop import train_many  # noqa: E402
+from saebench.trainers.loop import train_many
 
-from saebench import distributed  # noqa: E402
-from saebench.activations import SyntheticSource  # noqa: E402
+from saebench import distributed
+from saebench.activations import SyntheticSource
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_common import SOURCE  # noqa: E402
-from test_new_methods import dp_configs  # noqa: E402
+from dist_common import SOURCE
+from test_new_methods import dp_configs
 
 
 def main(out: Path) -> None:

@@ -718,7 +718,6 @@ def dp_configs(root: Path) -> list:
 
 def test_new_methods_train_data_parallel_as_one_process_on_the_global_batch(tmp_path):
     from dist_common import SOURCE, GlobalBatches
-
     from saebench.trainers.loop import load_training_log, train_many
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
