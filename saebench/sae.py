@@ -7,8 +7,7 @@ inference every SAE is one of a few architectures:
 - ``abstopk``: the k largest |pre-activations| per token, signs kept;
 - ``jumprelu``: ``pre · 1[pre > θ_i]`` (JumpReLU; also BatchTopK, Mutual and Feature Choice export);
 - ``abs_jumprelu``: ``pre · 1[|pre| > θ_i]`` (the batch AbsTopK variant);
-- ``relu``: plain ReLU (end-to-end SAEs; SAELens calls it "standard").
-- ``standard``: the same ReLU SAE under SAELens' name (the ``standard`` L1 method exports it, so SAELens loads it);
+- ``relu``: plain ReLU (end-to-end and ``standard`` L1 SAEs); written to cfg.json as SAELens' ``standard``, so SAELens loads it;
 - ``gated``: ``1[π_gate > 0] · ReLU(e^{r_mag} ⊙ (W_enc(x − b_dec)) + b_mag)`` with π_gate = W_enc(x − b_dec) + b_gate
   (Rajamanoharan et al. 2024; saved as SAELens' ``gated``: ``b_gate``, ``r_mag``, ``b_mag``, no ``b_enc``);
 - ``matching_pursuit``: the encoder is greedy matching pursuit on the decoder rows (tied; no encoder weights
@@ -31,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -40,10 +39,9 @@ from saebench import sparse
 from saebench.io import ArtifactError, read_json, save_tensors, write_json, write_manifest
 from saebench.sparse import SparseActs
 
-Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu", "standard", "gated", "matching_pursuit", "top_afa", "itda"]
+Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu", "gated", "matching_pursuit", "top_afa", "itda"]
 THRESHOLD_ARCHS = ("jumprelu", "abs_jumprelu")
 SIGNED_ARCHS = ("abstopk", "abs_jumprelu", "itda")
-RELU_ARCHS = ("relu", "standard")
 # SAELens' matching-pursuit fields: written to cfg.json only for that architecture.
 MP_FIELDS = ("residual_threshold", "max_iterations", "stop_on_duplicate_support")
 WEIGHTS_FILE = "sae.safetensors"
@@ -79,6 +77,12 @@ class SAEConfig(BaseModel):
     stop_on_duplicate_support: bool | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_mp_fields(self, handler) -> dict[str, Any]:
+        """The matching-pursuit fields are written only when set (every other architecture's cfg.json is unchanged)."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in MP_FIELDS and v is None)}
 
     @property
     def signed(self) -> bool:
@@ -151,7 +155,7 @@ class SAE(nn.Module):
             return sparse.topk_select(pre, self.cfg.k), None
         if arch == "abstopk":
             return sparse.topk_select(pre.abs(), self.cfg.k), None
-        if arch in RELU_ARCHS or arch == "gated":  # gated: the gate π_gate > 0 selects
+        if arch in ("relu", "gated"):  # gated: the gate π_gate > 0 selects
             return sparse.mask_to_indices(pre > 0, pre)
         score = pre.abs() if arch == "abs_jumprelu" else pre
         return sparse.mask_to_indices(score > self.threshold, pre)
@@ -277,20 +281,16 @@ class SAE(nn.Module):
             out |= {"r_mag": self.r_mag, "b_mag": self.b_mag}
         return out
 
-    def cfg_dict(self) -> dict[str, Any]:
-        """``cfg.json``'s content: the config, without the matching-pursuit fields unless they are set."""
-        data = self.cfg.model_dump()
-        for key in MP_FIELDS:
-            if data[key] is None:
-                del data[key]
-        return data
 
     def save(self, folder: str | Path, extra_files: list[str] = ()) -> Path:
         """Write ``sae.safetensors``, ``cfg.json`` and a checksum manifest into ``folder`` atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_tensors(folder / WEIGHTS_FILE, self.state_tensors(), metadata={"format": "saebench"})
-        write_json(folder / CFG_FILE, self.cfg_dict())
+        dump = self.cfg.model_dump()
+        if dump["architecture"] == "relu":
+            dump["architecture"] = "standard"  # SAELens' name for a plain ReLU SAE, so SAELens loads it (read back as "relu")
+        write_json(folder / CFG_FILE, dump)
         write_manifest(folder, [WEIGHTS_FILE, CFG_FILE, *extra_files])
         return folder
 
@@ -361,6 +361,8 @@ class SAE(nn.Module):
 def _parse_cfg(raw: dict, folder: Path) -> SAEConfig:
     from pydantic import ValidationError
 
+    if raw.get("architecture") == "standard":  # what save() writes for "relu" (SAELens' name)
+        raw = raw | {"architecture": "relu"}
     try:
         return SAEConfig.model_validate(raw)
     except ValidationError as e:

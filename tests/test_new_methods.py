@@ -185,7 +185,7 @@ def test_standard_trains_an_unconstrained_decoder_and_exports_it_folded(tmp_path
     norms = load_checkpoint(result.out_dir)[0]["sae.W_dec_free"].norm(dim=-1)
     assert norms.std() > 0.01 and (norms - 0.1).abs().max() > 0.05, norms
     # The result is the export: plain ``standard`` SAE with unit-norm rows and no training-only parameter.
-    assert result.sae.cfg.architecture == "standard" and not hasattr(result.sae, "W_dec_free")
+    assert result.sae.cfg.architecture == "relu" and not hasattr(result.sae, "W_dec_free")
     assert torch.allclose(result.sae.W_dec.norm(dim=-1), torch.ones(sae.d_sae), atol=1e-5)
     # Training-time forward vs export on the same weights (decoder norms spread over 0.3-3).
     with torch.no_grad():
@@ -537,7 +537,7 @@ def test_saelens_loads_the_new_inference_forms_and_encodes_identically(tmp_path)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 16, generator=g) * 2
     folders = {}
-    for tag, arch, extra in [("standard", "standard", {}), ("gated", "gated", {}),
+    for tag, arch, extra in [("standard", "relu", {}), ("gated", "gated", {}),
                              ("mp", "matching_pursuit", {"residual_threshold": 0.0, "max_iterations": 3, "stop_on_duplicate_support": False}),
                              ("mp_stop", "matching_pursuit", {"residual_threshold": 0.5, "stop_on_duplicate_support": True})]:
         sae = SAE(SAEConfig(architecture=arch, d_in=16, d_sae=48, hook_name="blocks.0.hook_resid_post", hook_layer=0, model_name="m", **extra))
@@ -555,7 +555,7 @@ def test_saelens_loads_the_new_inference_forms_and_encodes_identically(tmp_path)
     res = subprocess.run([_saelens_python(), "-c", _SAELENS_CHECK, *folders], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    classes = {"standard": "StandardSAE", "gated": "GatedSAE", "matching_pursuit": "MatchingPursuitSAE"}
+    classes = {"relu": "StandardSAE", "gated": "GatedSAE", "matching_pursuit": "MatchingPursuitSAE"}
     for d, arch in folders.items():
         cls, dz, dx = got[d]
         assert cls == classes[arch] and dz < 1e-4 and dx < 1e-4, (d, got[d])

@@ -7,7 +7,8 @@ f = ReLU(W_enc(x − b_dec) + b_enc), x̂ = W_dec f + b_dec, trained on every la
   random directions, with W_enc = W_decᵀ. The loop keeps the SAE's own ``W_dec`` at unit norm, so this
   method trains a separate, free decoder registered on the SAE (``W_dec_free``, a training-only parameter).
   ``export`` folds the norms nᵢ = ‖dᵢ‖ into the encoder (W_enc rows and b_enc times nᵢ, W_dec rows divided
-  by nᵢ): the same x̂, with activations nᵢfᵢ (the penalised quantity), saved as SAELens' ``standard``.
+  by nᵢ): the same x̂, with activations nᵢfᵢ (the penalised quantity); architecture ``relu``, which cfg.json
+  names SAELens' ``standard``.
 - ``standard_constrained`` ("Sparse Autoencoders Find Highly Interpretable Features in Language Models",
   Cunningham et al. 2023; Bricken et al. 2023): unit-norm decoder rows (the loop's projection and
   renormalisation) and a plain L1 penalty λ·Σ_i f_i.
@@ -70,7 +71,7 @@ class Standard(Method):
     """ReLU + L1 of f_i‖d_i‖ with an unconstrained decoder (Anthropic's April 2024 update)."""
 
     name = "standard"
-    architecture = "standard"
+    architecture = "relu"  # saved as SAELens' "standard"
     Options = StandardOptions
     constrained: ClassVar[bool] = False  # unit-norm decoder rows (the loop's) and a plain L1
 
