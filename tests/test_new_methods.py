@@ -23,7 +23,8 @@ from saebench.trainers.loop import train
 
 from saebench.activations import SyntheticSource
 from saebench.config import ConfigError
-from saebench.sae import SAE, SAEConfig, coalesce, matching_pursuit
+from saebench.encoders import coalesce, matching_pursuit
+from saebench.sae import SAE, SAEConfig
 from saebench.sparse import SparseActs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -577,7 +578,7 @@ def _authors_top_afa(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 @pytest.mark.parametrize("candidates", [64, 3])  # 3: most rows need the full-sort fallback
 def test_top_afa_selection_is_the_authors_rule(candidates):
-    from saebench.sae import top_afa_select
+    from saebench.encoders import top_afa_select
 
     g = torch.Generator().manual_seed(0)
     scores = F.relu(torch.randn(200, 50, generator=g))

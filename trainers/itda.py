@@ -31,7 +31,8 @@ from torch import Tensor
 
 from saebench import distributed, sparse
 from saebench.config import ConfigError
-from saebench.sae import SAE, SAEConfig, matching_pursuit
+from saebench.encoders import matching_pursuit
+from saebench.sae import SAE, SAEConfig
 
 
 class ITDAOptions(BaseModel):

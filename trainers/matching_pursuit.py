@@ -24,7 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register
 
-from saebench.sae import SAE, SAEConfig, matching_pursuit
+from saebench.encoders import matching_pursuit
+from saebench.sae import SAE, SAEConfig
 
 
 class MPOptions(BaseModel):
