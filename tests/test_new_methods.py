@@ -24,7 +24,7 @@ from saebench.trainers.loop import train
 from saebench.activations import SyntheticSource
 from saebench.config import ConfigError
 from saebench.encoders import coalesce, matching_pursuit
-from saebench.sae import SAE, SAEConfig
+from saebench.sae import SAE, WEIGHTS_FILE, SAEConfig
 from saebench.sparse import SparseActs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -300,7 +300,7 @@ def test_gated_saves_saelens_tensor_names_and_reloads(l1_runs, planted):
     from safetensors.torch import load_file
 
     r = l1_runs("gated")
-    names = set(load_file(str(r.out_dir / "sae.safetensors")))
+    names = set(load_file(str(r.out_dir / WEIGHTS_FILE)))
     assert names == {"W_enc", "W_dec", "b_gate", "r_mag", "b_mag", "b_dec"}
     assert_reloads(r, planted.held_out(101).acts[HOOK][:1024])
 
@@ -518,10 +518,11 @@ import json, os, shutil, sys, tempfile, torch
 from safetensors.torch import load_file
 from sae_lens import SAE
 out = {}
-for d in sys.argv[1:]:
+WEIGHTS = sys.argv[1]
+for d in sys.argv[2:]:
     tmp = tempfile.mkdtemp()
     shutil.copy(os.path.join(d, "cfg.json"), os.path.join(tmp, "cfg.json"))
-    os.symlink(os.path.join(d, "sae.safetensors"), os.path.join(tmp, "sae_weights.safetensors"))
+    os.symlink(os.path.join(d, WEIGHTS), os.path.join(tmp, "sae_weights.safetensors"))
     sae = SAE.load_from_disk(tmp, device="cpu")
     t = load_file(os.path.join(d, "io.safetensors"))
     with torch.no_grad():
@@ -553,7 +554,7 @@ def test_saelens_loads_the_new_inference_forms_and_encodes_identically(tmp_path)
         save_file({"x": x, "z": z, "x_hat": x_hat}, str(tmp_path / tag / "io.safetensors"))
         folders[str(tmp_path / tag)] = arch
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1")
-    res = subprocess.run([_saelens_python(), "-c", _SAELENS_CHECK, *folders], capture_output=True, text=True, env=env, timeout=300, check=False)
+    res = subprocess.run([_saelens_python(), "-c", _SAELENS_CHECK, WEIGHTS_FILE, *folders], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     classes = {"relu": "StandardSAE", "gated": "GatedSAE", "matching_pursuit": "MatchingPursuitSAE"}
