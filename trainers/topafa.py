@@ -3,7 +3,7 @@
 With a quasi-orthogonal decoder, ‖x − b_dec‖ ≈ ‖Σ_i f_i d_i‖ ≈ √(Σ_i (f_i‖d_i‖)²): the input's norm (the
 "approximate feature activation" norm) says how much activation the code should carry. top-AFA turns this
 into the selection rule, with no k: per token, sort s_i = ReLU(π_i)·‖d_i‖ in descending order and keep the k
-largest, k = argmin_k |√(Σ_{j≤k} s_(j)²) − ‖x − b_dec‖| (``saebench.sae.top_afa_select``; the authors'
+largest, k = argmin_k |√(Σ_{j≤k} s_(j)²) − ‖x − b_dec‖| (``saebench.encoders.top_afa_select``; the authors'
 ``TopAFASAE.forward``). The code's L0 therefore varies per token with the input's norm.
 
 Loss (authors' ``get_loss_dict``): FVU(x̂, x) + α·AuxK + afa_coef·(d/V)·mean_b(‖z_b‖₂ − ‖x_b‖₂)², with V the
