@@ -7,7 +7,15 @@ inference every SAE is one of a few architectures:
 - ``abstopk``: the k largest |pre-activations| per token, signs kept;
 - ``jumprelu``: ``pre · 1[pre > θ_i]`` (JumpReLU; also BatchTopK, Mutual and Feature Choice export);
 - ``abs_jumprelu``: ``pre · 1[|pre| > θ_i]`` (the batch AbsTopK variant);
-- ``relu``: plain ReLU (end-to-end SAEs; SAELens calls it "standard").
+- ``relu``: plain ReLU (end-to-end and ``standard`` L1 SAEs); written to cfg.json as SAELens' ``standard``, so SAELens loads it;
+- ``gated``: ``1[π_gate > 0] · ReLU(e^{r_mag} ⊙ (W_enc(x − b_dec)) + b_mag)`` with π_gate = W_enc(x − b_dec) + b_gate
+  (Rajamanoharan et al. 2024; saved as SAELens' ``gated``: ``b_gate``, ``r_mag``, ``b_mag``, no ``b_enc``);
+- ``matching_pursuit``: the encoder is greedy matching pursuit on the decoder rows (tied; no encoder weights
+  are used), saved with SAELens' ``residual_threshold`` / ``max_iterations`` / ``stop_on_duplicate_support``;
+- ``itda``: signed matching pursuit (argmax |⟨r, d_i⟩|, signed coefficients) for ``max_iterations`` steps on a
+  dictionary of normalised real activations, no biases (ITDA, Leask et al. 2025; not a SAELens architecture);
+- ``top_afa``: ReLU of the k(x) largest pre-activations, k(x) chosen per token so that the selected code's norm
+  best matches ‖x − b_dec‖ (top-AFA, Lee et al. 2025; no fixed k; not a SAELens architecture).
 
 Weights follow SAELens/SAEBench conventions: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in] with
 unit-norm rows, ``b_enc`` [d_sae], ``b_dec`` [d_in], ``threshold`` [d_sae]. Internally the encoder is
@@ -22,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -32,7 +40,7 @@ from saebench.io import ArtifactError, check_against_manifest, read_json, save_t
 from saebench.layout import CFG_FILE, LEGACY_WEIGHTS_FILE, MANIFEST_FILE, WEIGHTS_FILE, WEIGHTS_FILES, weights_file
 from saebench.sparse import SparseActs
 
-Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu"]
+Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu", "gated", "matching_pursuit", "top_afa", "itda"]
 THRESHOLD_ARCHS = ("jumprelu", "abs_jumprelu")
 SIGNED_ARCHS = ("abstopk", "abs_jumprelu")
 FORMAT_VERSION = 1
@@ -59,13 +67,27 @@ class SAEConfig(BaseModel):
     context_size: int | None = None
     prepend_bos: bool = True
     method: str = ""
+    # matching_pursuit only (SAELens names): stop a token once its residual norm is below this (0: never)...
+    residual_threshold: float | None = Field(default=None, ge=0)
+    # ...or after this many pursuit steps (None: d_in, SAELens' default)...
+    max_iterations: int | None = Field(default=None, gt=0)
+    # ...or once a step leaves the token's set of active latents unchanged.
+    stop_on_duplicate_support: bool | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_mp_fields(self, handler) -> dict[str, Any]:
+        """The matching-pursuit fields are written only when set (every other architecture's cfg.json is unchanged)."""
+        from saebench.encoders import MP_FIELDS
+
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in MP_FIELDS and v is None)}
 
     @property
     def signed(self) -> bool:
         """Whether latents can be negative (count a latent active when non-zero, not when positive)."""
-        return self.architecture in SIGNED_ARCHS
+        return self.architecture in SIGNED_ARCHS or self.architecture == "itda"
 
 
 class SAE(nn.Module):
@@ -86,6 +108,10 @@ class SAE(nn.Module):
         if cfg.architecture in THRESHOLD_ARCHS:
             # log θ keeps θ positive; JumpReLU trains it, BatchTopK-style methods set it by EMA.
             self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), -math.inf, dtype=dtype))
+        if cfg.architecture == "gated":
+            # b_enc is the gate's bias (SAELens' b_gate); the magnitude path shares W_enc, scaled by e^{r_mag}.
+            self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+            self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
 
     # ----- SAEBench / SAELens interface -------------------------------------------------------
     @property
@@ -129,29 +155,50 @@ class SAE(nn.Module):
             return sparse.topk_select(pre, self.cfg.k), None
         if arch == "abstopk":
             return sparse.topk_select(pre.abs(), self.cfg.k), None
-        if arch == "relu":
+        if arch in ("relu", "gated"):  # gated: the gate π_gate > 0 selects
             return sparse.mask_to_indices(pre > 0, pre)
         score = pre.abs() if arch == "abs_jumprelu" else pre
         return sparse.mask_to_indices(score > self.threshold, pre)
+
+    def top_afa_select(self, pre: Tensor, x_c: Tensor) -> tuple[Tensor, Tensor]:
+        """top-AFA's selection for this SAE: scores ReLU(π_i)·‖d_i‖, target ‖x − b_dec‖ (see ``top_afa_select``)."""
+        from saebench.encoders import top_afa_select
+
+        with torch.no_grad():
+            return top_afa_select(F.relu(pre) * self.W_dec.norm(dim=-1), x_c.norm(dim=-1))
 
     def activate(self, values: Tensor) -> Tensor:
         """Rectify selected values, except for signed architectures."""
         return values if self.cfg.signed else F.relu(values)
 
+    def gated_magnitudes(self, gate_values: Tensor, indices: Tensor) -> Tensor:
+        """Gated SAE: ReLU(e^{r_mag}·(π_gate − b_gate) + b_mag) at the selected entries (π_gate values [B, K])."""
+        mag = self.r_mag.exp()[indices] * (gate_values - self.b_enc[indices]) + self.b_mag[indices]
+        return F.relu(mag)
+
     def encode_sparse(self, x: Tensor) -> SparseActs:
         """Encode [B, d_in] to ``SparseActs`` (values [B, K], indices [B, K])."""
         x = self._check_input(x)
         x_c = self.center(x)
+        if self.cfg.architecture in ("matching_pursuit", "itda"):
+            from saebench.encoders import matching_pursuit
+
+            c = self.cfg
+            return matching_pursuit(x_c, self.W_dec, c.max_iterations or c.d_in, c.residual_threshold or 0.0,
+                                    bool(c.stop_on_duplicate_support), signed=c.architecture == "itda")
         with torch.no_grad():
             pre = F.linear(x_c, self.encoder_weight, self.b_enc)
-        idx, valid = self.select(pre)
-        vals = self.activate(sparse.gather_pre(x_c, self.encoder_weight, self.b_enc, pre, idx))
+        idx, valid = self.top_afa_select(pre, x_c) if self.cfg.architecture == "top_afa" else self.select(pre)
+        gathered = sparse.gather_pre(x_c, self.encoder_weight, self.b_enc, pre, idx)
+        vals = self.gated_magnitudes(gathered, idx) if self.cfg.architecture == "gated" else self.activate(gathered)
         if valid is not None:
             vals = vals * valid
         return SparseActs(vals, idx)
 
     def decode_sparse(self, acts: SparseActs) -> Tensor:
         """Decode ``SparseActs`` to [B, d_in]."""
+        if self.cfg.architecture == "matching_pursuit" and not self.cfg.apply_b_dec_to_input:
+            return sparse.decode(acts, self.W_dec)
         return sparse.decode(acts, self.W_dec, self.b_dec)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -162,6 +209,8 @@ class SAE(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """Reconstruct from dense latents [..., d_sae] → [..., d_in]."""
+        if self.cfg.architecture == "matching_pursuit" and not self.cfg.apply_b_dec_to_input:
+            return z @ self.W_dec  # SAELens: a tied MP SAE adds b_dec only where it subtracted it
         return z @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
@@ -218,14 +267,24 @@ class SAE(nn.Module):
         self.b_dec.div_(scale)
         if hasattr(self, "log_threshold"):
             self.log_threshold.sub_(math.log(scale))
+        if hasattr(self, "b_mag"):  # gated: the magnitude path's bias (r_mag is a ratio of scales: unchanged)
+            self.b_mag.div_(scale)
+        if self.cfg.residual_threshold:  # matching pursuit: compared with the residual norm, in input units
+            self.cfg = self.cfg.model_copy(update={"residual_threshold": self.cfg.residual_threshold / scale})
 
     # ----- save / load -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         """Tensors in the on-disk (SAELens) layout."""
+        if self.cfg.architecture in ("matching_pursuit", "itda"):  # tied: SAELens reads only the decoder
+            return {"W_dec": self.W_dec, "b_dec": self.b_dec}
         out = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
         if self.threshold is not None:
             out["threshold"] = self.threshold
+        if self.cfg.architecture == "gated":  # SAELens' names: the gate's bias is b_gate, there is no b_enc
+            out["b_gate"] = out.pop("b_enc")
+            out |= {"r_mag": self.r_mag, "b_mag": self.b_mag}
         return out
+
 
     def save(self, folder: str | Path, extra_files: list[str] = ()) -> Path:
         """Write ``sae_weights.safetensors``, ``cfg.json`` and a checksum manifest into ``folder`` atomically.
@@ -306,6 +365,11 @@ class SAE(nn.Module):
         expected = {"W_enc": (c.d_in, c.d_sae), "W_dec": (c.d_sae, c.d_in), "b_enc": (c.d_sae,), "b_dec": (c.d_in,)}
         if c.architecture in THRESHOLD_ARCHS:
             expected["threshold"] = (c.d_sae,)
+        if c.architecture == "gated":
+            del expected["b_enc"]
+            expected |= {"b_gate": (c.d_sae,), "r_mag": (c.d_sae,), "b_mag": (c.d_sae,)}
+        if c.architecture in ("matching_pursuit", "itda"):  # tied: the encoder is the decoder (W_enc/b_enc are not read)
+            del expected["W_enc"], expected["b_enc"]
         for name, shape in expected.items():
             if name not in tensors:
                 raise ArtifactError(f"{where} has no tensor {name!r} (has {sorted(tensors)})")
@@ -316,10 +380,17 @@ class SAE(nn.Module):
                 raise ArtifactError(f"{where}: {name} has dtype {t.dtype}, expected a float tensor")
             if not torch.isfinite(t).all() and name != "threshold":
                 raise ArtifactError(f"{where}: {name} contains NaN or inf values")
-        self.encoder_weight.copy_(tensors["W_enc"].T)
         self.W_dec.copy_(tensors["W_dec"])
-        self.b_enc.copy_(tensors["b_enc"])
         self.b_dec.copy_(tensors["b_dec"])
+        if c.architecture in ("matching_pursuit", "itda"):
+            self.encoder_weight.copy_(tensors["W_dec"])  # unused by the pursuit; kept tied for W_enc readers
+            self.b_enc.zero_()
+            return
+        self.encoder_weight.copy_(tensors["W_enc"].T)
+        self.b_enc.copy_(tensors["b_gate" if c.architecture == "gated" else "b_enc"])
+        if c.architecture == "gated":
+            self.r_mag.copy_(tensors["r_mag"])
+            self.b_mag.copy_(tensors["b_mag"])
         if c.architecture in THRESHOLD_ARCHS:
             self.log_threshold.copy_(tensors["threshold"].clamp_min(0).log())
 
@@ -404,6 +475,8 @@ def _cfg_from_saelens(raw: dict, folder: Path) -> tuple[SAEConfig, bool]:
             dtype=str(raw.get("dtype", "float32")).replace("torch.", ""),
             context_size=raw.get("context_size") or meta.get("context_size"),
             method=f"saelens:{arch}",
+            **({"residual_threshold": float(raw.get("residual_threshold", 1e-2)), "max_iterations": raw.get("max_iterations"),
+                "stop_on_duplicate_support": bool(raw.get("stop_on_duplicate_support", True))} if arch == "matching_pursuit" else {}),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{where} is not a valid SAELens config ({e!r})") from None
@@ -415,6 +488,9 @@ def _layer_of(hook_name: str, given: Any) -> int:
         return given
     parts = hook_name.split(".")
     return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else -1
+
+# SAELens architectures whose folders load too (issue #18's inference forms).
+_SAELENS_ARCH.update({"gated": "gated", "matching_pursuit": "matching_pursuit"})
 
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu", verify: bool | str | None = None) -> SAE:

@@ -177,8 +177,22 @@ class Method:
 
     def param_groups(self, sae: SAE, lr: float) -> list[dict[str, Any]]:
         """The optimizer's parameter groups: one group at the run's ``lr`` unless a method needs more
-        (JumpReLU's thresholds take their own learning rate). The schedule scales every group alike."""
+        (JumpReLU's thresholds take their own learning rate). The schedule scales every group alike.
+
+        The loop calls this once, right after building the SAE and before it initialises it or loads a
+        checkpoint into it; the base first lets the method add its training-only parameters
+        (``add_training_parameters``)."""
+        self.add_training_parameters(sae)
         return [{"params": list(sae.parameters())}]
+
+    def add_training_parameters(self, sae: SAE) -> None:
+        """Register parameters that exist only while training on ``sae`` itself (default: none).
+
+        Registered on the module, they are optimised, averaged over data-parallel ranks, broadcast and
+        checkpointed with the SAE's own parameters. ``export`` must return an SAE without them (e.g. the
+        ``standard`` method's unconstrained decoder, folded into unit-norm rows on export). Called from
+        ``param_groups``; a method that overrides ``param_groups`` and has such parameters calls it too.
+        """
 
     # ----- the training step -----------------------------------------------------------------
     def select(self, pre: Tensor, batch: "StepInput", sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
