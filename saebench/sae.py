@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from saebench import sparse
 from saebench.io import ArtifactError, check_against_manifest, read_json, save_tensors, write_json, write_manifest
-from saebench.layout import CFG_FILE, LEGACY_WEIGHTS_FILE, MANIFEST_FILE, WEIGHTS_FILE, WEIGHTS_FILES, weights_file
+from saebench.layout import CFG_FILE, LEGACY_WEIGHTS_FILE, MANIFEST_FILE, WEIGHTS_FILE, weights_file
 from saebench.sparse import SparseActs
 
 Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu", "gated", "matching_pursuit", "top_afa", "itda"]

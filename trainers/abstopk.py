@@ -16,12 +16,12 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
+from saebench.trainers.base import Method, StepInput, StepOutput, register
+from saebench.trainers.batchtopk import ThresholdMixin, ThresholdOptions
 from torch import Tensor
 
 from saebench import sparse
 from saebench.sae import SAE
-from saebench.trainers.base import Method, StepInput, StepOutput, register
-from saebench.trainers.batchtopk import ThresholdMixin, ThresholdOptions
 
 
 class AbsTopKOptions(ThresholdOptions):

@@ -43,8 +43,8 @@ def get_method(name: str) -> type["Method"]:
     return METHODS[name]
 
 
-class Options(BaseModel):
-    """Method-specific options shared by the TopK family.
+class OptionsBase(BaseModel):
+    """What every method's options are: frozen, no unknown fields, each described.
 
     Every option has a ``description`` (printed by ``saebench methods``). An option whose default depends on
     another option (a "mode") is declared in ``mode_defaults``: ``{mode_option: {mode_value: {option: default}}}``;
@@ -53,10 +53,6 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     mode_defaults: ClassVar[dict[str, dict[Any, dict[str, Any]]]] = {}
-
-    auxk_coef: float = Field(1 / 32, ge=0, description=(
-        "Weight α of AuxK: the top-k_aux dead latents (no firing for dead_window_tokens) reconstruct the residual; 0 disables."))
-    k_aux: int | None = Field(None, gt=0, description="Dead latents AuxK may use per token; default d_in // 2.")
 
     @model_validator(mode="before")
     @classmethod
@@ -76,6 +72,14 @@ class Options(BaseModel):
             per_mode = {f"{mode}={value!r}": d[name] for mode, vals in cls.mode_defaults.items() for value, d in vals.items() if name in d}
             out.append({"name": name, "default": f.default, "description": f.description or "", "mode_defaults": per_mode})
         return out
+
+
+class Options(OptionsBase):
+    """Method-specific options shared by the TopK family (AuxK)."""
+
+    auxk_coef: float = Field(1 / 32, ge=0, description=(
+        "Weight α of AuxK: the top-k_aux dead latents (no firing for dead_window_tokens) reconstruct the residual; 0 disables."))
+    k_aux: int | None = Field(None, gt=0, description="Dead latents AuxK may use per token; default d_in // 2.")
 
 
 @dataclass

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
+from saebench.trainers.base import Method, Options, StepInput, StepOutput, register
 from torch import Tensor
 
 from saebench import sparse
 from saebench.sae import SAE
-from saebench.trainers.base import Method, Options, StepInput, StepOutput, register
 
 
 class ThresholdOptions(Options):

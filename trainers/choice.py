@@ -33,12 +33,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register
+from saebench.trainers.batchtopk import BatchTopK, ThresholdEMA, ThresholdMixin, ThresholdOptions
 from torch import Tensor
 
 from saebench import sparse
 from saebench.sae import SAE
-from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register
-from saebench.trainers.batchtopk import BatchTopK, ThresholdEMA, ThresholdMixin, ThresholdOptions
 from saebench.sparse import SparseActs
 
 

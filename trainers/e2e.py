@@ -37,13 +37,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from saebench.trainers.base import Method, Options, StepInput, StepOutput, register
 from torch import Tensor
 
 from saebench import sparse
 from saebench.activations import ActivationSource, Batch, Position, _flatten_site, hook_layer_of, parse_hook, token_mask
 from saebench.config import ConfigError
 from saebench.sae import SAE
-from saebench.trainers.base import Method, Options, StepInput, StepOutput, register
 
 
 class E2EOptions(Options):

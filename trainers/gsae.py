@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
+from saebench.trainers.base import Method, Options, StepInput, register
 from torch import Tensor
 
 from saebench import sparse
 from saebench.config import ConfigError
 from saebench.sae import SAE
-from saebench.trainers.base import Method, Options, StepInput, register
 
 
 class GSAEOptions(Options):

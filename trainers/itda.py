@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register
+from pydantic import Field
+from saebench.trainers.base import Method, OptionsBase, StepInput, StepOutput, normalized_mse, register
 from torch import Tensor
 
 from saebench import distributed, sparse
@@ -35,10 +35,9 @@ from saebench.encoders import matching_pursuit
 from saebench.sae import SAE, SAEConfig
 
 
-class ITDAOptions(BaseModel):
+class ITDAOptions(OptionsBase):
     """ITDA's option (k, the number of pursuit steps, is the config's ``k``; the dictionary's capacity is ``d_sae``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Add a token as an atom when mean_j (x/‖x‖ − x̂/‖x̂‖)_j² exceeds this (the authors' error; = (2 − 2cos)/d_in).
     loss_threshold: float = Field(1e-3, ge=0, description=(

@@ -28,11 +28,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from saebench.trainers.base import Method, Options, SparseActs, StepInput, register
 from torch import Tensor
 
 from saebench import sparse
 from saebench.sae import SAE
-from saebench.trainers.base import Method, Options, SparseActs, StepInput, register
 
 
 class JumpReLUOptions(Options):

@@ -21,17 +21,15 @@ does the same); the code's repeated entries are merged, so L0 ≤ k.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict
-from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register
+from saebench.trainers.base import Method, OptionsBase, StepInput, StepOutput, normalized_mse, register
 
 from saebench.encoders import matching_pursuit
 from saebench.sae import SAE, SAEConfig
 
 
-class MPOptions(BaseModel):
+class MPOptions(OptionsBase):
     """No options: k (the number of pursuit steps) is the config's ``k``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @register

@@ -26,8 +26,8 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register, total_variance
+from pydantic import Field
+from saebench.trainers.base import Method, OptionsBase, StepInput, StepOutput, normalized_mse, register, total_variance
 from torch import Tensor, nn
 
 from saebench import distributed, sparse
@@ -35,10 +35,9 @@ from saebench.sae import SAE
 from saebench.sparse import SparseActs
 
 
-class L1Options(BaseModel):
+class L1Options(OptionsBase):
     """Options of the L1-penalised methods (standard, standard_constrained, gated)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # λ: weight of the L1 penalty, in units of Anthropic's loss E‖x − x̂‖² + λ·E Σ f‖d‖ (see the module docstring).
     sparsity_coef: float = Field(5.0, ge=0, description=(

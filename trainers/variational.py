@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from saebench.trainers.base import Method, Options, SparseActs, StepInput, register, total_variance
 from torch import Tensor
 
 from saebench import distributed, sparse
 from saebench.sae import SAE
-from saebench.trainers.base import Method, Options, SparseActs, StepInput, register, total_variance
 
 
 class VSAEDetOptions(Options):
