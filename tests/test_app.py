@@ -300,7 +300,9 @@ def test_render_helpers_escape_and_pareto():
 
 
 def test_browse_refuses_a_missing_root(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    from saebench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="is not a directory: pass the folder that holds your SAE folders"):
         D.browse(tmp_path / "missing")
 
 

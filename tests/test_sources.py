@@ -169,7 +169,7 @@ def _take(it, n):
 
 
 def test_memmap_larger_than_memory_budget_is_read_in_chunks(tmp_path):
-    """A 64 MiB .npy trained on, resumed and fully evaluated (and the same rows as shards evaluated) in a process whose heap may grow by only 24 MiB.
+    """A 64 MiB .npy trained on, resumed and fully evaluated (and the same rows as shards evaluated) in a process whose heap may grow by only 28 MiB.
 
     RLIMIT_DATA caps the process's private memory (heap and anonymous mappings) while the read-only
     file mapping does not count, so reading the whole file into memory fails (checked first), and
@@ -207,7 +207,7 @@ def test_memmap_larger_than_memory_budget_is_read_in_chunks(tmp_path):
         saebench.train(TrainConfig(out_dir={str(tmp_path / "warm")!r}, d_sae=64, k=3, training_tokens=512, batch_size_tokens=256, eval_tokens=0),
                        source=torch.randn(2048, {d}), progress=False)
         evaluate_activations(saebench.load_sae({str(tmp_path / "warm")!r}), torch.randn(64, {d}))
-        budget = 24 << 20
+        budget = 28 << 20  # under half the file: reading it whole must fail; chunks fit, with room for the evaluators
         resource.setrlimit(resource.RLIMIT_DATA, (vmdata() + budget, resource.RLIM_INFINITY))
         out = {{"budget": budget, "file_bytes": {n * d * 4}}}
         try:
