@@ -287,7 +287,10 @@ def test_gated_gradients_penalise_the_gate_and_train_it_only_through_the_frozen_
         return {n: (p.grad.abs().sum().item() if p.grad is not None else 0.0) for n, p in sae.named_parameters()}
 
     mse = grads("mse_loss")
-    assert mse["b_enc"] == pytest.approx(0, abs=1e-6)  # the Heaviside gate passes no gradient; b_gate is not in the magnitude
+    # The Heaviside gate passes no gradient and b_gate is not in the magnitude: algebraically zero. The
+    # magnitude is e^{r}·(π_gate − b_gate), so two exactly opposite float32 paths reach b_enc and leave
+    # summation-order noise (1e-5 with 2 threads); it must stay far below any real gradient.
+    assert mse["b_enc"] <= 1e-4 * mse["encoder_weight"]
     assert min(mse["r_mag"], mse["b_mag"], mse["W_dec"], mse["encoder_weight"]) > 0
     aux = grads("auxiliary_reconstruction_loss")
     assert aux["W_dec"] == 0 and aux["r_mag"] == 0 and aux["b_mag"] == 0  # frozen decoder; the magnitude path is not in it
