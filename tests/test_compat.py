@@ -132,7 +132,8 @@ def test_stop_at_layer_that_does_not_stop_is_reported_but_kept(model_dir):
 
 
 def test_float64_kv_cache_equals_full_forward_logits(model_dir):
-    """Teacher-forced logits, cached vs full, in float64: agreement far below any float32 kernel noise."""
+    """Teacher-forced logits, cached vs full, in float64. HF computes the rotary angles in float32 even
+    then, so the two paths differ by ~6e-8 (AVX2 kernels); a broken cache differs by ~0.6."""
     model = _fresh(model_dir, torch.float64)
     toks = model.to_tokens(PROMPT)
     with torch.no_grad():
@@ -142,4 +143,4 @@ def test_float64_kv_cache_equals_full_forward_logits(model_dir):
         for p in range(4, toks.shape[1]):
             logits, past = compat.cached_forward(model, toks[:, p : p + 1], past)
             steps.append(logits[:, -1])
-    torch.testing.assert_close(torch.stack(steps, 1)[:, :-1], full[:, 3:-1], rtol=0, atol=1e-9)
+    torch.testing.assert_close(torch.stack(steps, 1)[:, :-1], full[:, 3:-1], rtol=0, atol=1e-6)
