@@ -52,12 +52,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from saebench.evals.common import one_site
 from saebench.evals.probes import balanced_weights, fit_logistic
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.sae import SAE
-from saebench.steering import _flatten, sae_site, stop_layer
+from saebench.steering import _flatten, stop_layer
 
 LETTERS = string.ascii_lowercase
 EPS = 1e-8
@@ -293,13 +294,7 @@ def evaluate_absorption(saes: SAE | Sequence[SAE], model, config: AbsorptionConf
     cfg = config or AbsorptionConfig()
     single = isinstance(saes, SAE)
     sae_list = [saes] if single else list(saes)
-    sites = {sae_site(s) for s in sae_list}
-    if len(sites) != 1:
-        raise ValueError(f"evaluate_absorption needs SAEs at one hook, got {sorted(map(str, sites))}")
-    hook, head = sites.pop()
-    from saebench.models import validate_hook_name
-
-    validate_hook_name(model, hook)
+    hook, head = one_site(model, sae_list, "evaluate_absorption")
     vocab = alpha_vocab(model.tokenizer)
     rng = random.Random(cfg.seed)
     words = rng.sample(vocab, min(cfg.max_words, len(vocab)))

@@ -84,3 +84,16 @@ def load_sae_and_model(sae_dir: str | Path, model_name: str | None, device: str)
     sae = SAE.load(sae_dir, device=device)
     model = models.load_model(model_name or sae.cfg.model_name or None, device=device)
     return sae, model
+
+
+def one_site(model, saes, who: str) -> tuple[str, int | None]:
+    """``(hook, head)`` shared by every SAE in ``saes``, checked against ``model``; ``who`` names the caller in the error."""
+    from saebench.models import validate_hook_name
+    from saebench.steering import sae_site
+
+    sites = {sae_site(s) for s in saes}
+    if len(sites) != 1:
+        raise ValueError(f"{who} needs SAEs at one hook, got {sorted(map(str, sites))}")
+    hook, head = sites.pop()
+    validate_hook_name(model, hook)
+    return hook, head

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from saebench.evals.common import one_site
 from saebench.evals.core import CoreAccumulator, ZeroAblation, ce_from_logprobs, clean_terms, format_table, spliced_logits, zero_terms
 from saebench.evals.dead import DEFAULT_WINDOWS, DeadLatentCounter
 from torch import Tensor
@@ -62,13 +63,7 @@ def evaluate_hook_group(
     """
     if not saes:
         return []
-    sites = {sae_site(s) for s in saes}
-    if len(sites) != 1:
-        raise ValueError(f"evaluate_hook_group needs SAEs at one hook, got {sorted(map(str, sites))}")
-    hook, head = sites.pop()
-    from saebench.models import validate_hook_name
-
-    validate_hook_name(model, hook)
+    hook, head = one_site(model, saes, "evaluate_hook_group")
     n = len(saes)
     core = [core] * n if isinstance(core, bool) else list(core)
     dead = [dead] * n if isinstance(dead, bool) else list(dead)

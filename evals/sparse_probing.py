@@ -39,13 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from saebench.evals.common import one_site
 from saebench.evals.probe_datasets import OFFLINE, ProbeDataset, load_probe_dataset
 from saebench.evals.probes import fit_logistic, top_k_mean_diff
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.sae import SAE
-from saebench.steering import _flatten, sae_site, stop_layer
+from saebench.steering import _flatten, stop_layer
 
 
 @dataclass(frozen=True)
@@ -182,13 +183,7 @@ def evaluate_sparse_probing(saes: SAE | Sequence[SAE], model, config: SparseProb
     cfg = config or SparseProbingConfig()
     single = isinstance(saes, SAE)
     sae_list = [saes] if single else list(saes)
-    sites = {sae_site(s) for s in sae_list}
-    if len(sites) != 1:
-        raise ValueError(f"evaluate_sparse_probing needs SAEs at one hook, got {sorted(map(str, sites))}")
-    hook, head = sites.pop()
-    from saebench.models import validate_hook_name
-
-    validate_hook_name(model, hook)
+    hook, head = one_site(model, sae_list, "evaluate_sparse_probing")
     if special_ids is None:
         from saebench.evals.common import special_ids_of
 
