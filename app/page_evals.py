@@ -5,8 +5,7 @@ from __future__ import annotations
 import streamlit as st
 from saebench.app import render as R
 from saebench.app import state as S
-
-from saebench import dashboards as D
+from saebench.evals.results import load_eval_results
 
 COLUMNS = ["sae / run", "eval", "source", "n_tokens", "dead_window_tokens", "method", "architecture", "d_sae", "l0", "fvu",
            "explained_variance", "ce_loss_score", "kl_div_score", "dead_fraction", "dense_fraction_1pct"]
@@ -14,7 +13,7 @@ COLUMNS = ["sae / run", "eval", "source", "n_tokens", "dead_window_tokens", "met
 
 @st.cache_data(ttl=20, show_spinner=False)
 def eval_records(root: str) -> list[dict]:
-    return D.load_eval_results(root)
+    return load_eval_results(root)
 
 
 def render(cfg: S.AppConfig) -> None:

@@ -13,6 +13,7 @@ from saebench.app import state as S
 from saebench.app.page_feature import missing_dashboard, provenance_caption
 
 from saebench import dashboards as D
+from saebench.layout import EVAL_CORE_FILE
 
 CFG_KEYS = ("architecture", "method", "d_in", "d_sae", "k", "model_name", "hook_name", "context_size")
 
@@ -66,7 +67,7 @@ def _other_sources(cfg: S.AppConfig, rel: str) -> None:
 def render(cfg: S.AppConfig, rel: str, path: str, sae_cfg: dict, db: D.Dashboard | None) -> None:
     st.header(f"SAE {R.code(rel)}")
     st.html(R.kv_table([(k, sae_cfg[k]) for k in CFG_KEYS if sae_cfg.get(k) not in (None, "")]))
-    core = Path(path) / "eval_core.json"
+    core = Path(path) / EVAL_CORE_FILE
     if core.is_file():
         st.subheader("Core eval")
         try:

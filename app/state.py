@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
+from saebench.app import launch
 
 from saebench import dashboards as D
 
@@ -41,9 +42,9 @@ def app_config() -> AppConfig:
         p.add_argument("--device")
         ns, _ = p.parse_known_args(args)
         root, model, device = ns.root, ns.model, ns.device
-    root = root or os.environ.get(D.APP_ROOT_ENV) or os.getcwd()
-    model = model or os.environ.get(D.APP_MODEL_ENV) or None
-    device = device or os.environ.get(D.APP_DEVICE_ENV) or "cpu"
+    root = root or os.environ.get(launch.APP_ROOT_ENV) or os.getcwd()
+    model = model or os.environ.get(launch.APP_MODEL_ENV) or None
+    device = device or os.environ.get(launch.APP_DEVICE_ENV) or "cpu"
     return AppConfig(Path(root).resolve(), model, device)
 
 

@@ -50,9 +50,9 @@ def med_ms(f, n: int) -> float:
 def page_times(root: Path, sae: str, feature: int, repeats: int) -> dict[str, dict[str, float]]:
     from streamlit.testing.v1 import AppTest
 
-    from saebench import dashboards as D
+    from saebench.app import launch
 
-    os.environ[D.APP_ROOT_ENV] = str(root)
+    os.environ[launch.APP_ROOT_ENV] = str(root)
     app = str(REPO / "app" / "main.py")
     pages = {
         "SAE": {"page": "SAE"},

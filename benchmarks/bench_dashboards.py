@@ -97,6 +97,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from saebench import dashboards as D
+    from saebench.dashboards.build import _special_ids
     from saebench import models, text
     from saebench.sae import SAE, SAEConfig
 
@@ -119,7 +120,7 @@ def main() -> None:
     sae = sae.to(args.device).requires_grad_(False)
 
     tokens = text.load_tokens("default", model.tokenizer, args.context_size, args.n_tokens, split="eval")  # warms the corpus cache
-    special = D._special_ids(model.tokenizer)
+    special = _special_ids(model.tokenizer)
     plain_pass(model, sae, tokens[: args.batch_size], special, args.batch_size)  # warm-up
 
     (base1, cpu1) = plain_pass(model, sae, tokens, special, args.batch_size)

@@ -27,7 +27,6 @@ load, eval-token loading, every job, and the whole run.
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
 import math
@@ -47,6 +46,7 @@ from saebench.evals.circuits import CircuitConfig, evaluate_circuit
 from saebench.evals.common import config_hash, load_eval_tokens, sae_checksum, special_ids_of
 from saebench.evals.dead import DEFAULT_WINDOWS
 from saebench.evals.reconstruction import evaluate_hook_group
+from saebench.evals.results import write_table
 from saebench.evals.sparse_probing import SparseProbingConfig, evaluate_sparse_probing
 from saebench.evals.steering import SteeringConfig, evaluate_steering
 from saebench.io import read_json, write_json
@@ -490,34 +490,6 @@ def _interp_columns(res: dict[str, Any]) -> dict[str, Any]:
 
 def _short(n: int) -> str:
     return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k" if n % 1000 == 0 else str(n)
-
-
-def write_table(rows: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
-    """``results.csv``, ``results.parquet`` and ``results.json`` (one row per SAE, union of columns)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    full = [{c: r.get(c) for c in cols} for r in rows]
-    paths = {"csv": out / "results.csv", "parquet": out / "results.parquet", "json": out / "results.json"}
-    tmp = paths["csv"].with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(full)
-    tmp.replace(paths["csv"])
-    table = pa.Table.from_pylist([{c: _arrow_safe(v) for c, v in r.items()} for r in full])
-    tmp = paths["parquet"].with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(paths["parquet"])
-    write_json(paths["json"], full)
-    return paths
-
-
-def _arrow_safe(v):
-    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 def _figures(rows, results, out: Path) -> dict[str, Path]:

@@ -54,6 +54,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.activations import _flatten_site, parse_hook, token_mask
+from saebench.layout import EVAL_CORE_FILE
 from saebench.sae import SAE
 
 
@@ -545,5 +546,5 @@ def run_core_eval(sae_dir: str | Path, model=None, *, corpus: str | None = None,
     special = text.special_ids(model.tokenizer) if exclude_special_tokens else None
     metrics = evaluate_core(sae, model, tokens, special_ids=special, batch_size=batch_size, progress=progress)
     metrics |= {"corpus": corpus, "split": "eval", "context_size": ctx, "eval_tokens_requested": eval_tokens, "eval_tokens_used": tokens.numel()}
-    write_json(Path(out) if out else Path(sae_dir) / "eval_core.json", metrics)
+    write_json(Path(out) if out else Path(sae_dir) / EVAL_CORE_FILE, metrics)
     return metrics

@@ -39,7 +39,8 @@ from IPython.display import HTML
 
 from saebench import api
 from saebench.app import render
-from saebench.dashboards import Dashboard, browse_command, build_dashboards, dashboard_dir, find_saes, prompt_activations, top_latents_per_token
+from saebench.app.launch import browse_command
+from saebench.dashboards import Dashboard, build_dashboards, dashboard_dir, find_saes, prompt_activations, top_latents_per_token
 from saebench.evals.steering import select_concept_latent
 from saebench.evals.tasks import CONCEPTS
 from saebench.models import load_model

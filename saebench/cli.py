@@ -178,7 +178,7 @@ def cmd_dashboards(args) -> int:
 
 
 def cmd_browse(args) -> int:
-    from saebench.dashboards import browse
+    from saebench.app.launch import browse
 
     # browse() checks the root before it says anything (it prints the address once it starts).
     return browse(args.root, host=args.host, port=args.port, model=args.model, device=args.device)

@@ -48,3 +48,9 @@ def is_sae_folder(folder: str | Path) -> bool:
 def describe() -> str:
     """The expected files, for error messages."""
     return f"{CFG_FILE} + {WEIGHTS_FILE} (or {LEGACY_WEIGHTS_FILE}, saebench before 2026-11-25)"
+
+
+# ---- what saebench derives into an SAE folder ----
+DASHBOARD_DIR = "dashboards"  # SAE_DIR/dashboards/: the feature dashboards (saebench.dashboards)
+DASHBOARD_DB_FILE = "features.sqlite"  # the dashboards' database, inside DASHBOARD_DIR
+EVAL_CORE_FILE = "eval_core.json"  # what ``saebench eval`` writes into the SAE folder

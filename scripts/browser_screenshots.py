@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlencode
 
-from saebench import dashboards as D
+from saebench.app import launch
 
 CHROMIUM = os.environ.get("SAEBENCH_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -52,8 +52,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = os.environ | {D.APP_ROOT_ENV: str(args.root.resolve())}
-    proc = subprocess.Popen(D.browse_command(args.root, port=port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = os.environ | {launch.APP_ROOT_ENV: str(args.root.resolve())}
+    proc = subprocess.Popen(launch.browse_command(args.root, port=port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

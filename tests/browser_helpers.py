@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from saebench import dashboards as D
+from saebench.app import launch
 
 CHROMIUM = os.environ.get("SAEBENCH_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS_ROOT = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -66,8 +65,8 @@ def serve(root: Path, log_dir: Path, start_timeout_s: float = 90.0) -> Iterator[
     with open(out_path, "w") as out, open(err_path, "w") as err:
         # One torch thread, as in the test process (conftest): the numbers the pages show can then be
         # compared exactly with the same computation done in the test.
-        env = os.environ | {D.APP_ROOT_ENV: str(root), "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen(D.browse_command(root, port=port), stdout=out, stderr=err, env=env)
+        env = os.environ | {launch.APP_ROOT_ENV: str(root), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(launch.browse_command(root, port=port), stdout=out, stderr=err, env=env)
         server = Server(f"http://127.0.0.1:{port}", root, proc, out_path, err_path)
         try:
             deadline = time.time() + start_timeout_s

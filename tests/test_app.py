@@ -9,6 +9,7 @@ import dashboard_fixture as F
 import pytest
 
 from saebench import dashboards as D
+from saebench.app import launch
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest
@@ -22,8 +23,8 @@ def root(tmp_path_factory, tiny_model_dir, tiny_model):
 
 
 def open_app(monkeypatch, root: Path, **params) -> AppTest:
-    monkeypatch.setenv(D.APP_ROOT_ENV, str(root))
-    monkeypatch.delenv(D.APP_MODEL_ENV, raising=False)
+    monkeypatch.setenv(launch.APP_ROOT_ENV, str(root))
+    monkeypatch.delenv(launch.APP_MODEL_ENV, raising=False)
     at = AppTest.from_file(APP, default_timeout=90)
     for k, v in params.items():
         at.query_params[k] = str(v)
@@ -303,7 +304,7 @@ def test_browse_refuses_a_missing_root(tmp_path):
     from saebench.config import ConfigError
 
     with pytest.raises(ConfigError, match="is not a directory: pass the folder that holds your SAE folders"):
-        D.browse(tmp_path / "missing")
+        launch.browse(tmp_path / "missing")
 
 
 def test_figures_never_see_a_half_imported_pandas():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dashboard_fixture as F
 import pytest
+from saebench.app import launch
 
 from saebench import dashboards as D
 
@@ -25,8 +26,8 @@ def root(tmp_path_factory, tiny_model_dir, tiny_model):
 
 
 def open_app(monkeypatch, root: Path, **params) -> AppTest:
-    monkeypatch.setenv(D.APP_ROOT_ENV, str(root))
-    monkeypatch.delenv(D.APP_MODEL_ENV, raising=False)
+    monkeypatch.setenv(launch.APP_ROOT_ENV, str(root))
+    monkeypatch.delenv(launch.APP_MODEL_ENV, raising=False)
     at = AppTest.from_file(APP, default_timeout=90)
     for k, v in params.items():
         at.query_params[k] = str(v)

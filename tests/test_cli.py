@@ -332,15 +332,15 @@ def test_browse_runs_streamlit_with_sleeping_openmp_threads(tmp_path, monkeypatc
     unless the user set a policy."""
     import subprocess as sp
 
-    from saebench import dashboards as D
+    from saebench.app import launch
 
     seen = {}
     monkeypatch.setattr(sp, "call", lambda cmd, env: seen.update(env=env, cmd=cmd) or 0)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert D.browse(tmp_path) == 0
-    assert seen["env"]["OMP_WAIT_POLICY"] == "PASSIVE" and seen["env"][D.APP_ROOT_ENV] == str(tmp_path.resolve())
+    assert launch.browse(tmp_path) == 0
+    assert seen["env"]["OMP_WAIT_POLICY"] == "PASSIVE" and seen["env"][launch.APP_ROOT_ENV] == str(tmp_path.resolve())
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    D.browse(tmp_path)
+    launch.browse(tmp_path)
     assert seen["env"]["OMP_WAIT_POLICY"] == "ACTIVE"
 
 

@@ -10,8 +10,12 @@ import dashboard_fixture as F
 import numpy as np
 import pytest
 import torch
+from saebench.app import launch
+from saebench.evals.results import load_eval_results
 
 from saebench import dashboards as D
+from saebench.dashboards import build as DB
+from saebench.dashboards import store as DS
 from saebench.io import ArtifactError
 from saebench.layout import WEIGHTS_FILE
 from saebench.sae import SAE
@@ -32,7 +36,7 @@ def case(request, root, tiny_model):
     with torch.no_grad():
         _, cache = tiny_model.run_with_cache(toks, names_filter=lambda n: n == F.HOOK, stop_at_layer=1)
         dense = sae.encode(cache[F.HOOK].float()).reshape(-1, sae.d_sae)
-    special = D._special_ids(tiny_model.tokenizer)
+    special = DB._special_ids(tiny_model.tokenizer)
     dense[torch.isin(toks.flatten(), special)] = 0
     return db, sae, dense
 
@@ -125,7 +129,7 @@ def test_logit_effects_and_neighbours_match_brute_force(case, tiny_model):
     cos = unit @ unit.T
     cos.fill_diagonal_(-math.inf)
     toks = torch.from_numpy(np.asarray(db.tokens()).astype(np.int64)).flatten()
-    x = dense[~torch.isin(toks, D._special_ids(tiny_model.tokenizer))].double()  # the non-special tokens
+    x = dense[~torch.isin(toks, DB._special_ids(tiny_model.tokenizer))].double()  # the non-special tokens
     with np.errstate(invalid="ignore", divide="ignore"):  # dead latents have zero variance
         corr = torch.from_numpy(np.nan_to_num(np.corrcoef(x.T.numpy()), nan=-np.inf))
     cooc = ((x != 0).double().T @ (x != 0).double()) > 0
@@ -172,7 +176,7 @@ def test_interrupted_build_resumes_to_the_same_database(root, tiny_model, tmp_pa
     sae_dir = root / "saes" / "topk"
     reference = _dump(sae_dir / D.DASHBOARD_DIR)
     out = tmp_path / "dash"
-    real_write = D._write_batch
+    real_write = DB._write_batch
     written = []
 
     def crash_after_two(con, b, *a, **k):
@@ -181,7 +185,7 @@ def test_interrupted_build_resumes_to_the_same_database(root, tiny_model, tmp_pa
         real_write(con, b, *a, **k)
         written.append(b)
 
-    monkeypatch.setattr(D, "_write_batch", crash_after_two)
+    monkeypatch.setattr(DB, "_write_batch", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         D.build_dashboards(sae_dir, model=tiny_model, n_tokens=F.N_TOKENS, feature_batch_size=32, progress=False, out_dir=out)
     partial = D.Dashboard(out)
@@ -189,10 +193,10 @@ def test_interrupted_build_resumes_to_the_same_database(root, tiny_model, tmp_pa
     assert partial.feature(0) is not None and partial.feature(95) is None
 
     computed = []
-    real_compute = D._compute_batch
-    monkeypatch.setattr(D, "_write_batch", real_write)
-    monkeypatch.setattr(D, "_compute_batch", lambda b, *a, **k: computed.append(b) or real_compute(b, *a, **k))
-    monkeypatch.setattr(D, "harvest_codes", lambda *a, **k: pytest.fail("resume must reuse the harvested codes"))
+    real_compute = DB._compute_batch
+    monkeypatch.setattr(DB, "_write_batch", real_write)
+    monkeypatch.setattr(DB, "_compute_batch", lambda b, *a, **k: computed.append(b) or real_compute(b, *a, **k))
+    monkeypatch.setattr(DB, "harvest_codes", lambda *a, **k: pytest.fail("resume must reuse the harvested codes"))
     D.build_dashboards(sae_dir, model=tiny_model, n_tokens=F.N_TOKENS, feature_batch_size=32, progress=False, out_dir=out)
     assert computed == [2]  # only the unfinished batch
     assert _dump(out) == reference
@@ -285,14 +289,14 @@ def test_find_saes_stays_inside_the_root(root, tmp_path):
 
 
 def test_eval_results_and_commands(root):
-    recs = D.load_eval_results(root)
+    recs = load_eval_results(root)
     assert {r.get("sae") for r in recs if "sae" in r} == {"saes/topk", "saes/abstopk"}
     assert {r["name"] for r in recs if "name" in r} == {"bench-a", "bench-b"}
     assert all("source" in r and "l0" in r for r in recs)
     assert D.build_command("/x/my sae") == "saebench dashboards '/x/my sae'"
-    cmd = D.browse_command(root, port=8600)
+    cmd = launch.browse_command(root, port=8600)
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[-1] == str(root.resolve())
-    assert D.load_eval_results(root / "saes" / "nodash") == []
+    assert load_eval_results(root / "saes" / "nodash") == []
 
 
 def test_eval_results_read_bench_tables_once(root, tmp_path):
@@ -305,12 +309,12 @@ def test_eval_results_read_bench_tables_once(root, tmp_path):
     (r / "bench").mkdir()
     (r / "bench" / "results.json").write_text(_json.dumps(rows))
     (r / "bench" / "results.csv").write_text("sae,sae_dir,method,l0,fvu,ce_loss_score\ntopk,x,topk,6.0,0.3,0.8\n")
-    recs = D.load_eval_results(r)
+    recs = load_eval_results(r)
     # both sources of the same SAE are kept, each naming its file: never one silently replacing the other
     assert sorted(x["source"] for x in recs) == ["bench/results.json", "saes/topk/eval_core.json"]
     assert {x["sae"] for x in recs} == {"saes/topk"} and {x["eval"] for x in recs} == {"bench", "core"}
     (r / "bench" / "results.json").unlink()
-    recs = D.load_eval_results(r)
+    recs = load_eval_results(r)
     assert sorted(x["source"] for x in recs) == ["bench/results.csv", "saes/topk/eval_core.json"]
     assert next(x for x in recs if x["source"] == "bench/results.csv")["l0"] == 6.0
 
@@ -391,22 +395,22 @@ def test_search_is_bounded(root, monkeypatch):
     assert db.search_labels("cat " * 50_000) == [] and db.search_summaries(" ".join(f"w{i}" for i in range(50_000))).notes
     assert db.search_token("cat " * 50_000) == [] and time.perf_counter() - t < 2.0
     # the time limit interrupts SQLite itself (a query that would run for minutes stops at the limit) ...
-    con = D._connect(db.db_path, readonly=True)
-    monkeypatch.setattr(D, "SEARCH_TIME_LIMIT_S", 0.3)
+    con = DS._connect(db.db_path, readonly=True)
+    monkeypatch.setattr(DS, "SEARCH_TIME_LIMIT_S", 0.3)
     t = time.perf_counter()
-    with pytest.raises(sqlite3.OperationalError, match="interrupted"), D._bounded_search(con) as stopped:
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"), DS._bounded_search(con) as stopped:
         con.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT COUNT(*) FROM c").fetchone()
     assert stopped == [True] and time.perf_counter() - t < 1.5
     con.close()
     # ... and a search cut by it says so
-    monkeypatch.setattr(D, "SEARCH_TIME_LIMIT_S", 0.0)
-    monkeypatch.setattr(D, "PROGRESS_STEPS", 1)
+    monkeypatch.setattr(DS, "SEARCH_TIME_LIMIT_S", 0.0)
+    monkeypatch.setattr(DS, "PROGRESS_STEPS", 1)
     page = db.search_fires("the fox")
     assert page.hits == [] and any("stopped after 0 s" in n for n in page.notes)
     # while every search slot is taken, a search waits at most the limit and says why; pages still load
-    monkeypatch.setattr(D, "SEARCH_TIME_LIMIT_S", 0.2)
-    monkeypatch.setattr(D, "PROGRESS_STEPS", 2000)
-    held = [D._search_slots.acquire(timeout=5) for _ in range(D.SEARCH_SLOTS)]
+    monkeypatch.setattr(DS, "SEARCH_TIME_LIMIT_S", 0.2)
+    monkeypatch.setattr(DS, "PROGRESS_STEPS", 2000)
+    held = [DS._search_slots.acquire(timeout=5) for _ in range(D.SEARCH_SLOTS)]
     try:
         assert all(held)
         t = time.perf_counter()
@@ -415,7 +419,7 @@ def test_search_is_bounded(root, monkeypatch):
         assert db.feature(F.PLANTED) is not None and db.examples(F.PLANTED)
     finally:
         for _ in held:
-            D._search_slots.release()
+            DS._search_slots.release()
     assert db.search_fires("fox").hits
 
 
@@ -512,7 +516,7 @@ def test_unreadable_sae_folders_are_skipped_with_a_reason(root, tmp_path):
                        "dtrue": "d_sae is True, not a positive integer", "listcfg": "cfg.json holds a list, not an object",
                        "notjson": reasons["notjson"]}
     assert reasons["notjson"].startswith("cfg.json is not valid JSON") and "\n" not in reasons["notjson"]
-    assert [x["sae"] for x in D.load_eval_results(r)] == []  # good has no eval; the bad ones never raise
+    assert [x["sae"] for x in load_eval_results(r)] == []  # good has no eval; the bad ones never raise
 
 
 def test_rank_plausible_changes_ignores_junk_subwords():
@@ -536,13 +540,13 @@ def test_firing_words_equal_the_window_words():
     rng = np.random.default_rng(0)
     vocab = np.array([" the", " quick", "FOR", "M", "AL", "DE", " fox", ".", "\n", " over", "'s", "_x", "a-b", "<|im_start|>", "", " ", "é", "x1",
                       "ab cd", "ß", "Σ", "x" * 40, "-", "a.b.c"], dtype=object)
-    vw = D._vocab_words(vocab)
+    vw = DB._vocab_words(vocab)
     for _ in range(20_000):
         ids = rng.integers(0, len(vocab), 23)
         vals = rng.standard_normal(23).astype(np.float32)
         vals[np.abs(vals) < rng.uniform(0, 2.5)] = 0
-        assert D._firing_words(ids, vals, vocab, vw) == D._window_words(list(vocab[ids]), vals)
-    assert D._window_words(["FOR", "M", "AL", " de"], np.array([0, 2.0, 0, 0], np.float32)) == {"formal": 2.0}
+        assert DB._firing_words(ids, vals, vocab, vw) == DB._window_words(list(vocab[ids]), vals)
+    assert DB._window_words(["FOR", "M", "AL", " de"], np.array([0, 2.0, 0, 0], np.float32)) == {"formal": 2.0}
 
 
 def test_outlier_norm_tokens_are_masked(root, tiny_model, tmp_path):
@@ -554,7 +558,7 @@ def test_outlier_norm_tokens_are_masked(root, tiny_model, tmp_path):
                        outlier_norm_factor=1.15)
     db = D.Dashboard(out)
     toks = torch.from_numpy(np.asarray(db.tokens()).astype(np.int64))
-    special = D._special_ids(tiny_model.tokenizer)
+    special = DB._special_ids(tiny_model.tokenizer)
     masked = torch.zeros(toks.shape, dtype=torch.bool)
     for s in range(0, toks.shape[0], 16):  # the model batches of the build
         with torch.no_grad():
