@@ -203,9 +203,10 @@ def _decoder_directions(path: str, mtime: float):
 
 def decoder_directions(path: str):
     """Unit decoder rows of the SAE in ``path`` (cached; a retrained SAE reloads)."""
-    p = Path(path)
-    w = p / "sae.safetensors" if (p / "sae.safetensors").exists() else p / "sae_weights.safetensors"
-    return _decoder_directions(path, w.stat().st_mtime if w.exists() else 0.0)
+    from saebench.layout import weights_file
+
+    w = weights_file(path)
+    return _decoder_directions(path, w.stat().st_mtime if w is not None else 0.0)
 
 
 @st.cache_resource(show_spinner="Loading the sparse codes…", max_entries=4)

@@ -29,16 +29,17 @@ import torch
 
 def plain_pass(model, sae, tokens, special, batch_size: int) -> tuple[float, float]:
     """(wall, process CPU) seconds to run the model to the hook and encode every non-special token (nothing kept)."""
-    from saebench.activations import _flatten_site, hook_layer_of, token_mask
+    from saebench.activations import token_mask
+    from saebench.site import Site
 
     hook = sae.cfg.hook_name
-    stop = hook_layer_of(hook) + 1
+    stop = Site(hook).stop_layer
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for s in range(0, tokens.shape[0], batch_size):
             toks = tokens[s : s + batch_size]
             _, cache = model.run_with_cache(toks, names_filter=lambda n: n == hook, stop_at_layer=stop)
-            x = _flatten_site(cache[hook], None)[token_mask(toks, special)].float()
+            x = Site(hook).flatten(cache[hook])[token_mask(toks, special)].float()
             sae.encode_sparse(x)
     return time.perf_counter() - t0, time.process_time() - c0
 
@@ -97,7 +98,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from saebench import dashboards as D
-    from saebench.dashboards.build import _special_ids
+    from saebench.text import special_ids
     from saebench import models, text
     from saebench.sae import SAE, SAEConfig
 
@@ -120,7 +121,7 @@ def main() -> None:
     sae = sae.to(args.device).requires_grad_(False)
 
     tokens = text.load_tokens("default", model.tokenizer, args.context_size, args.n_tokens, split="eval")  # warms the corpus cache
-    special = _special_ids(model.tokenizer)
+    special = special_ids(model.tokenizer)
     plain_pass(model, sae, tokens[: args.batch_size], special, args.batch_size)  # warm-up
 
     (base1, cpu1) = plain_pass(model, sae, tokens, special, args.batch_size)

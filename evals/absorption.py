@@ -58,7 +58,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.sae import SAE
-from saebench.steering import _flatten, stop_layer
+from saebench.site import Site
 
 LETTERS = string.ascii_lowercase
 EPS = 1e-8
@@ -128,7 +128,8 @@ def word_activations(model, hook: str, head: int | None, words: Sequence[tuple[s
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     ids = [[bos] + x for x in tok(prompts, add_special_tokens=False, verbose=False)["input_ids"]]
     keep = [i for i, (x, (_, t)) in enumerate(zip(ids, words)) if len(x) > -cfg.prompt_token_pos and x[cfg.prompt_token_pos] == t]
-    stop = stop_layer(hook)
+    site = Site(hook, head)
+    stop = site.stop_layer
     out = []
     for s in tqdm(range(0, len(keep), cfg.batch_size), desc=f"absorption prompts {hook}", disable=not progress):
         rows = [ids[i] for i in keep[s : s + cfg.batch_size]]
@@ -137,7 +138,7 @@ def word_activations(model, hook: str, head: int | None, words: Sequence[tuple[s
         for j, r in enumerate(rows):
             toks[j, : len(r)] = torch.tensor(r)
         _, cache = model.run_with_cache(toks.to(model.cfg.device), names_filter=lambda n: n == hook, stop_at_layer=stop)
-        x = _flatten(cache[hook], head).float().cpu()
+        x = site.flatten(cache[hook]).float().cpu()
         pos = torch.tensor([len(r) + cfg.prompt_token_pos for r in rows])
         out.append(x[torch.arange(len(rows)), pos])
     return torch.cat(out) if out else torch.zeros(0, model.cfg.d_model), keep

@@ -53,7 +53,7 @@ from saebench.io import read_json, write_json
 from saebench.layout import WEIGHTS_FILES, is_sae_folder
 from saebench.layout import describe as describe_sae_layout
 from saebench.sae import SAE
-from saebench.steering import sae_site
+from saebench.site import Site
 
 EVALS = ("core", "dead", "steering", "circuits", "compat", "sparse_probing", "absorption")
 ALIASES = {"reconstruction": "core", "saebench_compat": "compat", "circuit": "circuits"}
@@ -356,7 +356,7 @@ def _compute(pending, results, times, res, *, model, cache_path, cfg_model, chec
         # Core + dead: one shared pass per hook.
         groups: dict[tuple, list[str]] = defaultdict(list)
         for d in dict.fromkeys(need_core + need_dead):
-            groups[sae_site(saes[d])].append(d)
+            groups[Site.of_sae(saes[d])].append(d)
         for site, ds in groups.items():
             t = time.time()
             n_rows = max(dead_tokens if any(d in need_dead for d in ds) else 0, eval_tokens if any(d in need_core for d in ds) else 0)
@@ -395,7 +395,7 @@ def _compute(pending, results, times, res, *, model, cache_path, cfg_model, chec
             by_site: dict[tuple, list[str]] = defaultdict(list)
             for d in pending.get(ev, []):
                 if d in saes:
-                    by_site[sae_site(saes[d])].append(d)
+                    by_site[Site.of_sae(saes[d])].append(d)
             for site, ds in by_site.items():
                 t = time.time()
                 out = fn([saes[d] for d in ds], lm, cfg, progress=progress)

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from saebench.evals.tasks import CircuitTask, make_task, reference_heads
 from saebench.sae import SAE
-from saebench.steering import sae_site
+from saebench.site import Site as HookSite
 
 Method = Literal["atp", "ig"]
 
@@ -59,24 +59,16 @@ class SAESite:
 
     def __init__(self, sae: SAE):
         self.sae = sae
-        self.hook, self.head = sae_site(sae)
+        self.site = HookSite.of_sae(sae)
+        self.hook, self.head = self.site
         self.n_nodes = sae.d_sae + 1
         self.name = self.hook + (f":{self.head}" if self.head is not None else "")
 
     def get(self, act: Tensor) -> Tensor:
-        if act.dim() == 4:
-            return act[:, :, self.head] if self.head is not None else act.flatten(2)
-        return act
+        return self.site.flatten(act)
 
     def put(self, act: Tensor, x: Tensor) -> Tensor:
-        x = x.to(act.dtype)
-        if act.dim() == 4:
-            if self.head is None:
-                return x.view_as(act)
-            out = act.clone()
-            out[:, :, self.head] = x
-            return out
-        return x
+        return self.site.unflatten(act, x)
 
     def state(self, act: Tensor) -> dict[str, Tensor]:
         x = self.get(act).float()

@@ -4,38 +4,28 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from saebench.io import sha256_file
 from saebench.layout import describe as describe_sae_layout
 from saebench.layout import weights_file
 from saebench.sae import SAE
+from saebench.site import Site
+from saebench.text import load_tokens, special_ids
 
 DEFAULT_EVAL_TOKENS = 65_536
 
 
-def special_ids_of(tokenizer) -> Tensor:
-    """Ids of BOS/EOS/pad and every other special token of ``tokenizer`` (LongTensor)."""
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    ids |= {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None)}
-    ids.discard(None)
-    return torch.tensor(sorted(ids), dtype=torch.long)
+special_ids_of = special_ids  # ids of BOS/EOS/pad and every other special token (saebench.text.special_ids)
 
 
 def load_eval_tokens(model, corpus: str = "default", n_tokens: int = DEFAULT_EVAL_TOKENS, context_size: int = 128) -> Tensor:
     """``[n_seq, context_size]`` tokens from the held-out ``eval`` split of ``corpus`` (BOS-prefixed rows)."""
-    from saebench import text
-
-    kwargs: dict[str, Any] = {"split": "eval"}
-    if "prepend_bos" in inspect.signature(text.load_tokens).parameters:
-        kwargs["prepend_bos"] = True
-    return text.load_tokens(corpus, model.tokenizer, context_size, n_tokens, **kwargs)
+    return load_tokens(corpus, model.tokenizer, context_size, n_tokens, split="eval", prepend_bos=True)
 
 
 def sae_weights_file(sae_dir: str | Path) -> Path:
@@ -89,9 +79,8 @@ def load_sae_and_model(sae_dir: str | Path, model_name: str | None, device: str)
 def one_site(model, saes, who: str) -> tuple[str, int | None]:
     """``(hook, head)`` shared by every SAE in ``saes``, checked against ``model``; ``who`` names the caller in the error."""
     from saebench.models import validate_hook_name
-    from saebench.steering import sae_site
 
-    sites = {sae_site(s) for s in saes}
+    sites = {Site.of_sae(s) for s in saes}
     if len(sites) != 1:
         raise ValueError(f"{who} needs SAEs at one hook, got {sorted(map(str, sites))}")
     hook, head = sites.pop()

@@ -53,9 +53,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saebench.activations import _flatten_site, parse_hook, token_mask
+from saebench.activations import token_mask
 from saebench.layout import EVAL_CORE_FILE
 from saebench.sae import SAE
+from saebench.site import Site
 
 
 def fvu(sse: float, sum_sq: float, sum_x: Tensor, n: int) -> float:
@@ -106,16 +107,12 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 def splice_hook(replace: Tensor | None, head: int | None, keep: Tensor):
     """A hook that substitutes ``replace`` (zeros if None) at positions where ``keep`` [b, pos] is True."""
 
+    at = Site("", head)  # only the head matters for reshaping
+
     def fn(act: Tensor, hook) -> Tensor:
-        site = act[:, :, head] if (head is not None and act.dim() == 4) else act
-        shaped = site.flatten(2) if site.dim() == 4 else site
+        shaped = at.flatten(act)
         new = torch.zeros_like(shaped) if replace is None else replace.to(shaped.dtype).view_as(shaped)
-        mixed = torch.where(keep[..., None], new, shaped).view_as(site)
-        if head is not None and act.dim() == 4:
-            act = act.clone()
-            act[:, :, head] = mixed
-            return act
-        return mixed
+        return at.unflatten(act, torch.where(keep[..., None], new, shaped))
 
     return fn
 
@@ -223,9 +220,8 @@ def evaluate_core(
     progress: bool = True,
 ) -> dict[str, Any]:
     """All core metrics for ``sae`` at its hook on ``tokens`` [n_seq, ctx]; returns a JSON-able dict."""
-    hook, head = parse_hook(sae.cfg.hook_name) if ":" in sae.cfg.hook_name else (sae.cfg.hook_name, sae.cfg.hook_head_index)
-    if not hook:
-        raise ValueError("the SAE's cfg has no hook_name; cannot evaluate it on a model")
+    at = Site.of_sae(sae)
+    hook, head = at
     from saebench.models import validate_hook_name
 
     validate_hook_name(model, hook)
@@ -236,7 +232,7 @@ def evaluate_core(
         toks = tokens[start : start + batch_size].to(device)
         keep = token_mask(toks, special_ids)
         logits_clean, cache = model.run_with_cache(toks, names_filter=lambda n: n == hook)
-        x_full = _flatten_site(cache[hook], head).float()
+        x_full = at.flatten(cache[hook]).float()
         if x_full.shape[-1] != sae.d_in:
             raise ValueError(f"SAE d_in={sae.d_in} does not match the width {x_full.shape[-1]} of hook {hook} in this model")
         x = x_full[keep]

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from saebench.sae import SAE
 from saebench.sparse import SparseActs
-from saebench.steering import sae_site, site_activations
+from saebench.site import Site
+from saebench.steering import site_activations
 
 DEFAULT_WINDOWS = (1_000_000, 10_000_000)
 MAX_LISTED = 200
@@ -139,7 +140,7 @@ def evaluate_dead(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Dead/dense/special-only statistics of ``sae`` on ``tokens`` [n_seq, ctx] (every position encoded)."""
-    hook, head = sae_site(sae)
+    hook, head = Site.of_sae(sae)
     counter = DeadLatentCounter(sae.d_sae, windows)
     special_ids = special_ids if special_ids is not None else torch.empty(0, dtype=torch.long)
     for s in tqdm(range(0, tokens.shape[0], batch_size), desc="dead latents", disable=not progress):

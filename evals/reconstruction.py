@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from saebench.activations import token_mask
 from saebench.sae import SAE
 from saebench.sparse import SparseActs
-from saebench.steering import _flatten, sae_site, stop_layer
+from saebench.site import Site
 
 
 @torch.no_grad()
@@ -72,7 +72,7 @@ def evaluate_hook_group(
     special_ids = special_ids if special_ids is not None else torch.empty(0, dtype=torch.long)
     core_rows = tokens.shape[0] if core_tokens is None else max(1, core_tokens // tokens.shape[1])
     device = model.cfg.device
-    stop = stop_layer(hook)
+    stop = Site(hook, head).stop_layer
     zero = ZeroAblation(model, hook, head)
     for start in tqdm(range(0, tokens.shape[0], batch_size), desc=f"shared pass {hook}" + (f":{head}" if head is not None else ""),
                       disable=not progress):
@@ -105,7 +105,7 @@ def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, do
         logits_clean, cache = model.run_with_cache(toks, names_filter=lambda nm: nm == hook)
     else:
         _, cache = model.run_with_cache(toks, names_filter=lambda nm: nm == hook, stop_at_layer=stop)
-    x_full = _flatten(cache[hook], head).float()
+    x_full = Site(hook, head).flatten(cache[hook]).float()
     del cache
     ce_zero = kl_zero = ce_clean = 0.0
     lp_clean = clean = None
@@ -152,7 +152,7 @@ def evaluate_reconstruction(
     sae_list = [saes] if single else list(saes)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, s in enumerate(sae_list):
-        groups[sae_site(s)].append(i)
+        groups[Site.of_sae(s)].append(i)
     results: list[dict[str, Any] | None] = [None] * len(sae_list)
     for idx in groups.values():
         res = evaluate_hook_group([sae_list[i] for i in idx], model, tokens, special_ids=special_ids, core=True, dead=False,

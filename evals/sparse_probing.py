@@ -46,7 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.sae import SAE
-from saebench.steering import _flatten, stop_layer
+from saebench.site import Site
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,8 @@ def pooled_activations(model, saes: Sequence[SAE], texts: Sequence[str], *, hook
     pad = tok.eos_token_id
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     device = model.cfg.device
-    stop = stop_layer(hook)
+    site = Site(hook, head)
+    stop = site.stop_layer
     llm = None
     lat = [torch.zeros(len(rows), s.d_sae) for s in saes]
     for start in tqdm(range(0, len(order), batch_size), desc=f"probe activations {hook}", disable=not progress):
@@ -111,7 +112,7 @@ def pooled_activations(model, saes: Sequence[SAE], texts: Sequence[str], *, hook
             bad = [texts[idx[j]][:60] for j in range(len(idx)) if not valid[j].any()]
             raise ValueError(f"texts with no non-special token cannot be pooled: {bad}")
         _, cache = model.run_with_cache(toks.to(device), names_filter=lambda n: n == hook, stop_at_layer=stop)
-        x = _flatten(cache[hook], head).float().cpu()
+        x = site.flatten(cache[hook]).float().cpu()
         del cache
         counts = valid.sum(1, keepdim=True).float()
         pooled = (x * valid[..., None]).sum(1) / counts

@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 
 from saebench.evals.tasks import CONCEPTS, NEUTRAL_TEXTS, STEERING_PROMPTS, Concept
 from saebench.sae import SAE
-from saebench.steering import SteeringHook, generate_tokens, sae_site, site_activations
+from saebench.site import Site
+from saebench.steering import SteeringHook, generate_tokens, site_activations
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def _text_tokens(model, texts: Sequence[str]) -> list[Tensor]:
 @torch.no_grad()
 def concept_latent_scores(model, sae: SAE, concept: Concept) -> Tensor:
     """DiffMean score per latent: mean over positive texts of the max activation minus the same on negatives."""
-    hook, head = sae_site(sae)
+    hook, head = Site.of_sae(sae)
 
     def max_per_text(texts):
         rows = []
@@ -121,7 +122,7 @@ def select_concept_latent(model, sae: SAE, concept: Concept) -> dict[str, Any]:
     """The latent that best separates the concept's texts (DiffMean), with its detection AUROC."""
     scores = concept_latent_scores(model, sae, concept)
     latent = int(scores.argmax())
-    hook, head = sae_site(sae)
+    hook, head = Site.of_sae(sae)
 
     def max_act_of(texts):
         out = []
@@ -172,7 +173,7 @@ def _measure_prompt(model, sae: SAE, hook: str, head: int | None, latent: int, m
     # Clean forward on the generations: NLL of each generated token and the re-encoded latent.
     logits, cache = model.run_with_cache(gen, names_filter=lambda n: n == hook)
     x = cache[hook]
-    x = (x[:, :, head] if head is not None else x.flatten(2)) if x.dim() == 4 else x
+    x = Site(hook, head).flatten(x)
     lp = F.log_softmax(logits[:, plen - 1 : -1].float(), -1)
     nll = -lp.gather(-1, new[..., None]).squeeze(-1)
     gen_nll = (nll * valid).sum(1) / n_valid
@@ -265,7 +266,7 @@ def evaluate_steering(
     from saebench.evals.common import special_ids_of
     from saebench.steering import max_activation
 
-    hook, head = sae_site(sae)
+    hook, head = Site.of_sae(sae)
     cfg = config
     if cfg.concept_metric not in ("latent", "lexicon"):
         raise ValueError("concept_metric must be 'latent' or 'lexicon'")

@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.io import ArtifactError, read_json, save_tensors, sha256_file, write_json
+from saebench.site import Site, stop_layer_for
 
 
 class Batch(NamedTuple):
@@ -133,43 +134,6 @@ class ActivationSource(ABC):
 # --------------------------------------------------------------------------------------------
 
 
-def parse_hook(spec: str) -> tuple[str, int | None]:
-    """``'blocks.3.attn.hook_z:5'`` → ``('blocks.3.attn.hook_z', 5)``; no ``:H`` means all heads concatenated."""
-    if ":" in spec:
-        name, head = spec.rsplit(":", 1)
-        if not head.isdigit():
-            raise ValueError(f"hook {spec!r}: the part after ':' must be a head index")
-        return name, int(head)
-    return spec, None
-
-
-def hook_layer_of(name: str) -> int:
-    """Block index of a hook name (``blocks.6.hook_resid_post`` → 6); embeddings count as 0."""
-    parts = name.split(".")
-    if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
-        return int(parts[1])
-    return 0
-
-
-def stop_layer_for(names: list[str]) -> int | None:
-    """``stop_at_layer`` that still fires every hook in ``names``: one past the last hooked block,
-    or None (run the whole model) when a hook sits after the blocks (``ln_final``, ``unembed``)."""
-    layers = []
-    for name in names:
-        if name.startswith("blocks.") or name.startswith(("hook_embed", "embed.", "hook_pos_embed", "pos_embed.")):
-            layers.append(hook_layer_of(name))
-        else:
-            return None
-    return max(layers) + 1
-
-
-def _flatten_site(act: Tensor, head: int | None) -> Tensor:
-    """[b, pos, ...] → [b, pos, d]; attention ``hook_z`` [b, pos, heads, d_head] concatenates heads."""
-    if act.dim() == 4:
-        act = act[:, :, head] if head is not None else act.flatten(2)
-    return act
-
-
 def token_mask(tokens: Tensor, special_ids: Tensor | None) -> Tensor:
     """True for tokens to keep (not BOS/EOS/pad)."""
     if special_ids is None or special_ids.numel() == 0:
@@ -203,7 +167,7 @@ class HookedSource(ActivationSource):
             raise ValueError(f"tokens must be a non-empty [n_seq, context] tensor, got {tuple(tokens.shape)}")
         self.model = model
         self.hook_names = list(hook_names)
-        self.sites = [parse_hook(h) for h in self.hook_names]
+        self.sites = [Site.parse(h) for h in self.hook_names]
         for name, _ in self.sites:
             validate_hook_name(model, name)
         self.tokens = tokens
@@ -233,7 +197,7 @@ class HookedSource(ActivationSource):
         if not self.with_grads:
             with torch.no_grad():
                 _, cache = self.model.run_with_cache(toks, names_filter=lambda n: n in names, stop_at_layer=self.stop_at_layer)
-            return [_flatten_site(cache[n], h).float() for n, h in self.sites], None
+            return [site.flatten(cache[site.hook]).float() for site in self.sites], None
         captured: dict[str, Tensor] = {}
 
         def grab(name: str):
@@ -252,8 +216,8 @@ class HookedSource(ActivationSource):
             order = sorted(names)
             grads = torch.autograd.grad(loss, [captured[n] for n in order])
         gmap = dict(zip(order, grads))
-        acts = [_flatten_site(captured[n].detach(), h).float() for n, h in self.sites]
-        gs = [_flatten_site(gmap[n], h).float() for n, h in self.sites]
+        acts = [site.flatten(captured[site.hook].detach()).float() for site in self.sites]
+        gs = [site.flatten(gmap[site.hook]).float() for site in self.sites]
         return acts, gs
 
     def chunk(self, i: int) -> Batch:

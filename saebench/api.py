@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from saebench.config import TrainConfig, load_config
+from saebench.folders import read_training_log
+from saebench.site import Site
 from saebench.trainers.loop import TrainResult
 
 
@@ -73,7 +75,6 @@ def train_and_evaluate_many(
     ``distribute_modules`` a rank gets ``None`` for SAEs it does not hold).
     """
     from saebench import distributed, models, preflight
-    from saebench.activations import parse_hook
     from saebench.config import load_sweep
     from saebench.lock import folder_locks
     from saebench.trainers import get_method
@@ -97,7 +98,7 @@ def train_and_evaluate_many(
             model = models.load_model(cfgs[0].model, device=distributed.rank_device(cfgs[0].device))
         for cfg in cfgs:  # the same checks on the loaded model, before any harvest
             d_in = preflight.check_hook_on_model(model, cfg.hook_name)
-            preflight.check_k(cfg.k, cfg.d_sae, cfg.expansion_factor, d_in, parse_hook(cfg.hook_name)[0])
+            preflight.check_k(cfg.k, cfg.d_sae, cfg.expansion_factor, d_in, Site.parse(cfg.hook_name).hook)
         return _train_then_eval(cfgs, model, progress, distribute_modules)
 
 
@@ -286,7 +287,6 @@ def reconstruction_rows(sae_dirs: Sequence[str | Path], model, *, eval_tokens: i
     from saebench.evals.common import load_eval_tokens, special_ids_of
     from saebench.evals.reconstruction import evaluate_hook_group
     from saebench.sae import SAE
-    from saebench.steering import sae_site
 
     dirs = [Path(d) for d in sae_dirs]
     saes = {d: SAE.load(d, device=str(model.cfg.device)) for d in dirs}
@@ -294,7 +294,7 @@ def reconstruction_rows(sae_dirs: Sequence[str | Path], model, *, eval_tokens: i
     tokens = load_eval_tokens(model, corpus, eval_tokens, ctx)
     groups: dict[tuple, list[Path]] = defaultdict(list)
     for d in dirs:
-        groups[sae_site(saes[d])].append(d)
+        groups[Site.of_sae(saes[d])].append(d)
     res: dict[Path, dict] = {}
     for ds in groups.values():
         for d, r in zip(ds, evaluate_hook_group([saes[d] for d in ds], model, tokens, special_ids=special_ids_of(model.tokenizer), core=True, dead=True,
@@ -304,21 +304,12 @@ def reconstruction_rows(sae_dirs: Sequence[str | Path], model, *, eval_tokens: i
     rows = []
     for d in dirs:
         cfg, core, dead = saes[d].cfg, res[d]["core"], res[d]["dead"]
-        log = _training_log(d)
+        log = read_training_log(d, missing_ok=True)
         rows.append({"sae": labels[str(d)], "method": cfg.method or cfg.architecture, "architecture": cfg.architecture, "hook_name": cfg.hook_name,
                      "d_sae": cfg.d_sae, "l0": core["l0"], "fvu": core["fvu"], "explained_variance": core["explained_variance"],
                      "cossim": core["cossim"], "dead_fraction": dead["dead_fraction"], "dead_window_tokens": dead["dead_window_tokens"],
                      "train_tokens": cfg.metadata.get("training_tokens"), "train_seconds": log.get("seconds")})
     return rows
-
-
-def _training_log(sae_dir: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads((Path(sae_dir) / "training_log.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def training_curves_figure(sae_dirs: Sequence[str | Path], metrics: Sequence[str] = ("fvu", "l0", "dead_fraction")):
@@ -334,7 +325,7 @@ def training_curves_figure(sae_dirs: Sequence[str | Path], metrics: Sequence[str
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics))
     palette = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f")
     for i, d in enumerate(dirs):
-        hist = _training_log(d).get("history", [])
+        hist = read_training_log(d, missing_ok=True).get("history", [])
         per_step = SAE.load(d).cfg.metadata.get("train_config", {}).get("batch_size_tokens", 1)
         for j, m in enumerate(metrics):
             pts = [(h["step"] * per_step, h[m]) for h in hist if m in h]
@@ -352,9 +343,9 @@ def steering_generations(model, sae, prompt: str, latent: int, strengths: Sequen
     Strength 0 is the unsteered model (generated once). ``gen_kwargs`` go to ``saebench.steering.generate``
     (``max_new_tokens``, ``seed``, ``temperature``, ``top_p``...). Returns ``{"strength", "text", "new_text"}`` rows.
     """
-    from saebench.steering import generate, sae_site, steering_vector
+    from saebench.steering import generate, steering_vector
 
-    hook, head = sae_site(sae)
+    hook, head = Site.of_sae(sae)
     base = None
     rows = []
     for s in strengths:
@@ -377,9 +368,9 @@ def latent_extremes(model, sae, latent: int, tokens, *, n: int = 5, before: int 
     import torch
 
     from saebench.evals.common import special_ids_of
-    from saebench.steering import sae_site, site_activations
+    from saebench.steering import site_activations
 
-    hook, head = sae_site(sae)
+    hook, head = Site.of_sae(sae)
     special = special_ids_of(model.tokenizer)
     vals = []
     with torch.no_grad():

@@ -410,13 +410,11 @@ def _check_steer_site(sae, model_name: str | None, model=None) -> None:
     Without ``model`` only what the model's config.json tells (cheap, before loading it); with it,
     :func:`saebench.models.validate_hook_name` (suggestions for a typo) and the head count.
     """
-    import re
+    from saebench.site import Site
 
-    from saebench import steering
-
-    hook, head = steering.sae_site(sae)
+    site = Site.of_sae(sae)
+    hook, head = site
     where = f"the SAE's hook {sae.cfg.hook_name!r} (cfg.json)"
-    m = re.match(r"^blocks\.(\d+)\.", hook)
     if model is None:
         cfg = _model_config(model_name) or {}
         n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
@@ -430,8 +428,8 @@ def _check_steer_site(sae, model_name: str | None, model=None) -> None:
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
         n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    if m and isinstance(n_layers, int) and int(m.group(1)) >= n_layers:
-        raise ValueError(f"{where}: block {m.group(1)} does not exist; the model {model_name or 'smollm2-135m'!r} has blocks 0-{n_layers - 1}")
+    if site.block is not None and isinstance(n_layers, int) and site.block >= n_layers:
+        raise ValueError(f"{where}: block {site.block} does not exist; the model {model_name or 'smollm2-135m'!r} has blocks 0-{n_layers - 1}")
     if head is not None and isinstance(n_heads, int) and not 0 <= head < n_heads:
         raise ValueError(f"{where}: head {head} does not exist; the model has heads 0-{n_heads - 1}")
 

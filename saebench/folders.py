@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from saebench.io import ArtifactError, read_json, sha256_file
-from saebench.layout import CFG_FILE, DASHBOARD_DB_FILE, DASHBOARD_DIR, MANIFEST_FILE, WEIGHTS_FILES, is_sae_folder
+from saebench.layout import CFG_FILE, DASHBOARD_DB_FILE, DASHBOARD_DIR, MANIFEST_FILE, TRAINING_LOG_FILE, WEIGHTS_FILES, is_sae_folder
 
 SKIP_DIRS = {DASHBOARD_DIR, ".git", ".venv", "node_modules", "__pycache__", "checkpoints", "wandb"}
 
@@ -142,3 +142,13 @@ def weights_sha256(sae_dir: str | Path) -> str:
                 pass
         return sha256_file(path)
     raise ArtifactError(f"{sae_dir} holds no SAE weights")
+
+
+def read_training_log(sae_dir: str | Path, missing_ok: bool = False) -> dict[str, Any]:
+    """The training log (``training_log.json``) of an SAE folder; ``missing_ok``: {} when it is absent or unreadable."""
+    try:
+        return json.loads((Path(sae_dir) / TRAINING_LOG_FILE).read_text())
+    except (OSError, ValueError):
+        if missing_ok:
+            return {}
+        raise

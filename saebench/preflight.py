@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from saebench.config import ConfigError
+from saebench.site import Site
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # Per-head attention hooks ([batch, pos, heads, d_head]) and the head count that applies to each. Keys and values have
@@ -79,14 +80,13 @@ def model_shape(model: str | None) -> dict[str, int] | None:
             "d_head": d_head, "d_mlp": _first(raw, "intermediate_size", "n_inner") or 4 * d_model}
 
 
-def split_hook(spec: str) -> tuple[str, int | None]:
-    """``parse_hook`` with a ``ConfigError`` that says what a head suffix looks like."""
+def split_hook(spec: str) -> Site:
+    """:meth:`Site.parse <saebench.site.Site.parse>` with a ``ConfigError`` that says what a head suffix looks like."""
     if ":" in spec:
-        name, head = spec.rsplit(":", 1)
+        head = spec.rsplit(":", 1)[1]
         if not head.isdigit():
             raise ConfigError(f"hook {spec!r}: the part after ':' must be a head index (as in blocks.0.attn.hook_z:3), not {head!r}")
-        return name, int(head)
-    return spec, None
+    return Site.parse(spec) if spec else Site(spec)
 
 
 def _check_head(spec: str, hook: str, head: int | None, counts: dict[str, int] | None) -> None:
@@ -142,7 +142,6 @@ def check_hook_on_model(model, spec: str) -> int:
     """Check ``spec`` on a loaded model (name, block, head) with a one-token forward; return the SAE's d_in there."""
     import torch
 
-    from saebench.activations import stop_layer_for
     from saebench.models import validate_hook_name
 
     hook, head = split_hook(spec)
@@ -150,7 +149,7 @@ def check_hook_on_model(model, spec: str) -> int:
     _check_head(spec, hook, head, None)
     tokens = torch.tensor([[model.tokenizer.bos_token_id or 0]], device=model.cfg.device)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=stop_layer_for([hook]))
+        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=Site(hook).stop_layer)
     shape = tuple(cache[hook].shape[2:])
     if head is not None:
         _check_head(spec, hook, head, {_PER_HEAD[_BLOCK.match(hook).group(2)]: shape[0]} if len(shape) == 2 else None)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from saebench import sparse
 from saebench.io import ArtifactError, check_against_manifest, read_json, save_tensors, write_json, write_manifest
 from saebench.layout import CFG_FILE, LEGACY_WEIGHTS_FILE, MANIFEST_FILE, WEIGHTS_FILE, weights_file
+from saebench.site import Site
 from saebench.sparse import SparseActs
 
 Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu", "gated", "matching_pursuit", "top_afa", "itda"]
@@ -484,10 +485,11 @@ def _cfg_from_saelens(raw: dict, folder: Path) -> tuple[SAEConfig, bool]:
 
 
 def _layer_of(hook_name: str, given: Any) -> int:
+    """A SAELens cfg's ``hook_layer``: as given, else the hook's block, else -1 (unknown)."""
     if isinstance(given, int):
         return given
-    parts = hook_name.split(".")
-    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else -1
+    block = Site(hook_name).block
+    return -1 if block is None else block
 
 # SAELens architectures whose folders load too (issue #18's inference forms).
 _SAELENS_ARCH.update({"gated": "gated", "matching_pursuit": "matching_pursuit"})

@@ -31,7 +31,6 @@ it does, so one model can be shared by threads (the browser's sessions share one
 from __future__ import annotations
 
 import math
-import re
 import threading
 import time
 import weakref
@@ -44,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.compat import cached_forward, kv_cache_ok
+from saebench.site import Site
 
 Scope = Literal["prompt", "generated", "all"]
 SCOPES: tuple[str, ...] = ("prompt", "generated", "all")
@@ -64,7 +64,6 @@ __all__ = [
     "max_activation",
     "sae_site",
     "site_activations",
-    "stop_layer",
     "model_lock",
 ]
 
@@ -104,45 +103,24 @@ def model_lock(model) -> threading.RLock:
 # --------------------------------------------------------------------------- sites
 
 
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
-def sae_site(sae) -> tuple[str, int | None]:
-    """``(hook_name, head)`` of an SAE: ``'blocks.3.attn.hook_z:5'`` or ``cfg.hook_head_index`` give a head."""
-    name = sae.cfg.hook_name
-    if not name:
-        raise ValueError("the SAE's cfg has no hook_name; it cannot be attached to a model")
-    if ":" in name:
-        hook, head = name.rsplit(":", 1)
-        if not head.isdigit():
-            raise ValueError(f"hook {name!r}: the part after ':' must be a head index")
-        return hook, int(head)
-    return name, sae.cfg.hook_head_index
-
-
-def stop_layer(hook_name: str) -> int | None:
-    """``stop_at_layer`` that still runs ``hook_name``: block index + 1, or None (run to the end)."""
-    m = _BLOCK_RE.match(hook_name)
-    return int(m.group(1)) + 1 if m else None
-
-
-def _flatten(act: Tensor, head: int | None) -> Tensor:
-    """[b, pos, ...] → [b, pos, d]; ``hook_z`` [b, pos, heads, d_head] gives one head or all concatenated."""
-    if act.dim() == 4:
-        return act[:, :, head] if head is not None else act.flatten(2)
-    return act
+def sae_site(sae) -> Site:
+    """The :class:`~saebench.site.Site` of an SAE (unpacks as ``hook, head``): ``'blocks.3.attn.hook_z:5'`` or
+    ``cfg.hook_head_index`` give a head."""
+    return Site.of_sae(sae)
 
 
 @torch.no_grad()
 def site_activations(model, hook_name: str, head: int | None, tokens: Tensor, batch_size: int = 16) -> Tensor:
     """Activations [n_seq, pos, d] at ``hook_name`` (one head of ``hook_z`` if ``head``) for ``tokens``."""
     out = []
-    stop = stop_layer(hook_name)
+    site = Site(hook_name, head)
     device = model.cfg.device
     for s in range(0, tokens.shape[0], batch_size):
         with model_lock(model):
-            _, cache = model.run_with_cache(tokens[s : s + batch_size].to(device), names_filter=lambda n: n == hook_name, stop_at_layer=stop)
-        out.append(_flatten(cache[hook_name], head).float())
+            _, cache = model.run_with_cache(tokens[s : s + batch_size].to(device), names_filter=lambda n: n == hook_name, stop_at_layer=site.stop_layer)
+        out.append(site.flatten(cache[hook_name]).float())
     return torch.cat(out)
 
 
@@ -365,8 +343,7 @@ def _hooks_for(vector: Tensor | None, hook_name: str | None, scope: Scope, promp
     if not hook_name:
         raise ValueError("a steering vector needs hook_name (where to add it)")
     if ":" in hook_name:
-        hook_name, h = hook_name.rsplit(":", 1)
-        head = int(h)
+        hook_name, head = Site.parse(hook_name)
     return [(hook_name, SteeringHook(vector, scope, prompt_len, head))]
 
 
@@ -497,7 +474,7 @@ def steer(
     different batch size), so a sampled token can differ only where two candidates are tied to ~1e-6.
     """
     t0 = time.perf_counter()
-    hook, head = sae_site(sae)
+    hook, head = Site.of_sae(sae)
     vec = steering_vector(sae, latent, strength, max_act)
     toks = _prompt_tokens(model, prompt, prepend_bos)
     if toks.shape[0] != 1:
@@ -559,7 +536,7 @@ def next_token_logprob_diff(model, sae, prompt: str | Tensor, latent: int, stren
     ``"generated"`` scope nothing in the prompt is steered, so every difference is 0.
     """
     toks = _prompt_tokens(model, prompt)
-    hook, head = sae_site(sae)
+    hook, head = Site.of_sae(sae)
     vec = steering_vector(sae, latent, strength, max_act)
     with model_lock(model):
         base = model(toks)[0, -1]
@@ -579,7 +556,7 @@ def max_activation(sae, model, tokens: Tensor, latent: int, *, batch_size: int =
     The cost grows with ``tokens.numel()``: cap it (the CLI's ``--max-act-tokens``), or read the
     value from the dashboards when they exist (:func:`saebench.dashboards.max_abs_activation`).
     """
-    hook, head = sae_site(sae)
+    hook, head = Site.of_sae(sae)
     best = 0.0
     total = int(tokens.numel())
     bar = tqdm(total=total, desc=f"max activation of latent {latent}", unit="tok", unit_scale=True, disable=not progress, leave=False)

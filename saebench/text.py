@@ -456,7 +456,7 @@ def tokenize_and_pack(
 def special_ids(tokenizer) -> torch.Tensor:
     """Ids of BOS, EOS, pad and the tokenizer's other special tokens, as a LongTensor."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    ids |= {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ids |= {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None)}
     ids.discard(None)
     return torch.tensor(sorted(ids), dtype=torch.long)
 

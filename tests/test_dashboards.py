@@ -19,6 +19,7 @@ from saebench.dashboards import store as DS
 from saebench.io import ArtifactError
 from saebench.layout import WEIGHTS_FILE
 from saebench.sae import SAE
+from saebench.text import special_ids
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def case(request, root, tiny_model):
     with torch.no_grad():
         _, cache = tiny_model.run_with_cache(toks, names_filter=lambda n: n == F.HOOK, stop_at_layer=1)
         dense = sae.encode(cache[F.HOOK].float()).reshape(-1, sae.d_sae)
-    special = DB._special_ids(tiny_model.tokenizer)
+    special = special_ids(tiny_model.tokenizer)
     dense[torch.isin(toks.flatten(), special)] = 0
     return db, sae, dense
 
@@ -129,7 +130,7 @@ def test_logit_effects_and_neighbours_match_brute_force(case, tiny_model):
     cos = unit @ unit.T
     cos.fill_diagonal_(-math.inf)
     toks = torch.from_numpy(np.asarray(db.tokens()).astype(np.int64)).flatten()
-    x = dense[~torch.isin(toks, DB._special_ids(tiny_model.tokenizer))].double()  # the non-special tokens
+    x = dense[~torch.isin(toks, special_ids(tiny_model.tokenizer))].double()  # the non-special tokens
     with np.errstate(invalid="ignore", divide="ignore"):  # dead latents have zero variance
         corr = torch.from_numpy(np.nan_to_num(np.corrcoef(x.T.numpy()), nan=-np.inf))
     cooc = ((x != 0).double().T @ (x != 0).double()) > 0
@@ -558,7 +559,7 @@ def test_outlier_norm_tokens_are_masked(root, tiny_model, tmp_path):
                        outlier_norm_factor=1.15)
     db = D.Dashboard(out)
     toks = torch.from_numpy(np.asarray(db.tokens()).astype(np.int64))
-    special = DB._special_ids(tiny_model.tokenizer)
+    special = special_ids(tiny_model.tokenizer)
     masked = torch.zeros(toks.shape, dtype=torch.bool)
     for s in range(0, toks.shape[0], 16):  # the model batches of the build
         with torch.no_grad():

@@ -41,7 +41,8 @@ from saebench.trainers.base import Method, Options, StepInput, StepOutput, regis
 from torch import Tensor
 
 from saebench import sparse
-from saebench.activations import ActivationSource, Batch, Position, _flatten_site, hook_layer_of, parse_hook, token_mask
+from saebench.activations import ActivationSource, Batch, Position, token_mask
+from saebench.site import Site
 from saebench.config import ConfigError
 from saebench.sae import SAE
 
@@ -72,7 +73,7 @@ def kl_clean_to_spliced(logits_clean: Tensor, logits_new: Tensor) -> Tensor:
 
 def later_resid_hooks(hook: str, n_layers: int) -> list[str]:
     """``blocks.l.hook_resid_post`` for every block after the one the hook reads (its own if it is inside it)."""
-    layer = hook_layer_of(hook)
+    layer = Site(hook).layer or 0
     first = layer + 1 if hook.endswith("hook_resid_post") else layer
     if not hook.startswith("blocks."):
         first = 0  # embeddings
@@ -118,7 +119,8 @@ class EndToEnd(Method):
             p.requires_grad_(False)
         model.eval()
         self.model = model
-        self.hook, self.head = parse_hook(self.cfg.hook_name)
+        self.site = Site.parse(self.cfg.hook_name)
+        self.hook, self.head = self.site
         n_layers = model.cfg.n_layers
         ds = self.opts.downstream_hooks
         self.downstream = [] if not self.opts.downstream_coef else (list(ds) if ds is not None else later_resid_hooks(self.hook, n_layers))
@@ -126,10 +128,10 @@ class EndToEnd(Method):
             raise ConfigError(f"method {self.name!r}: no block follows hook {self.hook!r}, so there is no downstream activation "
                               "to match; set downstream_hooks")
         for h in self.downstream:
-            if hook_layer_of(h) < hook_layer_of(self.hook):
+            if (Site(h).layer or 0) < (self.site.layer or 0):
                 raise ConfigError(f"downstream hook {h!r} comes before the SAE's hook {self.hook!r}")
         # Stop the forward passes after the last hook the loss reads when the logits are not needed.
-        last = max((hook_layer_of(h) for h in self.downstream), default=n_layers) + 1
+        last = max((Site(h).layer or 0 for h in self.downstream), default=n_layers) + 1
         self.stop_at_layer = None if self.opts.kl_coef or last >= n_layers else last
         tok = getattr(model, "tokenizer", None)
         self.special_ids = None
@@ -174,7 +176,7 @@ class EndToEnd(Method):
 
     def _site(self, act: Tensor) -> Tensor:
         """The SAE's view [b, pos, d] of a hook activation (a view, so writes go through)."""
-        return _flatten_site(act, self.head)
+        return self.site.flatten(act)
 
     def run(self, tokens: Tensor, splice=None) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """One forward: (output, downstream activations, the hook's activation [b, pos, d]).
@@ -277,7 +279,8 @@ class TokenSequenceSource(ActivationSource):
         if tokens.dim() != 2 or tokens.shape[0] == 0:
             raise ValueError(f"tokens must be a non-empty [n_seq, context] tensor, got {tuple(tokens.shape)}")
         self.model, self.tokens, self.special_ids = model, tokens, special_ids
-        self.hook, self.head = parse_hook(hook_name)
+        self.site = Site.parse(hook_name)
+        self.hook, self.head = self.site
         self.hook_names = [hook_name]
         self.rows_per_chunk = max(1, shuffle_buffer_tokens // tokens.shape[1])
         self.model_batch_size = model_batch_size
@@ -297,9 +300,8 @@ class TokenSequenceSource(ActivationSource):
             def grab(act, hook):
                 seen["x"] = act
 
-            stop = hook_layer_of(self.hook) + 1
-            self.model.run_with_hooks(rows[s : s + self.model_batch_size], fwd_hooks=[(self.hook, grab)], stop_at_layer=stop)
-            out.append(_flatten_site(seen["x"], self.head).detach().float().cpu())
+            self.model.run_with_hooks(rows[s : s + self.model_batch_size], fwd_hooks=[(self.hook, grab)], stop_at_layer=self.site.stop_layer)
+            out.append(self.site.flatten(seen["x"]).detach().float().cpu())
         return torch.cat(out)
 
     def _rows(self, i: int) -> tuple[Tensor, Tensor, Tensor]:

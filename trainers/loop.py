@@ -23,7 +23,7 @@ from saebench.trainers.base import Method, StepInput, get_method
 from saebench.trainers.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from tqdm.auto import tqdm
 
-from saebench.activations import ActivationSource, Batch, CachedSource, HookedSource, Position, hook_layer_of, parse_hook, write_cache
+from saebench.activations import ActivationSource, Batch, CachedSource, HookedSource, Position, write_cache
 from saebench.config import ConfigError, TrainConfig
 from saebench.distributed import (
     all_gather_cat,
@@ -41,10 +41,13 @@ from saebench.distributed import (
     rank,
     rank_device,
 )
+from saebench.folders import read_training_log as load_training_log  # noqa: F401 (public here too)
 from saebench.io import atomic_write_bytes, check_free_space, write_json
+from saebench.layout import TRAINING_LOG_FILE
 from saebench.lock import folder_lock, folder_locks
 from saebench.precision import autocast, configure_matmul_precision
 from saebench.sae import SAE
+from saebench.site import Site
 from saebench.sparse import SparseActs
 
 # Fields that may change between a run and its resumption without changing the result.
@@ -409,10 +412,11 @@ def _start_run(cfg: TrainConfig, method: Method, source: ActivationSource, model
     d_in = source.d_in[cfg.hook_name]
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    hook, head = parse_hook(cfg.hook_name)
+    site = Site.parse(cfg.hook_name)
+    hook, head = site
     no_model = source_info is not None and not source_info.get("model") and not hook.startswith("blocks.")
     sae_cfg = method.sae_config(
-        d_in, model_name=cfg.model, hook_name=hook, hook_layer=-1 if no_model else hook_layer_of(hook), hook_head_index=head,
+        d_in, model_name=cfg.model, hook_name=hook, hook_layer=-1 if no_model else (site.layer or 0), hook_head_index=head,
         context_size=None if no_model else cfg.context_size, prepend_bos=cfg.prepend_bos, device=cfg.device,
     )
     sae = SAE(sae_cfg).to(cfg.device)
@@ -561,11 +565,11 @@ def _save_final(r: _Run, final: SAE, log: dict[str, Any]) -> None:
     """Write the SAE and its training log; on a write error the folder keeps its previous SAE and log."""
     r.out_dir.mkdir(parents=True, exist_ok=True)
     check_free_space(r.out_dir, sum(t.numel() * t.element_size() for t in final.state_dict().values()), "the trained SAE")
-    log_path = r.out_dir / "training_log.json"
+    log_path = r.out_dir / TRAINING_LOG_FILE
     old = log_path.read_bytes() if log_path.is_file() else None
     write_json(log_path, log)
     try:
-        final.save(r.out_dir, extra_files=["training_log.json"])
+        final.save(r.out_dir, extra_files=[TRAINING_LOG_FILE])
     except OSError:
         try:  # put the previous SAE's log back, so the folder still matches its manifest
             if old is None:
@@ -702,7 +706,3 @@ def _version() -> str:
         return version("saebench")
     except Exception:
         return "dev"
-
-
-def load_training_log(sae_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(sae_dir) / "training_log.json").read_text())

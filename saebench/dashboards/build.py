@@ -37,28 +37,14 @@ from saebench.dashboards.store import _SCHEMA, _WORD, MAX_WORD_CHARS, _connect, 
 from saebench.folders import weights_sha256
 from saebench.io import ArtifactError, atomic_write_bytes, save_tensors
 from saebench.sae import SAE
+from saebench.site import Site
+from saebench.text import special_ids
 
 
-def _special_ids(tokenizer) -> Tensor:
-    from saebench import text
-
-    if hasattr(text, "special_ids"):
-        return text.special_ids(tokenizer)
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    ids |= {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    ids.discard(None)
-    return torch.tensor(sorted(ids), dtype=torch.long)
-
-
-def _sae_hook(sae: SAE) -> tuple[str, int | None]:
-    from saebench.activations import parse_hook
-
-    name = sae.cfg.hook_name
-    if not name:
+def _sae_site(sae: SAE) -> Site:
+    if not sae.cfg.hook_name:
         raise ArtifactError("the SAE's cfg.json has no hook_name; cannot run it on a model")
-    if ":" in name:
-        return parse_hook(name)
-    return name, sae.cfg.hook_head_index
+    return Site.of_sae(sae)
 
 
 def _vocab_strings(tokenizer) -> list[str]:
@@ -78,12 +64,13 @@ def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, b
     over the batch's other kept positions. ``counts`` (if given) receives ``n_valid`` (positions encoded)
     and ``n_outliers`` (positions masked as outliers).
     """
-    from saebench.activations import _flatten_site, hook_layer_of, token_mask
+    from saebench.activations import token_mask
     from saebench.models import validate_hook_name
 
-    hook, head = _sae_hook(sae)
+    site = _sae_site(sae)
+    hook = site.hook
     validate_hook_name(model, hook)
-    stop = hook_layer_of(hook) + 1 if hook.startswith("blocks.") else None
+    stop = site.stop_layer
     n_seq, ctx = tokens.shape
     device = sae.device
     toks_out, feats_out, vals_out = [], [], []
@@ -93,7 +80,7 @@ def harvest_codes(model, sae: SAE, tokens: Tensor, special_ids: Tensor | None, b
     for start in tqdm(range(0, n_seq, batch_size), desc="harvest + encode", disable=not progress, leave=False):
         toks = tokens[start : start + batch_size]
         _, cache = model.run_with_cache(toks.to(device), names_filter=lambda n: n == hook, stop_at_layer=stop)
-        x = _flatten_site(cache[hook], head)
+        x = site.flatten(cache[hook])
         if x.shape[-1] != sae.d_in:
             raise ArtifactError(f"SAE d_in={sae.d_in} does not match the width {x.shape[-1]} of hook {hook} in this model")
         keep = token_mask(toks, special_ids).to(x.device)
@@ -259,7 +246,7 @@ def build_dashboards(
             with con:
                 con.executemany("INSERT OR REPLACE INTO vocab(id, token) VALUES (?, ?)", enumerate(_vocab_strings(tokenizer)))
                 _set_meta(con, key=key, d_sae=d_sae, n_batches=n_batches, complete=False, provenance=_provenance(sae, model_name, cfg, corpus, ctx),
-                          special_ids=_special_ids(tokenizer).tolist())
+                          special_ids=special_ids(tokenizer).tolist())
         vocab = np.array([t for (t,) in con.execute("SELECT token FROM vocab ORDER BY id")], dtype=object)
 
         t0 = time.perf_counter()
@@ -373,7 +360,7 @@ def _load_or_harvest(out: Path, model, sae: SAE, cfg: DashboardConfig, corpus: s
     from saebench import text
 
     tokens = text.load_tokens(corpus, tokenizer, ctx, cfg.n_tokens, split=cfg.split)
-    special = _special_ids(tokenizer) if cfg.exclude_special_tokens else None
+    special = special_ids(tokenizer) if cfg.exclude_special_tokens else None
     counts: dict[str, int] = {}
     tok, feat, val = harvest_codes(model, sae, tokens, special, batch_size=cfg.model_batch_size, progress=progress,
                                    outlier_norm_factor=cfg.outlier_norm_factor, counts=counts)

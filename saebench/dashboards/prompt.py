@@ -7,8 +7,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from saebench.dashboards.build import _sae_hook, _special_ids
+from saebench.dashboards.build import _sae_site
 from saebench.sae import SAE
+from saebench.text import special_ids
 
 
 class PromptActs(NamedTuple):
@@ -38,19 +39,18 @@ def prompt_activations(model, sae: SAE, prompt: str, max_tokens: int = PROMPT_MA
     Holds the model's :func:`saebench.steering.model_lock` for the forward pass, so a model shared by
     threads (the browser's sessions) is never run with another thread's hooks attached.
     """
-    from saebench.activations import _flatten_site, hook_layer_of
     from saebench.steering import model_lock
 
-    hook, head = _sae_hook(sae)
+    site = _sae_site(sae)
+    hook = site.hook
     all_toks = model.to_tokens(prompt)
     toks = all_toks[:, :max_tokens]
-    stop = hook_layer_of(hook) + 1 if hook.startswith("blocks.") else None
     with model_lock(model):
-        _, cache = model.run_with_cache(toks.to(sae.device), names_filter=lambda n: n == hook, stop_at_layer=stop)
-    x = _flatten_site(cache[hook], head)[0].float()
+        _, cache = model.run_with_cache(toks.to(sae.device), names_filter=lambda n: n == hook, stop_at_layer=site.stop_layer)
+    x = site.flatten(cache[hook])[0].float()
     acts = sae.encode_sparse(x)
     ids = toks[0].tolist()
-    special = torch.isin(toks[0], _special_ids(model.tokenizer)).tolist()
+    special = torch.isin(toks[0], special_ids(model.tokenizer)).tolist()
     values = acts.values.cpu() * ~torch.tensor(special)[:, None]
     return PromptActs(ids, [model.tokenizer.decode([t]) for t in ids], special, values, acts.indices.cpu(), int(all_toks.shape[1]))
 
