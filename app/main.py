@@ -11,6 +11,7 @@ import streamlit as st
 from saebench.app import page_compare, page_evals, page_feature, page_overview, page_search, page_steer
 from saebench.app import render as R
 from saebench.app import state as S
+from saebench.layout import CFG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE
 
 
 def _sae_option(info: dict, rel: str) -> str:
@@ -45,8 +46,8 @@ def run() -> None:
         else:
             st.title("No SAEs here yet")
             st.info(
-                f"There is no SAE folder under `{cfg.root}`. An SAE folder holds `cfg.json` plus `sae_weights.safetensors` "
-                "(SAELens' layout, which saebench writes; `sae.safetensors` in older saebench folders). Train one, then build its dashboards:"
+                f"There is no SAE folder under `{cfg.root}`. An SAE folder holds `{CFG_FILE}` plus `{WEIGHTS_FILE}` "
+                f"(SAELens' layout, which saebench writes; `{LEGACY_WEIGHTS_FILE}` in older saebench folders). Train one, then build its dashboards:"
             )
             st.code(f"saebench train --out-dir {cfg.root}/my-sae\nsaebench dashboards {cfg.root}/my-sae", language="bash")
         S.sync_url()

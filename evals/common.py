@@ -56,7 +56,7 @@ def add_common_args(p: argparse.ArgumentParser, *, many: bool = False) -> None:
     if many:
         p.add_argument("sae_dirs", nargs="+", help="SAE folders or glob patterns (quote globs)")
     else:
-        p.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors, as SAELens writes; sae.safetensors in older saebench folders)")
+        p.add_argument("sae_dir", help=f"SAE folder ({describe_sae_layout()})")
     p.add_argument("--model", default=None, help="model name or local HF folder (default: the SAE's cfg.model_name)")
     p.add_argument("--corpus", default="default", help="text source for eval tokens (held-out 'eval' split)")
     p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="tokens to evaluate on")

@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from saebench.layout import CFG_FILE, MANIFEST_FILE, WEIGHTS_FILE
+
 
 class ConfigError(ValueError):
     """A config file or flag is invalid; the message says which field and why."""
@@ -76,7 +78,7 @@ class TrainConfig(_Frozen):
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="What to do with a NaN/inf batch or loss: stop with a report (keeping the last checkpoint) or skip the step.")
 
     # output
-    out_dir: str = Field("runs/sae", description="Folder the trained SAE (sae_weights.safetensors, cfg.json, manifest.json: SAELens' layout) is written to.")
+    out_dir: str = Field("runs/sae", description=f"Folder the trained SAE ({WEIGHTS_FILE}, {CFG_FILE}, {MANIFEST_FILE}: SAELens' layout) is written to.")
     checkpoint_every_steps: int = Field(200, gt=0, description="Steps between checkpoints (resume picks up the latest).")
     resume: bool = Field(True, description="Resume from out_dir's latest checkpoint if there is one.")
     log_every_steps: int = Field(10, gt=0, description="Steps between progress-bar and wandb updates.")
