@@ -18,6 +18,7 @@ from saebench.site import Site
 from saebench.text import load_tokens, special_ids
 
 DEFAULT_EVAL_TOKENS = 65_536
+DEFAULT_BATCH_SIZE = 16  # sequences per forward of the core metrics (SAEBench's per-batch variants depend on it)
 
 
 special_ids_of = special_ids  # ids of BOS/EOS/pad and every other special token (saebench.text.special_ids)
@@ -51,17 +52,24 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def add_common_args(p: argparse.ArgumentParser, *, many: bool = False) -> None:
-    """Arguments every eval CLI shares: SAE folder(s), model, corpus and token budget, device, output."""
+def add_common_args(p: argparse.ArgumentParser, *, many: bool = False, own_text: bool = False) -> None:
+    """Arguments every eval CLI shares: SAE folder(s), model, corpus and token budget, device, output.
+
+    ``own_text``: the corpus and context size default to the SAE's own and the batch to the core metrics'
+    (``saebench eval``'s defaults); otherwise ``default``, 128 and 8.
+    """
     if many:
         p.add_argument("sae_dirs", nargs="+", help="SAE folders or glob patterns (quote globs)")
     else:
         p.add_argument("sae_dir", help=f"SAE folder ({describe_sae_layout()})")
     p.add_argument("--model", default=None, help="model name or local HF folder (default: the SAE's cfg.model_name)")
-    p.add_argument("--corpus", default="default", help="text source for eval tokens (held-out 'eval' split)")
+    if own_text:
+        p.add_argument("--corpus", default=None, help="text source for eval tokens (held-out 'eval' split; default: the SAE's training corpus)")
+    else:
+        p.add_argument("--corpus", default="default", help="text source for eval tokens (held-out 'eval' split)")
     p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="tokens to evaluate on")
-    p.add_argument("--context-size", type=int, default=128, help="tokens per row")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per model forward")
+    p.add_argument("--context-size", type=int, default=None if own_text else 128, help="tokens per row" + (" (default: the SAE's)" if own_text else ""))
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE if own_text else 8, help="sequences per model forward")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output JSON (default: eval_<name>.json in the SAE folder)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.activations import token_mask
+from saebench.evals.common import DEFAULT_BATCH_SIZE, one_site
+from saebench.evals.dead import DEFAULT_WINDOWS, DeadLatentCounter
 from saebench.layout import EVAL_CORE_FILE
 from saebench.sae import SAE
 from saebench.site import Site
+from saebench.sparse import SparseActs
 
 
 def fvu(sse: float, sum_sq: float, sum_x: Tensor, n: int) -> float:
@@ -208,47 +212,126 @@ class _Sums:
     n_pred: int = 0
 
 
-@torch.no_grad()
 def evaluate_core(
     sae: SAE,
     model,
     tokens: Tensor,
     *,
     special_ids: Tensor | None = None,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     downstream: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """All core metrics for ``sae`` at its hook on ``tokens`` [n_seq, ctx]; returns a JSON-able dict."""
-    at = Site.of_sae(sae)
-    hook, head = at
-    from saebench.models import validate_hook_name
+    """All core metrics for ``sae`` at its hook on ``tokens`` [n_seq, ctx]; returns a JSON-able dict.
 
-    validate_hook_name(model, hook)
-    device = sae.device
-    acc = CoreAccumulator(sae)
+    The group eval (:func:`evaluate_hook_group`) with a group of one: one code path computes the core
+    metrics for one SAE or for many at a hook.
+    """
+    return evaluate_hook_group([sae], model, tokens, special_ids=special_ids, core=True, dead=False, downstream=downstream,
+                               batch_size=batch_size, progress=progress)[0]["core"]
+
+
+@torch.no_grad()
+def evaluate_hook_group(
+    saes: Sequence[SAE],
+    model,
+    tokens: Tensor,
+    *,
+    special_ids: Tensor | None = None,
+    core: Sequence[bool] | bool = True,
+    dead: Sequence[bool] | bool = False,
+    downstream: bool = True,
+    core_tokens: int | None = None,
+    windows: Sequence[int] = DEFAULT_WINDOWS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> list[dict[str, dict[str, Any]]]:
+    """Core and/or dead-latent metrics for several SAEs at one hook, sharing the model forwards.
+
+    Args:
+        saes: SAEs with the same hook (and head).
+        tokens: [n_seq, ctx] eval tokens, in stream order.
+        core, dead: which evals to run, for all SAEs or per SAE.
+        core_tokens: evaluate the core metrics on the first ``core_tokens`` tokens only (the dead
+            counters use all of ``tokens``); None = all.
+
+    Returns:
+        One ``{"core": metrics, "dead": metrics}`` dict per SAE (only the evals asked for).
+    """
+    if not saes:
+        return []
+    hook, head = one_site(model, saes, "evaluate_hook_group")
+    n = len(saes)
+    core = [core] * n if isinstance(core, bool) else list(core)
+    dead = [dead] * n if isinstance(dead, bool) else list(dead)
+    accs = [CoreAccumulator(s) if c else None for s, c in zip(saes, core)]
+    counters = [DeadLatentCounter(s.d_sae, windows) if d else None for s, d in zip(saes, dead)]
+    special_ids = special_ids if special_ids is not None else torch.empty(0, dtype=torch.long)
+    core_rows = tokens.shape[0] if core_tokens is None else max(1, core_tokens // tokens.shape[1])
+    device = model.cfg.device
+    stop = Site(hook, head).stop_layer
     zero = ZeroAblation(model, hook, head)
-    for start in tqdm(range(0, tokens.shape[0], batch_size), desc="core eval", disable=not progress):
+    for start in tqdm(range(0, tokens.shape[0], batch_size), desc=f"shared pass {hook}" + (f":{head}" if head is not None else ""),
+                      disable=not progress):
         toks = tokens[start : start + batch_size].to(device)
-        keep = token_mask(toks, special_ids)
-        logits_clean, cache = model.run_with_cache(toks, names_filter=lambda n: n == hook)
-        x_full = at.flatten(cache[hook]).float()
+        in_core = any(core) and start < core_rows
+        if in_core and start + toks.shape[0] > core_rows:
+            toks = toks[: core_rows - start]  # the core window ends inside this batch: split it
+            _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, True, stop, zero)
+            toks = tokens[start + toks.shape[0] : start + batch_size].to(device)
+            in_core = False
+        _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, in_core, stop, zero)
+    out = []
+    tok = getattr(model, "tokenizer", None)
+    for s, acc, ctr in zip(saes, accs, counters):
+        r: dict[str, dict[str, Any]] = {}
+        if acc is not None:
+            r["core"] = acc.result(downstream)
+        if ctr is not None:
+            r["dead"] = ctr.result(tok) | {"hook_name": s.cfg.hook_name, "d_sae": s.d_sae}
+        out.append(r)
+    return out
+
+
+def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, in_core, stop, zero) -> None:
+    if toks.shape[0] == 0:
+        return
+    need_down = in_core and downstream
+    keep = token_mask(toks, special_ids)
+    if need_down:
+        logits_clean, cache = model.run_with_cache(toks, names_filter=lambda nm: nm == hook)
+    else:
+        _, cache = model.run_with_cache(toks, names_filter=lambda nm: nm == hook, stop_at_layer=stop)
+    x_full = Site(hook, head).flatten(cache[hook]).float()
+    del cache
+    ce_zero = kl_zero = ce_clean = 0.0
+    lp_clean = clean = None
+    if need_down:
+        # The clean and zero-ablation terms do not depend on the SAE: computed once for the whole group.
+        lp_clean = F.log_softmax(logits_clean.float(), -1)
+        pred = keep[:, :-1] & keep[:, 1:]
+        ce_clean = ce_from_logprobs(lp_clean, toks)[pred].sum().item()
+        clean = clean_terms(lp_clean)  # shared by the zero-ablation term and every SAE's KL
+        ce_zero, kl_zero = zero_terms(zero.logprobs(toks, x_full if head is None else None, logits_clean), toks, keep, clean)
+    flat = x_full.flatten(0, 1)
+    keep_flat = keep.flatten()
+    special_flat = torch.isin(toks.flatten(), special_ids.to(toks.device))
+    for sae, acc, ctr in zip(saes, accs, counters):
         if x_full.shape[-1] != sae.d_in:
             raise ValueError(f"SAE d_in={sae.d_in} does not match the width {x_full.shape[-1]} of hook {hook} in this model")
-        x = x_full[keep]
-        acts = sae.encode_sparse(x)
-        x_hat = sae.decode_sparse(acts).float()
-        acc.add_reconstruction(x, x_hat, acts)
-        if downstream:
-            recon = x_full.clone()
-            recon[keep] = x_hat
-            site = x_full if head is None else None
-            lp_clean = F.log_softmax(logits_clean.float(), -1)
-            clean = clean_terms(lp_clean)
-            ce_zero, kl_zero = zero_terms(zero.logprobs(toks, site, logits_clean), toks, keep, clean)
-            logits_sae = spliced_logits(model, hook, head, toks, site, recon, keep, logits_clean)
-            acc.add_downstream(toks, keep, logits_sae, logprobs_clean=lp_clean, clean=clean, ce_zero=ce_zero, kl_zero=kl_zero)
-    return acc.result(downstream)
+        acts_all = sae.encode_sparse(flat.to(sae.device))
+        if ctr is not None:
+            ctr.update(acts_all, toks.flatten(), special_flat)
+        if acc is None or not in_core:
+            continue
+        kf = keep_flat.to(acts_all.values.device)
+        x_hat_all = sae.decode_sparse(acts_all).float().to(flat.device)
+        acc.add_reconstruction(flat[keep_flat], x_hat_all[keep_flat], SparseActs(acts_all.values[kf], acts_all.indices[kf]))
+        if need_down:
+            recon = x_hat_all.view_as(x_full)
+            logits_sae = spliced_logits(model, hook, head, toks, x_full if head is None else None, recon, keep, logits_clean)
+            acc.add_downstream(toks, keep, logits_sae, logprobs_clean=lp_clean, clean=clean, ce_zero=ce_zero, kl_zero=kl_zero, ce_clean=ce_clean)
+            del logits_sae
 
 
 class CoreAccumulator:
@@ -508,29 +591,22 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_core_eval(sae_dir: str | Path, model=None, *, corpus: str | None = None, eval_tokens: int = 65_536, context_size: int | None = None,
-                  batch_size: int = 16, exclude_special_tokens: bool = True, device: str = "cpu", out: str | Path | None = None,
-                  progress: bool = True, model_name: str | None = None) -> dict[str, Any]:
-    """Load an SAE folder, evaluate it on held-out text, and write ``eval_core.json`` next to it."""
-    from saebench import models, text
-    from saebench.io import write_json
+def held_out_tokens(sae: SAE, model, corpus: str | None, eval_tokens: int, context_size: int | None,
+                    progress: bool = True) -> tuple[Tensor, str, int]:
+    """``(tokens, corpus, context_size)``: held-out ``eval``-split tokens for ``sae``, by default from the corpus and
+    context size it was trained with (its cfg; else ``default`` and 128), BOS-prefixed as in its training.
 
-    def say(msg: str) -> None:  # step messages next to the bars (stderr), only with progress
-        if progress:
-            tqdm.write(msg, file=sys.stderr)
+    Warns (``SaebenchWarning``) when the split holds fewer than ``eval_tokens``.
+    """
+    from saebench import text
 
-    sae = SAE.load(sae_dir, device=device)
-    if model is None:
-        name = model_name or sae.cfg.model_name or None
-        t0 = time.perf_counter()
-        say(f"loading model {name or models.DEFAULT_MODEL} ...")
-        model = models.load_model(name, device=device)
-        say(f"model loaded in {time.perf_counter() - t0:.1f} s")
     ctx = context_size or sae.cfg.context_size or 128
     corpus = corpus or sae.cfg.metadata.get("corpus", "default")
     t0 = time.perf_counter()
     tokens = text.load_tokens(corpus, model.tokenizer, ctx, eval_tokens, split="eval", prepend_bos=sae.cfg.prepend_bos, progress=progress)
-    say(f"{tokens.numel():,} held-out tokens of {corpus!r} ({tokens.shape[0]:,} sequences × {ctx}) tokenised in {time.perf_counter() - t0:.1f} s")
+    if progress:
+        tqdm.write(f"{tokens.numel():,} held-out tokens of {corpus!r} ({tokens.shape[0]:,} sequences × {ctx}) tokenised in "
+                   f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if tokens.numel() + ctx <= eval_tokens:  # fewer rows than asked for: the held-out split ran out
         import warnings
 
@@ -538,7 +614,27 @@ def run_core_eval(sae_dir: str | Path, model=None, *, corpus: str | None = None,
 
         warnings.warn(f"eval_tokens={eval_tokens:,} asked for more than the held-out 'eval' split of corpus {corpus!r} holds: it gives "
                       f"{tokens.numel():,} tokens ({tokens.shape[0]:,} sequences of {ctx}); evaluating on those. For more, use a larger "
-                      "corpus (its eval split is the ~5% of documents whose text hashes there).", SaebenchWarning, stacklevel=2)
+                      "corpus (its eval split is the ~5% of documents whose text hashes there).", SaebenchWarning, stacklevel=3)
+    return tokens, corpus, ctx
+
+
+def run_core_eval(sae_dir: str | Path, model=None, *, corpus: str | None = None, eval_tokens: int = 65_536, context_size: int | None = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE, exclude_special_tokens: bool = True, device: str = "cpu", out: str | Path | None = None,
+                  progress: bool = True, model_name: str | None = None) -> dict[str, Any]:
+    """Load an SAE folder, evaluate it on held-out text, and write ``eval_core.json`` next to it."""
+    from saebench import models, text
+    from saebench.io import write_json
+
+    sae = SAE.load(sae_dir, device=device)
+    if model is None:
+        name = model_name or sae.cfg.model_name or None
+        t0 = time.perf_counter()
+        if progress:  # step messages next to the bars (stderr), only with progress
+            tqdm.write(f"loading model {name or models.DEFAULT_MODEL} ...", file=sys.stderr)
+        model = models.load_model(name, device=device)
+        if progress:
+            tqdm.write(f"model loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    tokens, corpus, ctx = held_out_tokens(sae, model, corpus, eval_tokens, context_size, progress=progress)
     special = text.special_ids(model.tokenizer) if exclude_special_tokens else None
     metrics = evaluate_core(sae, model, tokens, special_ids=special, batch_size=batch_size, progress=progress)
     metrics |= {"corpus": corpus, "split": "eval", "context_size": ctx, "eval_tokens_requested": eval_tokens, "eval_tokens_used": tokens.numel()}

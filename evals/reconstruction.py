@@ -1,15 +1,18 @@
-"""Reconstruction eval: the core metrics of ``evals/core.py`` with a cheaper downstream pass.
+"""Reconstruction eval: the core metrics of ``evals/core.py`` for one SAE or several, sharing forwards per hook.
 
-The metrics and their definitions are exactly ``evaluate_core``'s (FVU, EV, MSE, cossim, L0, L1,
-CE loss recovered, KL score, ...). What changes is the cost when several SAEs sit at one hook:
-``evaluate_core`` runs two forwards per batch and SAE (clean, spliced); here a batch gets **one**
-clean forward (activations + logits) shared by every SAE at that hook, then one spliced forward per
-SAE (resumed at the hook where the model allows). The zero-ablation terms are shared too (at a
-residual hook they cost one single-sequence pass per eval, see ``core.ZeroAblation``). For N SAEs
-that is N + 1 forwards per batch instead of 2N. The same pass also feeds the dead-latent counters
-of ``evals/dead.py`` (every position encoded, special ones kept apart), and can run further than
-the downstream window on cheap truncated forwards (``stop_at_layer``) when the dead-latent window
-is longer.
+The metrics, their definitions and the code that computes them are ``evals/core.py``'s: one path,
+:func:`~saebench.evals.core.evaluate_hook_group`, evaluates a group of SAEs at one hook (``evaluate_core``
+is that group with one SAE). A batch gets **one** clean forward (activations + logits) shared by every
+SAE at the hook, then one spliced forward per SAE (resumed at the hook where the model allows); the
+zero-ablation terms are shared too (at a residual hook they cost one single-sequence pass per eval,
+see ``core.ZeroAblation``). For N SAEs that is N + 1 forwards per batch instead of 2N. The same pass
+also feeds the dead-latent counters of ``evals/dead.py`` (every position encoded, special ones kept
+apart), and can run further than the downstream window on cheap truncated forwards
+(``stop_at_layer``) when the dead-latent window is longer.
+
+This module groups SAEs by hook (:func:`evaluate_reconstruction`) and is a CLI
+(``python -m saebench.evals.reconstruction``); its defaults are ``saebench eval``'s: the SAE's own
+corpus and context size, ``DEFAULT_BATCH_SIZE`` sequences per forward.
 """
 
 from __future__ import annotations
@@ -20,121 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from saebench.evals.common import one_site
-from saebench.evals.core import CoreAccumulator, ZeroAblation, ce_from_logprobs, clean_terms, format_table, spliced_logits, zero_terms
-from saebench.evals.dead import DEFAULT_WINDOWS, DeadLatentCounter
+from saebench.evals.core import DEFAULT_BATCH_SIZE, evaluate_hook_group, format_table, held_out_tokens
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from saebench.activations import token_mask
 from saebench.sae import SAE
-from saebench.sparse import SparseActs
 from saebench.site import Site
 
-
-@torch.no_grad()
-def evaluate_hook_group(
-    saes: Sequence[SAE],
-    model,
-    tokens: Tensor,
-    *,
-    special_ids: Tensor | None = None,
-    core: Sequence[bool] | bool = True,
-    dead: Sequence[bool] | bool = False,
-    downstream: bool = True,
-    core_tokens: int | None = None,
-    windows: Sequence[int] = DEFAULT_WINDOWS,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> list[dict[str, dict[str, Any]]]:
-    """Core and/or dead-latent metrics for several SAEs at one hook, sharing the model forwards.
-
-    Args:
-        saes: SAEs with the same hook (and head).
-        tokens: [n_seq, ctx] eval tokens, in stream order.
-        core, dead: which evals to run, for all SAEs or per SAE.
-        core_tokens: evaluate the core metrics on the first ``core_tokens`` tokens only (the dead
-            counters use all of ``tokens``); None = all.
-
-    Returns:
-        One ``{"core": metrics, "dead": metrics}`` dict per SAE (only the evals asked for).
-    """
-    if not saes:
-        return []
-    hook, head = one_site(model, saes, "evaluate_hook_group")
-    n = len(saes)
-    core = [core] * n if isinstance(core, bool) else list(core)
-    dead = [dead] * n if isinstance(dead, bool) else list(dead)
-    accs = [CoreAccumulator(s) if c else None for s, c in zip(saes, core)]
-    counters = [DeadLatentCounter(s.d_sae, windows) if d else None for s, d in zip(saes, dead)]
-    special_ids = special_ids if special_ids is not None else torch.empty(0, dtype=torch.long)
-    core_rows = tokens.shape[0] if core_tokens is None else max(1, core_tokens // tokens.shape[1])
-    device = model.cfg.device
-    stop = Site(hook, head).stop_layer
-    zero = ZeroAblation(model, hook, head)
-    for start in tqdm(range(0, tokens.shape[0], batch_size), desc=f"shared pass {hook}" + (f":{head}" if head is not None else ""),
-                      disable=not progress):
-        toks = tokens[start : start + batch_size].to(device)
-        in_core = any(core) and start < core_rows
-        if in_core and start + toks.shape[0] > core_rows:
-            toks = toks[: core_rows - start]  # the core window ends inside this batch: split it
-            _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, True, stop, zero)
-            toks = tokens[start + toks.shape[0] : start + batch_size].to(device)
-            in_core = False
-        _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, in_core, stop, zero)
-    out = []
-    tok = getattr(model, "tokenizer", None)
-    for s, acc, ctr in zip(saes, accs, counters):
-        r: dict[str, dict[str, Any]] = {}
-        if acc is not None:
-            r["core"] = acc.result(downstream)
-        if ctr is not None:
-            r["dead"] = ctr.result(tok) | {"hook_name": s.cfg.hook_name, "d_sae": s.d_sae}
-        out.append(r)
-    return out
-
-
-def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, in_core, stop, zero) -> None:
-    if toks.shape[0] == 0:
-        return
-    need_down = in_core and downstream
-    keep = token_mask(toks, special_ids)
-    if need_down:
-        logits_clean, cache = model.run_with_cache(toks, names_filter=lambda nm: nm == hook)
-    else:
-        _, cache = model.run_with_cache(toks, names_filter=lambda nm: nm == hook, stop_at_layer=stop)
-    x_full = Site(hook, head).flatten(cache[hook]).float()
-    del cache
-    ce_zero = kl_zero = ce_clean = 0.0
-    lp_clean = clean = None
-    if need_down:
-        # The clean and zero-ablation terms do not depend on the SAE: computed once for the whole group.
-        lp_clean = F.log_softmax(logits_clean.float(), -1)
-        pred = keep[:, :-1] & keep[:, 1:]
-        ce_clean = ce_from_logprobs(lp_clean, toks)[pred].sum().item()
-        clean = clean_terms(lp_clean)  # shared by the zero-ablation term and every SAE's KL
-        ce_zero, kl_zero = zero_terms(zero.logprobs(toks, x_full if head is None else None, logits_clean), toks, keep, clean)
-    flat = x_full.flatten(0, 1)
-    keep_flat = keep.flatten()
-    special_flat = torch.isin(toks.flatten(), special_ids.to(toks.device))
-    for sae, acc, ctr in zip(saes, accs, counters):
-        if x_full.shape[-1] != sae.d_in:
-            raise ValueError(f"SAE d_in={sae.d_in} does not match the width {x_full.shape[-1]} of hook {hook} in this model")
-        acts_all = sae.encode_sparse(flat.to(sae.device))
-        if ctr is not None:
-            ctr.update(acts_all, toks.flatten(), special_flat)
-        if acc is None or not in_core:
-            continue
-        kf = keep_flat.to(acts_all.values.device)
-        x_hat_all = sae.decode_sparse(acts_all).float().to(flat.device)
-        acc.add_reconstruction(flat[keep_flat], x_hat_all[keep_flat], SparseActs(acts_all.values[kf], acts_all.indices[kf]))
-        if need_down:
-            recon = x_hat_all.view_as(x_full)
-            logits_sae = spliced_logits(model, hook, head, toks, x_full if head is None else None, recon, keep, logits_clean)
-            acc.add_downstream(toks, keep, logits_sae, logprobs_clean=lp_clean, clean=clean, ce_zero=ce_zero, kl_zero=kl_zero, ce_clean=ce_clean)
-            del logits_sae
+__all__ = ["evaluate_hook_group", "evaluate_reconstruction", "run_reconstruction_eval"]
 
 
 def evaluate_reconstruction(
@@ -143,7 +38,7 @@ def evaluate_reconstruction(
     tokens: Tensor,
     *,
     special_ids: Tensor | None = None,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     downstream: bool = True,
     progress: bool = True,
 ) -> dict[str, Any] | list[dict[str, Any]]:
@@ -162,20 +57,22 @@ def evaluate_reconstruction(
     return results[0] if single else results
 
 
-def run_reconstruction_eval(sae_dir: str | Path, model=None, *, corpus: str = "default", eval_tokens: int = 65_536, context_size: int = 128,
-                            batch_size: int = 8, device: str = "cpu", out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Load an SAE folder, evaluate the core metrics on held-out text, write ``eval_reconstruction.json``."""
-    from saebench.evals.common import load_eval_tokens, special_ids_of
+def run_reconstruction_eval(sae_dir: str | Path, model=None, *, corpus: str | None = None, eval_tokens: int = 65_536, context_size: int | None = None,
+                            batch_size: int = DEFAULT_BATCH_SIZE, device: str = "cpu", out: str | Path | None = None,
+                            progress: bool = True) -> dict[str, Any]:
+    """Load an SAE folder, evaluate the core metrics on held-out text, write ``eval_reconstruction.json``.
 
-    from saebench import models
+    ``corpus`` and ``context_size`` default to the SAE's own (its cfg), as in ``saebench eval``.
+    """
+    from saebench import models, text
     from saebench.io import write_json
 
     sae = SAE.load(sae_dir, device=device)
     if model is None:
         model = models.load_model(sae.cfg.model_name or None, device=device)
-    tokens = load_eval_tokens(model, corpus, eval_tokens, context_size)
-    res = evaluate_reconstruction(sae, model, tokens, special_ids=special_ids_of(model.tokenizer), batch_size=batch_size, progress=progress)
-    res |= {"corpus": corpus, "split": "eval", "context_size": context_size}
+    tokens, corpus, ctx = held_out_tokens(sae, model, corpus, eval_tokens, context_size, progress=progress)
+    res = evaluate_reconstruction(sae, model, tokens, special_ids=text.special_ids(model.tokenizer), batch_size=batch_size, progress=progress)
+    res |= {"corpus": corpus, "split": "eval", "context_size": ctx}
     write_json(Path(out) if out else Path(sae_dir) / "eval_reconstruction.json", res)
     return res
 
@@ -187,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from saebench.cli import HelpFormatter
 
     p = argparse.ArgumentParser(prog="saebench.evals.reconstruction", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    add_common_args(p)
+    add_common_args(p, own_text=True)
     a = p.parse_args(argv)
     res = run_reconstruction_eval(a.sae_dir, None, corpus=a.corpus, eval_tokens=a.eval_tokens, context_size=a.context_size,
                                   batch_size=a.batch_size, device=a.device, out=a.out, progress=not a.no_progress)
