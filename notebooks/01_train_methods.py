@@ -36,7 +36,7 @@ import time
 
 import pandas as pd
 
-from saebench import api
+from saebench import notebook
 from saebench.evals import plots
 from saebench.models import load_model
 from saebench.trainers.loop import train_many
@@ -48,12 +48,12 @@ print(model.cfg.n_layers, "layers, d_model", model.cfg.d_model)
 # %% [markdown]
 # ## The configs
 #
-# `api.comparison_configs` gives one `TrainConfig` per method. They share every data setting
+# `notebook.comparison_configs` gives one `TrainConfig` per method. They share every data setting
 # (model, corpus, context, token budget) and one activation cache, so one harvest feeds them all;
 # each has its own `out_dir`, where it checkpoints and resumes.
 
 # %%
-cfgs = api.comparison_configs(RUN_DIR, METHODS, size=SIZE, **OVERRIDES)
+cfgs = notebook.comparison_configs(RUN_DIR, METHODS, size=SIZE, **OVERRIDES)
 shown = ["method", "hook_name", "d_sae", "expansion_factor", "k", "harvest_tokens", "training_tokens", "batch_size_tokens", "context_size",
          "method_options", "out_dir"]
 pd.DataFrame([{f: getattr(c, f) for f in shown} for c in cfgs])
@@ -80,7 +80,7 @@ pd.DataFrame([{"method": c.method, "steps": r.steps, "train_seconds": round(r.se
 # JumpReLU have a variable L0 per token; TopK and AbsTopK have exactly k.
 
 # %%
-api.training_curves_figure(sae_dirs)
+notebook.training_curves_figure(sae_dirs)
 
 # %% [markdown]
 # ## A quick comparison on held-out text
@@ -90,7 +90,7 @@ api.training_curves_figure(sae_dirs)
 # plots).
 
 # %%
-rows = api.reconstruction_rows(sae_dirs, model, eval_tokens=EVAL_TOKENS)
+rows = notebook.reconstruction_rows(sae_dirs, model, eval_tokens=EVAL_TOKENS)
 pd.DataFrame(rows)[["sae", "architecture", "d_sae", "l0", "fvu", "cossim", "dead_fraction", "dead_window_tokens", "train_seconds"]]
 
 # %%

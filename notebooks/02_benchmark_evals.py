@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from saebench import api
+from saebench import notebook
 from saebench.evals import plots
 from saebench.evals.bench import format_rows, run_bench
 from saebench.models import load_model
@@ -52,7 +52,7 @@ model = load_model()
 # ## The SAEs
 
 # %%
-sae_dirs = api.ensure_comparison_saes(RUN_DIR, size=SIZE, model=model)  # notebook 1's SAEs (trains the preset's if there are none)
+sae_dirs = notebook.ensure_comparison_saes(RUN_DIR, size=SIZE, model=model)  # notebook 1's SAEs (trains the preset's if there are none)
 saes = {d.name: load_sae(d) for d in sae_dirs}
 pd.DataFrame([{"sae": name, "architecture": s.cfg.architecture, "hook": s.cfg.hook_name, "d_in": s.cfg.d_in, "d_sae": s.cfg.d_sae,
                "k": s.cfg.k, "trained on": s.cfg.metadata.get("training_tokens"), "context": s.cfg.context_size}

@@ -44,7 +44,7 @@ SEED = 0
 # %%
 import pandas as pd
 
-from saebench import api
+from saebench import notebook
 from saebench.evals import plots
 from saebench.evals.common import load_eval_tokens, special_ids_of
 from saebench.evals.steering import SteeringConfig, concept_latent_scores, evaluate_steering, select_concept_latent
@@ -63,7 +63,7 @@ NEUTRAL_TOKENS = NEUTRAL_TOKENS or (512 if full else 64)
 GEN = dict(max_new_tokens=NEW_TOKENS, seed=SEED, temperature=TEMPERATURE)
 
 model = load_model()
-sae_dir, abs_dir = api.ensure_comparison_saes(RUN_DIR, [METHOD, "abstopk"], size=SIZE, model=model)
+sae_dir, abs_dir = notebook.ensure_comparison_saes(RUN_DIR, [METHOD, "abstopk"], size=SIZE, model=model)
 sae = load_sae(sae_dir)
 tokens = load_eval_tokens(model, "default", MAX_ACT_TOKENS, sae.cfg.context_size or 128)  # held-out text
 special = special_ids_of(model.tokenizer)
@@ -88,7 +88,7 @@ latent = info["latent"]
 max_act = max_activation(sae, model, tokens, latent, special_ids=special)
 print(f"latent {latent}: DiffMean {info['diffmean_score']:.3f}, detection AUROC {info['detection_auroc']:.2f}, "
       f"max activation {max_act:.3f} over {tokens.numel():,} held-out tokens")
-pd.DataFrame(api.latent_extremes(model, sae, latent, tokens)["positive"])
+pd.DataFrame(notebook.latent_extremes(model, sae, latent, tokens)["positive"])
 
 # %% [markdown]
 # ## 2. Steer: side-by-side generations over a strength sweep
@@ -96,7 +96,7 @@ pd.DataFrame(api.latent_extremes(model, sae, latent, tokens)["positive"])
 # Strength 0 is the unsteered model. Every row uses the same seed, hence the same Gumbel noise.
 
 # %%
-gens = api.steering_generations(model, sae, PROMPT, latent, SIDE_BY_SIDE, max_act, **GEN)
+gens = notebook.steering_generations(model, sae, PROMPT, latent, SIDE_BY_SIDE, max_act, **GEN)
 pd.set_option("display.max_colwidth", None)
 pd.DataFrame(gens)[["strength", "new_text"]]
 
@@ -139,13 +139,13 @@ abs_sae = load_sae(abs_dir)
 abs_info = select_concept_latent(model, abs_sae, concept)
 abs_latent = abs_info["latent"]
 abs_max = max_activation(abs_sae, model, tokens, abs_latent, special_ids=special)  # largest |activation|, either sign
-poles = api.latent_extremes(model, abs_sae, abs_latent, tokens)
+poles = notebook.latent_extremes(model, abs_sae, abs_latent, tokens)
 print(f"AbsTopK latent {abs_latent}: DiffMean {abs_info['diffmean_score']:.3f}, AUROC {abs_info['detection_auroc']:.2f}, max |act| {abs_max:.3f}")
 pd.concat([pd.DataFrame(poles["positive"]).assign(pole="+"), pd.DataFrame(poles["negative"]).assign(pole="−")], ignore_index=True)
 
 # %%
 s_abs = max(SIDE_BY_SIDE)
-both = api.steering_generations(model, abs_sae, PROMPT, abs_latent, (-s_abs, 0, s_abs), abs_max, **GEN)
+both = notebook.steering_generations(model, abs_sae, PROMPT, abs_latent, (-s_abs, 0, s_abs), abs_max, **GEN)
 pd.DataFrame(both)[["strength", "new_text"]]
 
 # %%

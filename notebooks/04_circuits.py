@@ -48,7 +48,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from IPython.display import display
 
-from saebench import api
+from saebench import notebook
 from saebench.evals import plots
 from saebench.evals.circuits import evaluate_circuit
 from saebench.evals.tasks import make_task
@@ -65,7 +65,7 @@ COMPARE_METHODS = full if COMPARE_METHODS is None else COMPARE_METHODS
 CIRCUIT = dict(method=ATTRIBUTION, ig_steps=IG_STEPS, n_patch_check=N_PATCH_CHECK, max_curve_points=CURVE_POINTS, batch_size=16)
 
 model = load_model()
-circuit_dirs = api.ensure_comparison_saes(RUN_DIR, ["topk"], hooks=CIRCUIT_HOOKS, size=SIZE, model=model)  # trains the missing ones
+circuit_dirs = notebook.ensure_comparison_saes(RUN_DIR, ["topk"], hooks=CIRCUIT_HOOKS, size=SIZE, model=model)  # trains the missing ones
 saes = [load_sae(d) for d in circuit_dirs]
 [(s.cfg.hook_name, s.cfg.d_sae, s.cfg.k) for s in saes]
 
@@ -115,7 +115,7 @@ fig
 
 # %%
 if COMPARE_METHODS:
-    method_res = {d.name: evaluate_circuit(model, load_sae(d), task, **CIRCUIT) for d in api.ensure_comparison_saes(RUN_DIR, size=SIZE, model=model)}
+    method_res = {d.name: evaluate_circuit(model, load_sae(d), task, **CIRCUIT) for d in notebook.ensure_comparison_saes(RUN_DIR, size=SIZE, model=model)}
     display(pd.DataFrame([{"sae": k, "nodes for F≥0.8": r["nodes_for_faithfulness_0.8"], "error IE share": r["error_ie_share"],
                            "patch-check r": r["patch_check"].get("pearson")} for k, r in method_res.items()]))
     display(plots.circuit_figure(method_res))

@@ -37,7 +37,7 @@ import subprocess
 import pandas as pd
 from IPython.display import HTML
 
-from saebench import api
+from saebench import notebook
 from saebench.app import render
 from saebench.app.launch import browse_command
 from saebench.dashboards import Dashboard, build_dashboards, dashboard_dir, find_saes, prompt_activations, top_latents_per_token
@@ -48,7 +48,7 @@ from saebench.sae import load_sae
 
 DASHBOARD_TOKENS = DASHBOARD_TOKENS or {"full": 65_536, "smoke": 1_024}[SIZE]
 model = load_model()
-sae_dirs = api.ensure_comparison_saes(RUN_DIR, size=SIZE, model=model)  # notebook 1's SAEs
+sae_dirs = notebook.ensure_comparison_saes(RUN_DIR, size=SIZE, model=model)  # notebook 1's SAEs
 
 # %% [markdown]
 # ## Precompute the dashboards

@@ -143,7 +143,7 @@ HOOK0 = "blocks.0.hook_resid_post"
 
 
 def test_comparison_configs_share_one_cache_and_lay_out_folders(tmp_path):
-    from saebench import api
+    from saebench import notebook as api
     from saebench.config import ConfigError
 
     cfgs = api.comparison_configs(tmp_path, ["topk", "jumprelu"], hooks=[HOOK0, "blocks.1.hook_resid_post"], size="smoke")
@@ -165,7 +165,7 @@ def test_comparison_configs_share_one_cache_and_lay_out_folders(tmp_path):
 
 
 def test_ensure_comparison_saes_trains_only_what_is_missing(tmp_path, tiny_model, text_file):
-    from saebench import api
+    from saebench import notebook as api
 
     import torch
 
@@ -188,7 +188,7 @@ def test_ensure_comparison_saes_trains_only_what_is_missing(tmp_path, tiny_model
 def test_analysis_helpers(tmp_path, tiny_model, text_file):
     import torch
 
-    from saebench import api
+    from saebench import notebook as api
     from saebench.evals.common import load_eval_tokens
     from saebench.sae import load_sae
     from saebench.steering import generate
