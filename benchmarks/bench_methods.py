@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark; return the table's rows (one per method, plus the reference TopK if any)."""
     args = build_parser().parse_args(argv)
     from saebench import models
-    from saebench.api import is_trained
+    from saebench.notebook import is_trained
 
     t_start = time.perf_counter()
     log = (lambda *_: None) if args.quiet else (lambda msg: print(f"[bench_methods {time.strftime('%H:%M:%S')}] {msg}", flush=True))

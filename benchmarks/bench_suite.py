@@ -36,7 +36,7 @@ def train_saes(args) -> dict[str, dict]:
     """Train the SAEs that are not there yet (one activation stream feeds all of them); return what was done per method."""
     from saebench.trainers.loop import train_many
 
-    from saebench.api import is_trained
+    from saebench.notebook import is_trained
     from saebench.config import TrainConfig
 
     cfgs, info = [], {}
