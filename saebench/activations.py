@@ -10,19 +10,26 @@ with a generator seeded by (seed, chunk), so the stream is a pure function of th
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saebench.distributed import rank
 from saebench.io import ArtifactError, read_json, save_tensors, sha256_file, write_json
+from saebench.lock import folder_lock
 from saebench.site import Site, stop_layer_for
+
+if TYPE_CHECKING:
+    from saebench.config import TrainConfig
 
 
 class Batch(NamedTuple):
@@ -458,3 +465,66 @@ class SyntheticSource(ActivationSource):
         c = self.coefficients(i)
         x = c @ self.features
         return Batch({self.hook_names[0]: x}, torch.zeros(len(x), dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- the source a training config asks for
+
+
+def make_source(cfg: TrainConfig, model=None, progress: bool = True, with_grads: bool = False, hook_names: list[str] | None = None) -> ActivationSource:
+    """The activation source a config asks for: online harvest, or a disk cache filled once.
+
+    ``hook_names`` (default ``[cfg.hook_name]``) are all harvested in one forward per sequence block.
+    Under ``torchrun`` rank 0 fills a cache while the other ranks wait, then every rank reads it.
+    """
+    if cfg.activation_cache and rank() == 0 and not _cache_complete(cfg.activation_cache):
+        # One harvester per cache folder; a complete cache is only read, by any number of runs.
+        with folder_lock(cfg.activation_cache, "harvest", hint=CACHE_HINT):
+            return _make_source(cfg, model, progress, with_grads, hook_names)
+    return _make_source(cfg, model, progress, with_grads, hook_names)
+
+
+CACHE_HINT = ("Wait for its harvest to finish, then rerun: this run will reuse the cache (a killed harvest resumes where it stopped); "
+              "or give this run another activation_cache folder.")
+
+
+def _cache_complete(folder: str) -> bool:
+    try:
+        return bool(json.loads((Path(folder) / "cache.json").read_text()).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _make_source(cfg: TrainConfig, model, progress: bool, with_grads: bool, hook_names: list[str] | None) -> ActivationSource:
+    from saebench import models, text  # models pulls in transformer_lens: only when a harvest is built
+
+    if model is None:
+        model = models.load_model(cfg.model, device=cfg.device)
+    tokenizer = model.tokenizer
+    n_tokens = (cfg.harvest_tokens or cfg.training_tokens) if cfg.activation_cache else cfg.training_tokens
+    # Masked special tokens and outliers shrink the usable count; harvest a little more.
+    tokens = text.load_tokens(cfg.corpus, tokenizer, cfg.context_size, int(n_tokens * 1.05) + cfg.context_size, split="train", prepend_bos=cfg.prepend_bos)
+    special = text.special_ids(tokenizer) if cfg.exclude_special_tokens else None
+    source = HookedSource(
+        model, list(hook_names or [cfg.hook_name]), tokens, special_ids=special, shuffle_buffer_tokens=cfg.shuffle_buffer_tokens,
+        model_batch_size=cfg.model_batch_size, outlier_norm_factor=cfg.outlier_norm_factor, with_grads=with_grads,
+        progress=progress and not cfg.activation_cache,
+    )
+    if not cfg.activation_cache:
+        return source
+    provenance = {"model": cfg.model, "corpus": cfg.corpus, "context_size": cfg.context_size, "tokens": tokens.shape[0] * tokens.shape[1],
+                  "exclude_special_tokens": cfg.exclude_special_tokens, "outlier_norm_factor": cfg.outlier_norm_factor, "with_grads": with_grads}
+    if rank() != 0:  # rank 0 fills the cache; the others wait for it (polling: a harvest outlasts collective timeouts)
+        return _wait_for_cache(cfg.activation_cache)
+    return write_cache(source, cfg.activation_cache, provenance=provenance, progress=progress)
+
+
+def _wait_for_cache(folder: str, poll_seconds: float = 5.0) -> CachedSource:
+    """The cache rank 0 is writing into ``folder`` (on a filesystem every rank sees), once complete."""
+    index = Path(folder) / "cache.json"
+    while True:
+        try:
+            if index.exists() and json.loads(index.read_text()).get("complete"):
+                return CachedSource(folder)
+        except (OSError, ValueError):
+            pass  # caught mid-replace; look again
+        time.sleep(poll_seconds)

@@ -839,7 +839,6 @@ def test_e2e_downstream_only_stops_before_the_logits(tiny, tmp_path):
 def _forbid_harvest(monkeypatch):
     """Make every activation harvest (HookedSource, write_cache) raise; return the calls seen."""
     import saebench.activations as acts
-    import saebench.trainers.loop as loop
 
     calls = []
 
@@ -847,8 +846,7 @@ def _forbid_harvest(monkeypatch):
         calls.append(a)
         raise AssertionError("an activation harvest was started")
 
-    monkeypatch.setattr(loop, "HookedSource", refuse)
-    monkeypatch.setattr(loop, "write_cache", refuse)
+    monkeypatch.setattr(acts, "HookedSource", refuse)
     monkeypatch.setattr(acts, "write_cache", refuse)
     return calls
 
@@ -892,17 +890,18 @@ def test_e2e_through_the_cli_trains_without_harvesting_activations(tiny_model_di
 
 def test_the_loop_builds_the_harvest_for_activation_methods_and_for_mixed_runs(tiny, tmp_path, monkeypatch):
     """Methods that keep the default source still harvest (with gradients for g-SAE); e2e trained with them reads the harvest."""
+    import saebench.activations as acts
     import saebench.trainers.loop as loop
 
     model, _, _ = tiny
     seen = []
-    original = loop.make_source
+    original = acts.make_source
 
     def spy(cfg, model=None, progress=True, with_grads=False, hook_names=None):
         seen.append((with_grads, hook_names))
         return original(cfg, model, progress, with_grads=with_grads, hook_names=hook_names)
 
-    monkeypatch.setattr(loop, "make_source", spy)
+    monkeypatch.setattr(acts, "make_source", spy)
     common = dict(hook_name="blocks.0.hook_resid_post", corpus="default", context_size=16, d_sae=64, k=4, training_tokens=256,
                   batch_size_tokens=128, lr_warmup_steps=1, normalize_activations="expected_average_only_in")
     cfgs = [config(m, tmp_path / m, **common) for m in ("topk", "gsae", "e2e")]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
-from saebench import distributed, sparse
+from saebench import activations, distributed, sparse
 from saebench.config import ConfigError, TrainConfig
 from saebench.sae import SAE, SAEConfig
 from saebench.sparse import SparseActs
@@ -144,9 +144,7 @@ class Method:
         the loop asks the methods and never changes. When SAEs trained together disagree on their
         source, the loop builds this default one, so an override must still train from it.
         """
-        from saebench.trainers.loop import make_source
-
-        return make_source(cfg, model, progress, with_grads=with_grads, hook_names=hook_names)
+        return activations.make_source(cfg, model, progress, with_grads=with_grads, hook_names=hook_names)
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

@@ -9,7 +9,6 @@ it. Under ``torchrun`` the same loop is data parallel, or spreads the SAEs over 
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 import socket
@@ -23,7 +22,7 @@ from saebench.trainers.base import Method, StepInput, get_method
 from saebench.trainers.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from tqdm.auto import tqdm
 
-from saebench.activations import ActivationSource, Batch, CachedSource, HookedSource, Position, write_cache
+from saebench.activations import ActivationSource, Batch, Position, make_source  # noqa: F401 (make_source: public here too)
 from saebench.config import ConfigError, TrainConfig
 from saebench.distributed import (
     all_gather_cat,
@@ -44,7 +43,7 @@ from saebench.distributed import (
 from saebench.folders import read_training_log as load_training_log  # noqa: F401 (public here too)
 from saebench.io import atomic_write_bytes, check_free_space, write_json
 from saebench.layout import TRAINING_LOG_FILE
-from saebench.lock import folder_lock, folder_locks
+from saebench.lock import folder_locks
 from saebench.precision import autocast, configure_matmul_precision
 from saebench.sae import SAE
 from saebench.site import Site
@@ -116,66 +115,6 @@ def activation_scale(sample: torch.Tensor, mode: str) -> float:
 # Fields that define the activation stream; SAEs trained from one stream built here must agree on them.
 _DATA_FIELDS = ("model", "corpus", "context_size", "prepend_bos", "exclude_special_tokens", "outlier_norm_factor", "activation_cache",
                 "harvest_tokens", "shuffle_buffer_tokens", "model_batch_size")
-
-
-def make_source(cfg: TrainConfig, model=None, progress: bool = True, with_grads: bool = False, hook_names: list[str] | None = None) -> ActivationSource:
-    """The activation source a config asks for: online harvest, or a disk cache filled once.
-
-    ``hook_names`` (default ``[cfg.hook_name]``) are all harvested in one forward per sequence block.
-    Under ``torchrun`` rank 0 fills a cache while the other ranks wait, then every rank reads it.
-    """
-    if cfg.activation_cache and rank() == 0 and not _cache_complete(cfg.activation_cache):
-        # One harvester per cache folder; a complete cache is only read, by any number of runs.
-        with folder_lock(cfg.activation_cache, "harvest", hint=CACHE_HINT):
-            return _make_source(cfg, model, progress, with_grads, hook_names)
-    return _make_source(cfg, model, progress, with_grads, hook_names)
-
-
-CACHE_HINT = ("Wait for its harvest to finish, then rerun: this run will reuse the cache (a killed harvest resumes where it stopped); "
-              "or give this run another activation_cache folder.")
-
-
-def _cache_complete(folder: str) -> bool:
-    try:
-        return bool(json.loads((Path(folder) / "cache.json").read_text()).get("complete"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _make_source(cfg: TrainConfig, model, progress: bool, with_grads: bool, hook_names: list[str] | None) -> ActivationSource:
-    from saebench import models, text
-
-    if model is None:
-        model = models.load_model(cfg.model, device=cfg.device)
-    tokenizer = model.tokenizer
-    n_tokens = (cfg.harvest_tokens or cfg.training_tokens) if cfg.activation_cache else cfg.training_tokens
-    # Masked special tokens and outliers shrink the usable count; harvest a little more.
-    tokens = text.load_tokens(cfg.corpus, tokenizer, cfg.context_size, int(n_tokens * 1.05) + cfg.context_size, split="train", prepend_bos=cfg.prepend_bos)
-    special = text.special_ids(tokenizer) if cfg.exclude_special_tokens else None
-    source = HookedSource(
-        model, list(hook_names or [cfg.hook_name]), tokens, special_ids=special, shuffle_buffer_tokens=cfg.shuffle_buffer_tokens,
-        model_batch_size=cfg.model_batch_size, outlier_norm_factor=cfg.outlier_norm_factor, with_grads=with_grads,
-        progress=progress and not cfg.activation_cache,
-    )
-    if not cfg.activation_cache:
-        return source
-    provenance = {"model": cfg.model, "corpus": cfg.corpus, "context_size": cfg.context_size, "tokens": tokens.shape[0] * tokens.shape[1],
-                  "exclude_special_tokens": cfg.exclude_special_tokens, "outlier_norm_factor": cfg.outlier_norm_factor, "with_grads": with_grads}
-    if rank() != 0:  # rank 0 fills the cache; the others wait for it (polling: a harvest outlasts collective timeouts)
-        return _wait_for_cache(cfg.activation_cache)
-    return write_cache(source, cfg.activation_cache, provenance=provenance, progress=progress)
-
-
-def _wait_for_cache(folder: str, poll_seconds: float = 5.0) -> CachedSource:
-    """The cache rank 0 is writing into ``folder`` (on a filesystem every rank sees), once complete."""
-    index = Path(folder) / "cache.json"
-    while True:
-        try:
-            if index.exists() and json.loads(index.read_text()).get("complete"):
-                return CachedSource(folder)
-        except (OSError, ValueError):
-            pass  # caught mid-replace; look again
-        time.sleep(poll_seconds)
 
 
 def train(cfg: TrainConfig, source: ActivationSource | None = None, model=None, progress: bool = True) -> TrainResult:
