@@ -472,11 +472,13 @@ def evaluate_autointerp(codes: CodeTable, llm: LLM, cfg: AutointerpConfig = Auto
     latents, n_alive = sample_latents(codes, cfg)
     per: dict[str, dict[str, Any]] = {}
     skipped: Counter = Counter()
+    skipped_latents: dict[str, str] = {}
     unparsed: list[int] = []
     for latent in tqdm(latents, desc="autointerp (explain + score)", disable=not progress, unit="latent"):
         ex = select_examples(codes, latent, cfg)
         if isinstance(ex, str):
             skipped[ex] += 1
+            skipped_latents[str(latent)] = ex
             continue
         raw_expl = llm.chat(explain_messages(codes, ex), cfg.max_tokens_in_explanation, cfg.temperature, cfg.seed).text
         explanation = parse_explanation(raw_expl)
@@ -509,6 +511,7 @@ def evaluate_autointerp(codes: CodeTable, llm: LLM, cfg: AutointerpConfig = Auto
         "n_unparsed": len(unparsed),
         "unparsed_latents": unparsed,
         "skipped": dict(skipped),
+        "skipped_latents": skipped_latents,
         "baselines": baselines(n_act, cfg.n_scoring),
         "judge": llm.describe(),
         "prompts": {"version": PROMPT_VERSION, "explain_system": EXPLAIN_SYSTEM, "score_system": SCORE_SYSTEM},
@@ -544,6 +547,45 @@ def make_llm(backend: str = "hf", model: str | None = None, url: str | None = No
     b = make_backend(backend, model, url, device=device, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries, backoff=backoff)
     c = None if cache in (None, False) else ReplyCache(default_cache_path() if cache is True else cache)
     return LLM(b, c, Usage(price_in=price_in, price_out=price_out))
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Which LLM explains and scores (for ``saebench bench``; part of its cache key, the API key excluded)."""
+
+    backend: str = "hf"
+    model: str | None = None
+    url: str | None = None
+    api_key_env: str | None = "OPENAI_API_KEY"
+    timeout: float = 60.0
+    max_retries: int = 4
+    cache: str | None = None  # reply cache file (None: the default one)
+    write_dashboards: bool = True  # store explanations in the SAE's dashboards when they were the data source
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "model": self.model, "url": self.url}
+
+    def make(self, device: str = "cpu") -> LLM:
+        return make_llm(self.backend, self.model, self.url, cache=self.cache or True, api_key_env=self.api_key_env, timeout=self.timeout,
+                        max_retries=self.max_retries, device=device)
+
+
+def evaluate_sae(sae_dir: str | Path, sae, model, cfg: AutointerpConfig, judge: JudgeConfig | LLM, progress: bool = True,
+                 device: str = "cpu") -> dict[str, Any]:
+    """One SAE: examples from its dashboards when built (``cfg.source`` auto), else a bounded harvest with ``model``."""
+    from saebench import dashboards as D
+
+    has_dash = (D.dashboard_dir(sae_dir) / D.DB_FILE).is_file() and D.TokenCodes.available(D.dashboard_dir(sae_dir))
+    source = ("dashboards" if has_dash else "harvest") if cfg.source == "auto" else cfg.source
+    codes = codes_from_dashboards(sae_dir) if source == "dashboards" else codes_from_harvest(model, sae, cfg, progress=progress)
+    llm = judge if isinstance(judge, LLM) else judge.make(device)
+    result = evaluate_autointerp(codes, llm, cfg, progress=progress)
+    note = weakness_note(result)
+    if note:
+        result["warning"] = note
+    if source == "dashboards" and (isinstance(judge, LLM) or judge.write_dashboards):
+        result["explanations_written"] = write_to_dashboards(sae_dir, result)
+    return result
 
 
 def weakness_note(result: dict[str, Any]) -> str | None:
@@ -604,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = AutointerpConfig(n_latents=a.n_latents, latents=tuple(a.latents) if a.latents else None, dead_latent_threshold=a.dead_threshold,
                            seed=a.seed, temperature=a.temperature, source=a.source, harvest_tokens=a.harvest_tokens, corpus=a.corpus)
     sae_dir = Path(a.sae_dir)
-    has_dash = (D.dashboard_dir(sae_dir) / D.DB_FILE).is_file()
+    has_dash = (D.dashboard_dir(sae_dir) / D.DB_FILE).is_file() and D.TokenCodes.available(D.dashboard_dir(sae_dir))
     source = ("dashboards" if has_dash else "harvest") if cfg.source == "auto" else cfg.source
     llm = make_llm(a.backend, a.model, a.url, cache=False if a.no_cache else (a.cache or True), api_key_env=a.api_key_env, timeout=a.timeout,
                    max_retries=a.retries, device=a.device, price_in=a.price_in, price_out=a.price_out)

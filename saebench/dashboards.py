@@ -1662,7 +1662,9 @@ class Dashboard:
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         with contextlib.closing(_connect(self.db_path)) as con, con:
             con.executescript(self._EXPLANATIONS_SCHEMA)
-            con.executemany("INSERT OR REPLACE INTO explanations(feature, text, score, explainer, scorer, created, details) VALUES (?,?,?,?,?,?,?)",
+            con.executemany("INSERT INTO explanations(feature, text, score, explainer, scorer, created, details) VALUES (?,?,?,?,?,?,?) "
+                            "ON CONFLICT(feature) DO UPDATE SET text=excluded.text, score=excluded.score, explainer=excluded.explainer, "
+                            "scorer=excluded.scorer, created=excluded.created, details=excluded.details",  # an UPDATE: keeps the FTS index in step
                             [(int(f), str(t), None if s is None else float(s), str(e), str(sc), now, json.dumps(d or {}))
                              for f, t, s, e, sc, d in rows])
 

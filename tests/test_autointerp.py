@@ -324,3 +324,148 @@ def test_api_key_is_sent_and_never_recorded(monkeypatch):
     b = OpenAIBackend("http://127.0.0.1:1/v1", "m", api_key_env="SAEBENCH_TEST_KEY")
     assert b._request(b"{}").get_header("Authorization") == "Bearer sk-secret"
     assert "sk-secret" not in json.dumps(b.describe()) and b.describe()["api_key_set"] is True
+
+
+# --------------------------------------------------------------------------- dashboards, CLI, bench and the app (tiny model)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_model_dir, tiny_model):
+    import dashboard_fixture as F
+
+    return F.build_root(tmp_path_factory.mktemp("autointerp") / "root", tiny_model_dir, tiny_model)
+
+
+def test_dashboard_codes_equal_a_fresh_harvest(root, tiny_model):
+    import dashboard_fixture as F
+
+    from saebench import dashboards as D
+    from saebench.sae import SAE
+
+    sae_dir = root / "saes" / "topk"
+    dash = A.codes_from_dashboards(sae_dir)
+    db = D.Dashboard(D.dashboard_dir(sae_dir))
+    assert dash.tokens.shape == (F.N_TOKENS // F.CTX, F.CTX) and dash.origin["source"] == "dashboards"
+    assert np.array_equal(dash.n_active(), db.stats()["n_active"])
+    top = db.examples(F.PLANTED, "top")[0]
+    assert dash.dense(F.PLANTED).max() == pytest.approx(top.value) and dash.dense(F.PLANTED)[top.seq, top.pos] == pytest.approx(top.value)
+    fresh = A.codes_from_harvest(tiny_model, SAE.load(sae_dir), A.AutointerpConfig(harvest_tokens=F.N_TOKENS, context_size=F.CTX), progress=False)
+    assert fresh.origin["source"] == "harvest" and np.array_equal(fresh.tokens, dash.tokens)
+    assert np.array_equal(fresh.n_active(), dash.n_active())
+    np.testing.assert_allclose(fresh.dense(F.PLANTED), dash.dense(F.PLANTED), rtol=1e-5, atol=1e-6)
+
+
+def test_explanations_in_dashboards_are_stored_updated_and_searchable(root):
+    import dashboard_fixture as F
+
+    from saebench import dashboards as D
+
+    sae_dir = root / "saes" / "abstopk"
+    db = D.Dashboard(D.dashboard_dir(sae_dir))
+    assert db.explanation(3) is None and db.search_explanations("fox").hits == []  # no table yet: no error
+    db.write_explanations([(3, 'the token "fox"', 0.93, "keyword:m", "keyword:m", {"n_scoring": 14}), (4, "numbers in dates", None, "a", "b", {})])
+    e = db.explanation(3)
+    assert e["text"] == 'the token "fox"' and e["score"] == 0.93 and e["details"] == {"n_scoring": 14} and e["explainer"] == "keyword:m"
+    assert db.search_explanations("fox").hits == [3] and db.search_explanations("dates numbers").hits == [4]
+    db.write_explanations([(3, "a cat on a fence", 0.5, "x", "x", None)])  # replaces: the search index follows
+    assert db.search_explanations("fox").hits == [] and db.search_explanations("fence").hits == [3]
+    assert set(db.explanations([3, 4, 5])) == {3, 4}
+    with pytest.raises(ValueError, match="out of range"):
+        db.write_explanations([(F.N_TOKENS, "x", None, "a", "a", {})])
+
+
+def scorable(root, n: int = 2) -> list[int]:
+    """Latents of the fixture's TopK SAE that have enough windows (its planted latent is too dense at ctx 32)."""
+    codes = A.codes_from_dashboards(root / "saes" / "topk")
+    return [i for i in range(codes.d_sae) if isinstance(A.select_examples(codes, i, A.AutointerpConfig()), A.LatentExamples)][:n]
+
+
+def test_cli_autointerp_on_dashboards_writes_json_and_explanations(root, capsys):
+    import dashboard_fixture as F
+
+    from saebench import cli
+    from saebench import dashboards as D
+
+    sae_dir = root / "saes" / "topk"
+    out = root / "ai.json"
+    good = scorable(root)
+    assert len(good) == 2
+    assert cli.main(["autointerp", str(sae_dir), "--backend", "keyword", "--latents", str(F.PLANTED), *map(str, good), "--no-cache",
+                     "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr()
+    r = json.loads(out.read_text())
+    assert r["skipped_latents"] == {str(F.PLANTED): "no inactive random windows (the latent is active almost everywhere)"}
+    assert set(r["latents"]) == {str(i) for i in good} and r["data"]["source"] == "dashboards" and r["n_latents_scored"] == 2
+    assert r["judge"]["backend"] == "keyword" and r["prompts"]["version"] == A.PROMPT_VERSION and r["seeds"]["seed"] == 42
+    assert "autointerp_score" in text.out and "LLM usage: 4 requests" in text.out and "2 explanations written" in text.err
+    db = D.Dashboard(D.dashboard_dir(sae_dir))
+    for i in good:
+        e = db.explanation(i)
+        assert e["text"] == r["latents"][str(i)]["explanation"] and e["text"].startswith("the token")
+        assert e["score"] == r["latents"][str(i)]["score"] and e["explainer"] == "keyword:marked-token-match"
+    # a clear one-line error for a bad backend configuration
+    assert cli.main(["autointerp", str(sae_dir), "--backend", "openai", "--model", "m", "--quiet"]) == 2
+    assert "needs --url" in capsys.readouterr().err
+
+
+def test_cli_autointerp_harvests_without_dashboards(root, capsys):
+    from saebench import cli
+
+    out = root / "ai_nodash.json"
+    assert cli.main(["autointerp", str(root / "saes" / "nodash"), "--backend", "keyword", "--n-latents", "3", "--harvest-tokens", "2048",
+                     "--no-cache", "--out", str(out), "--quiet"]) == 0
+    r = json.loads(out.read_text())
+    assert r["data"]["source"] == "harvest" and r["data"]["n_tokens"] == 2048 and "explanations written" not in capsys.readouterr().err
+
+
+def test_bench_autointerp_column_figure_and_cache(root, tiny_model, tmp_path):
+    import dashboard_fixture as F
+
+    from saebench.evals.bench import run_bench
+
+    kw = dict(model=tiny_model, out_dir=tmp_path / "bench", progress=False, autointerp=A.AutointerpConfig(latents=tuple(scorable(root))),
+              judge=A.JudgeConfig("keyword", cache=str(tmp_path / "c.sqlite")))
+    res = run_bench([root / "saes" / "topk"], ["autointerp"], **kw)
+    row = res.rows[0]
+    assert row["autointerp_score"] == res.results[str(root / "saes" / "topk")]["autointerp"]["autointerp_score"]
+    assert row["autointerp_judge"] == "keyword:marked-token-match" and row["autointerp_n_scored"] >= 1
+    fig = (tmp_path / "bench" / "figures" / "autointerp.html").read_text()
+    assert "detection score" in fig and res.files["figure:autointerp"].exists()
+    again = run_bench([root / "saes" / "topk"], ["autointerp"], **kw)
+    assert again.computed == [] and again.rows[0]["autointerp_score"] == row["autointerp_score"]
+
+
+def test_app_shows_and_searches_automatic_explanations(root, monkeypatch):
+    import dashboard_fixture as F
+    from streamlit.testing.v1 import AppTest
+
+    from saebench import dashboards as D
+
+    pytest.importorskip("streamlit")
+    db = D.Dashboard(D.dashboard_dir(root / "saes" / "topk"))
+    db.write_explanations([(F.PLANTED, 'the token "fox" <script>x</script>', 0.857, "hf:SmolLM2-135M-Instruct", "hf:SmolLM2-135M-Instruct",
+                            {"n_scoring": 14})])
+    app = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
+    monkeypatch.setenv(D.APP_ROOT_ENV, str(root))
+    monkeypatch.delenv(D.APP_MODEL_ENV, raising=False)
+    at = AppTest.from_file(app, default_timeout=90)
+    at.query_params["sae"], at.query_params["feature"] = "saes/topk", str(F.PLANTED)
+    at.run()
+    assert not at.exception
+    body = "\n".join(h.proto.body for h in at.html)
+    assert 'id="auto-explanation"' in body and "Automatic explanation (autointerp" in body and "detection score 0.86 on 14 windows" in body
+    assert "hf:SmolLM2-135M-Instruct" in body and "&lt;script&gt;" in body and "<script>x" not in body
+    assert 'id="auto-summary"' in body  # next to the statistical summary
+    # a latent without an explanation says how to get one
+    other = next(i for i in range(1, 96) if i not in (F.PLANTED, F.DEAD) and db.explanation(i) is None)
+    at.sidebar.number_input(key="feature").set_value(other).run()
+    assert any("saebench autointerp" in c.value and f"--latents {other}" in c.value for c in at.caption)
+    # the search page finds it by the explanation's words
+    at.sidebar.radio(key="page").set_value("Search").run()
+    at.radio(key="search_mode").set_value("Label / explanation").run()
+    at.text_input(key="search_query").input("fox")
+    at.button[0].click().run()
+    assert not at.exception
+    body = "\n".join(h.proto.body for h in at.html)
+    assert 'data-hit="explanation"' in body and "the token &quot;fox&quot;" in body
+    assert any(b.label == f"#{F.PLANTED}" for b in at.button)
