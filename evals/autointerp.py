@@ -350,7 +350,7 @@ SCORE_SYSTEM = (
 def explain_messages(codes: CodeTable, ex: LatentExamples) -> Messages:
     body = "\n".join(f"{i + 1}. {window_text(codes, w, ex.threshold)}" for i, w in enumerate(ex.explain))
     return [{"role": "system", "content": EXPLAIN_SYSTEM},
-            {"role": "user", "content": f"Excerpts:\n\n{body}\n\nThe feature responds to:"}]
+            {"role": "user", "content": f"Excerpts:\n\n{body}\n\nWhat does the feature respond to? Answer with one short phrase."}]
 
 
 def score_messages(codes: CodeTable, ex: LatentExamples, explanation: str, rng: random.Random) -> Messages:
@@ -368,20 +368,17 @@ _PREFIXES = re.compile(r"^(?:the feature (?:responds|is active|activates|fires)(
 
 
 def parse_explanation(text: str, max_words: int = 30) -> str | None:
-    """The first non-empty line, without a restated prefix ("The feature responds to ...") or quotes."""
+    """The first line with content once a restated prefix ("The feature responds to: ...") and quotes are removed."""
     for line in text.splitlines():
         line = line.strip().strip("*").strip()
+        for _ in range(2):
+            line = _PREFIXES.sub("", line).strip().strip("*").strip()
+        if len(line) >= 2 and line[0] == line[-1] and line[0] in "'`" and line.count(line[0]) == 2:
+            line = line[1:-1].strip()
+        line = line.rstrip(".").strip()
         if line:
-            break
-    else:
-        return None
-    for _ in range(2):
-        line = _PREFIXES.sub("", line).strip()
-    if len(line) >= 2 and line[0] == line[-1] and line[0] in "'`" and line.count(line[0]) == 2:
-        line = line[1:-1].strip()
-    line = line.rstrip(".").strip()
-    words = line.split()
-    return " ".join(words[:max_words]) or None
+            return " ".join(line.split()[:max_words])
+    return None
 
 
 _NUM = re.compile(r"(\d+)\s*(?:-|–|to)\s*(\d+)|(\d+)")
@@ -608,7 +605,7 @@ def build_parser(prog: str = "saebench autointerp") -> argparse.ArgumentParser:
                                 description="Explain latents with an LLM and score the explanations by detection (SAEBench's autointerp).")
     p.add_argument("sae_dir", help="SAE folder")
     p.add_argument("--backend", choices=["hf", "openai", "keyword"], default="hf",
-                   help="hf: a local transformers chat model (default: the offline SmolLM2-135M-Instruct, a very weak judge); "
+                   help="hf: a local transformers chat model (without --model: the offline SmolLM2-135M-Instruct, a very weak judge); "
                         "openai: any OpenAI-compatible endpoint (--url, --model); keyword: rule-based marked-token matcher (a baseline)")
     p.add_argument("--model", default=None, help="hf: local folder or hub name; openai: the model name the server serves")
     p.add_argument("--url", default=None, help="openai: base URL, e.g. http://127.0.0.1:8000/v1 (vLLM), :8080/v1 (llama.cpp), :11434/v1 (ollama)")

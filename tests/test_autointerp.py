@@ -67,6 +67,8 @@ def test_parse_predictions(text, expected):
     ("This neuron activates on the suffix 'ing'.", "the suffix 'ing'"),
     ("\n\n  **years in dates**\nMore text on a second line", "years in dates"),
     ("'fox'", "fox"),
+    ("The feature responds to:\n\nThe feature responds to:\n\nnumbers", "numbers"),  # a small model echoing the question
+    ("The feature responds to:\n\nThe feature responds to:", None),
     ("   \n  ", None),
 ])
 def test_parse_explanation(text, expected):
@@ -469,3 +471,43 @@ def test_app_shows_and_searches_automatic_explanations(root, monkeypatch):
     body = "\n".join(h.proto.body for h in at.html)
     assert 'data-hit="explanation"' in body and "the token &quot;fox&quot;" in body
     assert any(b.label == f"#{F.PLANTED}" for b in at.button)
+
+
+# --------------------------------------------------------------------------- the HF backend
+
+
+def test_hf_backend_on_the_tiny_model_is_deterministic_and_bounded(tiny_model_dir):
+    from saebench.llm import HFBackend
+
+    b = HFBackend(str(tiny_model_dir))
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Excerpts:\n\n1. a <<fox>> ran"}]
+    r1, r2 = b.chat(msgs, 7), b.chat(msgs, 7)
+    assert r1.text == r2.text and r1.completion_tokens <= 7 and r1.prompt_tokens > 10  # greedy at temperature 0
+    assert b.chat(msgs, 7, temperature=1.0, seed=3).text == b.chat(msgs, 7, temperature=1.0, seed=3).text  # seeded sampling
+    assert b.describe()["n_parameters"] > 0
+    with pytest.raises(ValueError, match="chat message"):
+        b.chat([{"role": "robot", "content": "x"}], 5)
+
+
+@pytest.mark.slow
+def test_hf_judge_behind_the_local_server_answers_real_prompts():
+    """The real SmolLM2-135M-Instruct served over HTTP by saebench.llm_server: one explanation and one detection answer."""
+    codes = synthetic_codes()
+    ex = A.select_examples(codes, 0, A.AutointerpConfig())
+    with llm_server(backend="hf") as url:
+        llm = LLM(OpenAIBackend(url, "SmolLM2-135M-Instruct", timeout=300, max_retries=0))
+        e = llm.chat(A.explain_messages(codes, ex), 30)
+        s = llm.chat(A.score_messages(codes, ex, 'the token "fox"', random.Random(0)), 40)
+    assert e.text and 0 < e.completion_tokens <= 30 and e.prompt_tokens > 300
+    assert s.text and 0 < s.completion_tokens <= 40
+    assert llm.usage.http_calls == 2 and llm.usage.prompt_tokens == e.prompt_tokens + s.prompt_tokens
+
+
+def test_cli_help_shows_defaults(capsys):
+    from saebench import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["autointerp", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: hf)" in out and "(default: 50)" in out and "very weak judge" in out and "ollama" in out
