@@ -45,14 +45,15 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from saebench.llm import LLM, Backend, LLMError, Messages, Reply, ReplyCache, Usage, default_cache_path, make_backend
+from saebench.llm import LLM, Backend, Messages, Reply, ReplyCache, Usage, default_cache_path, make_backend
 
 PROMPT_VERSION = 1
 RESULT_FILE = "eval_autointerp.json"
@@ -183,11 +184,26 @@ def codes_from_dashboards(sae_dir: str | Path) -> CodeTable:
                                 "n_tokens": int(tokens.size), "context_size": int(tokens.shape[1]), "model": prov.get("model")})
 
 
+def dashboards_usable(sae_dir: str | Path) -> bool:
+    """Finished dashboards that kept their sparse codes (the ``auto`` source uses them, else it harvests)."""
+    from saebench import dashboards as D
+    from saebench.io import ArtifactError
+
+    folder = D.dashboard_dir(sae_dir)
+    if not ((folder / D.DB_FILE).is_file() and D.TokenCodes.available(folder)):
+        return False
+    try:
+        return D.Dashboard(folder).complete
+    except ArtifactError:
+        return False
+
+
 def codes_from_harvest(model, sae, cfg: AutointerpConfig, progress: bool = True) -> CodeTable:
     """A bounded harvest: ``cfg.harvest_tokens`` held-out tokens through the model and the SAE."""
+    from saebench.evals.common import special_ids_of
+
     from saebench import dashboards as D
     from saebench import text
-    from saebench.evals.common import special_ids_of
 
     tokens = text.load_tokens(_corpus_of(sae, cfg.corpus), model.tokenizer, cfg.context_size, cfg.harvest_tokens, split="eval")
     special = special_ids_of(model.tokenizer)
@@ -364,7 +380,7 @@ def score_messages(codes: CodeTable, ex: LatentExamples, explanation: str, rng: 
 
 
 _PREFIXES = re.compile(r"^(?:the feature (?:responds|is active|activates|fires)(?: to| on)?|this (?:neuron|feature) (?:activates|fires|responds)"
-                       r"(?: on| to)?|it (?:responds|activates)(?: to| on)?|explanation|answer)\s*[:,-]?\s*", re.I)
+                       r"(?: on| to)?|it (?:responds|activates)(?: to| on)?|explanation|answer)\s*[:,-]?\s*", re.IGNORECASE)
 
 
 def parse_explanation(text: str, max_words: int = 30) -> str | None:
@@ -399,7 +415,7 @@ def parse_predictions(text: str, n: int) -> list[int] | None:
     valid = sorted(x for x in found if 1 <= x <= n)
     if valid:
         return valid
-    if re.search(r"\bnone\b|\bnothing\b|\bno excerpts?\b", text, re.I):
+    if re.search(r"\bnone\b|\bnothing\b|\bno excerpts?\b", text, re.IGNORECASE):
         return []
     return None
 
@@ -570,10 +586,8 @@ class JudgeConfig:
 def evaluate_sae(sae_dir: str | Path, sae, model, cfg: AutointerpConfig, judge: JudgeConfig | LLM, progress: bool = True,
                  device: str = "cpu") -> dict[str, Any]:
     """One SAE: examples from its dashboards when built (``cfg.source`` auto), else a bounded harvest with ``model``."""
-    from saebench import dashboards as D
 
-    has_dash = (D.dashboard_dir(sae_dir) / D.DB_FILE).is_file() and D.TokenCodes.available(D.dashboard_dir(sae_dir))
-    source = ("dashboards" if has_dash else "harvest") if cfg.source == "auto" else cfg.source
+    source = ("dashboards" if dashboards_usable(sae_dir) else "harvest") if cfg.source == "auto" else cfg.source
     codes = codes_from_dashboards(sae_dir) if source == "dashboards" else codes_from_harvest(model, sae, cfg, progress=progress)
     llm = judge if isinstance(judge, LLM) else judge.make(device)
     result = evaluate_autointerp(codes, llm, cfg, progress=progress)
@@ -643,8 +657,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = AutointerpConfig(n_latents=a.n_latents, latents=tuple(a.latents) if a.latents else None, dead_latent_threshold=a.dead_threshold,
                            seed=a.seed, temperature=a.temperature, source=a.source, harvest_tokens=a.harvest_tokens, corpus=a.corpus)
     sae_dir = Path(a.sae_dir)
-    has_dash = (D.dashboard_dir(sae_dir) / D.DB_FILE).is_file() and D.TokenCodes.available(D.dashboard_dir(sae_dir))
-    source = ("dashboards" if has_dash else "harvest") if cfg.source == "auto" else cfg.source
+    source = ("dashboards" if dashboards_usable(sae_dir) else "harvest") if cfg.source == "auto" else cfg.source
     llm = make_llm(a.backend, a.model, a.url, cache=False if a.no_cache else (a.cache or True), api_key_env=a.api_key_env, timeout=a.timeout,
                    max_retries=a.retries, device=a.device, price_in=a.price_in, price_out=a.price_out)
     if source == "dashboards":

@@ -33,9 +33,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 Messages = list[dict[str, str]]
 
@@ -221,10 +222,9 @@ class OpenAIBackend(Backend):
         last = ""
         timed_out = 0
         for attempt in range(self.max_retries + 1):
-            if attempt:
-                if usage is not None:
-                    with usage._lock:
-                        usage.retries += 1
+            if attempt and usage is not None:
+                with usage._lock:
+                    usage.retries += 1
             if usage is not None:
                 with usage._lock:
                     usage.http_calls += 1
@@ -241,7 +241,7 @@ class OpenAIBackend(Backend):
                             404: " (check --url: it should reach .../v1/chat/completions, and --model)"}.get(e.code, "")
                     raise LLMError(f"{self.endpoint} refused the request: {last}{hint}") from None
                 wait = _retry_after(e.headers.get("Retry-After") if e.headers else None)
-            except (TimeoutError, socket.timeout) as e:
+            except TimeoutError as e:
                 timed_out += 1
                 last = f"no answer within {self.timeout:g} s ({type(e).__name__})"
             except urllib.error.URLError as e:

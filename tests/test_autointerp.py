@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from saebench.evals import autointerp as A
+
 from saebench.llm import LLM, Backend, LLMError, LLMTimeout, OpenAIBackend, Reply, ReplyCache, Usage, chat_endpoint
 
 WORDS = [" the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", " cat", " tree", ".", " and"]
@@ -136,7 +136,7 @@ def test_selection_is_seeded():
     a = A.select_examples(codes, 1, A.AutointerpConfig(seed=1))
     b = A.select_examples(codes, 1, A.AutointerpConfig(seed=1))
     c = A.select_examples(codes, 1, A.AutointerpConfig(seed=2))
-    key = lambda ex: [(w.kind, w.seq, w.pos) for w in ex.score]  # noqa: E731
+    key = lambda ex: [(w.kind, w.seq, w.pos) for w in ex.score]
     assert key(a) == key(b) and key(a) != key(c)
     # the order the scorer sees is shuffled (not top, iw, random blocks)
     orders = {tuple(w.kind for w in A.select_examples(codes, 1, A.AutointerpConfig(seed=s)).score) for s in range(5)}
@@ -296,9 +296,8 @@ def test_retries_exhausted_and_refused_requests_say_why():
         with pytest.raises(LLMError, match=r"refused the request: HTTP 401.*OPENAI_API_KEY"):
             OpenAIBackend(url, "m", max_retries=3, backoff=0.01).chat([{"role": "user", "content": "hi"}], 5, usage=usage)
         assert usage.http_calls == 1  # 4xx other than 408/409/425/429 is not retried
-    with llm_server() as url:
-        with pytest.raises(LLMError, match="404.*check --url"):
-            OpenAIBackend(url.replace("/v1", "/nope"), "m", max_retries=0).chat([{"role": "user", "content": "hi"}], 5)
+    with llm_server() as url, pytest.raises(LLMError, match="404.*check --url"):
+        OpenAIBackend(url.replace("/v1", "/nope"), "m", max_retries=0).chat([{"role": "user", "content": "hi"}], 5)
 
 
 def test_timeout_gives_a_clear_error():
@@ -421,12 +420,11 @@ def test_cli_autointerp_harvests_without_dashboards(root, capsys):
 
 
 def test_bench_autointerp_column_figure_and_cache(root, tiny_model, tmp_path):
-    import dashboard_fixture as F
 
     from saebench.evals.bench import run_bench
 
-    kw = dict(model=tiny_model, out_dir=tmp_path / "bench", progress=False, autointerp=A.AutointerpConfig(latents=tuple(scorable(root))),
-              judge=A.JudgeConfig("keyword", cache=str(tmp_path / "c.sqlite")))
+    kw = {"model": tiny_model, "out_dir": tmp_path / "bench", "progress": False, "autointerp": A.AutointerpConfig(latents=tuple(scorable(root))),
+              "judge": A.JudgeConfig("keyword", cache=str(tmp_path / "c.sqlite"))}
     res = run_bench([root / "saes" / "topk"], ["autointerp"], **kw)
     row = res.rows[0]
     assert row["autointerp_score"] == res.results[str(root / "saes" / "topk")]["autointerp"]["autointerp_score"]
