@@ -63,6 +63,12 @@ def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None, d_sae:
         st.html(R.summary_html(summ))
     elif not f.dead:
         st.caption("No automatic summary: these dashboards were built before summaries existed (rebuild them to get one).")
+    expl = db.explanation(i)
+    if expl:
+        st.html(R.explanation_html(expl))
+    elif not f.dead:
+        st.caption(f"No automatic explanation for latent {i} yet. Generate one (an LLM judge; see docs/EVALS_IMPLEMENTED.md) with: "
+                   + R.code(f"saebench autointerp {path} --latents {i}"))
 
     left, right = st.columns([2, 3], gap="medium")
     with right:

@@ -30,7 +30,8 @@ def render(cfg: S.AppConfig, rel: str, path: str, db: D.Dashboard | None) -> Non
         MODES[0]: "Words on which a latent FIRES in its stored examples (all words must match); ranked by the activation "
                   "at those words relative to the latent's max.",
         MODES[1]: "A token on which a latent's top examples peak, e.g. `the` or `Paris` (case and edge spaces ignored).",
-        MODES[2]: "Words in a label or explanation you wrote, or in a latent's automatic statistical summary.",
+        MODES[2]: "Words in a label or explanation you wrote, in a latent's automatic (autointerp) explanation, or in its automatic "
+                  "statistical summary.",
     }[mode]
     with st.form("search_form", border=False):
         q = st.text_input("Query", key="search_query", help=help_)
@@ -84,13 +85,18 @@ def _fid(h) -> int:
 
 
 def _label_search(db: D.Dashboard, q: str) -> D.SearchPage:
-    """User labels first, then automatic summaries (each hit: (latent, 'label'|'auto', label, explanation))."""
+    """User labels first, then autointerp explanations, then automatic summaries
+    (each hit: (latent, 'label'|'explanation'|'auto', label, explanation))."""
     _, notes = D.query_words(q)
     user = db.search_labels(q, limit=2000)
+    expl = db.search_explanations(q)
     auto = db.search_summaries(q)
     seen = {f for f, _, _ in user}
-    hits = [(f, "label", lab, exp) for f, lab, exp in user] + [(f, "auto", "", "") for f in auto.hits if f not in seen]
-    return D.SearchPage(hits, len(hits), list(dict.fromkeys(notes + auto.notes)))
+    hits = [(f, "label", lab, exp) for f, lab, exp in user]
+    hits += [(f, "explanation", "", "") for f in expl.hits if f not in seen]
+    seen |= set(expl.hits)
+    hits += [(f, "auto", "", "") for f in auto.hits if f not in seen]
+    return D.SearchPage(hits, len(hits), list(dict.fromkeys(notes + expl.notes + auto.notes)))
 
 
 def _hit_html(db: D.Dashboard, mode: str, h, summ: dict | None) -> str:
@@ -111,6 +117,9 @@ def _hit_html(db: D.Dashboard, mode: str, h, summ: dict | None) -> str:
     _, kind, lab, exp = h
     if kind == "label":
         return R.STYLE + f'<span class="sb-list"><b>{R.esc(lab)}</b> {R.esc(exp)}</span>'
+    if kind == "explanation":
+        e = db.explanation(h[0])
+        return R.explanation_html(e, compact=True).replace('id="auto-explanation"', 'data-hit="explanation"') if e else ""
     return R.summary_html(summ or {}, compact=True).replace('id="auto-summary"', "") + R.STYLE + '<span class="sb-list" style="color:#888">automatic summary</span>'
 
 

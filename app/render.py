@@ -181,6 +181,17 @@ def summary_html(summ: dict, compact: bool = False) -> str:
     return STYLE + f'<div class="sb-summary" id="auto-summary">{head}{" · ".join(parts)}</div>'
 
 
+def explanation_html(e: dict, compact: bool = False) -> str:
+    """A latent's automatic LLM explanation (escaped), marked as automatic, with its detection score and judge."""
+    score = e.get("score")
+    n = (e.get("details") or {}).get("n_scoring")
+    sc = (f"detection score {score:.2f}" + (f" on {n} windows" if n else "") + " (0.71 = answering 'None' always)"
+          if isinstance(score, (int, float)) and math.isfinite(score) else "not scored")
+    who = e.get("explainer", "?") if e.get("explainer") == e.get("scorer") else f"{e.get('explainer', '?')} / scorer {e.get('scorer', '?')}"
+    head = f'<span class="auto">Automatic explanation (autointerp · {esc(who)} · {esc(sc)})</span>'
+    return STYLE + f'<div class="sb-summary" id="auto-explanation">{head}{"" if compact else "<br>"} <strong>{esc(e.get("text", ""))}</strong></div>'
+
+
 def short_summary(summ: dict | None, n: int = 3) -> str:
     """Plain text for a button: the latent's top tokens (e.g. "' fox', ' dog'")."""
     if not summ or not summ.get("at"):

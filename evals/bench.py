@@ -42,6 +42,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.evals.absorption import AbsorptionConfig, evaluate_absorption
+from saebench.evals.autointerp import AutointerpConfig, JudgeConfig
+from saebench.evals.autointerp import evaluate_sae as evaluate_autointerp_sae
 from saebench.evals.circuits import CircuitConfig, evaluate_circuit
 from saebench.evals.common import config_hash, load_eval_tokens, sae_checksum, special_ids_of
 from saebench.evals.dead import DEFAULT_WINDOWS
@@ -55,7 +57,7 @@ from saebench.layout import describe as describe_sae_layout
 from saebench.sae import SAE
 from saebench.site import Site
 
-EVALS = ("core", "dead", "steering", "circuits", "compat", "sparse_probing", "absorption")
+EVALS = ("core", "dead", "steering", "circuits", "compat", "sparse_probing", "absorption", "autointerp")
 ALIASES = {"reconstruction": "core", "saebench_compat": "compat", "circuit": "circuits"}
 CACHE_VERSION = 1
 
@@ -185,6 +187,8 @@ def run_bench(
     progress: bool = True,
     sparse_probing: SparseProbingConfig | None = None,
     absorption: AbsorptionConfig | None = None,
+    autointerp: AutointerpConfig | None = None,
+    judge: JudgeConfig | None = None,
 ) -> BenchResult:
     """Evaluate every SAE folder with every eval, resuming from cached results; write table + figures.
 
@@ -208,6 +212,7 @@ def run_bench(
     circuits = circuits or CircuitConfig()
     sparse_probing = sparse_probing or SparseProbingConfig()
     absorption = absorption or AbsorptionConfig()
+    autointerp, judge = autointerp or AutointerpConfig(), judge or JudgeConfig()
     dead_tokens = dead_tokens or eval_tokens
     out = Path(out_dir)
     dirs = expand_sae_dirs(sae_dirs)
@@ -229,6 +234,8 @@ def run_bench(
             return base | sparse_probing.to_dict()
         if ev == "absorption":
             return base | absorption.to_dict()
+        if ev == "autointerp":
+            return base | autointerp.to_dict() | {"judge": judge.to_dict()}
         return {"version": CACHE_VERSION}
 
     def cache_path(d: str, ev: str, model_id: str) -> Path:
@@ -257,7 +264,7 @@ def run_bench(
         _compute(pending, results, times, res, model=model, cache_path=cache_path, cfg_model=cfg_model, checksums=checksums, corpus=corpus,
                  eval_tokens=eval_tokens, dead_tokens=dead_tokens, context_size=context_size, batch_size=batch_size, tokens=tokens,
                  windows=windows, steering=steering, circuits=circuits, device=device, progress=progress, eval_config=eval_config,
-                 sparse_probing=sparse_probing, absorption=absorption)
+                 sparse_probing=sparse_probing, absorption=absorption, autointerp=autointerp, judge=judge)
 
     labels = sae_labels(dirs)
     res.rows = [_row(d, results[str(d)], labels[str(d)]) | _timing_columns(times[str(d)]) for d in dirs]
@@ -305,7 +312,7 @@ def _cfg_model_name(d: Path) -> str:
 
 
 def _compute(pending, results, times, res, *, model, cache_path, cfg_model, checksums, corpus, eval_tokens, dead_tokens, context_size, batch_size,
-             tokens, windows, steering, circuits, device, progress, eval_config, sparse_probing, absorption) -> None:
+             tokens, windows, steering, circuits, device, progress, eval_config, sparse_probing, absorption, autointerp=None, judge=None) -> None:
     from saebench import models as model_lib
 
     def save(d: str, ev: str, mid: str, result: dict, job: dict[str, Any]) -> None:
@@ -403,6 +410,16 @@ def _compute(pending, results, times, res, *, model, cache_path, cfg_model, chec
                 for d, r in zip(ds, out):
                     save(d, ev, mid, r, j)
 
+        # Autointerp: one job per SAE; examples from its dashboards when built, else a bounded harvest with this model.
+        if pending.get("autointerp"):
+            llm = judge.make(device)  # one judge (and reply cache) for all SAEs
+            for d in [d for d in pending["autointerp"] if d in saes]:
+                t = time.time()
+                r = evaluate_autointerp_sae(d, saes[d], lm, autointerp, llm, progress=progress, device=device)
+                save(d, "autointerp", mid, r, job("autointerp", [d], ["autointerp"], t))
+            if progress:
+                print(llm.usage.summary())
+
 
 def _steering_summary(per: dict[str, dict]) -> dict[str, Any]:
     def mean(key):
@@ -485,6 +502,11 @@ def _interp_columns(res: dict[str, Any]) -> dict[str, Any]:
     if ab:
         row |= {c: ab.get(c) for c in _ABSORPTION_COLS}
         row["absorption_enough_letters"] = ab.get("enough_letters")
+    ai = res.get("autointerp")
+    if ai:
+        row |= {"autointerp_score": ai.get("autointerp_score"), "autointerp_std_dev": ai.get("autointerp_std_dev"),
+                "autointerp_n_scored": ai.get("n_latents_scored"), "autointerp_n_unparsed": ai.get("n_unparsed"),
+                "autointerp_judge": f"{ai.get('judge', {}).get('backend')}:{ai.get('judge', {}).get('model')}"}
     return row
 
 
@@ -545,6 +567,11 @@ def build_parser(prog: str = "saebench bench") -> argparse.ArgumentParser:
     p.add_argument("--probe-test-size", type=int, default=SparseProbingConfig.test_size, help="sparse probing: texts per binary task (test)")
     p.add_argument("--probe-ks", type=int, nargs="+", default=list(SparseProbingConfig.ks), help="sparse probing: k values")
     p.add_argument("--absorption-words", type=int, default=AbsorptionConfig.max_words, help="absorption: vocabulary words sampled")
+    p.add_argument("--autointerp-backend", choices=["hf", "openai", "keyword"], default=JudgeConfig.backend,
+                   help="autointerp judge: hf (local; default SmolLM2-135M-Instruct, very weak), openai (--autointerp-url/-model), keyword")
+    p.add_argument("--autointerp-model", default=None, help="autointerp: judge model (hf folder/hub name, or the served model name)")
+    p.add_argument("--autointerp-url", default=None, help="autointerp: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--autointerp-latents", type=int, default=AutointerpConfig.n_latents, help="autointerp: latents sampled per SAE")
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="recompute cached results")
     p.add_argument("--no-figures", action="store_true")
@@ -564,7 +591,8 @@ def bench_main(argv: list[str] | None = None) -> BenchResult:
     res = run_bench(a.sae_dirs, a.evals, a.model, out_dir=a.out, corpus=a.corpus, eval_tokens=a.eval_tokens, dead_tokens=a.dead_tokens,
                     context_size=a.context_size, batch_size=a.batch_size, windows=a.windows, steering=steering, circuits=circuits,
                     device=a.device, force=a.force, figures=not a.no_figures, progress=not a.no_progress, sparse_probing=probing,
-                    absorption=absorption)
+                    absorption=absorption, autointerp=AutointerpConfig(n_latents=a.autointerp_latents),
+                    judge=JudgeConfig(a.autointerp_backend, a.autointerp_model, a.autointerp_url))
     print(format_rows(res.rows))
     print(f"\n{len(res.computed)} results computed, {len(res.cached)} from cache; table: {res.files['csv']}")
     return res
@@ -573,7 +601,7 @@ def bench_main(argv: list[str] | None = None) -> BenchResult:
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A compact text table of the headline columns."""
     cols = [c for c in ("sae", "l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "dead_window_tokens", "dense_fraction_1pct",
-                        "steering_score", "sae_top_1_test_accuracy", "mean_absorption_fraction_score", "afa_rel_error", "saebench_compatible",
+                        "steering_score", "sae_top_1_test_accuracy", "mean_absorption_fraction_score", "autointerp_score", "afa_rel_error", "saebench_compatible",
                         "seconds_total") if any(c in r for r in rows)]
 
     def fmt(v):

@@ -143,6 +143,25 @@ def absorption_figure(results: Mapping[str, Mapping[str, Any]]) -> go.Figure:
     return fig
 
 
+def autointerp_figure(results: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """Histogram of per-latent detection scores, one trace per SAE; dotted: the always-"None" baseline (10/14)."""
+    fig = go.Figure()
+    base = None
+    for i, (name, res) in enumerate(results.items()):
+        scores = [r["score"] for r in res.get("latents", {}).values() if _finite(r.get("score"))]
+        judge = res.get("judge", {})
+        fig.add_trace(go.Histogram(x=scores, xbins=dict(start=-0.5 / 14, end=1 + 0.5 / 14, size=1 / 14), opacity=0.6,
+                                   name=f"{name} (mean {res.get('autointerp_score', float('nan')):.3f}, n={len(scores)}; "
+                                        f"judge {judge.get('backend')}:{judge.get('model')})",
+                                   marker_color=_PALETTE[i % len(_PALETTE)]))
+        base = (res.get("baselines") or {}).get("always_none", base)
+    if base is not None:
+        fig.add_vline(x=base, line_dash="dot", line_color="black", annotation_text=f"always 'None' {base:.3f}")
+    fig.update_layout(title="Autointerp: per-latent detection score (14 windows: 2 top + 2 importance-weighted + 10 random)",
+                      xaxis_title="detection accuracy", yaxis_title="latents", barmode="overlay", template="plotly_white")
+    return fig
+
+
 def afa_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     """AFA: mean ‖f̃‖/‖z‖ per SAE (1 = the code has the norm the input predicts) against L0, ε_LBO on hover."""
     rs = [r for r in rows if _finite(r.get("afa_norm_ratio"))]
@@ -157,7 +176,7 @@ def afa_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
 
 
 def interp_figures(rows: Sequence[Mapping[str, Any]], results: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
-    """The sparse-probing, absorption and AFA figures that ``rows`` / ``results`` (label -> eval -> result) have data for."""
+    """The sparse-probing, absorption, autointerp and AFA figures that ``rows`` / ``results`` (label -> eval -> result) have data for."""
     figs = {}
     sp = {name: r["sparse_probing"] for name, r in results.items() if r.get("sparse_probing")}
     if sp:
@@ -165,6 +184,9 @@ def interp_figures(rows: Sequence[Mapping[str, Any]], results: Mapping[str, Mapp
     ab = {name: r["absorption"] for name, r in results.items() if r.get("absorption")}
     if ab:
         figs["absorption"] = absorption_figure(ab)
+    ai = {name: r["autointerp"] for name, r in results.items() if r.get("autointerp")}
+    if ai:
+        figs["autointerp"] = autointerp_figure(ai)
     if any(_finite(r.get("afa_norm_ratio")) for r in rows):
         figs["afa_norm_ratio"] = afa_figure(rows)
     return figs

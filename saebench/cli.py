@@ -574,6 +574,8 @@ _EXTRA_COMMANDS: list = [
     lambda sub: _passthrough(sub, "dead", "saebench.evals.dead:main", "Dead/dense-latent eval of one SAE over stated token windows."),
     lambda sub: _passthrough(sub, "steering-eval", "saebench.evals.steering:main", "Quantified steering sweep with controls and a Pareto curve."),
     lambda sub: _passthrough(sub, "circuits", "saebench.evals.circuits:main", "Feature circuits (attribution patching / IG) with faithfulness and completeness."),
+    lambda sub: _passthrough(sub, "autointerp", "saebench.evals.autointerp:main",
+                             "Explain latents with an LLM judge and score them by detection (SAEBench autointerp); local or OpenAI-compatible."),
 ]
 
 

@@ -653,6 +653,74 @@ class Dashboard:
                 return []
         return [(int(f), lab, exp) for f, lab, exp in rows]
 
+    # ---- automatic explanations (autointerp; evals/autointerp.py writes them) -----------------------------
+    # In features.sqlite (they describe this build's examples; a rebuild drops them, the LLM reply cache
+    # makes re-running cheap). One contiguous block: the table, its FTS index and four methods.
+    _EXPLANATIONS_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS explanations(feature INTEGER PRIMARY KEY, text TEXT NOT NULL, score REAL, explainer TEXT NOT NULL,
+        scorer TEXT NOT NULL, created TEXT NOT NULL, details TEXT);
+    CREATE VIRTUAL TABLE IF NOT EXISTS explanations_fts USING fts5(text, content='explanations', content_rowid='feature');
+    CREATE TRIGGER IF NOT EXISTS explanations_ai AFTER INSERT ON explanations BEGIN
+      INSERT INTO explanations_fts(rowid, text) VALUES (new.feature, new.text); END;
+    CREATE TRIGGER IF NOT EXISTS explanations_ad AFTER DELETE ON explanations BEGIN
+      INSERT INTO explanations_fts(explanations_fts, rowid, text) VALUES('delete', old.feature, old.text); END;
+    CREATE TRIGGER IF NOT EXISTS explanations_au AFTER UPDATE ON explanations BEGIN
+      INSERT INTO explanations_fts(explanations_fts, rowid, text) VALUES('delete', old.feature, old.text);
+      INSERT INTO explanations_fts(rowid, text) VALUES (new.feature, new.text); END;
+    """
+
+    def write_explanations(self, rows: list[tuple]) -> None:
+        """Insert or replace ``(feature, text, score, explainer, scorer, details_dict)`` rows in one transaction."""
+        bad = [r[0] for r in rows if not 0 <= int(r[0]) < self.d_sae]
+        if bad:
+            raise ValueError(f"latents {bad[:5]} are out of range (d_sae={self.d_sae})")
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        with contextlib.closing(_connect(self.db_path)) as con, con:
+            con.executescript(self._EXPLANATIONS_SCHEMA)
+            con.executemany("INSERT INTO explanations(feature, text, score, explainer, scorer, created, details) VALUES (?,?,?,?,?,?,?) "
+                            "ON CONFLICT(feature) DO UPDATE SET text=excluded.text, score=excluded.score, explainer=excluded.explainer, "
+                            "scorer=excluded.scorer, created=excluded.created, details=excluded.details",  # an UPDATE: keeps the FTS index in step
+                            [(int(f), str(t), None if s is None else float(s), str(e), str(sc), now, json.dumps(d or {}))
+                             for f, t, s, e, sc, d in rows])
+
+    def explanation(self, i: int) -> dict | None:
+        """The automatic explanation of latent ``i`` (text, score, explainer, scorer, created, details), or None."""
+        return self.explanations([i]).get(int(i))
+
+    def explanations(self, ids: list[int]) -> dict[int, dict]:
+        if not ids:
+            return {}
+        with _reading(self.db_path) as con:
+            try:
+                q = f"SELECT feature, text, score, explainer, scorer, created, details FROM explanations WHERE feature IN ({','.join('?' * len(ids))})"
+                rows = con.execute(q, [int(x) for x in ids]).fetchall()
+            except sqlite3.OperationalError:  # no autointerp run yet
+                return {}
+        return {int(f): {"text": t, "score": s, "explainer": e, "scorer": sc, "created": c, "details": json.loads(d or "{}")}
+                for f, t, s, e, sc, c, d in rows}
+
+    def search_explanations(self, query: str, limit: int = 2000) -> SearchPage:
+        """Latents whose automatic explanation contains all words of ``query`` (best match first)."""
+        words, notes = query_words(query)
+        if not words:
+            return SearchPage([], 0, notes)
+        q = " ".join('"' + w.replace('"', '""') + '"' for w in words)
+        with _reading(self.db_path) as con:
+            try:
+                with _bounded_search(con) as timed_out:
+                    try:
+                        rows = con.execute("SELECT rowid FROM explanations_fts WHERE explanations_fts MATCH ? ORDER BY bm25(explanations_fts) LIMIT ?",
+                                           (q, limit)).fetchall()
+                    except sqlite3.OperationalError as e:
+                        if timed_out[0]:
+                            return SearchPage([], 0, notes + [_time_note()])
+                        if "no such table" in str(e):
+                            return SearchPage([], 0, notes)
+                        raise
+            except SearchBusy as e:
+                return SearchPage([], 0, notes + [f"Search is busy: {e}."])
+        return SearchPage([int(f) for (f,) in rows], len(rows), notes)
+
 
 @dataclass(frozen=True)
 class DashboardMax:
