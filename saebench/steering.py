@@ -281,6 +281,7 @@ def generate_tokens(
     stop_at_eos: bool = True,
     progress: bool = False,
     on_token: Callable[[int, Tensor, Tensor], None] | None = None,
+    fast_decode: bool = True,
 ) -> Tensor:
     """The sampling loop: ``tokens`` [B, P] (one prompt, or B copies of it) → [B, P + T].
 
@@ -290,6 +291,11 @@ def generate_tokens(
     ``on_token(step, new_tokens, logits)``, if given, is called after every sampled step with the
     step index (0 for the first new token), the new tokens [B] and the last-position logits [B, V]
     they were drawn from (step 0's are the logits after the prompt). It streams text to a UI.
+
+    ``fast_decode``: with the KV cache and every hook a :class:`SteeringHook` at a
+    ``blocks.L.hook_resid_pre/post`` site, run the plain Hugging Face model with one torch hook
+    instead of the bridge (:mod:`saebench.fastgen`; verified once per model against the bridge path,
+    which is used whenever that check fails or the fast path does not apply). False: always the bridge.
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
@@ -300,6 +306,12 @@ def generate_tokens(
         # Checked once per model, before any hook is attached; a KV cache that disagrees with the full
         # forward (a library regression) is not used: slower, never silently wrong.
         use_kv_cache = use_kv_cache and kv_cache_ok(model)
+        # --- fast decoding (saebench.fastgen): the plain HF model + one torch hook, when its canary passed
+        fast = None
+        if fast_decode and use_kv_cache and all(isinstance(h, SteeringHook) for _, h in hooks):
+            from saebench.fastgen import fast_decoder
+
+            fast = fast_decoder(model, [name for name, _ in hooks])
     gen = torch.Generator().manual_seed(int(seed))
     vocab = None
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
@@ -309,12 +321,14 @@ def generate_tokens(
     def forward(inp: Tensor, offset: int, past):
         for _, h in hooks:
             h.position_offset = offset
+        if fast is not None:
+            return fast.step(inp, past)
         if use_kv_cache:
             return _call_last(model, inp, call=lambda i, **kw: cached_forward(model, i, past, **kw))
         return _call_last(model, inp), None
 
     with model_lock(model):
-        with model.hooks(fwd_hooks=list(hooks)):
+        with (fast.attached(model, hooks) if fast is not None else model.hooks(fwd_hooks=list(hooks))):
             logits, past = forward(tokens, 0, None)
             for t in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
                 last = logits[:, -1]
@@ -385,12 +399,14 @@ def generate(
     head: int | None = None,
     stop_at_eos: bool = True,
     prepend_bos: bool = True,
+    fast_decode: bool = True,
 ) -> GenerationResult:
     """Sample a continuation of ``prompt``, optionally adding ``vector`` at ``hook_name`` over ``scope``.
 
     Seeded and exact: the same arguments give the same tokens with or without the KV cache.
     ``temperature=0`` is greedy. ``prompt`` is text (BOS prepended unless ``prepend_bos=False``) or
     token ids [n] / [1, n]. ``hook_name`` may name a head as ``'blocks.L.attn.hook_z:H'``.
+    ``fast_decode``: see :func:`generate_tokens`.
     """
     toks = _prompt_tokens(model, prompt, prepend_bos)
     if toks.shape[0] != 1:
@@ -398,7 +414,7 @@ def generate(
     plen = toks.shape[1]
     hooks = _hooks_for(vector, hook_name, scope, plen, head)
     out = generate_tokens(model, toks, max_new_tokens, hooks=hooks, seed=seed, temperature=temperature, top_p=top_p,
-                          use_kv_cache=use_kv_cache, stop_at_eos=stop_at_eos)
+                          use_kv_cache=use_kv_cache, stop_at_eos=stop_at_eos, fast_decode=fast_decode)
     return _result(model, out, plen)
 
 
@@ -484,6 +500,7 @@ def steer(
     top_n: int = 10,
     plausible: bool = True,
     on_text: Callable[[str, str], None] | None = None,
+    fast_decode: bool = True,
 ) -> SteeringRun:
     """Default and steered continuations of ``prompt`` in **one batched run** of two rows.
 
@@ -495,6 +512,7 @@ def steer(
     (:func:`rank_plausible_changes`). ``on_text(default_new_text, steered_new_text)`` is called after every new token
     (for streaming into a UI). Batched and one-row runs agree to float rounding (the matmuls see a
     different batch size), so a sampled token can differ only where two candidates are tied to ~1e-6.
+    ``fast_decode``: see :func:`generate_tokens` (False forces the TransformerBridge path).
     """
     t0 = time.perf_counter()
     hook, head = sae_site(sae)
@@ -526,7 +544,7 @@ def steer(
         on_text(texts[0], texts[1])
 
     out = generate_tokens(model, toks.expand(2, -1).contiguous(), max_new_tokens, hooks=hooks, seed=seed, temperature=temperature,
-                          top_p=top_p, use_kv_cache=use_kv_cache, stop_at_eos=stop_at_eos, on_token=on_token)
+                          top_p=top_p, use_kv_cache=use_kv_cache, stop_at_eos=stop_at_eos, on_token=on_token, fast_decode=fast_decode)
     if hooks[0][1]._seen == 0:  # e.g. a hook TransformerLens gates off until model.set_use_*(True): nothing was steered
         raise ValueError(f"the hook {hook!r} never ran in the forward pass, so nothing was steered (is it gated off on this model?)")
     if not first:  # max_new_tokens == 0: no step ran, so no logits were seen
