@@ -22,8 +22,8 @@ Only residual-stream sites are served (the sites a decoder direction is added at
 (which the plain model would not run) uses the bridge path.
 
 Canary (:func:`fast_decode_ok`, once per model, like :mod:`saebench.compat`): on a probe sequence
-the fast path, with a vector added at ``hook_resid_pre`` and at ``hook_resid_post`` of a block,
-gives the bridge's logits with the same edit, in a full pass and in teacher-forced KV-cached decode
+the fast path, with two different vectors added at ``hook_resid_pre`` and at ``hook_resid_post`` of
+a block, gives the bridge's logits with the same edits, in a full pass and in teacher-forced KV-cached decode
 steps, and the hook sees the same positions per call. On a mismatch (a library release that moves
 the hook point, renames weights or changes a layer's signature) a
 :class:`~saebench.compat.LibraryBehaviourWarning` is emitted and generation stays on the bridge
@@ -134,18 +134,21 @@ def _pre_hook(fn: Callable) -> Callable:
 
 
 class FastDecoder:
-    """The plain HF model under ``model`` (a TransformerBridge), sharing its weights; see the module doc."""
+    """The plain HF model under ``model`` (a TransformerBridge), sharing its weights; see the module doc.
 
-    def __init__(self, model):
+    ``gemv_rows``: the :class:`GemvLinear` row limit (0 keeps ``nn.Linear``; the benchmark's breakdown uses it).
+    """
+
+    def __init__(self, model, gemv_rows: int = GEMV_ROWS):
         hf = getattr(model, "original_model", None)
         if not isinstance(hf, nn.Module) or not hasattr(hf, "config"):
             raise TypeError("the model has no Hugging Face original_model")
         with torch.device("meta"):
             plain = type(hf)(copy.deepcopy(hf.config))
-        for prefix, mod in list(plain.named_modules()):
+        for prefix, mod in list(plain.named_modules()) if gemv_rows > 0 else []:
             for name, child in list(mod.named_children()):
                 if type(child) is nn.Linear:
-                    setattr(mod, name, GemvLinear(child))
+                    setattr(mod, name, GemvLinear(child, gemv_rows))
         src = _slots(hf)
         self._links: list[tuple[nn.Module, str, str, nn.Module, str]] = []
         for prefix, mod in plain.named_modules(remove_duplicate=False):
@@ -213,41 +216,54 @@ class FastDecoder:
 
 
 def _mismatch(model, fast: FastDecoder) -> str | None:
-    """None when the fast path reproduces the bridge's logits with the same edit (full and cached); else what differed."""
+    """None when the fast path reproduces the bridge's logits with the same edits (full and cached); else what differed.
+
+    One pass with two different vectors, added at ``hook_resid_pre`` and at ``hook_resid_post`` of
+    the same block: a hook on the wrong layer, or pre and post swapped, changes the logits.
+    """
     toks = compat._probe_tokens(model)
     n = toks.shape[1]
     n_prefix = n - 3
     layer = min(1, int(model.cfg.n_layers) - 1)
     g = torch.Generator().manual_seed(11)
-    for kind in ("pre", "post"):
-        name = f"blocks.{layer}.hook_resid_{kind}"
+    names = [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_post"]
+    for name in names:
         if fast.module_for(model, name) is None:
             return f"{name} is not the input/output of a decoder layer the fast path can hook"
-        vec = torch.randn(int(model.cfg.d_model), generator=g) * 3
-        calls: list[int] = []
+    calls: dict[str, list[int]] = {name: [] for name in names}
 
-        def add(act, hook=None, vec=vec):
-            calls.append(act.shape[1])
+    def adder(name: str):
+        vec = torch.randn(int(model.cfg.d_model), generator=g) * 3
+
+        def add(act, hook=None):
+            calls[name].append(act.shape[1])
             return act + vec.to(act.device, act.dtype)
 
-        with torch.no_grad():
-            ref = model.run_with_hooks(toks, fwd_hooks=[(name, add)])
-            calls.clear()
-            with fast.attached(model, [(name, add)]):
-                full, _ = fast.step(toks, None, last_only=False)
-                logits, past = fast.step(toks[:, :n_prefix], None)
-                steps = [logits[:, -1]]
-                for p in range(n_prefix, n - 1):
-                    logits, past = fast.step(toks[:, p : p + 1], past)
-                    steps.append(logits[:, -1])
-        ok, diff = compat._close(full, ref)
-        if not ok:
-            return f"the plain model with an edit at {name} differs from the bridge with the same edit by up to {diff:.3g} in the logits"
-        ok, diff = compat._close(torch.stack(steps, 1), ref[:, n_prefix - 1 : n - 1])
-        if not ok:
-            return f"KV-cached decoding of the plain model with an edit at {name} differs from the bridge by up to {diff:.3g} in the logits"
-        if calls != [n, n_prefix] + [1] * (len(steps) - 1):
-            return f"the hook at {name} saw positions {calls} per call, expected {[n, n_prefix] + [1] * (len(steps) - 1)}"
+        return add
+
+    hooks = [(name, adder(name)) for name in names]
+    with torch.no_grad():
+        ref = model.run_with_hooks(toks, fwd_hooks=hooks)
+        for c in calls.values():
+            c.clear()
+        with fast.attached(model, hooks):
+            full, _ = fast.step(toks, None, last_only=False)
+            logits, past = fast.step(toks[:, :n_prefix], None)
+            steps = [logits[:, -1]]
+            for p in range(n_prefix, n - 1):
+                logits, past = fast.step(toks[:, p : p + 1], past)
+                steps.append(logits[:, -1])
+    where = " and ".join(names)
+    ok, diff = compat._close(full, ref)
+    if not ok:
+        return f"the plain model with edits at {where} differs from the bridge with the same edits by up to {diff:.3g} in the logits"
+    ok, diff = compat._close(torch.stack(steps, 1), ref[:, n_prefix - 1 : n - 1])
+    if not ok:
+        return f"KV-cached decoding of the plain model with edits at {where} differs from the bridge by up to {diff:.3g} in the logits"
+    want = [n, n_prefix] + [1] * (len(steps) - 1)
+    for name, seen in calls.items():
+        if seen != want:
+            return f"the hook at {name} saw positions {seen} per call, expected {want}"
     return None
 
 

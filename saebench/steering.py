@@ -303,15 +303,16 @@ def generate_tokens(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     eos = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos else None
     with model_lock(model):
-        # Checked once per model, before any hook is attached; a KV cache that disagrees with the full
-        # forward (a library regression) is not used: slower, never silently wrong.
-        use_kv_cache = use_kv_cache and kv_cache_ok(model)
-        # --- fast decoding (saebench.fastgen): the plain HF model + one torch hook, when its canary passed
+        # --- fast decoding (saebench.fastgen): the plain HF model + one torch hook, when its canary passed;
+        # it checks its own KV cache against the bridge's full forward, so the bridge's cache is not needed
         fast = None
         if fast_decode and use_kv_cache and all(isinstance(h, SteeringHook) for _, h in hooks):
             from saebench.fastgen import fast_decoder
 
             fast = fast_decoder(model, [name for name, _ in hooks])
+        # Checked once per model, before any hook is attached; a KV cache that disagrees with the full
+        # forward (a library regression) is not used: slower, never silently wrong.
+        use_kv_cache = use_kv_cache and (fast is not None or kv_cache_ok(model))
     gen = torch.Generator().manual_seed(int(seed))
     vocab = None
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)

@@ -140,7 +140,7 @@ def test_canary_failure_warns_once_and_falls_back_to_the_bridge(model_dir, used,
     monkeypatch.setattr(fastgen.FastDecoder, "module_for", shifted)
     vec = _vectors(model)
     reference, ref_logits = _run(model, "blocks.1.hook_resid_post", vec, "all", False)
-    with pytest.warns(compat.LibraryBehaviourWarning, match=r"plain model with an edit at blocks.1.hook_resid_post differs.*TransformerBridge hooks"):
+    with pytest.warns(compat.LibraryBehaviourWarning, match=r"plain model with edits at blocks.1.hook_resid_pre and blocks.1.hook_resid_post differs.*TransformerBridge hooks"):
         out, logits = _run(model, "blocks.1.hook_resid_post", vec, "all", True)
     assert used == [False] and compat.canary_report(model)["fast_decode"]["ok"] is False
     assert torch.equal(out, reference) and torch.equal(logits, ref_logits)
@@ -189,6 +189,24 @@ def test_fast_decoder_shares_the_weights_and_follows_rebinding(model_dir, used):
     assert not fast.current()
     st.generate(model, PROMPT, 2, seed=0)
     assert model.__dict__[fastgen._ATTR] is not fast and model.__dict__[fastgen._ATTR].current()
+
+
+def test_a_broken_bridge_kv_cache_does_not_touch_the_fast_path(model_dir, used):
+    """The fast decoder keeps its own cache and is checked against the bridge's full forward, so the
+    transformers 5.24-style break of the bridge's cache (tests/test_compat.py) leaves it right, and silent."""
+    from test_compat import _drop_layer_cache
+
+    model = _fresh(model_dir)
+    vec = _vectors(model)
+    reference = st.generate(model, PROMPT, 8, seed=3, temperature=0.5, use_kv_cache=False, vector=vec, hook_name="blocks.0.hook_resid_post")
+    for m in model.modules():
+        if hasattr(type(m), "_update_kv_cache"):
+            m.register_forward_pre_hook(_drop_layer_cache, with_kwargs=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compat.LibraryBehaviourWarning)
+        out = st.generate(model, PROMPT, 8, seed=3, temperature=0.5, vector=vec, hook_name="blocks.0.hook_resid_post")
+    assert used == [True] and torch.equal(out.tokens, reference.tokens)  # the uncached reference never asks
+    assert "kv_cache" not in compat.canary_report(model)  # never needed
 
 
 def test_gemv_linear_equals_linear():
