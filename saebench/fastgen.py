@@ -36,6 +36,7 @@ import contextlib
 import copy
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -210,7 +211,11 @@ class FastDecoder:
     def step(self, inp: Tensor, past=None, last_only: bool = True):
         """``(logits, cache)`` for ``inp`` [B, n] after the cached positions in ``past`` (None: a fresh cache)."""
         kw = {"logits_to_keep": 1} if (last_only and self._keep) else {}
-        out = self.plain(input_ids=inp, past_key_values=past, use_cache=True, **kw)
+        with warnings.catch_warnings():
+            # as compat.cached_forward: a release that deprecates the argument's name prints it every step;
+            # the canary checks that the cache still works
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            out = self.plain(input_ids=inp, past_key_values=past, use_cache=True, **kw)
         logits = out.logits
         return (logits[:, -1:] if last_only else logits), out.past_key_values
 
