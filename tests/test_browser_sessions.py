@@ -243,6 +243,12 @@ async def steer_journey(s: Session, live_ready: asyncio.Event, steer_started: as
     s.at("generating")
     steer_started.set()
     await s.wait_for(pg.locator("#steer-steered"))
+    s.at("streaming")
+    # #steer-steered shows from the first streamed token on; the request is over only when the page
+    # says so (its final caption). Before, steer_done was set at the first token (ending the live
+    # session's "during" window early) and the texts were read at the first moment the page looked idle,
+    # which can race the stream when the running icon is not shown between two streamed updates.
+    await s.wait_for(pg.get_by_text(re.compile(r"generated together in \d")))
     s.at("generated")
     steer_done.set()
     await s.settle()
