@@ -12,6 +12,11 @@ training; its decoder row is what is added):
   from the same pass);
 - ``library_before``: what the code did before (two one-row ``generate`` calls, then
   ``next_token_logprob_diff``'s two forwards), for comparison;
+- ``library_bridge`` (with ``--compare``): the same batched request with ``fast_decode=False``, i.e.
+  every decode step through the TransformerBridge's hook points (the path before
+  :mod:`saebench.fastgen`); run interleaved with ``library`` in this process, and the summary gives
+  ``fast_vs_bridge``, the ratio of the medians (CPU seconds and wall), which moves much less with the
+  load of a shared machine than either time;
 - ``cli_in_process``: ``saebench steer`` through :func:`saebench.cli.main`, in this process, with
   ``load_model`` returning the already-loaded model (so: everything after the model load: argument
   checks, SAE load, dashboards lookup of the max activation, the run, printing);
@@ -25,6 +30,7 @@ Every variant runs ``--repeats`` times, interleaved; medians are reported, with 
 
     python benchmarks/bench_steering.py                      # -> benchmarks/results/bench_steering.json
     python benchmarks/bench_steering.py --repeats 3 --threads 2 --dashboard-tokens 1024
+    python benchmarks/bench_steering.py --compare --repeats 5 --cli-runs 1 --dashboard-tokens 256
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ def main() -> None:
     ap.add_argument("--dashboard-tokens", type=int, default=1024,
                     help="tokens for the small dashboards built so the max activation comes from them (0: pass --max-act instead)")
     ap.add_argument("--cli-runs", type=int, default=2, help="fresh-process runs of the real command")
+    ap.add_argument("--compare", action="store_true", help="also time the bridge path (fast_decode=False) side by side: library_bridge")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_steering.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -117,10 +124,22 @@ def main() -> None:
     _, lookup_s, _ = _timed(lambda: D.max_abs_activation(folder, latent))
 
     steering.generate(model, "Hi", 2)  # warm-up (first-call allocations)
-    results: dict[str, list[dict]] = {k: [] for k in ("library", "library_before", "cli_in_process", "app_request")}
+    from saebench import compat
+
+    variants = ("library", "library_bridge", "library_before", "cli_in_process", "app_request") if a.compare else \
+        ("library", "library_before", "cli_in_process", "app_request")
+    results: dict[str, list[dict]] = {k: [] for k in variants}
 
     def library():
         return steering.steer(model, sae, PROMPT, latent, strength, max_act, max_new_tokens=a.tokens, stop_at_eos=False)
+
+    def bridge():
+        return steering.steer(model, sae, PROMPT, latent, strength, max_act, max_new_tokens=a.tokens, stop_at_eos=False, fast_decode=False)
+
+    if a.compare:  # the two paths must give the same request (same tokens), else the comparison is meaningless
+        f, b = library(), bridge()
+        same = torch.equal(f.default.tokens, b.default.tokens) and torch.equal(f.steered.tokens, b.steered.tokens)
+        print(f"fast and bridge paths give the same tokens: {same}", flush=True)
 
     def before():
         vec = steering.steering_vector(sae, latent, strength, max_act)
@@ -145,11 +164,12 @@ def main() -> None:
         return page_steer.steer_request(model, sae, HOOK, PROMPT, latent, strength, max_act, "all", n_new=a.tokens, on_text=lambda x, y: None)
 
     for rep in range(a.repeats):
-        for name, fn in (("library", library), ("library_before", before), ("cli_in_process", cli), ("app_request", app)):
+        fns = {"library": library, "library_bridge": bridge, "library_before": before, "cli_in_process": cli, "app_request": app}
+        for name, fn in ((k, fns[k]) for k in variants):
             la = os.getloadavg()[0]
             out, wall, cpu = _timed(fn)
             rec = {"wall_s": wall, "cpu_s": cpu, "load_1min": la}
-            if name == "library":
+            if name in ("library", "library_bridge"):
                 rec["n_new"] = int(out.default.tokens.shape[1] - out.default.prompt_len)
             results[name].append(rec)
             print(f"rep {rep} {name:<15} {wall:6.2f} s wall  {cpu:6.2f} s CPU  (load {la:.1f})", flush=True)
@@ -168,6 +188,9 @@ def main() -> None:
 
     summary = {k: {"median_wall_s": statistics.median(r["wall_s"] for r in v), "min_wall_s": min(r["wall_s"] for r in v),
                    "median_cpu_s": statistics.median(r["cpu_s"] for r in v)} for k, v in results.items()}
+    if a.compare:
+        f, b = summary["library"], summary["library_bridge"]
+        summary["fast_vs_bridge"] = {"cpu_ratio": f["median_cpu_s"] / b["median_cpu_s"], "wall_ratio": f["median_wall_s"] / b["median_wall_s"]}
     if sub:
         summary["cli_subprocess"] = {"median_after_model_s": statistics.median(r["after_model_s"] for r in sub),
                                      "median_total_s": statistics.median(r["total_s"] for r in sub)}
@@ -177,7 +200,8 @@ def main() -> None:
         "threads": a.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "repeats": a.repeats, "prompt": PROMPT, "latent": latent, "strength": strength, "max_act": max_act,
         "max_act_source": "dashboards" if a.dashboard_tokens else "--max-act",
         "model_load_s": load_s, "dashboards_build_s": dash_s, "dashboards_lookup_s": lookup_s,
-        "summary": summary, "runs": results, "cli_subprocess_runs": sub, "load_average": load_avg,
+        "summary": summary, "canaries": compat.canary_report(model), "same_tokens_fast_vs_bridge": same if a.compare else None,
+        "runs": results, "cli_subprocess_runs": sub, "load_average": load_avg,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "python": platform.python_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

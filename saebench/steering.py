@@ -259,6 +259,7 @@ def generate_tokens(
     stop_at_eos: bool = True,
     progress: bool = False,
     on_token: Callable[[int, Tensor, Tensor], None] | None = None,
+    fast_decode: bool = True,
 ) -> Tensor:
     """The sampling loop: ``tokens`` [B, P] (one prompt, or B copies of it) → [B, P + T].
 
@@ -268,6 +269,11 @@ def generate_tokens(
     ``on_token(step, new_tokens, logits)``, if given, is called after every sampled step with the
     step index (0 for the first new token), the new tokens [B] and the last-position logits [B, V]
     they were drawn from (step 0's are the logits after the prompt). It streams text to a UI.
+
+    ``fast_decode``: with the KV cache and every hook a :class:`SteeringHook` at a
+    ``blocks.L.hook_resid_pre/post`` site, run the plain Hugging Face model with one torch hook
+    instead of the bridge (:mod:`saebench.fastgen`; verified once per model against the bridge path,
+    which is used whenever that check fails or the fast path does not apply). False: always the bridge.
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
@@ -275,9 +281,16 @@ def generate_tokens(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     eos = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos else None
     with model_lock(model):
+        # --- fast decoding (saebench.fastgen): the plain HF model + one torch hook, when its canary passed;
+        # it checks its own KV cache against the bridge's full forward, so the bridge's cache is not needed
+        fast = None
+        if fast_decode and use_kv_cache and all(isinstance(h, SteeringHook) for _, h in hooks):
+            from saebench.fastgen import fast_decoder
+
+            fast = fast_decoder(model, [name for name, _ in hooks])
         # Checked once per model, before any hook is attached; a KV cache that disagrees with the full
         # forward (a library regression) is not used: slower, never silently wrong.
-        use_kv_cache = use_kv_cache and kv_cache_ok(model)
+        use_kv_cache = use_kv_cache and (fast is not None or kv_cache_ok(model))
     gen = torch.Generator().manual_seed(int(seed))
     vocab = None
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
@@ -287,12 +300,14 @@ def generate_tokens(
     def forward(inp: Tensor, offset: int, past):
         for _, h in hooks:
             h.position_offset = offset
+        if fast is not None:
+            return fast.step(inp, past)
         if use_kv_cache:
             return _call_last(model, inp, call=lambda i, **kw: cached_forward(model, i, past, **kw))
         return _call_last(model, inp), None
 
     with model_lock(model):
-        with model.hooks(fwd_hooks=list(hooks)):
+        with (fast.attached(model, hooks) if fast is not None else model.hooks(fwd_hooks=list(hooks))):
             logits, past = forward(tokens, 0, None)
             for t in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
                 last = logits[:, -1]
@@ -362,12 +377,14 @@ def generate(
     head: int | None = None,
     stop_at_eos: bool = True,
     prepend_bos: bool = True,
+    fast_decode: bool = True,
 ) -> GenerationResult:
     """Sample a continuation of ``prompt``, optionally adding ``vector`` at ``hook_name`` over ``scope``.
 
     Seeded and exact: the same arguments give the same tokens with or without the KV cache.
     ``temperature=0`` is greedy. ``prompt`` is text (BOS prepended unless ``prepend_bos=False``) or
     token ids [n] / [1, n]. ``hook_name`` may name a head as ``'blocks.L.attn.hook_z:H'``.
+    ``fast_decode``: see :func:`generate_tokens`.
     """
     toks = _prompt_tokens(model, prompt, prepend_bos)
     if toks.shape[0] != 1:
@@ -375,7 +392,7 @@ def generate(
     plen = toks.shape[1]
     hooks = _hooks_for(vector, hook_name, scope, plen, head)
     out = generate_tokens(model, toks, max_new_tokens, hooks=hooks, seed=seed, temperature=temperature, top_p=top_p,
-                          use_kv_cache=use_kv_cache, stop_at_eos=stop_at_eos)
+                          use_kv_cache=use_kv_cache, stop_at_eos=stop_at_eos, fast_decode=fast_decode)
     return _result(model, out, plen)
 
 
@@ -461,6 +478,7 @@ def steer(
     top_n: int = 10,
     plausible: bool = True,
     on_text: Callable[[str, str], None] | None = None,
+    fast_decode: bool = True,
 ) -> SteeringRun:
     """Default and steered continuations of ``prompt`` in **one batched run** of two rows.
 
@@ -472,6 +490,7 @@ def steer(
     (:func:`rank_plausible_changes`). ``on_text(default_new_text, steered_new_text)`` is called after every new token
     (for streaming into a UI). Batched and one-row runs agree to float rounding (the matmuls see a
     different batch size), so a sampled token can differ only where two candidates are tied to ~1e-6.
+    ``fast_decode``: see :func:`generate_tokens` (False forces the TransformerBridge path).
     """
     t0 = time.perf_counter()
     hook, head = Site.of_sae(sae)
@@ -503,7 +522,7 @@ def steer(
         on_text(texts[0], texts[1])
 
     out = generate_tokens(model, toks.expand(2, -1).contiguous(), max_new_tokens, hooks=hooks, seed=seed, temperature=temperature,
-                          top_p=top_p, use_kv_cache=use_kv_cache, stop_at_eos=stop_at_eos, on_token=on_token)
+                          top_p=top_p, use_kv_cache=use_kv_cache, stop_at_eos=stop_at_eos, on_token=on_token, fast_decode=fast_decode)
     if hooks[0][1]._seen == 0:  # e.g. a hook TransformerLens gates off until model.set_use_*(True): nothing was steered
         raise ValueError(f"the hook {hook!r} never ran in the forward pass, so nothing was steered (is it gated off on this model?)")
     if not first:  # max_new_tokens == 0: no step ran, so no logits were seen

@@ -191,6 +191,9 @@ def test_main_journey(server, page):
     pg.get_by_role("button", name="Generate").click()
     pg.locator("#steer-steered").wait_for()  # the first streamed token
     t_first = time.perf_counter() - t_click
+    # the request is over at the page's final caption: between two streamed updates the page can look
+    # idle (no running icon) while the texts are still partial
+    pg.get_by_text(re.compile(r"generated together in \d")).wait_for()
     settle(pg)
     default, steered = pg.locator("#steer-default").inner_text(), pg.locator("#steer-steered").inner_text()
     assert default.startswith("The fox") and steered.startswith("The fox") and default != steered

@@ -243,6 +243,13 @@ async def steer_journey(s: Session, live_ready: asyncio.Event, steer_started: as
     s.at("generating")
     steer_started.set()
     await s.wait_for(pg.locator("#steer-steered"))
+    s.at("streaming")
+    # #steer-steered shows from the first streamed token on; the request is over only when the page
+    # says so (its final caption). Before, steer_done was set at the first token (ending the live
+    # session's "during" window early) and the texts were read at the first moment the page looked idle,
+    # which races the stream: polled every 5 ms over 6 requests of 128 tokens, B.IDLE_JS was true in 208
+    # of ~1,900 samples taken while the texts were still partial (no running icon between two updates).
+    await s.wait_for(pg.get_by_text(re.compile(r"generated together in \d")))
     s.at("generated")
     steer_done.set()
     await s.settle()

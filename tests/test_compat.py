@@ -64,14 +64,16 @@ def test_broken_kv_cache_warns_and_generation_falls_back_to_the_full_forward(mod
     handles = [m.register_forward_pre_hook(_drop_layer_cache, with_kwargs=True) for m in model.modules()
                if hasattr(type(m), "_update_kv_cache")]
     assert handles, "no attention bridge found to break"
+    # fast_decode=False: the bridge's own cached path (the fast decoder never uses the bridge's cache;
+    # tests/test_fastgen.py checks it stays right under this break)
     reference = st.generate(model, PROMPT, 10, seed=3, temperature=0.5, use_kv_cache=False)
     with pytest.warns(compat.LibraryBehaviourWarning, match=r"KV-cached decoding .* differs .*transformers .*without the KV cache"):
-        cached = st.generate(model, PROMPT, 10, seed=3, temperature=0.5, use_kv_cache=True)
+        cached = st.generate(model, PROMPT, 10, seed=3, temperature=0.5, use_kv_cache=True, fast_decode=False)
     assert torch.equal(cached.tokens, reference.tokens)
     assert compat.canary_report(model)["kv_cache"]["ok"] is False
     with warnings.catch_warnings():  # warned once per model, not per generation
         warnings.simplefilter("error", compat.LibraryBehaviourWarning)
-        st.generate(model, PROMPT, 3, seed=3)
+        st.generate(model, PROMPT, 3, seed=3, fast_decode=False)
 
 
 def test_the_shim_maps_the_renamed_cache_argument():
@@ -91,7 +93,7 @@ def test_kv_canary_catches_a_cached_path_that_raises(model_dir, monkeypatch):
     monkeypatch.setattr(compat, "cached_forward", broken)
     monkeypatch.setattr(st, "cached_forward", broken)
     with pytest.warns(compat.LibraryBehaviourWarning, match="raised TypeError"):
-        out = st.generate(model, PROMPT, 5, seed=1, temperature=0)
+        out = st.generate(model, PROMPT, 5, seed=1, temperature=0, fast_decode=False)  # the bridge's cached path
     assert out.tokens.shape[1] == out.prompt_len + 5
 
 
