@@ -576,6 +576,7 @@ _EXTRA_COMMANDS: list = [
     lambda sub: _passthrough(sub, "dead", "saebench.evals.dead:main", "Dead/dense-latent eval of one SAE over stated token windows."),
     lambda sub: _passthrough(sub, "steering-eval", "saebench.evals.steering:main", "Quantified steering sweep with controls and a Pareto curve."),
     lambda sub: _passthrough(sub, "circuits", "saebench.evals.circuits:main", "Feature circuits (attribution patching / IG) with faithfulness and completeness."),
+    lambda sub: _passthrough(sub, "itda-similarity", "saebench.itda_similarity:main", "Jaccard similarity of ITDA dictionaries (atom data positions) across layers/models."),
 ]
 
 
