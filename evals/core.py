@@ -221,7 +221,15 @@ def evaluate_core(
     downstream: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """All core metrics for ``sae`` at its hook on ``tokens`` [n_seq, ctx]; returns a JSON-able dict."""
+    """All core metrics for ``sae`` at its hook on ``tokens`` [n_seq, ctx]; returns a JSON-able dict.
+
+    A transcoder (``sae.cfg.d_out`` set) is evaluated by ``evals/transcoder.py``: FVU against its target,
+    CE/KL with its prediction spliced in at ``hook_name_out``."""
+    if sae.cfg.is_transcoder:
+        from saebench.evals.transcoder import evaluate_transcoder_core
+
+        return evaluate_transcoder_core(sae, model, tokens, special_ids=special_ids, batch_size=batch_size, downstream=downstream,
+                                        progress=progress)
     hook, head = parse_hook(sae.cfg.hook_name) if ":" in sae.cfg.hook_name else (sae.cfg.hook_name, sae.cfg.hook_head_index)
     if not hook:
         raise ValueError("the SAE's cfg has no hook_name; cannot evaluate it on a model")
@@ -430,6 +438,9 @@ def evaluate_activations(sae: SAE, data, *, max_tokens: int | None = None, batch
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     source = as_source(data)
+    if sae.cfg.is_transcoder:
+        raise ValueError("evaluate_activations reconstructs one hook's activations; a transcoder predicts another hook "
+                         f"({sae.cfg.hook_name_out}): evaluate it on a model with evaluate_core / `saebench eval`")
     hook = hook_name or (sae.cfg.hook_name if sae.cfg.hook_name in source.hook_names else None)
     if hook is None:
         if len(source.hook_names) != 1:

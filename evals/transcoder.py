@@ -1,0 +1,92 @@
+"""Core evaluation of a transcoder: its prediction spliced in at the target hook (issue #18.7).
+
+One clean forward gives both the input x (``hook_name``) and the target y (``hook_name_out``); the
+transcoder predicts ŷ = W_dec f(x) + b_dec (+ W_skip x). The metrics are the core eval's (``evals/core.py``)
+with y in the place of x:
+
+- ``fvu`` etc.: Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over non-special tokens (FVU *against the target*);
+- ``ce_loss_score`` = (CE_zero − CE_tc) / (CE_zero − CE_clean) and ``kl_div_score`` with the target hook
+  replaced by ŷ (CE_tc) or zeroed at every position (CE_zero), e.g. the MLP's output replaced by the
+  transcoder's: how much of what the replaced component contributes to the next-token loss the transcoder
+  carries. Special positions keep their clean activation, as for SAEs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saebench.activations import _flatten_site, parse_hook, token_mask
+from saebench.sae import SAE
+
+
+@torch.no_grad()
+def evaluate_transcoder_core(sae: SAE, model, tokens: Tensor, *, special_ids: Tensor | None = None, batch_size: int = 16,
+                             downstream: bool = True, progress: bool = True) -> dict[str, Any]:
+    """All core metrics of transcoder ``sae`` on ``tokens`` [n_seq, ctx], its output spliced at ``hook_name_out``."""
+    from saebench.evals.core import ZeroAblation, clean_terms, spliced_logits, zero_terms
+
+    from saebench.models import validate_hook_name
+
+    if not sae.cfg.is_transcoder or not sae.cfg.hook_name_out:
+        raise ValueError("not a transcoder: its cfg has no d_out / hook_name_out")
+    hook_in, head_in = parse_hook(sae.cfg.hook_name) if ":" in sae.cfg.hook_name else (sae.cfg.hook_name, sae.cfg.hook_head_index)
+    hook_out = sae.cfg.hook_name_out
+    for h in (hook_in, hook_out):
+        validate_hook_name(model, h)
+    names = {hook_in, hook_out}
+    acc = target_accumulator(sae)
+    zero = ZeroAblation(model, hook_out, None)
+    for start in tqdm(range(0, tokens.shape[0], batch_size), desc="transcoder eval", disable=not progress):
+        toks = tokens[start : start + batch_size].to(sae.device)
+        keep = token_mask(toks, special_ids)
+        logits_clean, cache = model.run_with_cache(toks, names_filter=lambda n: n in names)
+        x_full = _flatten_site(cache[hook_in], head_in).float()
+        y_full = _flatten_site(cache[hook_out], None).float()
+        if x_full.shape[-1] != sae.d_in or y_full.shape[-1] != sae.d_out:
+            raise ValueError(f"transcoder {sae.d_in} -> {sae.d_out} does not match this model's widths {x_full.shape[-1]} ({hook_in}) -> "
+                             f"{y_full.shape[-1]} ({hook_out})")
+        x, y = x_full[keep], y_full[keep]
+        acts = sae.encode_sparse(x)
+        y_hat = sae.add_skip(sae.decode_sparse(acts), x).float()
+        acc.add_reconstruction(y, y_hat, acts)
+        if downstream:
+            recon = y_full.clone()
+            recon[keep] = y_hat
+            site = y_full
+            lp_clean = F.log_softmax(logits_clean.float(), -1)
+            clean = clean_terms(lp_clean)
+            ce_zero, kl_zero = zero_terms(zero.logprobs(toks, site, logits_clean), toks, keep, clean)
+            logits_tc = spliced_logits(model, hook_out, None, toks, site, recon, keep, logits_clean)
+            acc.add_downstream(toks, keep, logits_tc, logprobs_clean=lp_clean, clean=clean, ce_zero=ce_zero, kl_zero=kl_zero)
+    out = acc.result(downstream)
+    return out | {"hook_name_out": hook_out, "d_out": sae.d_out, "skip_connection": bool(sae.cfg.skip_connection),
+                  "fvu_target": "hook_name_out (the transcoder's prediction against the target activation)"}
+
+
+class _NoAFA:
+    """The approximate-feature-activation metrics compare a code with the input it reconstructs; a transcoder has none."""
+
+    def add(self, *_):
+        pass
+
+    def result(self) -> dict:
+        return {}
+
+
+def target_accumulator(sae: SAE):
+    """The core eval's running sums, sized for the transcoder's output (d_out) instead of its input."""
+    from types import SimpleNamespace
+
+    from saebench.evals.core import CoreAccumulator, _Sums
+
+    acc = CoreAccumulator(sae)
+    acc.sae = SimpleNamespace(cfg=sae.cfg, d_in=sae.d_out, d_sae=sae.d_sae)  # the summary's widths: the target's
+    acc.sums = _Sums(sum_x=torch.zeros(sae.d_out, dtype=torch.float64), sum_x_in=torch.zeros(sae.d_out, dtype=torch.float64),
+                     fires=torch.zeros(sae.d_sae, dtype=torch.long))
+    acc.afa = _NoAFA()
+    return acc
