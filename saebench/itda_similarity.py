@@ -84,7 +84,8 @@ def load_atom_refs(folder: str | Path) -> dict:
         raise ArtifactError(f"{path}: 'refs' must be a list of [sequence, position] integer pairs")
     if not isinstance(raw.get("token_stream"), dict):
         raise ArtifactError(f"{path}: 'token_stream' (the fingerprint of the tokens the positions index) is missing")
-    return raw | {"ref_set": {tuple(r) for r in refs}, "folder": str(folder)}
+    n_seed = (raw.get("stats") or {}).get("seed_atoms", 0)
+    return raw | {"ref_set": {tuple(r) for r in refs}, "grown_set": {tuple(r) for r in refs[n_seed:]}, "folder": str(folder)}
 
 
 def jaccard(a: set, b: set) -> float:
@@ -95,22 +96,26 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / union
 
 
-def similarity(a: dict | str | Path, b: dict | str | Path) -> float:
+def similarity(a: dict | str | Path, b: dict | str | Path, grown_only: bool = False) -> float:
     """Jaccard index of two ITDA dictionaries' atom positions (folders or ``load_atom_refs`` results).
 
-    Refuses dictionaries built on different token streams: the same (seq, pos) would be a different token."""
+    ``grown_only``: over the atoms added by the matching-pursuit rule only, leaving out the bootstrap (the first
+    batch's d_in distinct activations, which with continuous activations are an arbitrary subset of the first
+    batch's positions and can dominate a small dictionary). Refuses dictionaries built on different token
+    streams: the same (seq, pos) would be a different token."""
     a = a if isinstance(a, dict) else load_atom_refs(a)
     b = b if isinstance(b, dict) else load_atom_refs(b)
     if a["token_stream"] != b["token_stream"]:
         raise ValueError(f"{a.get('folder', 'A')} and {b.get('folder', 'B')} were built on different token streams "
                          f"({a['token_stream']} vs {b['token_stream']}); their atom positions name different tokens. "
                          "Build both with the same --corpus, --context-size, --tokens (and a model with the same tokenizer)")
-    return jaccard(a["ref_set"], b["ref_set"])
+    key = "grown_set" if grown_only else "ref_set"
+    return jaccard(a[key], b[key])
 
 
-def similarity_matrix(dicts: list[dict]) -> list[list[float]]:
+def similarity_matrix(dicts: list[dict], grown_only: bool = False) -> list[list[float]]:
     """Pairwise Jaccard indices (symmetric, 1 on the diagonal of non-empty dictionaries)."""
-    return [[similarity(a, b) for b in dicts] for a in dicts]
+    return [[similarity(a, b, grown_only) for b in dicts] for a in dicts]
 
 
 def token_fingerprint(tokens: Tensor) -> dict:
@@ -127,6 +132,7 @@ class _Builder:
         self.atoms = torch.zeros(capacity, d)
         self.refs = torch.zeros(capacity, 2, dtype=torch.long)
         self.n = 0
+        self.n_seed = 0  # atoms from the bootstrap (the first batch's distinct activations)
         self.seen = 0
 
     def feed(self, x: Tensor, refs: Tensor) -> None:
@@ -140,6 +146,7 @@ class _Builder:
         if self.n == 0:
             first = initial_atom_rows(x, min(x.shape[1], self.capacity))
             self._add(x[first], refs[first])
+            self.n_seed = self.n
         if self.n >= self.capacity:
             return
         with torch.no_grad():
@@ -218,7 +225,7 @@ def build_dictionaries(model, hook_names: list[str], tokens: Tensor, *, d_sae: i
     seconds = time.perf_counter() - t0
     fp = token_fingerprint(tokens)
     return {h: ITDADictionary(h, b.atoms[: b.n].clone(), [tuple(map(int, r)) for r in b.refs[: b.n].tolist()], fp, model_name, k, loss_threshold,
-                              {"tokens_seen": b.seen, "atoms": b.n, "capacity": d_sae, "seconds_all_hooks": seconds})
+                              {"tokens_seen": b.seen, "atoms": b.n, "seed_atoms": b.n_seed, "capacity": d_sae, "seconds_all_hooks": seconds})
             for h, b in builders.items()}
 
 
@@ -276,8 +283,15 @@ def main(argv: list[str] | None = None) -> dict:
     dicts = [load_atom_refs(f) for f in folders]
     m = similarity_matrix(dicts)
     labels = [f"{d.get('model_name', '')}:{d.get('hook_name', '')}" for d in dicts]
+    print("Jaccard index of the atoms' (sequence, position) sets:")
     print(format_matrix(labels, m))
-    result = {"folders": folders, "labels": labels, "jaccard": m, "atoms": [len(d["ref_set"]) for d in dicts],
+    grown = None
+    if all(d["grown_set"] for d in dicts):
+        grown = similarity_matrix(dicts, grown_only=True)
+        print("\nthe same over the grown atoms only (bootstrap atoms left out):")
+        print(format_matrix(labels, grown))
+    result = {"folders": folders, "labels": labels, "jaccard": m, "jaccard_grown_only": grown, "atoms": [len(d["ref_set"]) for d in dicts],
+              "grown_atoms": [len(d["grown_set"]) for d in dicts],
               "definition": "J(A,B) = |A ∩ B| / |A ∪ B| over atom (sequence, position) pairs"}
     if args.out:
         write_json(Path(args.out), result)

@@ -47,7 +47,7 @@ def test_builder_applies_itda_rules_in_stream_order_and_records_first_positions(
     b = _Builder("h", d=5, capacity=10, k=1, loss_threshold=1e-3)
     # batch 1: e0 twice, e1 once -> starts from its distinct rows, most frequent first, each at its first position
     b.feed(torch.stack([e[1], 2 * e[0], 2 * e[0]]), torch.tensor([[0, 0], [0, 1], [0, 2]]))
-    assert b.n == 2 and b.refs[:2].tolist() == [[0, 1], [0, 0]]
+    assert b.n == b.n_seed == 2 and b.refs[:2].tolist() == [[0, 1], [0, 0]]
     # batch 2: e1 is explained (1 MP step), e2 (twice) and e3 are not: all three are added, in batch order
     b.feed(torch.stack([3 * e[1], e[2], e[2], -e[3]]), torch.tensor([[1, 0], [1, 1], [1, 2], [1, 3]]))
     assert b.n == 5 and b.refs[2:5].tolist() == [[1, 1], [1, 2], [1, 3]]
@@ -90,6 +90,11 @@ def test_cli_builds_and_compares(tiny_model_dir, text_file, tmp_path, capsys):
                 "blocks.1.hook_resid_post", "--tokens", "600", "--context-size", "32", "--d-sae", "128", "--k", "4", "--batch-tokens", "64",
                 "--out", str(tmp_path / "m.json")])
     assert len(res["jaccard"]) == 2 and res["jaccard"][0][0] == 1.0 and res["jaccard"][0][1] == res["jaccard"][1][0]
+    # the grown-only index leaves the bootstrap out: by hand from the saved positions
+    a, b = (load_atom_refs(f) for f in res["folders"])
+    assert a["grown_set"] == set(map(tuple, a["refs"][a["stats"]["seed_atoms"]:])) and len(a["grown_set"]) < len(a["ref_set"])
+    if res["jaccard_grown_only"] is not None:
+        assert res["jaccard_grown_only"][0][1] == len(a["grown_set"] & b["grown_set"]) / len(a["grown_set"] | b["grown_set"])
     assert (tmp_path / "m.json").is_file() and "blocks.1.hook_resid_post" in capsys.readouterr().out
     again = main([str(out / "blocks.0.hook_resid_post"), str(out / "blocks.0.hook_resid_post")])
     assert again["jaccard"] == [[1.0, 1.0], [1.0, 1.0]]

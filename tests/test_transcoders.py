@@ -119,3 +119,50 @@ def test_transcoder_trains_from_one_harvest_and_is_evaluated_spliced_at_its_targ
     ce_zero = ce_from_logprobs(lp, tokens)[keep[:, :-1] & keep[:, 1:]].mean().item()
     assert m["ce_loss_with_ablation"] == pytest.approx(ce_zero, rel=1e-4)
     assert torch.isfinite(torch.tensor([m["ce_loss_with_sae"], m["kl_div_with_sae"]])).all()  # (a random model: no CE ordering to expect)
+
+
+_SAELENS_TRANSCODER_CHECK = """
+import json, sys, torch
+from safetensors.torch import load_file
+from sae_lens import SAE
+out = {}
+for d in sys.argv[1:]:
+    sae = SAE.load_from_disk(d, device="cpu")
+    t = load_file(d + "/io.safetensors")
+    with torch.no_grad():
+        out[d] = [type(sae).__name__, (sae.encode(t["x"]) - t["z"]).abs().max().item(), (sae(t["x"]) - t["y_hat"]).abs().max().item(),
+                  getattr(sae.cfg.metadata, "hook_name_out", None)]
+print(json.dumps(out))
+"""
+
+
+def test_saelens_loads_the_transcoders_and_predicts_identically(tmp_path):
+    """In SAELens' own environment (skipped where there is none): ``SAE.load_from_disk`` on our (skip-)transcoder folders."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    py = next((str(p) for p in (os.environ.get("SAEBENCH_SAELENS_PYTHON"), Path(__file__).parents[1] / "benchmarks" / "envs" / "saelens" / "bin" / "python")
+               if p and Path(p).is_file()), None)
+    if py is None:
+        pytest.skip("no SAELens environment (bash benchmarks/make_anchor_envs.sh saelens, or SAEBENCH_SAELENS_PYTHON)")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=g)
+    folders = {}
+    for arch, skip, cls in [("relu", False, "Transcoder"), ("relu", True, "SkipTranscoder"), ("jumprelu", False, "JumpReLUTranscoder")]:
+        sae = SAE(SAEConfig(architecture=arch, d_in=16, d_sae=40, d_out=12, hook_name="blocks.0.ln2.hook_normalized", hook_layer=0,
+                            hook_name_out="blocks.0.hook_mlp_out", hook_layer_out=0, skip_connection=skip or None, apply_b_dec_to_input=False))
+        sae.init_tied(g)
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+            z, y_hat = sae.encode(x), sae(x)
+        d = sae.save(tmp_path / f"{arch}{skip}")
+        save_file({"x": x, "z": z, "y_hat": y_hat}, str(d / "io.safetensors"))
+        folders[str(d)] = cls
+    res = subprocess.run([py, "-c", _SAELENS_TRANSCODER_CHECK, *folders], capture_output=True, text=True, timeout=300, check=False,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    for d, cls in folders.items():
+        assert got[d][0] == cls and got[d][1] < 1e-4 and got[d][2] < 1e-4 and got[d][3] == "blocks.0.hook_mlp_out", (d, got[d])
