@@ -166,3 +166,30 @@ def test_saelens_loads_the_transcoders_and_predicts_identically(tmp_path):
     got = json.loads(res.stdout.strip().splitlines()[-1])
     for d, cls in folders.items():
         assert got[d][0] == cls and got[d][1] < 1e-4 and got[d][2] < 1e-4 and got[d][3] == "blocks.0.hook_mlp_out", (d, got[d])
+
+
+def test_skip_transcoder_resumes_bit_identically(tmp_path):
+    """The target's scale is checkpointed: an interrupted run resumed equals the uninterrupted one, W_skip included."""
+    src = PlantedPairSource(d_in=16, d_out=12, m=32, n_active=2, skip_rank=4, noise=0.5, chunk_tokens=2048, seed=4)
+    kw = dict(method="topk", skip_transcoder=True, d_sae=48, k=2, batch_size_tokens=256, training_tokens=30 * 256, checkpoint_every_steps=10,
+              resume=True)
+    full = train(cfg(tmp_path, "full", 30, **kw), source=src, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    orig = src.batches
+
+    def dying(*a, **k):
+        for i, item in enumerate(orig(*a, **k)):
+            if i == 15:
+                raise Interrupt
+            yield item
+
+    src.batches = dying
+    with pytest.raises(Interrupt):
+        train(cfg(tmp_path, "cut", 30, **kw), source=src, progress=False)
+    src.batches = orig
+    resumed = train(cfg(tmp_path, "cut", 30, **kw), source=src, progress=False)
+    for name in ("W_dec", "encoder_weight", "b_enc", "b_dec", "W_skip"):
+        assert torch.equal(getattr(resumed.sae, name), getattr(full.sae, name)), name
