@@ -61,6 +61,9 @@ def evaluate_hook_group(
     Returns:
         One ``{"core": metrics, "dead": metrics}`` dict per SAE (only the evals asked for).
     """
+    from saebench.evals.transcoder import refuse_transcoders
+
+    refuse_transcoders(saes, "the shared-forward core/dead eval (bench, evaluate_reconstruction)")
     if not saes:
         return []
     hook, head = one_site(model, saes, "evaluate_hook_group")

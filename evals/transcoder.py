@@ -90,3 +90,12 @@ def target_accumulator(sae: SAE):
                      fires=torch.zeros(sae.d_sae, dtype=torch.long))
     acc.afa = _NoAFA()
     return acc
+
+
+def refuse_transcoders(saes, what: str) -> None:
+    """A clear error where an eval or tool that reads and writes one hook is given a transcoder (it would splice
+    the prediction of ``hook_name_out`` in at ``hook_name``: silently wrong when the widths agree)."""
+    for s in [saes] if isinstance(saes, SAE) else saes:
+        if s.cfg.is_transcoder:
+            raise ValueError(f"{what} works on SAEs (one hook, read and written); this is a transcoder ({s.cfg.hook_name} -> "
+                             f"{s.cfg.hook_name_out}). Evaluate it with `saebench eval` / evaluate_core (spliced at {s.cfg.hook_name_out})")

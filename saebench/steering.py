@@ -496,6 +496,9 @@ def steer(
     (for streaming into a UI). Batched and one-row runs agree to float rounding (the matmuls see a
     different batch size), so a sampled token can differ only where two candidates are tied to ~1e-6.
     """
+    from saebench.evals.transcoder import refuse_transcoders
+
+    refuse_transcoders(sae, "steering")
     t0 = time.perf_counter()
     hook, head = sae_site(sae)
     vec = steering_vector(sae, latent, strength, max_act)

@@ -193,3 +193,20 @@ def test_skip_transcoder_resumes_bit_identically(tmp_path):
     resumed = train(cfg(tmp_path, "cut", 30, **kw), source=src, progress=False)
     for name in ("W_dec", "encoder_weight", "b_enc", "b_dec", "W_skip"):
         assert torch.equal(getattr(resumed.sae, name), getattr(full.sae, name)), name
+
+
+def test_single_hook_evals_and_steering_refuse_a_transcoder(tiny_model):
+    """Same widths in and out (64 -> 64): splicing the prediction at the input hook would run, silently wrong; it is refused."""
+    from saebench.evals.circuits import SAESite
+    from saebench.evals.reconstruction import evaluate_reconstruction
+    from saebench.steering import steer
+
+    tc = SAE(SAEConfig(architecture="topk", k=4, d_in=64, d_sae=128, d_out=64, hook_name="blocks.0.ln2.hook_normalized",
+                       hook_name_out="blocks.0.hook_mlp_out", apply_b_dec_to_input=False))
+    toks = torch.randint(100, 1000, (2, 8))
+    with pytest.raises(ValueError, match="this is a transcoder"):
+        evaluate_reconstruction(tc, tiny_model, toks, progress=False)
+    with pytest.raises(ValueError, match="this is a transcoder"):
+        steer(tiny_model, tc, "hello", latent=0, strength=1.0, max_act=1.0)
+    with pytest.raises(ValueError, match="this is a transcoder"):
+        SAESite(tc)
