@@ -438,9 +438,10 @@ def evaluate_activations(sae: SAE, data, *, max_tokens: int | None = None, batch
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     source = as_source(data)
-    if sae.cfg.is_transcoder:
-        raise ValueError("evaluate_activations reconstructs one hook's activations; a transcoder predicts another hook "
-                         f"({sae.cfg.hook_name_out}): evaluate it on a model with evaluate_core / `saebench eval`")
+    if sae.cfg.is_transcoder:  # (input, target) pairs from a two-hook source: evals/transcoder.py
+        from saebench.evals.transcoder import evaluate_transcoder_activations
+
+        return evaluate_transcoder_activations(sae, source, max_tokens=max_tokens, batch_size=batch_size, split=split, progress=progress)
     hook = hook_name or (sae.cfg.hook_name if sae.cfg.hook_name in source.hook_names else None)
     if hook is None:
         if len(source.hook_names) != 1:

@@ -68,6 +68,45 @@ def evaluate_transcoder_core(sae: SAE, model, tokens: Tensor, *, special_ids: Te
                   "fvu_target": "hook_name_out (the transcoder's prediction against the target activation)"}
 
 
+@torch.no_grad()
+def evaluate_transcoder_activations(sae: SAE, source, *, max_tokens: int | None = None, batch_size: int = 4096, split: str | None = None,
+                                    progress: bool = False) -> dict[str, Any]:
+    """``evaluate_activations`` for a transcoder: FVU etc. of its prediction against the target, on a source that holds both
+    hooks (``hook_name`` and ``hook_name_out``, e.g. a two-hook harvest or cache); no model, so no CE/KL."""
+    from saebench.sources import source_provenance
+
+    need = [sae.cfg.hook_name, sae.cfg.hook_name_out]
+    missing = [h for h in need if h not in source.hook_names]
+    if missing:
+        raise ValueError(f"a transcoder is evaluated on (input, target) pairs: the source must hold {need}, it has {source.hook_names}")
+    if source.n_chunks is None and max_tokens is None:
+        raise ValueError(f"{type(source).__name__} is unbounded; pass max_tokens")
+    acc = target_accumulator(sae)
+    seen, i = 0, 0
+    bar = tqdm(total=max_tokens, desc="evaluate transcoder", disable=not progress)
+    while (source.n_chunks is None or i < source.n_chunks) and (max_tokens is None or seen < max_tokens):
+        chunk = source.chunk(i)
+        i += 1
+        xs, ys = chunk.acts[need[0]], chunk.acts[need[1]]
+        for s in range(0, xs.shape[0], batch_size):
+            n = batch_size if max_tokens is None else min(batch_size, max_tokens - seen)
+            if n <= 0:
+                break
+            x, y = xs[s : s + n].to(sae.device).float(), ys[s : s + n].to(sae.device).float()
+            if not x.shape[0]:
+                break
+            acts = sae.encode_sparse(x)
+            acc.add_reconstruction(y, sae.add_skip(sae.decode_sparse(acts), x).float(), acts)
+            seen += x.shape[0]
+            bar.update(x.shape[0])
+    bar.close()
+    if seen == 0:
+        raise ValueError("no activations to evaluate (the source is empty)")
+    prov = source_provenance(source)
+    return acc.result(downstream=False) | {"evaluated_hook_name": need[0], "hook_name_out": need[1], "outlier_batch_tokens": batch_size,
+                                           "split": split, "source": prov if prov is not None else {"description": type(source).__name__}}
+
+
 class _NoAFA:
     """The approximate-feature-activation metrics compare a code with the input it reconstructs; a transcoder has none."""
 

@@ -210,3 +210,19 @@ def test_single_hook_evals_and_steering_refuse_a_transcoder(tiny_model):
         steer(tiny_model, tc, "hello", latent=0, strength=1.0, max_act=1.0)
     with pytest.raises(ValueError, match="this is a transcoder"):
         SAESite(tc)
+
+
+def test_evaluate_activations_scores_a_transcoder_against_its_target_on_a_pair_source(tmp_path):
+    from saebench.evals.core import evaluate_activations
+
+    src = PlantedPairSource(d_in=32, d_out=24, m=64, n_active=3, seed=1, chunk_tokens=4096)
+    r = train(cfg(tmp_path, "tc", 200), source=src, progress=False)
+    m = evaluate_activations(r.sae, src, max_tokens=6000, batch_size=1000)
+    # by hand on the same 6,000 rows (chunk 0 and the first 1,904 of chunk 1)
+    x = torch.cat([src.chunk(0).acts["in"], src.chunk(1).acts["in"][:1904]])
+    y = torch.cat([src.chunk(0).acts["out"], src.chunk(1).acts["out"][:1904]])
+    with torch.no_grad():
+        want = float((y - r.sae(x)).square().sum() / (y - y.mean(0)).square().sum())
+    assert m["n_tokens"] == 6000 and m["hook_name_out"] == "out" and m["fvu"] == pytest.approx(want, rel=1e-4)
+    with pytest.raises(ValueError, match="must hold"):
+        evaluate_activations(r.sae, torch.randn(100, 32))

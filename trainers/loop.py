@@ -562,7 +562,8 @@ def _finish(r: _Run, world: int) -> TrainResult:
         "training_tokens": r.step * cfg.batch_size_tokens, "corpus": cfg.corpus, "seed": cfg.seed, "method_options": dict(cfg.method_options),
         "activation_scale_folded": r.scale, "normalize_activations_in_training": cfg.normalize_activations,
         "skipped_steps": r.skipped, "train_config": cfg.model_dump(mode="json"), "saebench_version": _version(),
-    } | ({"world_size": world} if world > 1 else {}) | ({"activation_source": r.source_info} if r.source_info is not None else {})})
+    } | ({"world_size": world} if world > 1 else {}) | ({"activation_source": r.source_info} if r.source_info is not None else {})
+      | ({"target_activation_scale_folded": r.target_scale} if cfg.target_hook is not None else {})})
     if r.writes:
         # "seconds" adds up every process that trained this run (resumed runs too); "processes" has each one's share.
         _save_final(r, final, {"history": r.history, "seconds": r.seconds_before + r.seconds, "steps": r.step,
