@@ -226,3 +226,18 @@ def test_evaluate_activations_scores_a_transcoder_against_its_target_on_a_pair_s
     assert m["n_tokens"] == 6000 and m["hook_name_out"] == "out" and m["fvu"] == pytest.approx(want, rel=1e-4)
     with pytest.raises(ValueError, match="must hold"):
         evaluate_activations(r.sae, torch.randn(100, 32))
+
+
+def test_cli_trains_and_evaluates_a_skip_transcoder(tiny_model_dir, text_file, tmp_path, capsys):
+    from saebench.cli import main
+
+    out = tmp_path / "tc"
+    rc = main(["train", "--model", str(tiny_model_dir), "--corpus", str(text_file), "--hook-name", "blocks.0.ln2.hook_normalized",
+               "--target-hook", "blocks.0.hook_mlp_out", "--skip-transcoder", "--k", "4", "--expansion-factor", "2", "--training-tokens", "2048",
+               "--batch-size-tokens", "512", "--context-size", "32", "--eval-tokens", "256", "--out-dir", str(out), "--quiet"])
+    assert rc == 0
+    raw = json.loads((out / "cfg.json").read_text())
+    assert raw["architecture"] == "topk_skip_transcoder" and raw["hook_name_out"] == "blocks.0.hook_mlp_out"
+    metrics = json.loads((out / "eval_core.json").read_text())
+    assert metrics["hook_name_out"] == "blocks.0.hook_mlp_out" and "ce_loss_score" in metrics
+    assert main(["verify", str(out)]) == 0
