@@ -75,6 +75,8 @@ class ITDADictionary:
 def load_atom_refs(folder: str | Path) -> dict:
     """``itda_atoms.json`` of an ITDA folder built here, checked (positions as a set of (seq, pos) tuples under "ref_set")."""
     path = Path(folder) / ATOMS_FILE
+    if not Path(folder).is_dir():
+        raise ArtifactError(f"ITDA folder {folder} does not exist")
     if not path.is_file():
         raise ArtifactError(f"{folder} has no {ATOMS_FILE}: only ITDA dictionaries built by `saebench itda-similarity --build` record "
                             "the data position of each atom (an ITDA trained by `saebench train` reads a shuffled stream and has none)")
@@ -181,6 +183,11 @@ def build_dictionaries(model, hook_names: list[str], tokens: Tensor, *, d_sae: i
         raise ValueError(f"tokens must be a non-empty [n_seq, context] tensor, got {tuple(tokens.shape)}")
     if not hook_names:
         raise ValueError("give at least one hook")
+    for name, v in (("d_sae", d_sae), ("k", k), ("batch_tokens", batch_tokens), ("model_batch_size", model_batch_size)):
+        if v <= 0:
+            raise ValueError(f"{name} must be positive, got {v}")
+    if not loss_threshold >= 0:
+        raise ValueError(f"loss_threshold must be >= 0, got {loss_threshold}")
     sites = [parse_hook(h) for h in hook_names]
     for name, _ in sites:
         validate_hook_name(model, name)

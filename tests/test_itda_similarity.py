@@ -40,6 +40,8 @@ def test_refuses_dictionaries_of_different_token_streams_and_folders_without_pos
         load_atom_refs(tmp_path / "plain")
     with pytest.raises(ValueError, match="undefined"):
         jaccard(set(), set())
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_atom_refs(tmp_path / "missing")
 
 
 def test_builder_applies_itda_rules_in_stream_order_and_records_first_positions():
