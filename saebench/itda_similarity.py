@@ -60,7 +60,7 @@ class ITDADictionary:
         folder = Path(folder)
         n, d = self.atoms.shape
         sae = SAE(SAEConfig(architecture="itda", d_in=d, d_sae=max(n, 1), model_name=self.model_name, hook_name=self.hook_name,
-                            hook_layer=hook_layer_of(self.hook_name), apply_b_dec_to_input=False, max_iterations=self.k, method="itda",
+                            hook_layer=hook_layer_of(self.hook_name), apply_b_dec_to_input=False, max_iterations=self.k or None, method="itda",
                             metadata={"itda_loss_threshold": self.loss_threshold, "built_by": "saebench.itda_similarity"}))
         with torch.no_grad():
             sae.W_dec[:n] = self.atoms
@@ -288,6 +288,15 @@ def main(argv: list[str] | None = None) -> dict:
     if len(folders) < 1:
         raise ValueError("give ITDA folders to compare, or --build OUT --hooks ...")
     dicts = [load_atom_refs(f) for f in folders]
+    full = [d.get("folder") for d in dicts if (d.get("stats") or {}).get("capacity") and len(d["ref_set"]) >= d["stats"]["capacity"]]
+    if full:
+        import warnings
+
+        from saebench.config import SaebenchWarning
+
+        warnings.warn(f"{len(full)} dictionar{'y' if len(full) == 1 else 'ies'} reached capacity ({', '.join(full)}): their atoms stop at the "
+                      "position where the capacity was hit, so the index also compares how fast they filled; raise --d-sae or "
+                      "--loss-threshold (or build on fewer --tokens) for dictionaries that do not fill", SaebenchWarning, stacklevel=2)
     m = similarity_matrix(dicts)
     labels = [f"{d.get('model_name', '')}:{d.get('hook_name', '')}" for d in dicts]
     print("Jaccard index of the atoms' (sequence, position) sets:")
@@ -297,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
         grown = similarity_matrix(dicts, grown_only=True)
         print("\nthe same over the grown atoms only (bootstrap atoms left out):")
         print(format_matrix(labels, grown))
-    result = {"folders": folders, "labels": labels, "jaccard": m, "jaccard_grown_only": grown, "atoms": [len(d["ref_set"]) for d in dicts],
+    result = {"folders": folders, "labels": labels, "jaccard": m, "at_capacity": full, "jaccard_grown_only": grown, "atoms": [len(d["ref_set"]) for d in dicts],
               "grown_atoms": [len(d["grown_set"]) for d in dicts],
               "definition": "J(A,B) = |A ∩ B| / |A ∪ B| over atom (sequence, position) pairs"}
     if args.out:

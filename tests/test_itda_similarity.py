@@ -89,7 +89,7 @@ def test_built_dictionaries_point_at_the_activations_they_hold(tiny_model, tmp_p
 def test_cli_builds_and_compares(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "itda"
     res = main(["--build", str(out), "--model", str(tiny_model_dir), "--corpus", str(text_file), "--hooks", "blocks.0.hook_resid_post",
-                "blocks.1.hook_resid_post", "--tokens", "600", "--context-size", "32", "--d-sae", "128", "--k", "4", "--batch-tokens", "64",
+                "blocks.1.hook_resid_post", "--tokens", "600", "--context-size", "32", "--d-sae", "1024", "--k", "4", "--batch-tokens", "64",
                 "--out", str(tmp_path / "m.json")])
     assert len(res["jaccard"]) == 2 and res["jaccard"][0][0] == 1.0 and res["jaccard"][0][1] == res["jaccard"][1][0]
     # the grown-only index leaves the bootstrap out: by hand from the saved positions
@@ -98,5 +98,16 @@ def test_cli_builds_and_compares(tiny_model_dir, text_file, tmp_path, capsys):
     if res["jaccard_grown_only"] is not None:
         assert res["jaccard_grown_only"][0][1] == len(a["grown_set"] & b["grown_set"]) / len(a["grown_set"] | b["grown_set"])
     assert (tmp_path / "m.json").is_file() and "blocks.1.hook_resid_post" in capsys.readouterr().out
+    assert res["at_capacity"] == []  # ~560 tokens cannot fill 1,024 atoms
     again = main([str(out / "blocks.0.hook_resid_post"), str(out / "blocks.0.hook_resid_post")])
     assert again["jaccard"] == [[1.0, 1.0], [1.0, 1.0]]
+
+
+def test_cli_warns_when_a_dictionary_is_full(tmp_path):
+    from saebench.config import SaebenchWarning
+
+    d = ITDADictionary("h", F.normalize(torch.randn(3, 4), dim=-1), [(0, 1), (0, 2), (1, 1)], STREAM, k=2, stats={"capacity": 3, "seed_atoms": 1})
+    d.save(tmp_path / "full")
+    with pytest.warns(SaebenchWarning, match="reached capacity"):
+        res = main([str(tmp_path / "full")])
+    assert res["at_capacity"] == [str(tmp_path / "full")]
