@@ -35,11 +35,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "transcoders_smollm2"))
     ap.add_argument("--work", default="/tmp/bench_transcoders")
     args = ap.parse_args()
+    from saebench.evals.core import evaluate_core
+    from saebench.trainers.loop import train_many
+
     from saebench import models, text
     from saebench.config import TrainConfig
-    from saebench.evals.core import evaluate_core
     from saebench.sae import load_sae
-    from saebench.trainers.loop import train_many
 
     L = args.layer
     inp, out = f"blocks.{L}.ln2.hook_normalized", f"blocks.{L}.hook_mlp_out"
@@ -76,8 +77,8 @@ def main() -> None:
     lines = [f"# Transcoders on SmolLM2-135M layer {L}: {inp} -> {out} (issue #18.7)", "",
              f"One harvest of {args.tokens:,} training tokens feeds all three (train_many); k = {args.k}, d_sae = {args.expansion * 576}; "
              f"core eval on {args.eval_tokens:,} held-out tokens, `{out}` replaced by each prediction (CE/KL) and zeroed (floor).", "",
-             "    " + "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_transcoders.py " + f"--layer {L} --tokens {args.tokens}"
-             + (f" --lr {args.lr}" if args.lr else ""), "",
+             ("    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_transcoders.py " + f"--layer {L} --tokens {args.tokens}"
+              + (f" --lr {args.lr}" if args.lr else "")), "",
              "| run | cfg.json architecture | FVU vs mlp_out (train, last step) | FVU held-out | FVU held-out w/o outliers | L0 | dead | CE clean | CE spliced | CE zero-abl. | CE loss recovered | KL score |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():

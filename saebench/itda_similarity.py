@@ -314,4 +314,4 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-__all__ = ["ITDADictionary", "build_dictionaries", "jaccard", "similarity", "similarity_matrix", "load_atom_refs", "token_fingerprint", "main"]
+__all__ = ["ITDADictionary", "build_dictionaries", "jaccard", "load_atom_refs", "main", "similarity", "similarity_matrix", "token_fingerprint"]

@@ -5,7 +5,17 @@ import torch
 import torch.nn.functional as F
 
 from saebench.io import ArtifactError
-from saebench.itda_similarity import ITDADictionary, _Builder, build_dictionaries, jaccard, load_atom_refs, main, similarity, similarity_matrix, token_fingerprint
+from saebench.itda_similarity import (
+    ITDADictionary,
+    _Builder,
+    build_dictionaries,
+    jaccard,
+    load_atom_refs,
+    main,
+    similarity,
+    similarity_matrix,
+    token_fingerprint,
+)
 from saebench.sae import load_sae
 
 STREAM = {"sha256": "0" * 64, "n_sequences": 4, "context_size": 8}

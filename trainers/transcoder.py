@@ -30,8 +30,9 @@ from torch import Tensor
 from saebench.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:
-    from saebench.sae import SAE
     from saebench.trainers.base import Method
+
+    from saebench.sae import SAE
 
 # Methods whose step reconstructs ``StepInput.y`` and adds the skip term (the base pipeline, and standard's).
 # Others compare extra terms with the input itself (Matryoshka's prefixes, top-AFA's norm target, the
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 TRANSCODER_METHODS = ("topk", "batchtopk", "jumprelu", "abstopk", "standard", "standard_constrained")
 
 
-def check_method(cfg: TrainConfig, method: "Method") -> None:
+def check_method(cfg: TrainConfig, method: Method) -> None:
     """Refuse a transcoder config whose method cannot predict another hook."""
     if cfg.target_hook is not None and cfg.method not in TRANSCODER_METHODS:
         raise ConfigError(f"method {cfg.method!r} cannot train a transcoder (target_hook={cfg.target_hook!r}); "
@@ -73,7 +74,7 @@ def target(cfg: TrainConfig, batch, scale: float, dtype: torch.dtype) -> Tensor 
 
 
 @torch.no_grad()
-def init_output_bias(sae: "SAE", target_sample: Tensor) -> None:
+def init_output_bias(sae: SAE, target_sample: Tensor) -> None:
     """b_dec at the geometric median of the (scaled) targets; W_skip at zero."""
     from saebench.trainers.base import geometric_median
 
