@@ -58,6 +58,9 @@ class SAESite:
     """An SAE spliced in at its hook: nodes are its ``d_sae`` latents and one error node (last)."""
 
     def __init__(self, sae: SAE):
+        from saebench.evals.transcoder import refuse_transcoders
+
+        refuse_transcoders(sae, "feature circuits")
         self.sae = sae
         self.site = HookSite.of_sae(sae)
         self.hook, self.head = self.site

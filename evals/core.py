@@ -225,8 +225,14 @@ def evaluate_core(
     """All core metrics for ``sae`` at its hook on ``tokens`` [n_seq, ctx]; returns a JSON-able dict.
 
     The group eval (:func:`evaluate_hook_group`) with a group of one: one code path computes the core
-    metrics for one SAE or for many at a hook.
+    metrics for one SAE or for many at a hook. A transcoder (``sae.cfg.d_out`` set) is evaluated by
+    ``evals/transcoder.py``: FVU against its target, CE/KL with its prediction spliced in at ``hook_name_out``.
     """
+    if sae.cfg.is_transcoder:
+        from saebench.evals.transcoder import evaluate_transcoder_core
+
+        return evaluate_transcoder_core(sae, model, tokens, special_ids=special_ids, batch_size=batch_size, downstream=downstream,
+                                        progress=progress)
     return evaluate_hook_group([sae], model, tokens, special_ids=special_ids, core=True, dead=False, downstream=downstream,
                                batch_size=batch_size, progress=progress)[0]["core"]
 
@@ -258,6 +264,9 @@ def evaluate_hook_group(
     Returns:
         One ``{"core": metrics, "dead": metrics}`` dict per SAE (only the evals asked for).
     """
+    from saebench.evals.transcoder import refuse_transcoders
+
+    refuse_transcoders(saes, "the shared-forward core/dead eval (bench, evaluate_reconstruction)")
     if not saes:
         return []
     hook, head = one_site(model, saes, "evaluate_hook_group")
@@ -510,6 +519,10 @@ def evaluate_activations(sae: SAE, data, *, max_tokens: int | None = None, batch
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     source = as_source(data)
+    if sae.cfg.is_transcoder:  # (input, target) pairs from a two-hook source: evals/transcoder.py
+        from saebench.evals.transcoder import evaluate_transcoder_activations
+
+        return evaluate_transcoder_activations(sae, source, max_tokens=max_tokens, batch_size=batch_size, split=split, progress=progress)
     hook = hook_name or (sae.cfg.hook_name if sae.cfg.hook_name in source.hook_names else None)
     if hook is None:
         if len(source.hook_names) != 1:

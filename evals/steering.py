@@ -96,6 +96,9 @@ def _text_tokens(model, texts: Sequence[str]) -> list[Tensor]:
 @torch.no_grad()
 def concept_latent_scores(model, sae: SAE, concept: Concept) -> Tensor:
     """DiffMean score per latent: mean over positive texts of the max activation minus the same on negatives."""
+    from saebench.evals.transcoder import refuse_transcoders
+
+    refuse_transcoders(sae, "the steering eval")
     hook, head = Site.of_sae(sae)
 
     def max_per_text(texts):
@@ -263,6 +266,9 @@ def evaluate_steering(
     the hook is used instead and ``max_act_source`` says so. ``neutral_tokens`` [n, ctx] default to
     the packed ``NEUTRAL_TEXTS``.
     """
+    from saebench.evals.transcoder import refuse_transcoders
+
+    refuse_transcoders(sae, "the steering eval")
     from saebench.evals.common import special_ids_of
     from saebench.steering import max_activation
 

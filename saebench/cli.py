@@ -256,6 +256,12 @@ def cmd_methods(args) -> int:
             print(f"{'':<18}--method-options {opt['name']}=...  (default {opt['default']!r}{modes})")
             if opt["description"]:
                 print(textwrap.fill(opt["description"], width=120, initial_indent=" " * 22, subsequent_indent=" " * 22))
+    from saebench.trainers.transcoder import TRANSCODER_METHODS
+
+    print(f"\ntranscoders (read --hook-name, predict --target-hook; add --skip-transcoder for a linear skip W_skip x) with: "
+          f"{', '.join(TRANSCODER_METHODS)}")
+    print("  e.g. saebench train --hook-name blocks.5.ln2.hook_normalized --target-hook blocks.5.hook_mlp_out --skip-transcoder")
+    print("ITDA's cross-layer/model Jaccard similarity: saebench itda-similarity --build OUT --hooks H1 H2 ...  (see --help)")
     return 0
 
 
@@ -576,6 +582,7 @@ _EXTRA_COMMANDS: list = [
     lambda sub: _passthrough(sub, "circuits", "saebench.evals.circuits:main", "Feature circuits (attribution patching / IG) with faithfulness and completeness."),
     lambda sub: _passthrough(sub, "autointerp", "saebench.evals.autointerp:main",
                              "Explain latents with an LLM judge and score them by detection (SAEBench autointerp); local or OpenAI-compatible."),
+    lambda sub: _passthrough(sub, "itda-similarity", "saebench.trainers.itda_similarity:main", "Jaccard similarity of ITDA dictionaries (atom data positions) across layers/models."),
 ]
 
 

@@ -47,6 +47,12 @@ class TrainConfig(_Frozen):
     expansion_factor: int = Field(8, gt=0, description="d_sae = expansion_factor * d_in when d_sae is not given.")
     k: int = Field(32, gt=0, description="Active latents per token (mean per token for batch methods).")
     method_options: dict[str, Any] = Field(default_factory=dict, description="Method-specific options (validated by the method; see `saebench methods`).")
+    # transcoders (issue #18.7): read hook_name, predict target_hook
+    target_hook: str | None = Field(None, description=(
+        "Train a transcoder: read hook_name and predict the activation at this hook (e.g. hook_name=blocks.5.ln2.hook_normalized, "
+        "target_hook=blocks.5.hook_mlp_out); both come from one forward. Any method whose step is the shared sparse pipeline "
+        "(topk, batchtopk, jumprelu, abstopk, standard, ...) works; null trains an SAE."))
+    skip_transcoder: bool = Field(False, description="With target_hook: add a learned linear skip term W_skip x (skip-transcoder, Paulo et al. 2025).")
     normalize_activations: Literal["expected_average_only_in", "none"] = Field("expected_average_only_in", description="Scale inputs so E||x|| = sqrt(d_in) during training; folded into the weights at save time.")
 
     # optimisation
@@ -90,6 +96,10 @@ class TrainConfig(_Frozen):
     def _check(self) -> TrainConfig:
         if self.d_sae is not None and self.k > self.d_sae:
             raise ValueError(f"k={self.k} must be <= d_sae={self.d_sae}")
+        if self.skip_transcoder and not self.target_hook:
+            raise ValueError("skip_transcoder=true needs target_hook (the hook the transcoder predicts)")
+        if self.target_hook is not None and self.target_hook == self.hook_name:
+            raise ValueError(f"target_hook equals hook_name ({self.hook_name!r}): a transcoder predicts another hook; leave target_hook unset for an SAE")
         if self.batch_size_tokens > self.training_tokens:
             raise ValueError(f"batch_size_tokens={self.batch_size_tokens} exceeds training_tokens={self.training_tokens}")
         if 0 < self.eval_tokens < self.context_size:

@@ -17,6 +17,10 @@ inference every SAE is one of a few architectures:
 - ``top_afa``: ReLU of the k(x) largest pre-activations, k(x) chosen per token so that the selected code's norm
   best matches ‖x − b_dec‖ (top-AFA, Lee et al. 2025; no fixed k; not a SAELens architecture).
 
+Transcoders (``d_out`` set): any of the encoders above reading ``hook_name`` and a decoder writing the
+``d_out``-wide activation at ``hook_name_out``; ``skip_connection`` adds a linear term ``W_skip x``
+(skip-transcoders). See "Transcoders" below and ``saebench.trainers.transcoder``.
+
 Weights follow SAELens/SAEBench conventions: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in] with
 unit-norm rows, ``b_enc`` [d_sae], ``b_dec`` [d_in], ``threshold`` [d_sae]. Internally the encoder is
 stored latent-major (``encoder_weight`` [d_sae, d_in]) so the sparse backward reads contiguous rows.
@@ -25,6 +29,7 @@ stored latent-major (``encoder_weight`` [d_sae, d_in]) so the sparse backward re
 from __future__ import annotations
 
 import math
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +46,7 @@ from saebench.layout import CFG_FILE, LEGACY_WEIGHTS_FILE, MANIFEST_FILE, WEIGHT
 from saebench.site import Site
 from saebench.sparse import SparseActs
 
+TRANSCODER_FIELDS = ("d_out", "hook_name_out", "hook_layer_out", "skip_connection")
 Architecture = Literal["topk", "abstopk", "jumprelu", "abs_jumprelu", "relu", "gated", "matching_pursuit", "top_afa", "itda"]
 THRESHOLD_ARCHS = ("jumprelu", "abs_jumprelu")
 SIGNED_ARCHS = ("abstopk", "abs_jumprelu")
@@ -74,6 +80,11 @@ class SAEConfig(BaseModel):
     max_iterations: int | None = Field(default=None, gt=0)
     # ...or once a step leaves the token's set of active latents unchanged.
     stop_on_duplicate_support: bool | None = None
+    # transcoders only (SAELens names; written only when set): the output's width and hook, and a linear skip W_skip x
+    d_out: int | None = Field(default=None, gt=0)
+    hook_name_out: str | None = None
+    hook_layer_out: int | None = None
+    skip_connection: bool | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -83,7 +94,11 @@ class SAEConfig(BaseModel):
         from saebench.encoders import MP_FIELDS
 
         data = handler(self)
-        return {k: v for k, v in data.items() if not (k in MP_FIELDS and v is None)}
+        return {k: v for k, v in data.items() if not (k in MP_FIELDS + TRANSCODER_FIELDS and v is None)}
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.d_out is not None
 
     @property
     def signed(self) -> bool:
@@ -100,12 +115,20 @@ class SAE(nn.Module):
             raise ValueError(f"architecture {cfg.architecture!r} needs k (latents per token)")
         if cfg.k is not None and cfg.k > cfg.d_sae:
             raise ValueError(f"k={cfg.k} exceeds d_sae={cfg.d_sae}")
+        if cfg.is_transcoder and (cfg.apply_b_dec_to_input or cfg.architecture in ("matching_pursuit", "itda", "gated")):
+            raise ValueError(f"a transcoder (d_out set) cannot be architecture {cfg.architecture!r} or subtract b_dec from its input "
+                             "(b_dec lives in the output space): set apply_b_dec_to_input=false")
+        if cfg.skip_connection and not cfg.is_transcoder:
+            raise ValueError("skip_connection needs a transcoder (set d_out and hook_name_out)")
         self.cfg = cfg
         dtype = getattr(torch, cfg.dtype)
+        d_out = cfg.d_out or cfg.d_in
         self.encoder_weight = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in, dtype=dtype))
-        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, d_out, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
+        if cfg.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, cfg.d_in, dtype=dtype))  # [d_out, d_in], SAELens' layout; zero init
         if cfg.architecture in THRESHOLD_ARCHS:
             # log θ keeps θ positive; JumpReLU trains it, BatchTopK-style methods set it by EMA.
             self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), -math.inf, dtype=dtype))
@@ -139,6 +162,15 @@ class SAE(nn.Module):
     @property
     def d_sae(self) -> int:
         return self.cfg.d_sae
+
+    @property
+    def d_out(self) -> int:
+        """Width of the output: ``d_in`` for an SAE, the target hook's width for a transcoder."""
+        return self.cfg.d_out or self.cfg.d_in
+
+    def add_skip(self, out: Tensor, x: Tensor) -> Tensor:
+        """``out + W_skip x`` for a skip-transcoder; ``out`` otherwise."""
+        return out + F.linear(x.to(self.dtype), self.W_skip) if self.cfg.skip_connection else out
 
     # ----- forward ---------------------------------------------------------------------------
     def center(self, x: Tensor) -> Tensor:
@@ -215,10 +247,10 @@ class SAE(nn.Module):
         return z @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction x̂ of x [..., d_in] through the sparse path."""
+        """Reconstruction x̂ of x [..., d_in] through the sparse path (a transcoder's prediction [..., d_out], skip term included)."""
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
-        return self.decode_sparse(self.encode_sparse(flat)).reshape(*lead, self.cfg.d_in)
+        return self.add_skip(self.decode_sparse(self.encode_sparse(flat)), flat).reshape(*lead, self.d_out)
 
     def _check_input(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.cfg.d_in:
@@ -251,23 +283,37 @@ class SAE(nn.Module):
         bound = math.sqrt(6.0 / self.cfg.d_in)
         w.uniform_(-bound, bound, generator=generator)
         w /= w.norm(dim=-1, keepdim=True)
-        self.W_dec.copy_(w)
         self.encoder_weight.copy_(w)
+        if self.d_out != self.cfg.d_in:  # a transcoder between widths: its own random unit-norm decoder rows
+            w = torch.empty(self.cfg.d_sae, self.d_out, dtype=torch.float32).uniform_(-1, 1, generator=generator)
+            w /= w.norm(dim=-1, keepdim=True)
+        self.W_dec.copy_(w)
         self.b_enc.zero_()
         self.b_dec.zero_()
 
     @torch.no_grad()
-    def fold_activation_scale(self, scale: float) -> None:
+    def fold_activation_scale(self, scale: float, out_scale: float | None = None) -> None:
         """Fold an input scaling ``x_train = scale · x`` into the weights, keeping W_dec unit-norm.
 
         Activations come out in raw units (divided by ``scale``): b_enc, b_dec and θ divide by
         ``scale``; W_enc and W_dec are unchanged. Outputs on raw inputs then equal the trained SAE's
         outputs on scaled inputs, divided by ``scale``.
+
+        A transcoder's target was scaled by its own ``out_scale`` (y_train = out_scale · y). With r = scale/out_scale
+        the encoder rows and W_skip are multiplied by r, and b_enc, b_dec and θ divide by ``out_scale``: the
+        latents come out in output units (for the positively homogeneous activations a transcoder may use,
+        act(r·π) = r·act(π) with θ scaled alike), W_dec stays unit-norm, and the raw prediction is the trained
+        one divided by ``out_scale``.
         """
-        self.b_enc.div_(scale)
-        self.b_dec.div_(scale)
+        out = scale if out_scale is None else out_scale
+        if out != scale:
+            self.encoder_weight.mul_(scale / out)
+            if self.cfg.skip_connection:
+                self.W_skip.mul_(scale / out)
+        self.b_enc.div_(out)
+        self.b_dec.div_(out)
         if hasattr(self, "log_threshold"):
-            self.log_threshold.sub_(math.log(scale))
+            self.log_threshold.sub_(math.log(out))
         if hasattr(self, "b_mag"):  # gated: the magnitude path's bias (r_mag is a ratio of scales: unchanged)
             self.b_mag.div_(scale)
         if self.cfg.residual_threshold:  # matching pursuit: compared with the residual norm, in input units
@@ -284,6 +330,8 @@ class SAE(nn.Module):
         if self.cfg.architecture == "gated":  # SAELens' names: the gate's bias is b_gate, there is no b_enc
             out["b_gate"] = out.pop("b_enc")
             out |= {"r_mag": self.r_mag, "b_mag": self.b_mag}
+        if self.cfg.skip_connection:
+            out["W_skip"] = self.W_skip
         return out
 
 
@@ -298,7 +346,9 @@ class SAE(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         save_tensors(folder / WEIGHTS_FILE, self.state_tensors(), metadata={"format": "saebench"})
         dump = self.cfg.model_dump()
-        if dump["architecture"] == "relu":
+        if self.cfg.is_transcoder:
+            dump["architecture"] = transcoder_architecture_name(self.cfg.architecture, bool(self.cfg.skip_connection))
+        elif dump["architecture"] == "relu":
             dump["architecture"] = "standard"  # SAELens' name for a plain ReLU SAE, so SAELens loads it (read back as "relu")
         write_json(folder / CFG_FILE, dump)
         write_manifest(folder, [WEIGHTS_FILE, CFG_FILE, *extra_files])
@@ -363,7 +413,9 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _load_tensors(self, tensors: dict[str, Tensor], where: Path) -> None:
         c = self.cfg
-        expected = {"W_enc": (c.d_in, c.d_sae), "W_dec": (c.d_sae, c.d_in), "b_enc": (c.d_sae,), "b_dec": (c.d_in,)}
+        expected = {"W_enc": (c.d_in, c.d_sae), "W_dec": (c.d_sae, self.d_out), "b_enc": (c.d_sae,), "b_dec": (self.d_out,)}
+        if c.skip_connection:
+            expected["W_skip"] = (self.d_out, c.d_in)
         if c.architecture in THRESHOLD_ARCHS:
             expected["threshold"] = (c.d_sae,)
         if c.architecture == "gated":
@@ -394,6 +446,8 @@ class SAE(nn.Module):
             self.b_mag.copy_(tensors["b_mag"])
         if c.architecture in THRESHOLD_ARCHS:
             self.log_threshold.copy_(tensors["threshold"].clamp_min(0).log())
+        if c.skip_connection:
+            self.W_skip.copy_(tensors["W_skip"])
 
 
 def _manifest_names(folder: Path) -> set[str] | None:
@@ -424,6 +478,11 @@ def _parse_cfg(raw: dict, folder: Path) -> SAEConfig:
     _check_ints(raw, folder)
     if raw.get("architecture") == "standard":  # what save() writes for "relu" (SAELens' name)
         raw = raw | {"architecture": "relu"}
+    elif isinstance(raw.get("architecture"), str) and raw["architecture"] in _TRANSCODER_ARCH_INV:  # what save() writes for transcoders
+        inner, skip = _TRANSCODER_ARCH_INV[raw["architecture"]]
+        if raw.get("d_out") is None:
+            raise ArtifactError(f"{folder / CFG_FILE}: architecture {raw['architecture']!r} (a transcoder) needs 'd_out'")
+        raw = raw | {"architecture": inner, "skip_connection": skip or None}
     try:
         return SAEConfig.model_validate(raw)
     except ValidationError as e:
@@ -441,6 +500,9 @@ def _cfg_from_saelens(raw: dict, folder: Path) -> tuple[SAEConfig, bool]:
     meta = raw.get("metadata")
     meta = meta if isinstance(meta, dict) else {}
     arch = raw.get("architecture", "standard")
+    transcoder = _TRANSCODER_ARCH_INV.get(arch) if arch in _SAELENS_TRANSCODERS.values() else None
+    if transcoder is not None:  # SAELens' transcoders: a ReLU/JumpReLU encoder, a d_out-wide decoder, maybe W_skip
+        arch = {"relu": "standard", "jumprelu": "jumprelu"}[transcoder[0]]
     if not isinstance(arch, str) or arch not in _SAELENS_ARCH:
         raise ArtifactError(f"SAELens architecture {arch!r} in {where} is not supported (supported: {sorted(_SAELENS_ARCH)})")
     norm = raw.get("normalize_activations", "none") or "none"
@@ -481,6 +543,14 @@ def _cfg_from_saelens(raw: dict, folder: Path) -> tuple[SAEConfig, bool]:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{where} is not a valid SAELens config ({e!r})") from None
+    if transcoder is not None:
+        out_hook = raw.get("hook_name_out") or meta.get("hook_name_out") or ""
+        _check_ints({"d_out": raw.get("d_out")}, folder, ("d_out",))
+        if raw.get("d_out") is None:
+            raise ArtifactError(f"{where}: a SAELens {raw['architecture']!r} needs 'd_out'")
+        cfg = cfg.model_copy(update={"d_out": raw["d_out"], "hook_name_out": str(out_hook), "hook_layer_out": _layer_of(str(out_hook), None),
+                                     "skip_connection": transcoder[1] or None, "apply_b_dec_to_input": False,
+                                     "method": f"saelens:{raw['architecture']}"})
     return cfg, rescale and arch in _SAELENS_RESCALES
 
 
@@ -495,6 +565,34 @@ def _layer_of(hook_name: str, given: Any) -> int:
 _SAELENS_ARCH.update({"gated": "gated", "matching_pursuit": "matching_pursuit"})
 
 
+# ----- Transcoders: cfg.json architecture names ----------------------------------------------------------------
+# SAELens (6.x) has ReLU transcoders ("transcoder", "skip_transcoder") and JumpReLU ones ("jumprelu_transcoder",
+# "jumprelu_skip_transcoder"); saebench writes those names for those activations, so SAELens' load_from_disk
+# builds the same function. A transcoder with another activation (TopK, BatchTopK's thresholds are JumpReLU,
+# AbsTopK...) is written as "<architecture>_transcoder" / "<architecture>_skip_transcoder": saebench reads it;
+# SAELens has no such class and refuses it by name.
+_SAELENS_TRANSCODERS = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
+                        ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
+
+
+def transcoder_architecture_name(architecture: str, skip: bool) -> str:
+    """The cfg.json ``architecture`` of a transcoder with this encoder (SAELens' names where SAELens has one)."""
+    return _SAELENS_TRANSCODERS.get((architecture, skip)) or f"{architecture}_{'skip_' if skip else ''}transcoder"
+
+
+_TRANSCODER_ARCH_INV = {transcoder_architecture_name(a, skip): (a, skip) for a in typing.get_args(Architecture)
+                        for skip in (False, True) if a not in ("matching_pursuit", "itda", "gated")}
+
+
 def load_sae(folder: str | Path, device: str | torch.device = "cpu", verify: bool | str | None = None) -> SAE:
     """Load an SAE folder (saebench or SAELens format), checked against its manifest (see ``SAE.load``)."""
     return SAE.load(folder, device, verify=verify)
+
+
+def refuse_transcoders(saes, what: str) -> None:
+    """A clear error where an eval or tool that reads and writes one hook is given a transcoder (it would splice
+    the prediction of ``hook_name_out`` in at ``hook_name``: silently wrong when the widths agree)."""
+    for s in [saes] if isinstance(saes, SAE) else saes:
+        if s.cfg.is_transcoder:
+            raise ValueError(f"{what} works on SAEs (one hook, read and written); this is a transcoder ({s.cfg.hook_name} -> "
+                             f"{s.cfg.hook_name_out}). Evaluate it with `saebench eval` / evaluate_core (spliced at {s.cfg.hook_name_out})")

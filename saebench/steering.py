@@ -43,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.compat import cached_forward, kv_cache_ok
+from saebench.sae import refuse_transcoders
 from saebench.site import Site
 
 Scope = Literal["prompt", "generated", "all"]
@@ -492,6 +493,7 @@ def steer(
     different batch size), so a sampled token can differ only where two candidates are tied to ~1e-6.
     ``fast_decode``: see :func:`generate_tokens` (False forces the TransformerBridge path).
     """
+    refuse_transcoders(sae, "steering")
     t0 = time.perf_counter()
     hook, head = Site.of_sae(sae)
     vec = steering_vector(sae, latent, strength, max_act)

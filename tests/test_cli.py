@@ -350,6 +350,8 @@ def test_methods_prints_each_option_with_its_meaning_and_the_default_that_runs_i
 
     assert main(["methods"]) == 0
     printed = capsys.readouterr().out
+    printed, trailer = printed.split("\n\n", 1)  # after the methods: transcoders and ITDA similarity (issue #18.7, #18.6)
+    assert "--target-hook" in trailer and "topk, batchtopk, jumprelu" in trailer and "itda-similarity" in trailer
     blocks = {}
     for line in printed.splitlines():
         if line and not line.startswith(" "):

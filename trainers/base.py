@@ -174,6 +174,8 @@ class Method:
     def init_sae(self, sae: SAE, sample: Tensor, generator: torch.Generator) -> None:
         """Tied init and b_dec at the geometric median of a sample of (scaled) inputs."""
         sae.init_tied(generator)
+        if sae.cfg.is_transcoder:
+            return  # b_dec lives in the output space: the loop sets it from the targets (trainers/transcoder.py)
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(sample.float()).to(sae.dtype))
 
@@ -236,9 +238,10 @@ class Method:
         if valid is not None:
             vals = vals * valid
         acts = SparseActs(vals, idx)
-        x_hat = sparse.decode(acts, sae.W_dec, sae.b_dec)
-        losses = {"mse_loss": normalized_mse(x_hat, x)}
-        aux = self.auxk_loss(sae, x_c, pre, x - x_hat, inp.dead_mask)
+        x_hat = sae.add_skip(sparse.decode(acts, sae.W_dec, sae.b_dec), x)  # a skip-transcoder adds W_skip x
+        y = inp.y  # what is reconstructed: x, or a transcoder's target
+        losses = {"mse_loss": normalized_mse(x_hat, y)}
+        aux = self.auxk_loss(sae, x_c, pre, y - x_hat, inp.dead_mask)
         if aux is not None:
             losses["auxiliary_reconstruction_loss"] = aux
         losses |= self.extra_losses(sae, inp, pre, acts, x_hat)
@@ -290,6 +293,12 @@ class StepInput:
     grads: Tensor | None = None  # [B, d_in] ∇ₓ LM loss, in scaled units (g-SAE)
     token_ids: Tensor | None = None
     scale: float = 1.0
+    target: Tensor | None = None  # [B, d_out] a transcoder's target (scaled by its own factor); None for an SAE
+
+    @property
+    def y(self) -> Tensor:
+        """What the step reconstructs: the transcoder's target, or x itself."""
+        return self.x if self.target is None else self.target
 
 
 def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:

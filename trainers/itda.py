@@ -16,9 +16,10 @@ its backward, a small waste). The number of atoms is the method's checkpointed s
 the atoms found (d_sae = their number) as architecture ``itda``: signed MP for k steps on W_dec, no biases.
 Single process only (atoms added from a rank's slice would differ between ranks).
 
-Not implemented: the cross-model Jaccard similarity of ITDA dictionaries, which compares the sets of
-*dataset positions* (prompt, token) chosen as atoms; our activation stream carries no dataset position per
-token, and adding one means changing the activation sources.
+The cross-model Jaccard similarity of ITDA dictionaries compares the sets of *dataset positions* (sequence,
+token) chosen as atoms. The training stream is shuffled and carries no position per token, so it lives in
+``saebench.trainers.itda_similarity``: it builds ITDA dictionaries in corpus order with the same two rules as this
+method (``initial_atom_rows``, ``poorly_reconstructed``), remembers each atom's position, and compares them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,27 @@ from saebench import distributed, sparse
 from saebench.config import ConfigError
 from saebench.encoders import matching_pursuit
 from saebench.sae import SAE, SAEConfig
+
+
+def initial_atom_rows(sample: Tensor, cap: int) -> Tensor:
+    """Row indices of ``sample`` [N, d] that start an ITDA dictionary: its ``cap`` most frequent distinct non-zero rows.
+
+    Most frequent first; equal counts in ``torch.unique``'s (lexicographic) row order; each distinct row is
+    represented by its first occurrence in ``sample`` (so a caller can tell *where* an atom came from).
+    """
+    rows, inverse, counts = torch.unique(sample.float(), dim=0, return_inverse=True, return_counts=True)
+    n = sample.shape[0]
+    first = torch.full((len(rows),), n, dtype=torch.long).scatter_reduce_(0, inverse.cpu(), torch.arange(n), "amin")
+    order = counts.cpu().argsort(descending=True, stable=True)
+    first = first[order][rows[order].norm(dim=-1).cpu() > 0]
+    return first[:cap]
+
+
+def poorly_reconstructed(x: Tensor, x_hat: Tensor, loss_threshold: float) -> Tensor:
+    """Bool [B]: tokens ITDA adds as atoms, mean_j (x/‖x‖ − x̂/‖x̂‖)_j² > ``loss_threshold`` (zero rows never)."""
+    x, x_hat = x.float(), x_hat.detach().float()
+    err = (F.normalize(x, dim=-1, eps=1e-9) - F.normalize(x_hat, dim=-1, eps=1e-9)).square().mean(-1)
+    return (err > loss_threshold) & (x.norm(dim=-1) > 0)
 
 
 class ITDAOptions(OptionsBase):
@@ -68,9 +90,7 @@ class ITDA(Method):
     def init_sae(self, sae: SAE, sample: Tensor, generator: torch.Generator) -> None:
         for p in sae.parameters():
             p.zero_()
-        rows, counts = torch.unique(sample.float(), dim=0, return_counts=True)
-        rows = rows[counts.argsort(descending=True, stable=True)]
-        rows = rows[rows.norm(dim=-1) > 0][: min(sae.d_in, sae.d_sae)]
+        rows = sample.float()[initial_atom_rows(sample, min(sae.d_in, sae.d_sae)).to(sample.device)]
         sae.W_dec[: len(rows)] = F.normalize(rows, dim=-1).to(sae.dtype)
         self.n_atoms = torch.tensor(len(rows))
 
@@ -81,10 +101,9 @@ class ITDA(Method):
 
     @torch.no_grad()
     def after_step(self, sae: SAE, inp: StepInput, out: StepOutput, step: int) -> None:
-        x, x_hat = inp.x.float(), out.x_hat.detach().float()
-        err = (F.normalize(x, dim=-1, eps=1e-9) - F.normalize(x_hat, dim=-1, eps=1e-9)).square().mean(-1)
+        x = inp.x.float()
         room = sae.d_sae - int(self.n_atoms)
-        new = x[(err > self.opts.loss_threshold) & (x.norm(dim=-1) > 0)][:room]
+        new = x[poorly_reconstructed(x, out.x_hat, self.opts.loss_threshold)][:room]
         n = int(self.n_atoms)
         sae.W_dec[n : n + len(new)] = F.normalize(new, dim=-1).to(sae.dtype)
         self.n_atoms = torch.tensor(n + len(new))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from saebench.trainers import transcoder
 from saebench.trainers.base import Method, StepInput, get_method
 from saebench.trainers.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from tqdm.auto import tqdm
@@ -152,6 +153,7 @@ class _Run:
                 "steps": [self.start_step, self.step]}
 
     source_info: dict | None = None  # provenance of a source the caller gave (saebench.sources)
+    target_scale: float = 1.0  # a transcoder's target normalisation factor (its input's is ``scale``)
 
     @property
     def out_dir(self) -> Path:
@@ -245,6 +247,9 @@ def _train_many(cfgs: list[TrainConfig], source, model, progress: bool, distribu
         if c.hook_name not in source.hook_names:
             raise ConfigError(f"hook {c.hook_name!r} is not provided by the activation source (it has {source.hook_names}); set hook_name "
                               "to one of those, or leave it unset to use a one-hook source's")
+        if c.target_hook is not None and c.target_hook not in source.hook_names:
+            raise ConfigError(f"target_hook {c.target_hook!r} (the transcoder's output) is not provided by the activation source "
+                              f"(it has {source.hook_names}); give a source with both hooks")
     first: list = []  # chunk 0, read once for the initialisation of every fresh run
 
     def first_chunk() -> Batch:
@@ -304,7 +309,7 @@ def _train_many(cfgs: list[TrainConfig], source, model, progress: bool, distribu
 
 def _source_for(cfgs: list[TrainConfig], methods: list[Method], model, progress: bool) -> ActivationSource:
     """The source the methods ask for (``Method.make_source``): their own when they all agree on one, else the harvest."""
-    hooks = list(dict.fromkeys(c.hook_name for c in cfgs))
+    hooks = transcoder.hooks_to_harvest(cfgs)  # a transcoder's target hook comes from the same forward
     longest = cfgs[0].model_copy(update={"training_tokens": max(c.training_tokens for c in cfgs)})
     builders = {type(m).make_source.__func__: type(m) for m in methods}
     owner = next(iter(builders.values())) if len(builders) == 1 else Method
@@ -354,9 +359,11 @@ def _start_run(cfg: TrainConfig, method: Method, source: ActivationSource, model
     site = Site.parse(cfg.hook_name)
     hook, head = site
     no_model = source_info is not None and not source_info.get("model") and not hook.startswith("blocks.")
+    transcoder.check_method(cfg, method)
     sae_cfg = method.sae_config(
         d_in, model_name=cfg.model, hook_name=hook, hook_layer=-1 if no_model else (site.layer or 0), hook_head_index=head,
         context_size=None if no_model else cfg.context_size, prepend_bos=cfg.prepend_bos, device=cfg.device,
+        **transcoder.sae_fields(cfg, source.d_in.get(cfg.target_hook, 0)),
     )
     sae = SAE(sae_cfg).to(cfg.device)
     lr = cfg.lr or default_lr(sae_cfg.d_sae, sae_cfg.d_in)
@@ -369,7 +376,7 @@ def _start_run(cfg: TrainConfig, method: Method, source: ActivationSource, model
     if ckpt is not None:
         tensors, meta = ckpt
         _check_resumable(cfg, meta["config"])
-        _check_same_source(cfg, meta.get("source"), source_info, d_in, tensors.get("sae.W_dec"))
+        _check_same_source(cfg, meta.get("source"), source_info, d_in, tensors.get("sae.encoder_weight"))
         if meta.get("world_size", 1) != world:
             n = meta.get("world_size", 1)
             raise ConfigError(f"{cfg.out_dir} was checkpointed by {n} rank(s), and its data position means the same only with as many; "
@@ -382,6 +389,7 @@ def _start_run(cfg: TrainConfig, method: Method, source: ActivationSource, model
         run.fire_counts.copy_(tensors["fire_counts"])
         torch.set_rng_state(tensors["rng"])
         run.step, run.pos, run.scale, run.history = meta["step"], Position(**meta["position"]), meta["scale"], meta["history"]
+        run.target_scale = meta.get("target_scale", 1.0)
         run.skipped = meta.get("skipped", 0)
         run.seconds_before, run.processes = float(meta.get("seconds", 0.0)), list(meta.get("processes", []))
         run.start_step = run.step
@@ -390,8 +398,14 @@ def _start_run(cfg: TrainConfig, method: Method, source: ActivationSource, model
         _check_finite(sample, cfg, step=0, what="activations (first chunk)")
         run.scale = activation_scale(sample, cfg.normalize_activations)
         method.init_sae(sae, (sample[: cfg.batch_size_tokens] * run.scale).to(cfg.device), gen)
+        if cfg.target_hook is not None:  # a transcoder: its target's own scale, and b_dec among the targets
+            y = first_chunk().acts[cfg.target_hook][: 16 * cfg.batch_size_tokens]
+            _check_finite(y, cfg, step=0, what="target activations (first chunk)")
+            run.target_scale = activation_scale(y, cfg.normalize_activations)
+            transcoder.init_output_bias(sae, (y[: cfg.batch_size_tokens] * run.target_scale).to(cfg.device))
         if replicated:  # replicas start identical even where a harvest is not bit-reproducible
             run.scale = broadcast_float(run.scale)
+            run.target_scale = broadcast_float(run.target_scale)
             broadcast_module(sae)
     return run
 
@@ -409,7 +423,8 @@ def _train_step(r: _Run, batch: Batch, pos: Position, dp: bool, world: int) -> N
     x = batch.acts[cfg.hook_name].to(cfg.device).to(sae.dtype) * r.scale
     grads = batch.grads[cfg.hook_name].to(cfg.device).to(sae.dtype) / r.scale if batch.grads is not None else None
     dead = r.since_fired >= cfg.dead_window_tokens
-    inp = StepInput(x=x, dead_mask=dead, step=step, grads=grads, token_ids=batch.token_ids.to(cfg.device), scale=r.scale)
+    inp = StepInput(x=x, dead_mask=dead, step=step, grads=grads, token_ids=batch.token_ids.to(cfg.device), scale=r.scale,
+                    target=transcoder.target(cfg, batch, r.target_scale, sae.dtype))
     if not _finite_or_skip(x, cfg, step, "activations", dp=dp):
         _skip(r)
     else:
@@ -485,12 +500,13 @@ def _finish(r: _Run, world: int) -> TrainResult:
     """Export, fold the activation scale and (on the writing rank) save the SAE and its training log."""
     cfg = r.cfg
     final = r.method.export(r.sae)
-    final.fold_activation_scale(r.scale)
+    final.fold_activation_scale(r.scale, r.target_scale if cfg.target_hook is not None else None)
     final.cfg = final.cfg.model_copy(update={"metadata": {
         "training_tokens": r.step * cfg.batch_size_tokens, "corpus": cfg.corpus, "seed": cfg.seed, "method_options": dict(cfg.method_options),
         "activation_scale_folded": r.scale, "normalize_activations_in_training": cfg.normalize_activations,
         "skipped_steps": r.skipped, "train_config": cfg.model_dump(mode="json"), "saebench_version": _version(),
-    } | ({"world_size": world} if world > 1 else {}) | ({"activation_source": r.source_info} if r.source_info is not None else {})})
+    } | ({"world_size": world} if world > 1 else {}) | ({"activation_source": r.source_info} if r.source_info is not None else {})
+      | ({"target_activation_scale_folded": r.target_scale} if cfg.target_hook is not None else {})})
     if r.writes:
         # "seconds" adds up every process that trained this run (resumed runs too); "processes" has each one's share.
         _save_final(r, final, {"history": r.history, "seconds": r.seconds_before + r.seconds, "steps": r.step,
@@ -566,7 +582,7 @@ def _checkpoint(r: _Run, pos: Position, world: int) -> None:
     opt_t, opt_meta = optimizer_to_tensors(r.opt)
     tensors = {f"sae.{k}": v for k, v in r.sae.state_dict().items()} | opt_t | {f"method.{k}": v for k, v in r.method.state().items()}
     tensors |= {"since_fired": r.since_fired, "fire_counts": r.fire_counts, "rng": torch.get_rng_state()}
-    meta = {"position": {"chunk": pos.chunk, "batch": pos.batch}, "scale": r.scale, "optimizer": opt_meta, "skipped": r.skipped,
+    meta = {"position": {"chunk": pos.chunk, "batch": pos.batch}, "scale": r.scale, "target_scale": r.target_scale, "optimizer": opt_meta, "skipped": r.skipped,
             "scheduler": r.sched.state_dict() | {"lr_lambdas": [None]}, "config": r.cfg.model_dump(mode="json"), "history": r.history}
     if r.source_info is not None:
         meta["source"] = r.source_info

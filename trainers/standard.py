@@ -87,7 +87,10 @@ class Standard(Method):
         if not self.constrained:
             with torch.no_grad():
                 sae.W_dec_free.copy_(sae.W_dec * self.opts.decoder_init_norm)
-                sae.encoder_weight.copy_(sae.W_dec_free)
+                if sae.d_out == sae.d_in:  # tied start (a transcoder between widths keeps its own encoder rows)
+                    sae.encoder_weight.copy_(sae.W_dec_free)
+                else:
+                    sae.encoder_weight.mul_(self.opts.decoder_init_norm)
 
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         return sparse.mask_to_indices(pre > 0, pre)  # every latent with f > 0
@@ -100,17 +103,17 @@ class Standard(Method):
         f = F.relu(sparse.gather_pre(x_c, sae.encoder_weight, sae.b_enc, pre, idx)) * valid
         W = self.decoder(sae)
         acts = SparseActs(f, idx)
-        x_hat = sparse.decode(acts, W, sae.b_dec)
+        x_hat = sae.add_skip(sparse.decode(acts, W, sae.b_dec), x)  # a (skip-)transcoder predicts inp.y
         penalty = f if self.constrained else f * W.norm(dim=-1)[idx]
-        l1 = penalty.sum(-1).mean() / per_token_variance(x)
-        losses = {"mse_loss": normalized_mse(x_hat, x), "l1_loss": sparsity_coef(self, inp.step) * l1}
+        l1 = penalty.sum(-1).mean() / per_token_variance(inp.y)
+        losses = {"mse_loss": normalized_mse(x_hat, inp.y), "l1_loss": sparsity_coef(self, inp.step) * l1}
         return StepOutput(losses, acts, x_hat)
 
     @torch.no_grad()
     def export(self, sae: SAE) -> SAE:
         """The inference SAE (unit-norm decoder rows, norms folded into the encoder), without ``W_dec_free``."""
         out = SAE(sae.cfg).to(device=sae.device)
-        for name in ("encoder_weight", "W_dec", "b_enc", "b_dec"):
+        for name in ("encoder_weight", "W_dec", "b_enc", "b_dec") + (("W_skip",) if sae.cfg.skip_connection else ()):
             getattr(out, name).copy_(getattr(sae, name))
         if not self.constrained:
             n = sae.W_dec_free.norm(dim=-1).clamp_min(1e-12)
