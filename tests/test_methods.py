@@ -279,7 +279,8 @@ def test_jumprelu_step_gives_threshold_gradient_below_theta_but_decodes_zero(tmp
     from saebench.sae import SAEConfig
 
     method = get_method("jumprelu")(config("jumprelu", tmp_path, d_sae=2, k=1, opts={"sparsity_coef": 1.0, "sparsity_warmup_steps": 0}))
-    eps = method.opts.bandwidth
+    eps = method.bandwidth_for(2)
+    assert eps == 0.05
     sae = SAE(SAEConfig(architecture="jumprelu", d_in=2, d_sae=2, apply_b_dec_to_input=False))
     with torch.no_grad():
         sae.encoder_weight.copy_(torch.eye(2))
@@ -360,12 +361,57 @@ def test_jumprelu_thresholds_get_their_own_learning_rate(tmp_path):
 def test_jumprelu_target_mode_has_its_own_defaults(tmp_path):
     """sparsity_mode='target_l0' alone gives c = 1 and quantile θ init; explicit values win; l0 mode keeps the paper's."""
     opts = get_method("jumprelu")(config("jumprelu", tmp_path, opts={"sparsity_mode": "target_l0"})).opts
-    assert (opts.sparsity_coef, opts.theta_init_mode) == (1.0, "quantile")
+    assert (opts.sparsity_coef, opts.theta_init_mode, opts.topk_warmup_fraction) == (1.0, "quantile", 0.5)
     opts = get_method("jumprelu")(config("jumprelu", tmp_path, opts={"sparsity_mode": "target_l0", "sparsity_coef": 0.3,
                                                                       "theta_init_mode": "constant"})).opts
     assert (opts.sparsity_coef, opts.theta_init_mode) == (0.3, "constant")
     opts = get_method("jumprelu")(config("jumprelu", tmp_path)).opts
-    assert (opts.sparsity_mode, opts.sparsity_coef, opts.theta_init_mode) == ("l0", 1e-3, "constant")
+    assert (opts.sparsity_mode, opts.sparsity_coef, opts.theta_init_mode, opts.topk_warmup_fraction) == ("l0", 1e-3, "constant", 0.0)
+
+
+def test_jumprelu_paper_form_sets_the_papers_recipe(tmp_path):
+    """form='paper': λ·L0, constant θ₀ = ε = 0.001·√d_in, threshold lr = lr, no warm start, Adam β1 = 0 on this SAE's
+    groups (the config's β2); explicit options still win."""
+    from saebench.trainers.loop import _start_run
+
+    cfg = config("jumprelu", tmp_path, lr=1e-3, opts={"form": "paper"})
+    method = get_method("jumprelu")(cfg)
+    o = method.opts
+    assert (o.sparsity_mode, o.theta_init_mode, o.threshold_lr_scale, o.topk_warmup_fraction) == ("l0", "constant", 1.0, 0.0)
+    assert method.theta_init(32) == pytest.approx(0.001 * 32**0.5) and method.bandwidth_for(32) == pytest.approx(0.001 * 32**0.5)
+    src = MemorySource(SyntheticSource(d=32, m=64, n_active=3), n_chunks=1)
+    run = _start_run(cfg, method, src, None, lambda: src.chunk(0), 1, False)
+    assert [g["betas"] for g in run.opt.param_groups] == [(0.0, cfg.adam_betas[1])] * 2
+    assert torch.allclose(run.sae.log_threshold.exp(), torch.full((run.sae.d_sae,), 0.001 * 32**0.5))
+    default = get_method("jumprelu")(config("jumprelu", tmp_path, lr=1e-3))
+    run = _start_run(default.cfg, default, src, None, lambda: src.chunk(0), 1, False)
+    assert [g["betas"] for g in run.opt.param_groups] == [tuple(default.cfg.adam_betas)] * 2
+    o = get_method("jumprelu")(config("jumprelu", tmp_path, opts={"form": "paper", "sparsity_mode": "target_l0", "bandwidth": 0.2})).opts
+    assert (o.sparsity_mode, o.bandwidth, o.theta_init_mode) == ("target_l0", 0.2, "constant")
+
+
+def test_jumprelu_topk_warm_start_hands_over_at_the_usage_thresholds(tmp_path):
+    """During the warm start the step is TopK (exactly k per token, no l0 loss); at the hand-over every latent's θ makes it
+    fire on that batch as often as TopK selected it."""
+    from saebench.trainers.jumprelu import usage_thresholds
+
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(512, 40, generator=gen) + 0.5
+    theta = usage_thresholds(pre, 3)
+    counts = torch.bincount(pre.topk(3, dim=-1).indices.flatten(), minlength=40).clamp_min(1)
+    assert torch.equal((pre > theta).sum(0), counts)
+    cfg = config("jumprelu", tmp_path, d_sae=40, k=3, steps=10, opts={"sparsity_mode": "target_l0", "topk_warmup_fraction": 0.5})
+    method = get_method("jumprelu")(cfg)
+    sae = SAE(method.sae_config(8))
+    x = torch.randn(256, 8, generator=gen)
+    method.init_sae(sae, x, gen)
+    out = method.step(sae, StepInput(x=x, dead_mask=None, step=4))
+    assert "l0_loss" not in out.losses and torch.equal((out.acts.values != 0).sum(-1), torch.full((256,), 3))
+    with torch.no_grad():
+        pre = torch.nn.functional.linear(sae.center(x), sae.encoder_weight, sae.b_enc)
+    out = method.step(sae, StepInput(x=x, dead_mask=None, step=5))
+    assert "l0_loss" in out.losses
+    assert torch.allclose(sae.log_threshold.exp(), usage_thresholds(pre, 3))
 
 
 def test_jumprelu_target_l0_is_reached_in_a_short_run(planted, tmp_path):
@@ -374,7 +420,8 @@ def test_jumprelu_target_l0_is_reached_in_a_short_run(planted, tmp_path):
     x = planted.held_out(107).acts[HOOK][:4096]
     l0 = {}
     for scale in (1.0, 10.0):
-        opts = {"sparsity_mode": "target_l0", "sparsity_coef": 1.0, "theta_init_mode": "quantile", "target_l0": 6.0, "threshold_lr_scale": scale}
+        opts = {"sparsity_mode": "target_l0", "sparsity_coef": 1.0, "theta_init_mode": "quantile", "target_l0": 6.0, "threshold_lr_scale": scale,
+                "topk_warmup_fraction": 0.0}
         sae = train(config("jumprelu", tmp_path / str(scale), steps=150, lr=1e-3, opts=opts), source=planted, progress=False).sae
         with torch.no_grad():
             l0[scale] = (sae.encode(x) != 0).sum(-1).float().mean().item()

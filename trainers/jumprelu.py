@@ -36,11 +36,22 @@ from saebench.sae import SAE
 
 
 class JumpReLUOptions(Options):
-    mode_defaults = {"sparsity_mode": {"target_l0": {"sparsity_coef": 1.0, "theta_init_mode": "quantile"}}}
+    # "form" first: the paper form fixes sparsity_mode before that mode's own defaults apply.
+    mode_defaults = {
+        "form": {"paper": {"sparsity_mode": "l0", "theta_init_mode": "constant", "threshold_lr_scale": 1.0, "topk_warmup_fraction": 0.0}},
+        "sparsity_mode": {"target_l0": {"sparsity_coef": 1.0, "theta_init_mode": "quantile", "topk_warmup_fraction": 0.5}},
+    }
+
+    form: Literal["default", "paper"] = Field("default", description=(
+        "'paper': Rajamanoharan et al.'s recipe as written: λ·L0 (sparsity_mode 'l0'), a constant θ₀ and ε of 0.001 in the "
+        "paper's units (E‖x‖² = 1), i.e. 0.001·√d_in here, threshold lr = lr, no TopK warm start, and Adam β1 = 0 for this "
+        "SAE's parameters (the config's β2). Any option given explicitly still wins. 'default': this library's defaults."))
 
     auxk_coef: float = Field(0.0, ge=0, description="Weight of AuxK on dead latents; 0 as the paper (which has no dead-latent loss); e.g. 1/32.")
-    bandwidth: float = Field(0.05, gt=0, description="KDE bandwidth ε of the rectangle-kernel STE (scaled-input units).")
-    theta_init: float = Field(0.1, gt=0, description="Initial threshold θ₀ for every latent (theta_init_mode='constant').")
+    bandwidth: float | None = Field(None, gt=0, description=(
+        "KDE bandwidth ε of the rectangle-kernel STE (scaled-input units); default 0.05, or 0.001·√d_in with form='paper'."))
+    theta_init: float | None = Field(None, gt=0, description=(
+        "Initial threshold θ₀ for every latent (theta_init_mode='constant'); default 0.1, or 0.001·√d_in with form='paper'."))
     theta_init_mode: Literal["constant", "quantile"] = Field("constant", description=(
         "Default 'constant' in l0 mode, 'quantile' in target_l0 mode. 'quantile': each latent's θ starts where it fires on L0_target/d_sae of the initialisation batch (L0_target = target_l0 or k), "
         "so training starts at the target L0. For short runs: log θ moves about lr per Adam step, so a constant θ₀ far from its "
@@ -62,6 +73,12 @@ class JumpReLUOptions(Options):
         "After each step, move the threshold of every dead latent (no firing for dead_window_tokens) to where it would fire "
         "on L0_target/d_sae of the batch, as the quantile initialisation does: a latent below θ − ε/2 everywhere gets no "
         "gradient at all and would stay dead (our addition)."))
+    topk_warmup_fraction: float = Field(0.0, ge=0, lt=1, description=(
+        "Train the first fraction of steps as TopK (per-token top-k of ReLU(π), k = round(L0_target), no sparsity loss), then "
+        "set each latent's θ so that it fires on that step's batch as often as TopK selects it, and go on with the JumpReLU "
+        "loss (our addition; default 0.5 in target_l0 mode, 0 otherwise). Without it, latents that fire on every token above "
+        "their own threshold do not compete for tokens, merge correlated features and die (planted recovery 28-73%, "
+        "docs/METHODS_IMPLEMENTED.md 'Planted recovery')."))
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -133,6 +150,17 @@ def quantile_thresholds(sae: SAE, sample: Tensor, target_l0: float) -> Tensor:
     return pre.topk(n_fire + 1, dim=0).values[-1].clamp_min(1e-3)
 
 
+@torch.no_grad()
+def usage_thresholds(pre: Tensor, k: int) -> Tensor:
+    """θ [n] from a batch's pre-activations [B, n]: latent i fires (π > θ_i) on as many tokens as per-token TopK-k selects it
+    (at least one), θ_i halfway between its c_i-th and (c_i + 1)-th largest π. Floored at 1e-3."""
+    B = pre.shape[0]
+    counts = torch.bincount(pre.topk(k, dim=-1, sorted=False).indices.flatten(), minlength=pre.shape[1]).clamp(1, B - 1)
+    top = pre.topk(int(counts.max()) + 1, dim=0).values  # [c_max + 1, n], descending
+    theta = 0.5 * (top.gather(0, (counts - 1)[None]) + top.gather(0, counts[None]))[0]
+    return theta.clamp_min(1e-3)
+
+
 @register
 class JumpReLU(Method):
     """Per-latent learned thresholds trained through kernel-density straight-through estimators."""
@@ -141,13 +169,27 @@ class JumpReLU(Method):
     architecture = "jumprelu"
     Options = JumpReLUOptions
 
+    def _paper_unit(self, d_in: int) -> float:
+        """0.001 in the paper's units (E‖x‖² = 1) in ours (E‖x‖ = √d_in, so pre-activations are ~√d_in times larger)."""
+        return 0.001 * math.sqrt(d_in)
+
+    def theta_init(self, d_in: int) -> float:
+        if self.opts.theta_init is not None:
+            return self.opts.theta_init
+        return self._paper_unit(d_in) if self.opts.form == "paper" else 0.1
+
+    def bandwidth_for(self, d_in: int) -> float:
+        if self.opts.bandwidth is not None:
+            return self.opts.bandwidth
+        return self._paper_unit(d_in) if self.opts.form == "paper" else 0.05
+
     def init_sae(self, sae: SAE, sample: Tensor, generator: torch.Generator) -> None:
         super().init_sae(sae, sample, generator)
         with torch.no_grad():
             if self.opts.theta_init_mode == "quantile":
                 sae.log_threshold.copy_(quantile_thresholds(sae, sample, self.opts.target_l0 or float(self.cfg.k)).log())
             else:
-                sae.log_threshold.fill_(math.log(self.opts.theta_init))
+                sae.log_threshold.fill_(math.log(self.theta_init(sae.d_in)))
 
     @torch.no_grad()
     def after_step(self, sae: SAE, inp: StepInput, out, step: int) -> None:
@@ -161,23 +203,47 @@ class JumpReLU(Method):
 
     def param_groups(self, sae: SAE, lr: float) -> list[dict]:
         rest = [p for p in sae.parameters() if p is not sae.log_threshold]
-        return [{"params": rest}, {"params": [sae.log_threshold], "lr": lr * self.opts.threshold_lr_scale}]
+        groups = [{"params": rest}, {"params": [sae.log_threshold], "lr": lr * self.opts.threshold_lr_scale}]
+        if self.opts.form == "paper":  # Adam(β1 = 0, β2) for this SAE only: per-group betas
+            for g in groups:
+                g["betas"] = (0.0, self.cfg.adam_betas[1])
+        return groups
+
+    @property
+    def topk_warmup(self) -> int:
+        return int(self.opts.topk_warmup_fraction * self.cfg.total_steps)
+
+    def _l0_target(self) -> float:
+        return self.opts.target_l0 or float(self.cfg.k)
 
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
+        warm = self.topk_warmup
+        self._warm = batch is not None and batch.step < warm
+        if self._warm:
+            self._valid = None
+            return sparse.topk_select(pre, max(1, round(self._l0_target()))), None
+        if batch is not None and warm and batch.step == warm:
+            with torch.no_grad():
+                sae.log_threshold.copy_(usage_thresholds(pre, max(1, round(self._l0_target()))).log().to(sae.dtype))
         theta = sae.log_threshold.detach().exp()
-        idx, valid = sparse.mask_to_indices(pre > theta - self.opts.bandwidth / 2, pre)
+        self._eps = self.bandwidth_for(sae.d_in)
+        idx, valid = sparse.mask_to_indices(pre > theta - self._eps / 2, pre)
         # Scratch for this step's activate/extra_losses: which padded entries are real.
         self._valid = valid
         return idx, valid
 
     def activate(self, values: Tensor, indices: Tensor, sae: SAE) -> Tensor:
+        if getattr(self, "_warm", False):
+            return F.relu(values)
         theta = sae.log_threshold.exp()[indices]  # differentiable: the STE reaches log θ
-        return jumprelu(values, theta, self.opts.bandwidth)
+        return jumprelu(values, theta, self._eps)
 
     def extra_losses(self, sae: SAE, inp: StepInput, pre: Tensor, acts: SparseActs, x_hat: Tensor) -> dict[str, Tensor]:
+        if getattr(self, "_warm", False):
+            return {}
         theta = sae.log_threshold.exp()[acts.indices]
         pi = pre.gather(1, acts.indices)  # the step passes no gradient to π, so no need for gather_pre
-        l0 = (step_fn(pi, theta, self.opts.bandwidth) * self._valid).sum(-1).mean()
+        l0 = (step_fn(pi, theta, self._eps) * self._valid).sum(-1).mean()
         warm = self.opts.sparsity_warmup_steps
         warm = int(0.1 * self.cfg.total_steps) if warm is None else warm
         coef = self.opts.sparsity_coef * (min(1.0, (inp.step + 1) / warm) if warm else 1.0)

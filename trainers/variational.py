@@ -22,10 +22,14 @@ The method name and options (hence which form) are recorded in cfg.json by the t
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from saebench.trainers.base import Method, Options, SparseActs, StepInput, register, total_variance
+from torch import nn
 from torch import Tensor
 
 from saebench import distributed, sparse
@@ -38,6 +42,11 @@ class VSAEDetOptions(Options):
 
 
 class VSAEOptions(VSAEDetOptions):
+    variance: Literal["fixed", "learned"] = Field("fixed", description=(
+        "'fixed': σ = noise_std for every latent (the paper's text). 'learned': the authors' var_flag = 1: a second linear "
+        "encoder gives log σ² per latent and token (bias initialised to log_var_init, clamped to [-6, 2]), z = μ + σε, and the "
+        "KL is the full ½Σ(μ² + σ² − 1 − log σ²). Its weights exist only while training (inference is z = μ)."))
+    log_var_init: float = Field(-2.0, description="variance='learned': initial bias of the log σ² encoder (the authors' −2, σ ≈ 0.37).")
     noise_std: float = Field(0.1, gt=0, description=(
         "Fixed posterior σ of the sampled form, in scaled-input units (each input coordinate has RMS 1, so a latent's "
         "activation is O(1)). The paper's σ = 1 is in the authors' raw activation units, small against their activations; "
@@ -109,6 +118,38 @@ class VariationalTopK(Method):
                 self._gen.set_state(self._gen_state)
         return self._gen
 
+    @property
+    def learned_variance(self) -> bool:
+        return self.sampled and self.opts.variance == "learned"
+
+    def add_training_parameters(self, sae: SAE) -> None:
+        if self.learned_variance:  # the log σ² encoder: [d_sae, d_in] weight and [d_sae] bias
+            sae.register_parameter("W_logvar", nn.Parameter(torch.zeros_like(sae.encoder_weight)))
+            sae.register_parameter("b_logvar", nn.Parameter(torch.zeros_like(sae.b_enc)))
+
+    def init_sae(self, sae: SAE, sample: Tensor, generator: torch.Generator) -> None:
+        super().init_sae(sae, sample, generator)
+        if self.learned_variance:  # the authors: Kaiming-uniform weight (a = 0.01), constant bias log_var_init
+            with torch.no_grad():
+                bound = math.sqrt(6.0 / ((1 + 0.01**2) * sae.d_in))
+                w = torch.rand(sae.W_logvar.shape, generator=generator, dtype=torch.float32) * 2 - 1
+                sae.W_logvar.copy_((w * bound).to(sae.W_logvar))
+                sae.b_logvar.fill_(self.opts.log_var_init)
+
+    def export(self, sae: SAE) -> SAE:
+        """The inference SAE (z = μ, TopK), without the training-only log σ² encoder."""
+        if not self.learned_variance:
+            return sae
+        out = SAE(sae.cfg).to(device=sae.device)
+        for name in ("encoder_weight", "W_dec", "b_enc", "b_dec"):
+            getattr(out, name).data.copy_(getattr(sae, name).data)
+        return out
+
+    def step(self, sae: SAE, inp: StepInput):
+        if self.learned_variance:  # log σ² [B, n], dense and differentiable (the KL's σ terms reach every latent)
+            self._log_var = F.linear(sae.center(inp.x), sae.W_logvar, sae.b_logvar).clamp(-6.0, 2.0)
+        return super().step(sae, inp)
+
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         with torch.no_grad():
             if not self.sampled:  # TopK of ReLU(pre) = TopK of pre (ReLU is monotone; activate rectifies)
@@ -118,6 +159,9 @@ class VariationalTopK(Method):
             if noise is None or noise.shape != pre.shape or noise.dtype != pre.dtype or noise.device != pre.device:
                 noise = torch.empty_like(pre)
             self._noise = torch.randn(pre.shape, generator=self._generator(pre.device), dtype=pre.dtype, device=pre.device, out=noise)
+            if self.learned_variance:  # keep ε: σ (differentiable) multiplies it in activate
+                z = pre.clamp_min(0).addcmul_(self._noise, self._log_var.detach().mul(0.5).exp())
+                return sparse.topk_select(z, self.cfg.k), None
             if self.opts.noise_std != 1:
                 self._noise.mul_(self.opts.noise_std)
             z = pre.clamp_min(0).add_(self._noise)
@@ -125,12 +169,20 @@ class VariationalTopK(Method):
 
     def activate(self, values: Tensor, indices: Tensor, sae: SAE) -> Tensor:
         mu = F.relu(values)
-        return mu + self._noise.gather(1, indices) if self.sampled else mu
+        if not self.sampled:
+            return mu
+        eps = self._noise.gather(1, indices)
+        if self.learned_variance:  # z = μ + σε: the reconstruction's gradient reaches log σ² of the selected entries
+            return mu + eps * self._log_var.gather(1, indices).mul(0.5).exp()
+        return mu + eps
 
     def extra_losses(self, sae: SAE, inp: StepInput, pre: Tensor, acts: SparseActs, x_hat: Tensor) -> dict[str, Tensor]:
         # ½Σ_b‖μ_b‖², μ = ReLU(pre), from the step's no-grad pre-activations; its gradient reaches every latent
         # (a dense term by definition) through one dense product in ``_HalfSquaredReLU.backward``.
         half_sq = _HalfSquaredReLU.apply(inp.x, sae.b_dec, sae.encoder_weight, sae.b_enc, pre)
+        if self.learned_variance:  # + ½Σ(σ² − 1 − log σ²) over every latent and token
+            lv = self._log_var
+            half_sq = half_sq + 0.5 * (lv.exp() - 1.0 - lv).sum()
         # Like normalized_mse: the global batch's sums in a data-parallel step (ranks' mean = global value).
         kl = half_sq * distributed.dp_world_size() / total_variance(inp.x)
         warm = self.opts.kl_warmup_steps
