@@ -112,13 +112,17 @@ METHODS: dict[str, tuple[str, dict]] = {
     "batchtopk": ("batchtopk", {}),
     "mutual_choice": ("mutual_choice", {}),
     "jumprelu": ("jumprelu", {"sparsity_mode": "target_l0"}),
+    # The paper's recipe (form="paper": λ·L0, θ₀ = ε = 0.001·√d, threshold lr = lr, Adam β1 = 0); its L0 is what λ gives.
+    "jumprelu_paper": ("jumprelu", {"form": "paper", "sparsity_coef": 0.1}),
     "abstopk": ("abstopk", {}),
     "abstopk_batch": ("abstopk", {"variant": "batch"}),
     "vsae": ("vsae", {}),
     "vsae_det": ("vsae_det", {}),
+    "vsae_learned": ("vsae", {"variance": "learned"}),  # the authors' var_flag = 1: learned log σ² (init −2)
     "feature_choice": ("feature_choice", {}),
 }
 SIGNED = {"abstopk", "abstopk_batch"}
+FREE_L0 = {"jumprelu_paper"}  # L0 set by a penalty, not held at k
 
 
 def recovery(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False, thresh: float = 0.9) -> float:

@@ -1041,6 +1041,46 @@ def test_vsae_step_gradients_equal_dense_autograd(name, tmp_path):
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
 
+def test_vsae_learned_variance_step_equals_dense_autograd_and_exports_without_it(tmp_path):
+    """variance='learned' (the authors' var_flag = 1): log σ² = clamp(W_logvar(x − b_dec) + b_logvar, −6, 2) with bias −2 at
+    init, z = μ + σε, TopK on z, KL = ½Σ(μ² + σ² − 1 − log σ²) over every latent; every gradient equals dense autograd's.
+    The exported SAE has no log σ² encoder and encodes TopK of μ."""
+    from saebench.trainers.base import normalized_mse, total_variance
+
+    cfg = config("vsae", tmp_path, d_sae=96, k=5, opts={"variance": "learned", "kl_warmup_steps": 0, "auxk_coef": 0.0})
+    method = get_method("vsae")(cfg)
+    assert method.opts.kl_coef == 0.01  # the learned form's own default
+    sae = SAE(method.sae_config(24))
+    method.param_groups(sae, 1e-3)  # registers the training-only log σ² encoder
+    method.init_sae(sae, torch.randn(256, 24), torch.Generator().manual_seed(0))
+    assert torch.all(sae.b_logvar == -2.0) and sae.W_logvar.abs().max() > 0
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_logvar.normal_(-1.0, 2.0)  # some entries beyond the clamp at 2 and −6... and most inside
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    out = method.step(sae, StepInput(x=x, dead_mask=None, step=3))
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    assert {"W_logvar", "b_logvar"} <= set(got)
+    sae.zero_grad()
+    xc = x - sae.b_dec
+    mu = F.relu(F.linear(xc, sae.encoder_weight, sae.b_enc))
+    lv = F.linear(xc, sae.W_logvar, sae.b_logvar).clamp(-6.0, 2.0)
+    z = mu + method._noise * (0.5 * lv).exp()
+    idx = z.detach().topk(5, -1).indices
+    code = torch.zeros_like(mu).scatter(1, idx, z.gather(1, idx))
+    ref = normalized_mse(code @ sae.W_dec + sae.b_dec, x) + 0.01 * 0.5 * (mu.pow(2) + lv.exp() - 1 - lv).sum() / total_variance(x)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    ref.backward()
+    for n, p in sae.named_parameters():
+        if n in got:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    final = method.export(sae)
+    assert not hasattr(final, "W_logvar") and final.cfg.architecture == "topk"
+    with torch.no_grad():
+        torch.testing.assert_close(final.encode(x), torch.zeros_like(mu).scatter(1, mu.topk(5, -1).indices, mu.topk(5, -1).values))
+
+
 def test_gsae_in_place_scores_equal_the_formula():
     from saebench.trainers.gsae import gradient_scores
 
