@@ -113,7 +113,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "mutual_choice": ("mutual_choice", {}),
     "jumprelu": ("jumprelu", {"sparsity_mode": "target_l0"}),
     # The paper's recipe (form="paper": λ·L0, θ₀ = ε = 0.001·√d, threshold lr = lr, Adam β1 = 0); its L0 is what λ gives.
-    "jumprelu_paper": ("jumprelu", {"form": "paper", "sparsity_coef": 0.1}),
+    "jumprelu_paper": ("jumprelu", {"form": "paper", "sparsity_coef": 0.03}),
     "abstopk": ("abstopk", {}),
     "abstopk_batch": ("abstopk", {"variant": "batch"}),
     "vsae": ("vsae", {}),
