@@ -171,6 +171,8 @@ def test_saved_sae_reloads_with_identical_outputs(runs, planted, name, arch):
     ("batchtopk", {"threshold_start_step": 5}),
     ("feature_choice", {"threshold_start_step": 5}),
     ("vsae", {"noise_std": 0.1}),
+    ("vsae", {"variance": "learned"}),  # the log σ² encoder is a training-only parameter, checkpointed with the SAE
+    ("jumprelu", {"sparsity_mode": "target_l0"}),  # the TopK warm start hands over at step 20, around the cut
 ])
 def test_method_state_survives_a_resume(tmp_path, name, opts):
     """Threshold EMAs, firing densities and the noise stream are checkpointed: a resumed run is bit-identical."""

@@ -5,12 +5,18 @@ our default 0.1 in unit-RMS scaled units, see the option);
 z = μ + σ·ε, ε ~ N(0, I) by reparameterisation; the k largest z per token are decoded (values z, no
 ReLU after the noise); KL(N(μ, σ²I) ‖ N(0, I)) = ½‖μ‖² + const for σ = 1.
 
+``vsae`` with ``variance="learned"`` (the authors' ``var_flag = 1``): a second linear encoder gives log σ² per latent
+and token (bias −2, clamped to [−6, 2]), z = μ + σε, and the KL is the full ½Σ(μ² + σ² − 1 − log σ²); its weights
+(``W_logvar``, ``b_logvar``) are training-only parameters, dropped on export.
+
 ``vsae_det`` (the authors' code default, ``var_flag = 0``): no noise, z = μ, TopK on z, and the "KL"
 ½‖μ‖² is an L2 penalty on the dense encoder output.
 
 Loss = FVU(x̂, x) + β_t·Σ_b ½‖μ_b‖² / Σ_b ‖x_b − x̄‖² + α·AuxK: the KL is divided by the same total
 variance as the FVU, so β is the paper's β for the summed squared error (‖x − x̂‖²) and does not depend
-on the input scale. β_t warms up linearly over ``kl_warmup_steps`` (default 10% of training, as the
+on the input scale: the authors' code also sums over dimensions, so their kl_coeff = 500 is β = 500 here,
+but with their unconstrained decoder (codes shrink as columns grow); with our unit-norm decoder rows that
+kills every latent, and the default is β = 0.1 (0.01 with the learned variance), from planted recovery. β_t warms up linearly over ``kl_warmup_steps`` (default 10% of training, as the
 authors). The KL gradient reaches every latent: ``_HalfSquaredReLU`` computes it from the step's no-grad
 pre-activations with one dense product (dense autograd through the encoder took two); the reconstruction's
 gradient stays sparse (the selected entries only), as for TopK.
@@ -29,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from saebench.trainers.base import Method, Options, SparseActs, StepInput, register, total_variance
-from torch import nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from saebench import distributed, sparse
 from saebench.sae import SAE
