@@ -38,7 +38,7 @@ from pydantic import Field
 from saebench.trainers.base import Method, Options, SparseActs, StepInput, register
 from torch import Tensor
 
-from saebench import sparse
+from saebench import distributed, sparse
 from saebench.sae import SAE
 
 
@@ -229,9 +229,10 @@ class JumpReLU(Method):
         if self._warm:
             self._valid = None
             return sparse.topk_select(pre, max(1, round(self._l0_target()))), None
-        if batch is not None and warm and batch.step == warm:
+        if batch is not None and warm and batch.step == warm:  # the hand-over, on the global batch under data parallelism
             with torch.no_grad():
-                sae.log_threshold.copy_(usage_thresholds(pre, max(1, round(self._l0_target()))).log().to(sae.dtype))
+                pre_all = distributed.all_gather_cat(pre)  # the input itself outside a data-parallel step
+                sae.log_threshold.copy_(usage_thresholds(pre_all, max(1, round(self._l0_target()))).log().to(sae.dtype))
         theta = sae.log_threshold.detach().exp()
         self._eps = self.bandwidth_for(sae.d_in)
         idx, valid = sparse.mask_to_indices(pre > theta - self._eps / 2, pre)
@@ -251,6 +252,10 @@ class JumpReLU(Method):
         theta = sae.log_threshold.exp()[acts.indices]
         pi = pre.gather(1, acts.indices)  # the step passes no gradient to π, so no need for gather_pre
         l0 = (step_fn(pi, theta, self._eps) * self._valid).sum(-1).mean()
+        if distributed.active():
+            # Data parallel: the value is the global batch's mean L0 and the gradient this rank's share of it (the ranks'
+            # mean of gradients is then the global one), so a non-linear penalty of L0 (target_l0) is the global batch's.
+            l0 = distributed.all_reduce_mean(l0.detach()) + (l0 - l0.detach())
         warm = self.opts.sparsity_warmup_steps
         warm = int(0.1 * self.cfg.total_steps) if warm is None else warm
         coef = self.opts.sparsity_coef * (min(1.0, (inp.step + 1) / warm) if warm else 1.0)
