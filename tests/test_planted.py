@@ -1,6 +1,6 @@
 """Planted ground truth beyond one shape (issue #15.9): every activation method (and the option forms JumpReLU
-form='paper', vsae variance='learned'), at its defaults and the library's default learning rate, on planted families that vary d, width, sparsity, magnitude law and
-correlation; the fraction of planted features recovered (best decoder row at cos >= 0.9) must be >= 90%,
+form='paper', vsae variance='learned'), at its defaults and the library's default learning rate, on planted
+families that vary d, width, sparsity, magnitude law and correlation; the fraction of planted features recovered (best decoder row at cos >= 0.9) must be >= 90%,
 except for the measured gaps in FLOORS (each held at what it reaches now, so none can get worse unseen).
 
 The data and scoring are benchmarks/bench_planted.py's (whose sweep runs the same methods at the issue's
