@@ -16,7 +16,7 @@ Loss = FVU(x̂, x) + β_t·Σ_b ½‖μ_b‖² / Σ_b ‖x_b − x̄‖² + α·
 variance as the FVU, so β is the paper's β for the summed squared error (‖x − x̂‖²) and does not depend
 on the input scale: the authors' code also sums over dimensions, so their kl_coeff = 500 is β = 500 here,
 but with their unconstrained decoder (codes shrink as columns grow); with our unit-norm decoder rows that
-kills every latent, and the default is β = 0.1 (0.01 with the learned variance), from planted recovery. β_t warms up linearly over ``kl_warmup_steps`` (default 10% of training, as the
+kills every latent, and the default is β = 0.03 (0.01 with the learned variance), from planted recovery. β_t warms up linearly over ``kl_warmup_steps`` (default 10% of training, as the
 authors). The KL gradient reaches every latent: ``_HalfSquaredReLU`` computes it from the step's no-grad
 pre-activations with one dense product (dense autograd through the encoder took two); the reconstruction's
 gradient stays sparse (the selected entries only), as for TopK.
@@ -42,9 +42,9 @@ from saebench.sae import SAE
 
 
 class VSAEDetOptions(Options):
-    kl_coef: float = Field(0.1, ge=0, description=(
+    kl_coef: float = Field(0.03, ge=0, description=(
         "β, the weight of KL(q(z|x) ‖ N(0, I)) against the squared error summed over dimensions (both divided by the batch's "
-        "total variance). Default 0.1 (0.01 with variance='learned'), from planted recovery (docs/METHODS_IMPLEMENTED.md). The "
+        "total variance). Default 0.03 (0.01 with variance='learned'), from planted recovery (docs/METHODS_IMPLEMENTED.md). The "
         "authors' kl_coeff = 500 is this β (their reconstruction is summed over dimensions too), but their decoder is "
         "unconstrained (init norm 0.1), so codes shrink as decoder columns grow; with unit-norm decoder rows 500 collapses every latent."))
     kl_warmup_steps: int | None = Field(None, ge=0, description="Linear warmup of β; default 10% of training.")
