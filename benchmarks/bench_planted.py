@@ -4,6 +4,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py --shapes issue --methods topk batchtopk --samples 1000000
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py --shapes lognormal_pairs uniform_sparse wide_dense \
         --samples 307200 --batch 1024 --chunk-tokens 8192                                 # the unit-test family's table
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py --shapes lognormal_pairs uniform_sparse wide_dense \
+        --samples 307200 --batch 1024 --chunk-tokens 8192 --methods jumprelu --options '{"topk_warmup_fraction": 0.3}'  # a grid cell
 
 Data (``PlantedSource``): m unit-norm random features in d dimensions; each sample activates each feature
 independently with probability n_active/m, with a magnitude drawn from a log-normal (σ = 0.5, median 1) or
@@ -112,13 +114,17 @@ METHODS: dict[str, tuple[str, dict]] = {
     "batchtopk": ("batchtopk", {}),
     "mutual_choice": ("mutual_choice", {}),
     "jumprelu": ("jumprelu", {"sparsity_mode": "target_l0"}),
+    # The paper's recipe (form="paper": λ·L0, θ₀ = ε = 0.001·√d, threshold lr = lr, Adam β1 = 0); its L0 is what λ gives.
+    "jumprelu_paper": ("jumprelu", {"form": "paper", "sparsity_coef": 0.03}),
     "abstopk": ("abstopk", {}),
     "abstopk_batch": ("abstopk", {"variant": "batch"}),
     "vsae": ("vsae", {}),
     "vsae_det": ("vsae_det", {}),
+    "vsae_learned": ("vsae", {"variance": "learned"}),  # the authors' var_flag = 1: learned log σ² (init −2)
     "feature_choice": ("feature_choice", {}),
 }
 SIGNED = {"abstopk", "abstopk_batch"}
+FREE_L0 = {"jumprelu_paper"}  # L0 set by a penalty, not held at k
 
 
 def recovery(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False, thresh: float = 0.9) -> float:
@@ -167,6 +173,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the library's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--options", type=json.loads, default=None, metavar="JSON",
+                    help="method options on top of each method's (e.g. '{\"topk_warmup_fraction\": 0.3}'): the diagnostic grids "
+                         "of docs/METHODS_IMPLEMENTED.md 'Planted recovery'; kept apart from the defaults' rows in the results")
     ap.add_argument("--chunk-tokens", type=int, default=16_384, help="samples per generated chunk (the tests use 8,192)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--runs-dir", default="runs/bench_planted")
@@ -176,32 +185,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
 
     def cell(r):
-        return (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"])
+        return (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"))
 
     for shape_name in args.shapes:
         src = PlantedSource(SHAPES[shape_name], seed=args.seed, chunk_tokens=args.chunk_tokens)
         for key in args.methods:
-            want = (shape_name, key, args.samples, args.lr, args.seed)
+            want = (shape_name, key, args.samples, args.lr, args.seed, args.options)
             if not args.force and any(cell(r) == want for r in rows):
                 continue
             r = run_one(key, SHAPES[shape_name], args.samples, Path(args.runs_dir) / f"{shape_name}-{key}", lr=args.lr, batch=args.batch,
-                        seed=args.seed, source=src) | {"shape_name": shape_name, "lr_arg": args.lr}
+                        seed=args.seed, source=src, options=args.options) | {"shape_name": shape_name, "lr_arg": args.lr,
+                                                                              "options_arg": args.options}
             rows = [x for x in rows if cell(x) != want] + [r]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"command": "benchmarks/bench_planted.py", "rows": rows}, indent=1))
             print(f"{shape_name:<8} {key:<15} recovery {r['recovery']:.3f}  fvu {r['fvu']:.3f}  l0 {r['l0']:.2f}  "
                   f"never fired {r['never_fired_fraction']:.3f}  ({r['train_seconds']:.0f} s)", flush=True)
-    print(table(rows, args.shapes, args.methods, args.samples, args.lr, args.seed))
+    print(table(rows, args.shapes, args.methods, args.samples, args.lr, args.seed, args.options))
     return rows
 
 
-def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int, lr, seed: int) -> str:
+def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int, lr, seed: int, options: dict | None = None) -> str:
     """Markdown: recovery per method (rows) and shape (columns)."""
     lines = ["| method | " + " | ".join(shapes) + " |", "|---" * (len(shapes) + 1) + "|"]
     for key in methods:
         cells = []
         for s in shapes:
-            r = next((r for r in rows if (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"]) == (s, key, samples, lr, seed)), None)
+            r = next((r for r in rows if (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"))
+                      == (s, key, samples, lr, seed, options)), None)
             cells.append("" if r is None else f"{100 * r['recovery']:.0f}%")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

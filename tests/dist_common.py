@@ -12,12 +12,14 @@ SOURCE = dict(d=16, m=32, n_active=2, seed=5, chunk_tokens=1024)
 
 
 def configs(root: Path) -> list[TrainConfig]:
-    """TopK with AuxK active (tiny dead window) and BatchTopK with its threshold EMA running."""
+    """TopK with AuxK active (tiny dead window), BatchTopK with its threshold EMA running, JumpReLU past its warm start."""
     common = dict(hook_name="synthetic", d_sae=64, k=2, training_tokens=512 * 24, batch_size_tokens=512, lr=4e-3, lr_warmup_steps=4,
                   dead_window_tokens=1024, checkpoint_every_steps=1000, log_every_steps=4, normalize_activations="expected_average_only_in")
     return [
         TrainConfig(method="topk", out_dir=str(root / "topk"), seed=0, **common),
         TrainConfig(method="batchtopk", out_dir=str(root / "batchtopk"), seed=1, method_options={"threshold_start_step": 4}, **common),
+        # Target-L0 JumpReLU: its TopK warm start hands over at step 12, with thresholds from the global batch.
+        TrainConfig(method="jumprelu", out_dir=str(root / "jumprelu"), seed=2, method_options={"sparsity_mode": "target_l0"}, **common),
     ]
 
 

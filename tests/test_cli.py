@@ -374,4 +374,5 @@ def test_methods_prints_each_option_with_its_meaning_and_the_default_that_runs_i
             assert opt["description"].split()[0] in text
     jr = "\n".join(blocks["jumprelu"])
     assert "sparsity_coef=...  (default 0.001; sparsity_mode='target_l0': 1.0)" in jr
-    assert "theta_init_mode=...  (default 'constant'; sparsity_mode='target_l0': 'quantile')" in jr
+    assert "theta_init_mode=...  (default 'constant'; form='paper': 'constant'; sparsity_mode='target_l0': 'quantile')" in jr
+    assert "topk_warmup_fraction=...  (default 0.0; form='paper': 0.0; sparsity_mode='target_l0': 0.5)" in jr

@@ -54,7 +54,7 @@ def _assert_same_sae(a_dir: Path, b_dir: Path, atol: float = 1e-6) -> None:
 
 
 @pytest.mark.parametrize("mode", ["dp", "dm"])
-@pytest.mark.parametrize("method", ["topk", "batchtopk"])
+@pytest.mark.parametrize("method", ["topk", "batchtopk", "jumprelu"])
 def test_two_ranks_equal_one_process_on_the_global_batch(torchrun_out, reference, mode, method):
     _assert_same_sae(torchrun_out / mode / method, reference / method)
     meta = SAE.load(torchrun_out / mode / method).cfg.metadata

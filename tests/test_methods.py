@@ -171,6 +171,8 @@ def test_saved_sae_reloads_with_identical_outputs(runs, planted, name, arch):
     ("batchtopk", {"threshold_start_step": 5}),
     ("feature_choice", {"threshold_start_step": 5}),
     ("vsae", {"noise_std": 0.1}),
+    ("vsae", {"variance": "learned"}),  # the log σ² encoder is a training-only parameter, checkpointed with the SAE
+    ("jumprelu", {"sparsity_mode": "target_l0"}),  # the TopK warm start hands over at step 20, around the cut
 ])
 def test_method_state_survives_a_resume(tmp_path, name, opts):
     """Threshold EMAs, firing densities and the noise stream are checkpointed: a resumed run is bit-identical."""
@@ -279,7 +281,8 @@ def test_jumprelu_step_gives_threshold_gradient_below_theta_but_decodes_zero(tmp
     from saebench.sae import SAEConfig
 
     method = get_method("jumprelu")(config("jumprelu", tmp_path, d_sae=2, k=1, opts={"sparsity_coef": 1.0, "sparsity_warmup_steps": 0}))
-    eps = method.opts.bandwidth
+    eps = method.bandwidth_for(2)
+    assert eps == 0.05
     sae = SAE(SAEConfig(architecture="jumprelu", d_in=2, d_sae=2, apply_b_dec_to_input=False))
     with torch.no_grad():
         sae.encoder_weight.copy_(torch.eye(2))
@@ -360,12 +363,57 @@ def test_jumprelu_thresholds_get_their_own_learning_rate(tmp_path):
 def test_jumprelu_target_mode_has_its_own_defaults(tmp_path):
     """sparsity_mode='target_l0' alone gives c = 1 and quantile θ init; explicit values win; l0 mode keeps the paper's."""
     opts = get_method("jumprelu")(config("jumprelu", tmp_path, opts={"sparsity_mode": "target_l0"})).opts
-    assert (opts.sparsity_coef, opts.theta_init_mode) == (1.0, "quantile")
+    assert (opts.sparsity_coef, opts.theta_init_mode, opts.topk_warmup_fraction) == (1.0, "quantile", 0.5)
     opts = get_method("jumprelu")(config("jumprelu", tmp_path, opts={"sparsity_mode": "target_l0", "sparsity_coef": 0.3,
                                                                       "theta_init_mode": "constant"})).opts
     assert (opts.sparsity_coef, opts.theta_init_mode) == (0.3, "constant")
     opts = get_method("jumprelu")(config("jumprelu", tmp_path)).opts
-    assert (opts.sparsity_mode, opts.sparsity_coef, opts.theta_init_mode) == ("l0", 1e-3, "constant")
+    assert (opts.sparsity_mode, opts.sparsity_coef, opts.theta_init_mode, opts.topk_warmup_fraction) == ("l0", 1e-3, "constant", 0.0)
+
+
+def test_jumprelu_paper_form_sets_the_papers_recipe(tmp_path):
+    """form='paper': λ·L0, constant θ₀ = ε = 0.001·√d_in, threshold lr = lr, no warm start, Adam β1 = 0 on this SAE's
+    groups (the config's β2); explicit options still win."""
+    from saebench.trainers.loop import _start_run
+
+    cfg = config("jumprelu", tmp_path, lr=1e-3, opts={"form": "paper"})
+    method = get_method("jumprelu")(cfg)
+    o = method.opts
+    assert (o.sparsity_mode, o.theta_init_mode, o.threshold_lr_scale, o.topk_warmup_fraction) == ("l0", "constant", 1.0, 0.0)
+    assert method.theta_init(32) == pytest.approx(0.001 * 32**0.5) and method.bandwidth_for(32) == pytest.approx(0.001 * 32**0.5)
+    src = MemorySource(SyntheticSource(d=32, m=64, n_active=3), n_chunks=1)
+    run = _start_run(cfg, method, src, None, lambda: src.chunk(0), 1, False)
+    assert [g["betas"] for g in run.opt.param_groups] == [(0.0, cfg.adam_betas[1])] * 2
+    assert torch.allclose(run.sae.log_threshold.exp(), torch.full((run.sae.d_sae,), 0.001 * 32**0.5))
+    default = get_method("jumprelu")(config("jumprelu", tmp_path, lr=1e-3))
+    run = _start_run(default.cfg, default, src, None, lambda: src.chunk(0), 1, False)
+    assert [g["betas"] for g in run.opt.param_groups] == [tuple(default.cfg.adam_betas)] * 2
+    o = get_method("jumprelu")(config("jumprelu", tmp_path, opts={"form": "paper", "sparsity_mode": "target_l0", "bandwidth": 0.2})).opts
+    assert (o.sparsity_mode, o.bandwidth, o.theta_init_mode) == ("target_l0", 0.2, "constant")
+
+
+def test_jumprelu_topk_warm_start_hands_over_at_the_usage_thresholds(tmp_path):
+    """During the warm start the step is TopK (exactly k per token, no l0 loss); at the hand-over every latent's θ makes it
+    fire on that batch as often as TopK selected it."""
+    from saebench.trainers.jumprelu import usage_thresholds
+
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(512, 40, generator=gen) + 0.5
+    theta = usage_thresholds(pre, 3)
+    counts = torch.bincount(pre.topk(3, dim=-1).indices.flatten(), minlength=40).clamp_min(1)
+    assert torch.equal((pre > theta).sum(0), counts)
+    cfg = config("jumprelu", tmp_path, d_sae=40, k=3, steps=10, opts={"sparsity_mode": "target_l0", "topk_warmup_fraction": 0.5})
+    method = get_method("jumprelu")(cfg)
+    sae = SAE(method.sae_config(8))
+    x = torch.randn(256, 8, generator=gen)
+    method.init_sae(sae, x, gen)
+    out = method.step(sae, StepInput(x=x, dead_mask=None, step=4))
+    assert "l0_loss" not in out.losses and torch.equal((out.acts.values != 0).sum(-1), torch.full((256,), 3))
+    with torch.no_grad():
+        pre = torch.nn.functional.linear(sae.center(x), sae.encoder_weight, sae.b_enc)
+    out = method.step(sae, StepInput(x=x, dead_mask=None, step=5))
+    assert "l0_loss" in out.losses
+    assert torch.allclose(sae.log_threshold.exp(), usage_thresholds(pre, 3))
 
 
 def test_jumprelu_target_l0_is_reached_in_a_short_run(planted, tmp_path):
@@ -374,7 +422,8 @@ def test_jumprelu_target_l0_is_reached_in_a_short_run(planted, tmp_path):
     x = planted.held_out(107).acts[HOOK][:4096]
     l0 = {}
     for scale in (1.0, 10.0):
-        opts = {"sparsity_mode": "target_l0", "sparsity_coef": 1.0, "theta_init_mode": "quantile", "target_l0": 6.0, "threshold_lr_scale": scale}
+        opts = {"sparsity_mode": "target_l0", "sparsity_coef": 1.0, "theta_init_mode": "quantile", "target_l0": 6.0, "threshold_lr_scale": scale,
+                "topk_warmup_fraction": 0.0}
         sae = train(config("jumprelu", tmp_path / str(scale), steps=150, lr=1e-3, opts=opts), source=planted, progress=False).sae
         with torch.no_grad():
             l0[scale] = (sae.encode(x) != 0).sum(-1).float().mean().item()
@@ -991,6 +1040,46 @@ def test_vsae_step_gradients_equal_dense_autograd(name, tmp_path):
     ref.backward()
     for n, p in sae.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_vsae_learned_variance_step_equals_dense_autograd_and_exports_without_it(tmp_path):
+    """variance='learned' (the authors' var_flag = 1): log σ² = clamp(W_logvar(x − b_dec) + b_logvar, −6, 2) with bias −2 at
+    init, z = μ + σε, TopK on z, KL = ½Σ(μ² + σ² − 1 − log σ²) over every latent; every gradient equals dense autograd's.
+    The exported SAE has no log σ² encoder and encodes TopK of μ."""
+    from saebench.trainers.base import normalized_mse, total_variance
+
+    cfg = config("vsae", tmp_path, d_sae=96, k=5, opts={"variance": "learned", "kl_warmup_steps": 0, "auxk_coef": 0.0})
+    method = get_method("vsae")(cfg)
+    assert method.opts.kl_coef == 0.01  # the learned form's own default
+    sae = SAE(method.sae_config(24))
+    method.param_groups(sae, 1e-3)  # registers the training-only log σ² encoder
+    method.init_sae(sae, torch.randn(256, 24), torch.Generator().manual_seed(0))
+    assert torch.all(sae.b_logvar == -2.0) and sae.W_logvar.abs().max() > 0
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_logvar.normal_(-1.0, 2.0)  # some entries beyond the clamp at 2 and −6... and most inside
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    out = method.step(sae, StepInput(x=x, dead_mask=None, step=3))
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    assert {"W_logvar", "b_logvar"} <= set(got)
+    sae.zero_grad()
+    xc = x - sae.b_dec
+    mu = F.relu(F.linear(xc, sae.encoder_weight, sae.b_enc))
+    lv = F.linear(xc, sae.W_logvar, sae.b_logvar).clamp(-6.0, 2.0)
+    z = mu + method._noise * (0.5 * lv).exp()
+    idx = z.detach().topk(5, -1).indices
+    code = torch.zeros_like(mu).scatter(1, idx, z.gather(1, idx))
+    ref = normalized_mse(code @ sae.W_dec + sae.b_dec, x) + 0.01 * 0.5 * (mu.pow(2) + lv.exp() - 1 - lv).sum() / total_variance(x)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    ref.backward()
+    for n, p in sae.named_parameters():
+        if n in got:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    final = method.export(sae)
+    assert not hasattr(final, "W_logvar") and final.cfg.architecture == "topk"
+    with torch.no_grad():
+        torch.testing.assert_close(final.encode(x), torch.zeros_like(mu).scatter(1, mu.topk(5, -1).indices, mu.topk(5, -1).values))
 
 
 def test_gsae_in_place_scores_equal_the_formula():

@@ -1,6 +1,6 @@
-"""Planted ground truth beyond one shape (issue #15.9): every activation method, at its defaults and the
-library's default learning rate, on planted families that vary d, width, sparsity, magnitude law and
-correlation; the fraction of planted features recovered (best decoder row at cos >= 0.9) must be >= 90%,
+"""Planted ground truth beyond one shape (issue #15.9): every activation method (and the option forms JumpReLU
+form='paper', vsae variance='learned'), at its defaults and the library's default learning rate, on planted
+families that vary d, width, sparsity, magnitude law and correlation; the fraction of planted features recovered (best decoder row at cos >= 0.9) must be >= 90%,
 except for the measured gaps in FLOORS (each held at what it reaches now, so none can get worse unseen).
 
 The data and scoring are benchmarks/bench_planted.py's (whose sweep runs the same methods at the issue's
@@ -29,21 +29,18 @@ def _bench():
 bp = _bench()
 
 SHAPES = {name: bp.SHAPES[name] for name in bp.TEST_SHAPES}  # vary d, width, sparsity, magnitude law, correlated pairs
-METHODS = list(bp.METHODS)
+# JumpReLU's paper form cannot at 300 steps: log θ moves at most ~lr per Adam step, so θ₀ = 0.001·√d (0.004-0.006 here)
+# reaches at most θ₀·e^(300·lr) (0.3-0.6 at these shapes' lr), under the ~1 the planted codes need; it has its own test below.
+METHODS = [m for m in bp.METHODS if m != "jumprelu_paper"]
 # Where a method's defaults do not reach 90% at this budget (measured, docs/METHODS_IMPLEMENTED.md "Planted recovery"),
 # the floor is what it reaches, less a margin: a regression test, and the list of open gaps.
 FLOORS = {
-    ("batchtopk", "uniform_sparse"): 0.8,  # 84%
-    ("batchtopk", "wide_dense"): 0.8,  # 86%
-    ("mutual_choice", "wide_dense"): 0.85,  # 90.0% (just under)
-    ("abstopk_batch", "lognormal_pairs"): 0.8,  # 85%
-    ("abstopk_batch", "wide_dense"): 0.6,  # 65%
-    ("vsae", "uniform_sparse"): 0.75,  # 81%
-    ("vsae_det", "uniform_sparse"): 0.75,  # 81%
-    # JumpReLU (target L0): about half its latents stop firing; reviving them does not raise recovery.
-    ("jumprelu", "lognormal_pairs"): 0.65,  # 73%
-    ("jumprelu", "uniform_sparse"): 0.35,  # 44%
-    ("jumprelu", "wide_dense"): 0.2,  # 28%
+    ("batchtopk", "wide_dense"): 0.85,  # 90.0% (72 of 80: at the bar, no margin)
+    # JumpReLU (target L0 k, TopK warm start for half the run): 91%; at a target above the data's L0 (3 vs 2) its loss
+    # prefers latents that also cover a planted neighbour at cosine ~0.6 and fire on a quarter of the tokens.
+    ("jumprelu", "uniform_sparse"): 0.85,  # 91%
+    # vsae with the learned variance (β 0.01): the KL pulls every σ towards 1 (activation-sized in scaled units).
+    ("vsae_learned", "uniform_sparse"): 0.8,  # 84%
 }
 
 
@@ -57,4 +54,18 @@ def sources():
 def test_planted_recovery_at_defaults(method, shape, sources, tmp_path):
     r = bp.run_one(method, SHAPES[shape], 300 * 1024, tmp_path, batch=1024, source=sources[shape])
     assert r["recovery"] >= FLOORS.get((method, shape), 0.9), r
-    assert r["fvu"] < 0.3 and abs(r["l0"] - SHAPES[shape].k) < 0.3 * SHAPES[shape].k, r  # at the common sparsity
+    assert r["fvu"] < 0.3, r
+    if method not in bp.FREE_L0:
+        assert abs(r["l0"] - SHAPES[shape].k) < 0.3 * SHAPES[shape].k, r  # at the common sparsity
+
+
+PAPER_FLOORS = {"uniform_sparse": 0.85}  # 88%: one latent covers two features with cosine 0.62 (see the table's notes)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_jumprelu_paper_form_recovers_given_the_steps_its_thresholds_need(shape, sources, tmp_path):
+    """form='paper' (λ·L0 with λ 0.03, θ₀ = ε = 0.001·√d, threshold lr = lr, Adam β1 = 0) at 4x the budget above (1,200 steps):
+    its L0 is what λ gives (below k here), and it recovers the planted features."""
+    r = bp.run_one("jumprelu_paper", SHAPES[shape], 1200 * 1024, tmp_path, batch=1024, source=sources[shape])
+    assert r["recovery"] >= PAPER_FLOORS.get(shape, 0.9), r
+    assert r["fvu"] < 0.3 and 0.3 * SHAPES[shape].k < r["l0"] < SHAPES[shape].k, r

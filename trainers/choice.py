@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from saebench.trainers.base import Method, StepInput, StepOutput, normalized_mse, register
-from saebench.trainers.batchtopk import BatchTopK, ThresholdEMA, ThresholdMixin, ThresholdOptions
+from saebench.trainers.batchtopk import WARMUP_WHY, BatchTopK, ThresholdEMA, ThresholdMixin, ThresholdOptions
 from torch import Tensor
 
 from saebench import sparse
@@ -237,7 +237,8 @@ class FeatureChoice(ZipfAuxMixin, ThresholdMixin, Method):
 
 
 class MutualChoiceOptions(ZipfOptions):
-    pass
+    topk_warmup_fraction: float = Field(0.5, ge=0, le=1, description=(
+        "The TopK warm start as a fraction of training when topk_warmup_steps is not given (default 0.5, as BatchTopK). " + WARMUP_WHY))
 
 
 @register

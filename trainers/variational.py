@@ -5,12 +5,18 @@ our default 0.1 in unit-RMS scaled units, see the option);
 z = μ + σ·ε, ε ~ N(0, I) by reparameterisation; the k largest z per token are decoded (values z, no
 ReLU after the noise); KL(N(μ, σ²I) ‖ N(0, I)) = ½‖μ‖² + const for σ = 1.
 
+``vsae`` with ``variance="learned"`` (the authors' ``var_flag = 1``): a second linear encoder gives log σ² per latent
+and token (bias −2, clamped to [−6, 2]), z = μ + σε, and the KL is the full ½Σ(μ² + σ² − 1 − log σ²); its weights
+(``W_logvar``, ``b_logvar``) are training-only parameters, dropped on export.
+
 ``vsae_det`` (the authors' code default, ``var_flag = 0``): no noise, z = μ, TopK on z, and the "KL"
 ½‖μ‖² is an L2 penalty on the dense encoder output.
 
 Loss = FVU(x̂, x) + β_t·Σ_b ½‖μ_b‖² / Σ_b ‖x_b − x̄‖² + α·AuxK: the KL is divided by the same total
 variance as the FVU, so β is the paper's β for the summed squared error (‖x − x̂‖²) and does not depend
-on the input scale. β_t warms up linearly over ``kl_warmup_steps`` (default 10% of training, as the
+on the input scale: the authors' code also sums over dimensions, so their kl_coeff = 500 is β = 500 here,
+but with their unconstrained decoder (codes shrink as columns grow); with our unit-norm decoder rows that
+kills every latent, and the default is β = 0.03 (0.01 with the learned variance), from planted recovery. β_t warms up linearly over ``kl_warmup_steps`` (default 10% of training, as the
 authors). The KL gradient reaches every latent: ``_HalfSquaredReLU`` computes it from the step's no-grad
 pre-activations with one dense product (dense autograd through the encoder took two); the reconstruction's
 gradient stays sparse (the selected entries only), as for TopK.
@@ -22,22 +28,36 @@ The method name and options (hence which form) are recorded in cfg.json by the t
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from saebench.trainers.base import Method, Options, SparseActs, StepInput, register, total_variance
-from torch import Tensor
+from torch import Tensor, nn
 
 from saebench import distributed, sparse
 from saebench.sae import SAE
 
 
 class VSAEDetOptions(Options):
-    kl_coef: float = Field(1.0, ge=0, description="β, the weight of KL(q(z|x) ‖ N(0, I)) relative to the squared error.")
+    kl_coef: float = Field(0.03, ge=0, description=(
+        "β, the weight of KL(q(z|x) ‖ N(0, I)) against the squared error summed over dimensions (both divided by the batch's "
+        "total variance). Default 0.03 (0.01 with variance='learned'), from planted recovery (docs/METHODS_IMPLEMENTED.md). The "
+        "authors' kl_coeff = 500 is this β (their reconstruction is summed over dimensions too), but their decoder is "
+        "unconstrained (init norm 0.1), so codes shrink as decoder columns grow; with unit-norm decoder rows 500 collapses every latent."))
     kl_warmup_steps: int | None = Field(None, ge=0, description="Linear warmup of β; default 10% of training.")
 
 
 class VSAEOptions(VSAEDetOptions):
+    mode_defaults = {"variance": {"learned": {"kl_coef": 0.01}}}
+
+    variance: Literal["fixed", "learned"] = Field("fixed", description=(
+        "'fixed': σ = noise_std for every latent (the paper's text). 'learned': the authors' var_flag = 1: a second linear "
+        "encoder gives log σ² per latent and token (bias initialised to log_var_init, clamped to [-6, 2]), z = μ + σε, and the "
+        "KL is the full ½Σ(μ² + σ² − 1 − log σ²). Its weights exist only while training (inference is z = μ)."))
+    log_var_init: float = Field(-2.0, description="variance='learned': initial bias of the log σ² encoder (the authors' −2, σ ≈ 0.37).")
     noise_std: float = Field(0.1, gt=0, description=(
         "Fixed posterior σ of the sampled form, in scaled-input units (each input coordinate has RMS 1, so a latent's "
         "activation is O(1)). The paper's σ = 1 is in the authors' raw activation units, small against their activations; "
@@ -109,6 +129,38 @@ class VariationalTopK(Method):
                 self._gen.set_state(self._gen_state)
         return self._gen
 
+    @property
+    def learned_variance(self) -> bool:
+        return self.sampled and self.opts.variance == "learned"
+
+    def add_training_parameters(self, sae: SAE) -> None:
+        if self.learned_variance:  # the log σ² encoder: [d_sae, d_in] weight and [d_sae] bias
+            sae.register_parameter("W_logvar", nn.Parameter(torch.zeros_like(sae.encoder_weight)))
+            sae.register_parameter("b_logvar", nn.Parameter(torch.zeros_like(sae.b_enc)))
+
+    def init_sae(self, sae: SAE, sample: Tensor, generator: torch.Generator) -> None:
+        super().init_sae(sae, sample, generator)
+        if self.learned_variance:  # the authors: Kaiming-uniform weight (a = 0.01), constant bias log_var_init
+            with torch.no_grad():
+                bound = math.sqrt(6.0 / ((1 + 0.01**2) * sae.d_in))
+                w = torch.rand(sae.W_logvar.shape, generator=generator, dtype=torch.float32) * 2 - 1
+                sae.W_logvar.copy_((w * bound).to(sae.W_logvar))
+                sae.b_logvar.fill_(self.opts.log_var_init)
+
+    def export(self, sae: SAE) -> SAE:
+        """The inference SAE (z = μ, TopK), without the training-only log σ² encoder."""
+        if not self.learned_variance:
+            return sae
+        out = SAE(sae.cfg).to(device=sae.device)
+        for name in ("encoder_weight", "W_dec", "b_enc", "b_dec"):
+            getattr(out, name).data.copy_(getattr(sae, name).data)
+        return out
+
+    def step(self, sae: SAE, inp: StepInput):
+        if self.learned_variance:  # log σ² [B, n], dense and differentiable (the KL's σ terms reach every latent)
+            self._log_var = F.linear(sae.center(inp.x), sae.W_logvar, sae.b_logvar).clamp(-6.0, 2.0)
+        return super().step(sae, inp)
+
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         with torch.no_grad():
             if not self.sampled:  # TopK of ReLU(pre) = TopK of pre (ReLU is monotone; activate rectifies)
@@ -118,6 +170,9 @@ class VariationalTopK(Method):
             if noise is None or noise.shape != pre.shape or noise.dtype != pre.dtype or noise.device != pre.device:
                 noise = torch.empty_like(pre)
             self._noise = torch.randn(pre.shape, generator=self._generator(pre.device), dtype=pre.dtype, device=pre.device, out=noise)
+            if self.learned_variance:  # keep ε: σ (differentiable) multiplies it in activate
+                z = pre.clamp_min(0).addcmul_(self._noise, self._log_var.detach().mul(0.5).exp())
+                return sparse.topk_select(z, self.cfg.k), None
             if self.opts.noise_std != 1:
                 self._noise.mul_(self.opts.noise_std)
             z = pre.clamp_min(0).add_(self._noise)
@@ -125,12 +180,20 @@ class VariationalTopK(Method):
 
     def activate(self, values: Tensor, indices: Tensor, sae: SAE) -> Tensor:
         mu = F.relu(values)
-        return mu + self._noise.gather(1, indices) if self.sampled else mu
+        if not self.sampled:
+            return mu
+        eps = self._noise.gather(1, indices)
+        if self.learned_variance:  # z = μ + σε: the reconstruction's gradient reaches log σ² of the selected entries
+            return mu + eps * self._log_var.gather(1, indices).mul(0.5).exp()
+        return mu + eps
 
     def extra_losses(self, sae: SAE, inp: StepInput, pre: Tensor, acts: SparseActs, x_hat: Tensor) -> dict[str, Tensor]:
         # ½Σ_b‖μ_b‖², μ = ReLU(pre), from the step's no-grad pre-activations; its gradient reaches every latent
         # (a dense term by definition) through one dense product in ``_HalfSquaredReLU.backward``.
         half_sq = _HalfSquaredReLU.apply(inp.x, sae.b_dec, sae.encoder_weight, sae.b_enc, pre)
+        if self.learned_variance:  # + ½Σ(σ² − 1 − log σ²) over every latent and token
+            lv = self._log_var
+            half_sq = half_sq + 0.5 * (lv.exp() - 1.0 - lv).sum()
         # Like normalized_mse: the global batch's sums in a data-parallel step (ranks' mean = global value).
         kl = half_sq * distributed.dp_world_size() / total_variance(inp.x)
         warm = self.opts.kl_warmup_steps
