@@ -399,8 +399,7 @@ def parse_explanation(text: str, max_words: int = 30) -> str | None:
 
 _NUM = re.compile(r"(\d+)\s*(?:-|–|to)\s*(\d+)|(\d+)")
 # Words a list-of-numbers answer may contain besides numbers and separators ("Excerpts 3 and 7", "None of them").
-_ANSWER_WORDS = frozenset("and or none of them the excerpts excerpt examples example numbers number answer active are is in it fires on "
-                          "where feature".split())
+_ANSWER_WORDS = frozenset(["and", "or", "none", "of", "them", "the", "excerpts", "excerpt", "examples", "example", "numbers", "number", "answer", "active", "are", "is", "in", "it", "fires", "on", "where", "feature"])
 
 
 def parse_predictions(text: str, n: int) -> list[int] | None:
@@ -613,8 +612,8 @@ def weakness_note(result: dict[str, Any]) -> str | None:
     """A plain warning when the judge is the tiny offline model."""
     j = result.get("judge", {})
     if j.get("backend") == "hf" and "135M" in str(j.get("model")):
-        return ("the judge is SmolLM2-135M-Instruct, a 135M-parameter model: its explanations are mostly generic and its detection "
-                "answers close to chance, so this score says little about the SAE. Point --backend openai at a strong model "
+        return ("the judge is SmolLM2-135M-Instruct, a 135M-parameter model: measured, its explanations echo the prompt and "
+                "its detection answers echo the excerpts instead of naming them (unparsed), so this score says nothing about the SAE. Point --backend openai at a strong model "
                 "(vLLM, llama.cpp, ollama or a hosted API) for a meaningful number; see docs/EVALS_IMPLEMENTED.md")
     return None
 
