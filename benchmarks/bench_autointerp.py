@@ -13,7 +13,8 @@ SAE_DIR needs built dashboards (``saebench dashboards SAE_DIR``). Measures, with
    keyword judge and with an always-"None" judge (the explanation-free baselines), each score with its
    sd, the unparsed answers, and the wall time (the model load excluded and reported separately).
 
-The reply cache is off, so the times are real generation. Records the load average before and after
+The reply cache starts empty (``benchmarks/results/bench_autointerp_cache.sqlite``, not committed), so the
+times are real generation, and the raw answers can be re-parsed later without the model. Records the load average before and after
 (the development machines are shared). Writes ``benchmarks/results/bench_autointerp.json``.
 """
 
@@ -62,7 +63,9 @@ def main() -> None:
 
     load0 = os.getloadavg()
     t = time.time()
-    llm = A.make_llm(a.backend, a.model, a.url, cache=False)
+    cache = Path(a.out).with_name("bench_autointerp_cache.sqlite")
+    cache.unlink(missing_ok=True)
+    llm = A.make_llm(a.backend, a.model, a.url, cache=cache)
     load_s = time.time() - t
     out: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
                              "loadavg_before": load0}, "judge": llm.describe(), "judge_load_seconds": load_s}
@@ -96,8 +99,8 @@ def main() -> None:
                                                                                    "seconds_per_latent": wall / max(r["n_latents_requested"], 1)},
                    "keyword": summary(A.evaluate_autointerp(real, LLM(A.KeywordBackend()), cfg, progress=False)),
                    "always_none": summary(A.evaluate_autointerp(real, LLM(AlwaysNone()), cfg, progress=False)),
-                   "examples": {k: {"explanation": v.get("explanation"), "raw_prediction": v.get("raw_prediction"), "score": v.get("score")}
-                                for k, v in list(r["latents"].items())[:8]}}
+                   "latents": {k: {f: v.get(f) for f in ("raw_explanation", "explanation", "raw_prediction", "predictions", "truth", "score")}
+                               for k, v in r["latents"].items()}}
     out["machine"]["loadavg_after"] = os.getloadavg()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))

@@ -399,24 +399,33 @@ def parse_explanation(text: str, max_words: int = 30) -> str | None:
 
 
 _NUM = re.compile(r"(\d+)\s*(?:-|–|to)\s*(\d+)|(\d+)")
+# Words a list-of-numbers answer may contain besides numbers and separators ("Excerpts 3 and 7", "None of them").
+_ANSWER_WORDS = frozenset(["and", "or", "none", "of", "them", "the", "excerpts", "excerpt", "examples", "example", "numbers", "number", "answer", "active", "are", "is", "in", "it", "fires", "on", "where", "feature"])
 
 
 def parse_predictions(text: str, n: int) -> list[int] | None:
-    """Numbers 1..n the scorer named (ranges like ``3-5`` expanded), ``[]`` for "None", ``None`` if unreadable."""
+    """Numbers 1..n the scorer named (ranges like ``3-5`` expanded), ``[]`` for "None", ``None`` if unreadable.
+
+    Only the first line with content counts, and it must be a list of numbers (or "None"), possibly with a
+    few glue words ("Excerpts 3 and 7"), markdown or a final full stop: a model that echoes the numbered
+    excerpts ("1. some text ...") or writes prose is unreadable, not a prediction of excerpt 1.
+    """
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = re.sub(r"[*`_\"']", "", line).strip().rstrip(".").strip()
+    rest = re.sub(r"\d+|[,;:&/\-–.()\[\]]", " ", line.casefold()).split()
+    if not line or any(w not in _ANSWER_WORDS for w in rest):
+        return None
     found: set[int] = set()
-    for m in _NUM.finditer(text):
+    for m in _NUM.finditer(line):
         if m.group(3) is not None:
             found.add(int(m.group(3)))
         else:
             lo, hi = int(m.group(1)), int(m.group(2))
-            if 0 < hi - lo < n:
-                found.update(range(lo, hi + 1))
-            else:
-                found.update((lo, hi))
+            found.update(range(lo, hi + 1) if 0 < hi - lo < n else (lo, hi))
     valid = sorted(x for x in found if 1 <= x <= n)
     if valid:
         return valid
-    if re.search(r"\bnone\b|\bnothing\b|\bno excerpts?\b", text, re.IGNORECASE):
+    if re.search(r"\bnone\b", line, re.IGNORECASE) and not found:
         return []
     return None
 
@@ -611,8 +620,8 @@ def weakness_note(result: dict[str, Any]) -> str | None:
     """A plain warning when the judge is the tiny offline model."""
     j = result.get("judge", {})
     if j.get("backend") == "hf" and "135M" in str(j.get("model")):
-        return ("the judge is SmolLM2-135M-Instruct, a 135M-parameter model: its explanations are mostly generic and its detection "
-                "answers close to chance, so this score says little about the SAE. Point --backend openai at a strong model "
+        return ("the judge is SmolLM2-135M-Instruct, a 135M-parameter model: measured, its explanations echo the prompt and "
+                "its detection answers echo the excerpts instead of naming them (unparsed), so this score says nothing about the SAE. Point --backend openai at a strong model "
                 "(vLLM, llama.cpp, ollama or a hosted API) for a meaningful number; see docs/EVALS_IMPLEMENTED.md")
     return None
 

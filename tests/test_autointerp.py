@@ -56,6 +56,12 @@ def synthetic_codes(n_seq: int = 64, ctx: int = 64, seed: int = 0) -> A.CodeTabl
     ("", None),
     ("15, 20", None),  # only out-of-range numbers
     ("**1**, **14**\n\nBecause they mention foxes.", [1, 14]),
+    ("Excerpts 2, 9 and 12 are active.", [2, 9, 12]),
+    ("[3, 4]", [3, 4]),
+    # a small model echoing the numbered excerpts, or prose with numbers in it, is not a prediction
+    ("1.  04430.CF9@ohioee.com↵↵↵Why don't my signal handlers work?\n2.  do two things", None),
+    ("The feature responds to the token \"fox\".\n\nExcerpts:\n\n1.  dog the jumps", None),
+    ("I think 3 is about foxes", None),
 ])
 def test_parse_predictions(text, expected):
     assert A.parse_predictions(text, 14) == expected
