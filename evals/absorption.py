@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 from saebench.evals.common import one_site
+from saebench.evals import plots
+from saebench.evals.registry import Command, ConfigSpec, EvalSpec, register
 from saebench.evals.probes import balanced_weights, fit_logistic
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -349,6 +351,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(Path(a.out) if a.out else Path(a.sae_dir) / "eval_absorption.json", res)
     print(format_summary(res))
     return res
+
+
+# --------------------------------------------------------------------------- the bench's absorption eval: one job per hook
+
+ABSORPTION_COLUMNS = ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features", "n_usable_letters",
+                      "mean_probe_f1")
+
+
+def _absorption_figures(rows, results) -> dict[str, Any]:
+    ab = {name: r["absorption"] for name, r in results.items() if r.get("absorption")}
+    return {"absorption": plots.absorption_figure(ab)} if ab else {}
+
+
+register(EvalSpec(
+    name="absorption", scope="hook", order=60,
+    compute=lambda ctx, saes, sae_dirs: evaluate_absorption(saes, ctx.model, ctx.config("absorption"), progress=ctx.progress),
+    configs=(ConfigSpec("absorption", AbsorptionConfig, prefix="absorption", inherit=("batch_size",),
+                        flags={"max_words": ["--absorption-words", "--absorption-max-words"]},
+                        helps={"max_words": "absorption: vocabulary words sampled",
+                               "batch_size": "sequences per forward (default: the bench's --batch-size)"}),),
+    cache_key=lambda cfgs, data: cfgs["absorption"].to_dict(),
+    columns=lambda ab: {c: ab.get(c) for c in ABSORPTION_COLUMNS} | {"absorption_enough_letters": ab.get("enough_letters")},
+    figures=_absorption_figures,
+    command=Command("absorption", "SAEBench's first-letter feature absorption of one SAE.", "saebench.evals.absorption:main"),
+))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.evals.tasks import CircuitTask, make_task, reference_heads
+from saebench.evals import plots
+from saebench.evals.registry import Command, ConfigSpec, EvalSpec, register
 from saebench.sae import SAE
 from saebench.site import Site as HookSite
 
@@ -551,6 +553,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{name} [{kind}] m_clean={r['m_clean']:.3f} m_corrupt={r['m_corrupt']:.3f} nodes for F>=0.8: {r['nodes_for_faithfulness_0.8']} "
                   f"patch-check r={r['patch_check'].get('pearson', float('nan')):.3f}")
     return res
+
+
+# --------------------------------------------------------------------------- the bench's circuit eval
+
+
+def _bench_circuits(ctx, sae: SAE, sae_dir: str) -> dict[str, Any]:
+    c: CircuitConfig = ctx.config("circuits")
+    per = {}
+    for task in c.tasks:
+        per[task] = evaluate_circuit(ctx.model, sae, task, n_examples=c.n_examples, method=c.method, ig_steps=c.ig_steps,
+                                     train_fraction=c.train_fraction, n_patch_check=c.n_patch_check, batch_size=c.batch_size, seed=c.seed,
+                                     max_curve_points=c.max_curve_points, progress=ctx.progress)
+    return {"tasks": per}
+
+
+def _circuit_columns(circ: dict[str, Any]) -> dict[str, Any]:
+    row = {}
+    for task, r in circ.get("tasks", {}).items():
+        row[f"circuit_nodes_f80[{task}]"] = r.get("nodes_for_faithfulness_0.8")
+        row[f"circuit_error_ie_share[{task}]"] = r.get("error_ie_share")
+        row[f"circuit_patch_pearson[{task}]"] = r.get("patch_check", {}).get("pearson")
+    return row
+
+
+def _circuit_figures(rows, results) -> dict[str, Any]:
+    circ = {f"{name}/{t}": r for name, res in results.items() for t, r in res.get("circuits", {}).get("tasks", {}).items()}
+    return {"circuit_curves": plots.circuit_figure(circ)} if circ else {}
+
+
+register(EvalSpec(
+    name="circuits", aliases=("circuit",), scope="sae", compute=_bench_circuits, order=30,
+    configs=(ConfigSpec("circuits", CircuitConfig, prefix="circuit", flags={"n_examples": ["--circuit-examples", "--circuit-n-examples"]},
+                        choices={"tasks": ["ioi", "sva", "greater_than"], "method": ["atp", "ig"]}),),
+    cache_key=lambda cfgs, data: cfgs["circuits"].to_dict(),
+    columns=_circuit_columns, figures=_circuit_figures,
+    command=Command("circuits", "Feature circuits (attribution patching / IG) with faithfulness and completeness.", "saebench.evals.circuits:main"),
+))
 
 
 if __name__ == "__main__":
