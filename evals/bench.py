@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from saebench.config import HelpFormatter, add_config_flags, flag_values
+from saebench.config import HelpFormatter
 from saebench.evals import registry
 from saebench.evals.common import config_hash, load_eval_tokens, sae_checksum, special_ids_of
 from saebench.evals.compat import check_saebench_compat  # noqa: F401  (it lived here)
@@ -426,29 +426,14 @@ def build_parser(prog: str = "saebench bench") -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute cached results")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    dests = {}
-    for spec in registry.specs():
-        for c in spec.configs:
-            dests[c.key] = add_config_flags(p, c.cls, skip=c.skip, prefix=c.prefix, dest_prefix=f"{c.key}__", flags=dict(c.flags),
-                                            helps=dict(c.helps), choices=dict(c.choices),
-                                            title=f"{spec.name} eval: {c.cls.__name__} fields", show_defaults=True, unset=c.inherit)
+    dests = {c.key: registry.add_flags(p, c.key, title=f"{spec.name} eval: {c.cls.__name__} fields") for spec in registry.specs() for c in spec.configs}
     p.set_defaults(_config_dests=dests)
     return p
 
 
 def bench_config_from_args(a: argparse.Namespace) -> BenchConfig:
     """The :class:`BenchConfig` that ``saebench bench``'s parsed flags describe."""
-    known = registry.config_specs()
-    configs = {}
-    for key, dests in a._config_dests.items():
-        spec = known[key]
-        values = flag_values(a, spec.cls, dests)
-        for name in spec.inherit:  # e.g. batch_size: the bench's --batch-size unless the eval's own flag is given
-            values.setdefault(name, getattr(a, name))
-        try:
-            configs[key] = spec.cls(**values)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{key} flags: {e}") from None
+    configs = {key: registry.config_from_args(a, key, dests, batch_size=a.batch_size) for key, dests in a._config_dests.items()}
     return BenchConfig(evals=tuple(a.evals), out_dir=a.out, corpus=a.corpus, eval_tokens=a.eval_tokens, context_size=a.context_size,
                        batch_size=a.batch_size, device=a.device, force=a.force, figures=not a.no_figures, progress=not a.no_progress, configs=configs)
 

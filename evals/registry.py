@@ -36,6 +36,7 @@ How to add an eval: write ``evals/my_eval.py`` with its config, its computation 
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import saebench.evals as _package
+from saebench.config import add_config_flags, flag_values
 
 Result = dict[str, Any]
 
@@ -206,3 +208,25 @@ def default_configs() -> dict[str, Any]:
 
 def commands() -> list[Command]:
     return [s.command for s in specs() if s.command is not None]
+
+
+def add_flags(parser: argparse.ArgumentParser, key: str, *, prefix: str | None = None, title: str | None = None) -> dict[str, str]:
+    """One flag per field of config ``key`` (its spec's prefix unless ``prefix`` is given; ``""`` for an eval's own
+    command), defaulting to the field's default. Returns ``{field: dest}`` for :func:`config_from_args`."""
+    c = config_specs()[key]
+    return add_config_flags(parser, c.cls, skip=c.skip, prefix=c.prefix if prefix is None else prefix, dest_prefix=f"{key}__",
+                            flags=dict(c.flags) if prefix is None else {}, helps=dict(c.helps), choices=dict(c.choices),
+                            title=title or f"{c.cls.__name__} fields", show_defaults=True, unset=c.inherit)
+
+
+def config_from_args(args: argparse.Namespace, key: str, dests: dict[str, str], **fallback: Any) -> Any:
+    """Config ``key`` from parsed flags; ``fallback`` fills its ``inherit`` fields whose flag was not given (e.g. the bench's batch size)."""
+    c = config_specs()[key]
+    values = flag_values(args, c.cls, dests)
+    for name in c.inherit:
+        if name in fallback:
+            values.setdefault(name, fallback[name])
+    try:
+        return c.cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{key} flags: {e}") from None

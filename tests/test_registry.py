@@ -174,3 +174,30 @@ def test_registry_refuses_clashes_and_unknown_evals(toy_registered, tmp_path):
     with pytest.raises(TypeError, match="unexpected keyword 'bogus'"):
         run_bench(str(tmp_path), ["toy"], bogus=1)
     assert {"core", "dead", "steering", "circuits", "compat", "sparse_probing", "absorption", "autointerp"} <= set(registry.names())
+
+
+def test_eval_commands_take_flags_generated_from_their_config(tiny_model_dir, tmp_path, capsys):
+    """``saebench sparse-probing`` / ``absorption``: one flag per config field (as ``saebench bench``'s, without the prefix)."""
+    import json
+    import random
+
+    from saebench.cli import main
+
+    for cmd, expect in (("sparse-probing", ("--train-size", "[default: 200]", "--ks", "--context-length")),
+                        ("absorption", ("--max-words", "[default: 2000]", "--min-letters", "--l1-iters"))):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(x in text for x in expect), (cmd, text)
+    rng = random.Random(0)
+    words = {"fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango"], "place": ["river", "mountain", "forest", "desert", "valley"]}
+    data = tmp_path / "task.jsonl"
+    data.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(w) for _ in range(12)), "label": lab}) for lab, w in words.items()
+                              for _ in range(12)))
+    random_topk_sae(64, 128, 4, HOOK).save(tmp_path / "sae")
+    out = tmp_path / "sp.json"
+    assert main(["sparse-probing", str(tmp_path / "sae"), "--model", str(tiny_model_dir), "--datasets", str(data), "--train-size", "12",
+                 "--test-size", "8", "--ks", "1", "3", "--context-length", "16", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "sae_top_3_test_accuracy" in res and "sae_top_5_test_accuracy" not in res  # --ks reached the config
