@@ -7,16 +7,20 @@
 2. looks up every (SAE, eval) result in ``out_dir/cache/<checksum>/<eval>-<config hash>.json``; what
    is cached is not recomputed, so an interrupted run resumes where it stopped (the model is not
    even loaded when everything is cached);
-3. runs ``core`` (= ``reconstruction``) and ``dead`` for all SAEs at one hook in one shared pass
-   (``evals/reconstruction.evaluate_hook_group``: one clean forward per batch and the zero-ablation
-   terms for the whole group, one spliced forward per SAE), then ``steering``, ``circuits`` and
-   ``compat`` per SAE, writing each result as soon as it is done;
+3. runs what is missing, eval by eval as ``evals/registry.py`` lists them (each eval module registers an
+   ``EvalSpec``: its config, cache key, computation, columns and figures; this runner names none of them):
+   evals of the weights alone (``compat``) first without a model, then per model the per-hook jobs
+   (``core`` and ``dead`` in one shared pass, ``evals/reconstruction.py``: one clean forward per batch and
+   the zero-ablation terms for the whole group, one spliced forward per SAE; ``sparse_probing``,
+   ``absorption``) and the per-SAE jobs (``steering``, ``circuits``, ``autointerp``), writing each result
+   as soon as it is done;
 4. writes ``results.csv``, ``results.parquet`` and ``results.json`` (one row per SAE), and the
-   figures as offline HTML: CE loss recovered vs L0 and FVU vs L0 Pareto views, dead/dense latents,
-   steering curves, faithfulness/completeness curves.
+   figures each eval declares, as offline HTML (CE loss recovered vs L0 and FVU vs L0 Pareto views,
+   dead/dense latents, steering curves, faithfulness/completeness curves, ...).
 
 Timings. Work is done in *jobs*: ``core+dead`` (or ``core`` / ``dead`` alone) is one shared pass for
-all SAEs at a hook; ``steering``, ``circuits`` and ``compat`` are one job per SAE. Each cached result
+all SAEs at a hook, as are ``sparse_probing`` and ``absorption``; ``steering``, ``circuits``,
+``autointerp`` and ``compat`` are one job per SAE. Each cached result
 records the wall time of the job that produced it, the SAEs that shared it, and this SAE's share
 (job seconds / SAEs in it). The table gets one ``seconds[<job>]`` column per job (the SAE's share,
 as recorded when the result was computed, also when it now comes from the cache) and
