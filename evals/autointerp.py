@@ -624,7 +624,7 @@ def weakness_note(result: dict[str, Any]) -> str | None:
 
 
 def build_parser(prog: str = "saebench autointerp") -> argparse.ArgumentParser:
-    from saebench.cli import HelpFormatter
+    from saebench.config import HelpFormatter
 
     p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
                                 description="Explain latents with an LLM and score the explanations by detection (SAEBench's autointerp).")

@@ -45,7 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.evals.tasks import CircuitTask, make_task, reference_heads
-from saebench.evals import plots
+from saebench.evals import plots, registry
 from saebench.evals.registry import Command, ConfigSpec, EvalSpec, register
 from saebench.sae import SAE
 from saebench.site import Site as HookSite
@@ -521,32 +521,26 @@ def run_circuit_eval(sae_dirs: Sequence[str | Path], model=None, *, config: Circ
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.circuits SAE_DIR [SAE_DIR ...] --tasks ioi sva --method ig [--heads]``."""
-    from saebench.cli import HelpFormatter
+    from saebench.config import HelpFormatter
 
-    p = argparse.ArgumentParser(prog="saebench.evals.circuits", description="Feature circuits (attribution patching / IG) with faithfulness curves.",
+    p = argparse.ArgumentParser(prog="saebench circuits", description="Feature circuits (attribution patching / IG) with faithfulness curves.",
                                 formatter_class=HelpFormatter)
     p.add_argument("sae_dirs", nargs="*", help="SAE folders: one site each (none with --heads: heads only)")
     p.add_argument("--model", default=None, help="model (default: the SAEs' cfg.json model_name; smollm2-135m with --heads only)")
-    p.add_argument("--tasks", nargs="+", default=["ioi"], choices=["ioi", "sva", "greater_than"])
-    p.add_argument("--n-examples", type=int, default=32)
-    p.add_argument("--method", choices=["atp", "ig"], default="ig")
-    p.add_argument("--ig-steps", type=int, default=10)
-    p.add_argument("--n-patch-check", type=int, default=16)
     p.add_argument("--heads", action="store_true", help="also run the head-level mode (attn.hook_z per head)")
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output JSON (default: eval_circuits.json next to the first SAE)")
     p.add_argument("--no-progress", action="store_true")
+    dests = registry.add_flags(p, "circuits", prefix="")  # one flag per CircuitConfig field
     a = p.parse_args(argv)
     if not a.sae_dirs and not a.heads:
         p.error("give SAE folders, --heads, or both")
+    cfg = registry.config_from_args(a, "circuits", dests)
     model = None
     if a.model or not a.sae_dirs:
         from saebench import models
 
         model = models.load_model(a.model, device=a.device)
-    cfg = CircuitConfig(tasks=tuple(a.tasks), n_examples=a.n_examples, method=a.method, ig_steps=a.ig_steps, n_patch_check=a.n_patch_check,
-                        batch_size=a.batch_size)
     res = run_circuit_eval(a.sae_dirs, model, config=cfg, heads=a.heads, device=a.device, out=a.out, progress=not a.no_progress)
     for name, entry in res["tasks"].items():
         for kind, r in entry.items():

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.reconstruction SAE_DIR [--eval-tokens N]``."""
     from saebench.evals.common import add_common_args
 
-    from saebench.cli import HelpFormatter
+    from saebench.config import HelpFormatter
 
     p = argparse.ArgumentParser(prog="saebench.evals.reconstruction", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(p, own_text=True)

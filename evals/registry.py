@@ -210,11 +210,12 @@ def commands() -> list[Command]:
     return [s.command for s in specs() if s.command is not None]
 
 
-def add_flags(parser: argparse.ArgumentParser, key: str, *, prefix: str | None = None, title: str | None = None) -> dict[str, str]:
+def add_flags(parser: argparse.ArgumentParser, key: str, *, prefix: str | None = None, title: str | None = None,
+              skip: tuple[str, ...] = ()) -> dict[str, str]:
     """One flag per field of config ``key`` (its spec's prefix unless ``prefix`` is given; ``""`` for an eval's own
     command), defaulting to the field's default. Returns ``{field: dest}`` for :func:`config_from_args`."""
     c = config_specs()[key]
-    return add_config_flags(parser, c.cls, skip=c.skip, prefix=c.prefix if prefix is None else prefix, dest_prefix=f"{key}__",
+    return add_config_flags(parser, c.cls, skip=(*c.skip, *skip), prefix=c.prefix if prefix is None else prefix, dest_prefix=f"{key}__",
                             flags=dict(c.flags) if prefix is None else {}, helps=dict(c.helps), choices=dict(c.choices),
                             title=title or f"{c.cls.__name__} fields", show_defaults=True, unset=c.inherit)
 

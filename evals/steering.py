@@ -47,7 +47,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.evals.tasks import CONCEPTS, NEUTRAL_TEXTS, STEERING_PROMPTS, Concept
-from saebench.evals import plots
+from saebench.evals import plots, registry
 from saebench.evals.registry import Command, ConfigSpec, EvalSpec, data_key, register
 from saebench.sae import SAE
 from saebench.site import Site
@@ -447,9 +447,9 @@ def run_steering_eval(sae_dir: str | Path, model=None, *, latent: int | None = N
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.steering SAE_DIR (--latent I | --concept food) [--strengths 0.5 1 2 4]``."""
-    from saebench.cli import HelpFormatter
+    from saebench.config import HelpFormatter
 
-    p = argparse.ArgumentParser(prog="saebench.evals.steering", description="Offline steering sweep with controls and an AxBench-like score.",
+    p = argparse.ArgumentParser(prog="saebench steering-eval", description="Offline steering sweep with controls and an AxBench-like score.",
                                 formatter_class=HelpFormatter)
     p.add_argument("sae_dir")
     g = p.add_mutually_exclusive_group(required=True)
@@ -457,24 +457,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g.add_argument("--concept", choices=sorted(CONCEPTS))
     p.add_argument("--model", default=None, help="model (default: the SAE's cfg.json model_name)")
     p.add_argument("--corpus", default=None, help="text for max_act and the neutral-text KL (default: built-in neutral sentences)")
-    p.add_argument("--strengths", type=float, nargs="+", default=list(SteeringConfig.strengths))
-    p.add_argument("--scope", choices=["prompt", "generated", "all"], default="all")
-    p.add_argument("--max-new-tokens", type=int, default=SteeringConfig.max_new_tokens)
-    p.add_argument("--n-prompts", type=int, default=SteeringConfig.n_prompts)
-    p.add_argument("--temperature", type=float, default=SteeringConfig.temperature)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--concept-metric", choices=["latent", "lexicon"], default="latent")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output JSON (default: SAE_DIR/eval_steering.json)")
     p.add_argument("--no-progress", action="store_true")
+    dests = registry.add_flags(p, "steering", prefix="", skip=("concepts",))  # one flag per SteeringConfig field (--concept picks one)
     a = p.parse_args(argv)
+    cfg = registry.config_from_args(a, "steering", dests)
     model = None
     if a.model:
         from saebench import models
 
         model = models.load_model(a.model, device=a.device)
-    cfg = SteeringConfig(strengths=tuple(a.strengths), scope=a.scope, max_new_tokens=a.max_new_tokens, n_prompts=a.n_prompts,
-                         temperature=a.temperature, seed=a.seed, concept_metric=a.concept_metric)
     res = run_steering_eval(a.sae_dir, model, latent=a.latent, concept=a.concept, config=cfg, corpus=a.corpus, device=a.device, out=a.out,
                             progress=not a.no_progress)
     print(f"latent {res['latent']} max_act {res['max_act']:.3f}: best strength {res['best_strength']} score {res['score']:.3f} "

@@ -322,7 +322,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str
     ``prefix`` names the flags ``--PREFIX-FIELD``; ``dest_prefix`` the parsed attributes; ``flags`` gives a field
     its own option strings (e.g. older spellings), ``helps`` and ``choices`` add what a dataclass field cannot
     say itself. Every flag defaults to None (unset), so a config file or the config's own default applies; with
-    ``show_defaults`` the flags default to the fields' defaults instead (but those named in ``unset``).
+    ``show_defaults`` the flags default to the fields' defaults instead (but those named in ``unset``), shown
+    as ``(default: X)`` by :class:`HelpFormatter`.
     Returns ``{field: dest}``.
     """
     group = parser.add_argument_group(title or f"{cls.__name__} fields (also settable in --config)")
@@ -334,13 +335,16 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str
         names = (flags or {}).get(name) or ["--" + (f"{prefix}-" if prefix else "") + name.replace("_", "-")]
         dest = dest_prefix + name
         dests[name] = dest
-        help_text = f"{(helps or {}).get(name) or description} [default: {default!r}]".strip()
         tp = _unwrap(annotation)
         args = typing.get_args(tp)
-        shown = show_defaults and name not in unset and tp is not bool
-        kw: dict[str, Any] = {"dest": dest, "default": default if shown else None, "help": help_text}
+        shown = show_defaults and name not in unset and tp is not bool and default is not None
+        # a flag that defaults to the field's value shows it as argparse does, "(default: X)" (HelpFormatter); one left unset says it
+        help_text = (helps or {}).get(name) or description
+        help_text = help_text if shown else f"{help_text} [default: {default!r}]".strip()
+        kw: dict[str, Any] = {"dest": dest, "default": (list(default) if isinstance(default, tuple) else default) if shown else None,
+                              "help": help_text}
         if name in (choices or {}):
-            kw["choices"] = choices[name]
+            kw |= {"choices": choices[name], "metavar": None}  # the choices are the metavar
         if tp is bool:
             group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) is typing.Literal:
@@ -348,11 +352,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str
         elif typing.get_origin(tp) is dict or tp is dict:
             group.add_argument(*names, action="append", metavar="KEY=VALUE", **(kw | {"help": help_text + " (repeatable)"}))
         elif typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
-            group.add_argument(*names, nargs="+", type=args[0] if args[0] in (int, float, str) else _parse_value, metavar=name.upper(), **kw)
+            group.add_argument(*names, nargs="+", type=args[0] if args[0] in (int, float, str) else _parse_value, **({"metavar": name.upper()} | kw))
         elif typing.get_origin(tp) is tuple:
             group.add_argument(*names, nargs=len(args), type=float, **kw)
         elif typed and tp in (int, float, str):
-            group.add_argument(*names, type=_typed(tp, _optional(annotation)), metavar=name.upper(), **kw)
+            group.add_argument(*names, type=_typed(tp, _optional(annotation)), **({"metavar": name.upper()} | kw))
         else:
             group.add_argument(*names, type=_parse_value, metavar=name.upper(), **kw)
     return dests

@@ -183,8 +183,8 @@ def test_eval_commands_take_flags_generated_from_their_config(tiny_model_dir, tm
 
     from saebench.cli import main
 
-    for cmd, expect in (("sparse-probing", ("--train-size", "[default: 200]", "--ks", "--context-length")),
-                        ("absorption", ("--max-words", "[default: 2000]", "--min-letters", "--l1-iters"))):
+    for cmd, expect in (("sparse-probing", ("--train-size", "(default: 200)", "--ks", "--context-length")),
+                        ("absorption", ("--max-words", "(default: 2000)", "--min-letters", "--l1-iters"))):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
@@ -201,3 +201,23 @@ def test_eval_commands_take_flags_generated_from_their_config(tiny_model_dir, tm
                  "--test-size", "8", "--ks", "1", "3", "--context-length", "16", "--no-progress", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert "sae_top_3_test_accuracy" in res and "sae_top_5_test_accuracy" not in res  # --ks reached the config
+
+
+def test_steering_and_circuit_commands_build_their_config_from_the_flags(tiny_model_dir, tmp_path):
+    """``saebench steering-eval`` / ``circuits``: the generated flags reach the config the eval runs with (recorded in its JSON)."""
+    import json
+
+    from saebench.cli import main
+
+    random_topk_sae(64, 128, 4, HOOK).save(tmp_path / "sae")
+    out = tmp_path / "steer.json"
+    assert main(["steering-eval", str(tmp_path / "sae"), "--latent", "3", "--model", str(tiny_model_dir), "--strengths", "1.5",
+                 "--n-prompts", "2", "--max-new-tokens", "2", "--no-random-control", "--no-opposite-sign", "--no-progress", "--out", str(out)]) == 0
+    cfg = json.loads(out.read_text())["config"]
+    assert cfg["strengths"] == [1.5] and cfg["n_prompts"] == 2 and cfg["max_new_tokens"] == 2 and cfg["random_control"] is False
+    assert cfg["scope"] == "all" and cfg["seed"] == 0  # the config's defaults for flags not given
+    out = tmp_path / "circ.json"
+    assert main(["circuits", str(tmp_path / "sae"), "--model", str(tiny_model_dir), "--n-examples", "4", "--method", "atp", "--n-patch-check",
+                 "2", "--max-curve-points", "4", "--no-progress", "--out", str(out)]) == 0
+    cfg = json.loads(out.read_text())["config"]
+    assert cfg["n_examples"] == 4 and cfg["method"] == "atp" and cfg["max_curve_points"] == 4 and cfg["tasks"] == ["ioi"]
