@@ -210,8 +210,8 @@ def run_bench(sae_dirs: str | Sequence[str | Path], evals: Sequence[str] | None 
                 pending[spec.name].append(d)
 
     if pending:
-        _compute([s for s in specs if s.name in pending], pending, results, times, res, model=model, tokens=tokens, cfg=cfg, cfgs=cfgs, data=data,
-                 cfg_model=cfg_model, checksums=checksums, cache_path=cache_path, eval_config=eval_config)
+        _compute([s for s in specs if s.name in pending], pending, results, times, res, model=model, tokens=tokens, cfg=cfg, cfgs=cfgs,
+                 data=data,                 cfg_model=cfg_model, checksums=checksums, cache_path=cache_path, eval_config=eval_config)
 
     labels = sae_labels(dirs)
     res.rows = [_row(d, results[str(d)], labels[str(d)]) | _timing_columns(times[str(d)]) for d in dirs]
@@ -243,7 +243,8 @@ def _bench_config(config: BenchConfig, evals: Sequence[str] | None, options: dic
             loose[by_field[name][0]][name] = value
         else:
             where = f" (a field of {by_field[name]}: pass that config instead)" if by_field.get(name) else ""
-            raise TypeError(f"run_bench got an unexpected keyword {name!r}{where}; it takes {sorted(set(BenchConfig.model_fields) - {'configs'})}, "
+            takes = sorted(set(BenchConfig.model_fields) - {'configs'})
+            raise TypeError(f"run_bench got an unexpected keyword {name!r}{where}; it takes {takes}, "
                             f"eval configs {sorted(known)}, or a field of one of them")
     for key, values in loose.items():
         base = configs.get(key) or known[key].cls()
@@ -293,9 +294,10 @@ def _compute(specs: list[EvalSpec], pending, results, times, res, *, model, toke
     from saebench import models as model_lib
 
     def save(d: str, spec: EvalSpec, mid: str, result: dict, job: dict[str, Any]) -> None:
-        timing = {"job": job["job"], "seconds": job["seconds"] / len(job["saes"]), "job_seconds": job["seconds"], "job_saes": len(job["saes"])}
-        write_json(cache_path(d, spec, mid), {"eval": spec.name, "sae_dir": d, "sae_checksum": checksums[d], "config": eval_config(spec, mid),
-                                              **timing, "result": result})
+        n = len(job["saes"])
+        timing = {"job": job["job"], "seconds": job["seconds"] / n, "job_seconds": job["seconds"], "job_saes": n}
+        write_json(cache_path(d, spec, mid), {"eval": spec.name, "sae_dir": d, "sae_checksum": checksums[d],
+                                              "config": eval_config(spec, mid), **timing, "result": result})
         results[d][spec.name] = result
         times[d][spec.name] = timing
         res.computed.append((d, spec.name))
@@ -332,7 +334,8 @@ def _compute(specs: list[EvalSpec], pending, results, times, res, *, model, toke
             res.timings["model_load_seconds"] += time.time() - t
         mid = _model_key(model, key)
         saes = {d: SAE.load(d, device=cfg.device) for d in sorted(dset)}
-        ctx = EvalContext(lm, mid, cfgs, data, device=cfg.device, progress=cfg.progress, tokens=tokens, special_ids=special_ids_of(lm.tokenizer))
+        ctx = EvalContext(lm, mid, cfgs, data, device=cfg.device, progress=cfg.progress, tokens=tokens,
+                          special_ids=special_ids_of(lm.tokenizer))
         mine = {s.name: [d for d in pending[s.name] if d in saes] for s in specs}
         n = max([s.tokens_needed(cfgs, data) for s in specs if s.tokens_needed and mine[s.name]], default=0)
         if tokens is None and n:
@@ -408,7 +411,6 @@ def _figures(rows, results, out: Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------- CLI
 
 
-_DATA_FLAGS = {"out_dir": "--out", "figures": None, "progress": None, "evals": None, "configs": None, "force": None}
 
 
 def build_parser(prog: str = "saebench bench") -> argparse.ArgumentParser:
@@ -430,7 +432,8 @@ def build_parser(prog: str = "saebench bench") -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute cached results")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    dests = {c.key: registry.add_flags(p, c.key, title=f"{spec.name} eval: {c.cls.__name__} fields") for spec in registry.specs() for c in spec.configs}
+    dests = {c.key: registry.add_flags(p, c.key, title=f"{spec.name} eval: {c.cls.__name__} fields")
+             for spec in registry.specs() for c in spec.configs}
     p.set_defaults(_config_dests=dests)
     return p
 
@@ -439,7 +442,8 @@ def bench_config_from_args(a: argparse.Namespace) -> BenchConfig:
     """The :class:`BenchConfig` that ``saebench bench``'s parsed flags describe."""
     configs = {key: registry.config_from_args(a, key, dests, batch_size=a.batch_size) for key, dests in a._config_dests.items()}
     return BenchConfig(evals=tuple(a.evals), out_dir=a.out, corpus=a.corpus, eval_tokens=a.eval_tokens, context_size=a.context_size,
-                       batch_size=a.batch_size, device=a.device, force=a.force, figures=not a.no_figures, progress=not a.no_progress, configs=configs)
+                       batch_size=a.batch_size, device=a.device, force=a.force, figures=not a.no_figures, progress=not a.no_progress,
+                       configs=configs)
 
 
 def bench_main(argv: list[str] | None = None) -> BenchResult:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from saebench.evals.registry import EvalSpec, register
 
 
@@ -20,7 +19,7 @@ def check_saebench_compat(sae) -> dict[str, Any]:
     def check(name: str, fn) -> None:
         try:
             ok, detail = fn()
-        except Exception as e:  # a missing attribute is a failed check, not a crash
+        except Exception as e:  # noqa: BLE001  (a missing attribute is a failed check, not a crash)
             ok, detail = False, f"{type(e).__name__}: {e}"
         checks[name] = {"ok": bool(ok), "detail": detail}
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import saebench.evals as _package
+
 from saebench.config import add_config_flags, flag_values
 
 Result = dict[str, Any]
@@ -65,7 +66,10 @@ class ConfigSpec:
 
 @dataclass(frozen=True)
 class SharedPass:
-    """Several evals computed in one pass per hook: ``compute(ctx, saes, wanted) -> [{eval: result}]`` (``wanted``: eval -> [bool per SAE])."""
+    """Several evals computed in one pass per hook.
+
+    ``compute(ctx, saes, wanted) -> [{eval: result} per SAE]``; ``wanted``: eval -> [bool per SAE].
+    """
 
     name: str
     compute: Callable[..., list[dict[str, Result]]]
@@ -221,7 +225,7 @@ def add_flags(parser: argparse.ArgumentParser, key: str, *, prefix: str | None =
 
 
 def config_from_args(args: argparse.Namespace, key: str, dests: dict[str, str], **fallback: Any) -> Any:
-    """Config ``key`` from parsed flags; ``fallback`` fills its ``inherit`` fields whose flag was not given (e.g. the bench's batch size)."""
+    """Config ``key`` from parsed flags; ``fallback`` fills its ``inherit`` fields whose flag was not given (the bench's batch size)."""
     c = config_specs()[key]
     values = flag_values(args, c.cls, dests)
     for name in c.inherit:

@@ -118,7 +118,8 @@ def test_a_registered_eval_runs_caches_and_tabulates(toy_registered, two_saes, t
     assert [j["job"] for j in res.timings["jobs"]] == ["toy", "toy"]  # one job per SAE, no model loaded
     assert res.timings["model_load_seconds"] == 0.0
     # the same config: every result from the cache; another config: recomputed (the cache key is the config's)
-    again = run_bench(str(two_saes / "*"), ["toy"], config=BenchConfig(out_dir=str(out), progress=False, configs={"toy": ToyConfig(2.0, "x")}))
+    cfg = BenchConfig(out_dir=str(out), progress=False, configs={"toy": ToyConfig(2.0, "x")})
+    again = run_bench(str(two_saes / "*"), ["toy"], config=cfg)
     assert again.computed == [] and len(again.cached) == 2 and again.rows == res.rows
     other = run_bench(str(two_saes / "*"), ["toy"], out_dir=out, scale=3.0, progress=False)  # a field of one config, by name
     assert len(other.computed) == 2
@@ -136,8 +137,9 @@ def test_a_registered_hook_eval_shares_one_job_per_hook(toy_registered, two_saes
 
 
 def test_a_registered_eval_gets_bench_flags_and_a_command(toy_registered, two_saes, tmp_path, capsys):
-    from saebench.cli import build_parser, main
     from saebench.evals.bench import build_parser as bench_parser
+
+    from saebench.cli import build_parser, main
 
     bp = bench_parser()
     text = bp.format_help()
@@ -163,7 +165,8 @@ def test_a_registered_eval_gets_bench_flags_and_a_command(toy_registered, two_sa
 
 def test_registry_refuses_clashes_and_unknown_evals(toy_registered, tmp_path):
     with pytest.raises(ValueError, match="taken by 'toy'"):
-        register(EvalSpec(name="other", aliases=("toy_alias",), compute=lambda c, s, d: {}, cache_key=lambda c, d: {}, columns=lambda r: {}))
+        register(EvalSpec(name="other", aliases=("toy_alias",), compute=lambda c, s, d: {}, cache_key=lambda c, d: {},
+                          columns=lambda r: {}))
     with pytest.raises(ValueError, match="config key 'toy' .* taken by 'toy'"):
         register(EvalSpec(name="other", configs=(ConfigSpec("toy", ToyConfig),), compute=lambda c, s, d: {}, cache_key=lambda c, d: {},
                           columns=lambda r: {}))
@@ -191,7 +194,8 @@ def test_eval_commands_take_flags_generated_from_their_config(tiny_model_dir, tm
         text = " ".join(capsys.readouterr().out.split())
         assert all(x in text for x in expect), (cmd, text)
     rng = random.Random(0)
-    words = {"fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango"], "place": ["river", "mountain", "forest", "desert", "valley"]}
+    words = {"fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango"],
+             "place": ["river", "mountain", "forest", "desert", "valley"]}
     data = tmp_path / "task.jsonl"
     data.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(w) for _ in range(12)), "label": lab}) for lab, w in words.items()
                               for _ in range(12)))
@@ -212,12 +216,13 @@ def test_steering_and_circuit_commands_build_their_config_from_the_flags(tiny_mo
     random_topk_sae(64, 128, 4, HOOK).save(tmp_path / "sae")
     out = tmp_path / "steer.json"
     assert main(["steering-eval", str(tmp_path / "sae"), "--latent", "3", "--model", str(tiny_model_dir), "--strengths", "1.5",
-                 "--n-prompts", "2", "--max-new-tokens", "2", "--no-random-control", "--no-opposite-sign", "--no-progress", "--out", str(out)]) == 0
+                 "--n-prompts", "2", "--max-new-tokens", "2", "--no-random-control", "--no-opposite-sign", "--no-progress",
+                 "--out", str(out)]) == 0
     cfg = json.loads(out.read_text())["config"]
     assert cfg["strengths"] == [1.5] and cfg["n_prompts"] == 2 and cfg["max_new_tokens"] == 2 and cfg["random_control"] is False
     assert cfg["scope"] == "all" and cfg["seed"] == 0  # the config's defaults for flags not given
     out = tmp_path / "circ.json"
-    assert main(["circuits", str(tmp_path / "sae"), "--model", str(tiny_model_dir), "--n-examples", "4", "--method", "atp", "--n-patch-check",
-                 "2", "--max-curve-points", "4", "--no-progress", "--out", str(out)]) == 0
+    assert main(["circuits", str(tmp_path / "sae"), "--model", str(tiny_model_dir), "--n-examples", "4", "--method", "atp",
+                 "--n-patch-check", "2", "--max-curve-points", "4", "--no-progress", "--out", str(out)]) == 0
     cfg = json.loads(out.read_text())["config"]
     assert cfg["n_examples"] == 4 and cfg["method"] == "atp" and cfg["max_curve_points"] == 4 and cfg["tasks"] == ["ioi"]
