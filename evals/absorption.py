@@ -53,6 +53,10 @@ from typing import Any
 
 import torch
 from saebench.evals.common import one_site
+from saebench.evals import plots
+from saebench.config import HelpFormatter
+from saebench.evals import registry
+from saebench.evals.registry import Command, ConfigSpec, EvalSpec, register
 from saebench.evals.probes import balanced_weights, fit_logistic
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -335,20 +339,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from saebench.io import write_json
 
-    p = argparse.ArgumentParser(prog="saebench.evals.absorption", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="saebench absorption", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("sae_dir")
-    p.add_argument("--model", default=None)
-    p.add_argument("--max-words", type=int, default=AbsorptionConfig.max_words)
-    p.add_argument("--batch-size", type=int, default=AbsorptionConfig.batch_size)
+    p.add_argument("--model", default=None, help="model (default: the SAE's cfg.json model_name)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="output JSON (default: SAE_DIR/eval_absorption.json)")
     p.add_argument("--no-progress", action="store_true")
+    dests = registry.add_flags(p, "absorption", prefix="")  # one flag per AbsorptionConfig field
     a = p.parse_args(argv)
+    cfg = registry.config_from_args(a, "absorption", dests)
     sae, model = load_sae_and_model(a.sae_dir, a.model, a.device)
-    res = evaluate_absorption(sae, model, AbsorptionConfig(max_words=a.max_words, batch_size=a.batch_size), progress=not a.no_progress)
+    res = evaluate_absorption(sae, model, cfg, progress=not a.no_progress)
     write_json(Path(a.out) if a.out else Path(a.sae_dir) / "eval_absorption.json", res)
     print(format_summary(res))
     return res
+
+
+# --------------------------------------------------------------------------- the bench's absorption eval: one job per hook
+
+ABSORPTION_COLUMNS = ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features", "n_usable_letters",
+                      "mean_probe_f1")
+
+
+def _absorption_figures(rows, results) -> dict[str, Any]:
+    ab = {name: r["absorption"] for name, r in results.items() if r.get("absorption")}
+    return {"absorption": plots.absorption_figure(ab)} if ab else {}
+
+
+register(EvalSpec(
+    name="absorption", scope="hook", order=60,
+    compute=lambda ctx, saes, sae_dirs: evaluate_absorption(saes, ctx.model, ctx.config("absorption"), progress=ctx.progress),
+    configs=(ConfigSpec("absorption", AbsorptionConfig, prefix="absorption", inherit=("batch_size",),
+                        flags={"max_words": ["--absorption-words", "--absorption-max-words"]},
+                        helps={"max_words": "absorption: vocabulary words sampled",
+                               "batch_size": "sequences per forward (saebench bench: its --batch-size unless this flag is given)"}),),
+    cache_key=lambda cfgs, data: cfgs["absorption"].to_dict(),
+    columns=lambda ab: {c: ab.get(c) for c in ABSORPTION_COLUMNS} | {"absorption_enough_letters": ab.get("enough_letters")},
+    figures=_absorption_figures,
+    command=Command("absorption", "SAEBench's first-letter feature absorption of one SAE.", "saebench.evals.absorption:main"),
+))
 
 
 if __name__ == "__main__":

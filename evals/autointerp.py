@@ -56,6 +56,9 @@ from tqdm.auto import tqdm
 from saebench.llm import LLM, Backend, Messages, Reply, ReplyCache, Usage, default_cache_path
 from saebench.llm import make_backend as _make_llm_backend
 
+from saebench.evals import plots
+from saebench.evals.registry import Command, ConfigSpec, EvalSpec, register
+
 PROMPT_VERSION = 1
 RESULT_FILE = "eval_autointerp.json"
 
@@ -630,7 +633,7 @@ def weakness_note(result: dict[str, Any]) -> str | None:
 
 
 def build_parser(prog: str = "saebench autointerp") -> argparse.ArgumentParser:
-    from saebench.cli import HelpFormatter
+    from saebench.config import HelpFormatter
 
     p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
                                 description="Explain latents with an LLM and score the explanations by detection (SAEBench's autointerp).")
@@ -705,6 +708,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(llm.usage.summary())
     print(f"results: {out}")
     return result
+
+
+# --------------------------------------------------------------------------- the bench's autointerp eval: one job per SAE, one judge
+
+
+def _bench_autointerp(ctx, sae, sae_dir: str) -> dict[str, Any]:
+    """Examples from the SAE's dashboards when built, else a bounded harvest with the bench's model; one judge (and reply cache) per run."""
+    if "llm" not in ctx.memo:
+        ctx.memo["llm"] = ctx.config("judge").make(ctx.device)
+    return evaluate_sae(sae_dir, sae, ctx.model, ctx.config("autointerp"), ctx.memo["llm"], progress=ctx.progress, device=ctx.device)
+
+
+def _autointerp_finish(ctx) -> None:
+    if ctx.progress and "llm" in ctx.memo:
+        print(ctx.memo["llm"].usage.summary())
+
+
+def _autointerp_figures(rows, results) -> dict[str, Any]:
+    ai = {name: r["autointerp"] for name, r in results.items() if r.get("autointerp")}
+    return {"autointerp": plots.autointerp_figure(ai)} if ai else {}
+
+
+register(EvalSpec(
+    name="autointerp", scope="sae", compute=_bench_autointerp, finish=_autointerp_finish, order=70,
+    configs=(ConfigSpec("autointerp", AutointerpConfig, prefix="autointerp",
+                        flags={"n_latents": ["--autointerp-latents", "--autointerp-n-latents"], "latents": ["--autointerp-latent-ids"]},
+                        helps={"n_latents": "autointerp: latents sampled per SAE"},
+                        choices={"source": ["auto", "dashboards", "harvest"]}),
+             ConfigSpec("judge", JudgeConfig, prefix="autointerp",
+                        helps={"backend": "autointerp judge: hf (local; default SmolLM2-135M-Instruct, very weak), openai (--autointerp-url/-model), keyword",
+                               "model": "autointerp: judge model (hf folder/hub name, or the served model name)",
+                               "url": "autointerp: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"},
+                        choices={"backend": ["hf", "openai", "keyword"]})),
+    cache_key=lambda cfgs, data: cfgs["autointerp"].to_dict() | {"judge": cfgs["judge"].to_dict()},
+    columns=lambda ai: {"autointerp_score": ai.get("autointerp_score"), "autointerp_std_dev": ai.get("autointerp_std_dev"),
+                        "autointerp_n_scored": ai.get("n_latents_scored"), "autointerp_n_unparsed": ai.get("n_unparsed"),
+                        "autointerp_judge": f"{ai.get('judge', {}).get('backend')}:{ai.get('judge', {}).get('model')}"},
+    figures=_autointerp_figures,
+    command=Command("autointerp", "Explain latents with an LLM judge and score them by detection (SAEBench autointerp); local or OpenAI-compatible.",
+                    "saebench.evals.autointerp:main"),
+))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.evals.tasks import CircuitTask, make_task, reference_heads
+from saebench.evals import plots, registry
+from saebench.evals.registry import Command, ConfigSpec, EvalSpec, register
 from saebench.sae import SAE
 from saebench.site import Site as HookSite
 
@@ -522,38 +524,69 @@ def run_circuit_eval(sae_dirs: Sequence[str | Path], model=None, *, config: Circ
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.circuits SAE_DIR [SAE_DIR ...] --tasks ioi sva --method ig [--heads]``."""
-    from saebench.cli import HelpFormatter
+    from saebench.config import HelpFormatter
 
-    p = argparse.ArgumentParser(prog="saebench.evals.circuits", description="Feature circuits (attribution patching / IG) with faithfulness curves.",
+    p = argparse.ArgumentParser(prog="saebench circuits", description="Feature circuits (attribution patching / IG) with faithfulness curves.",
                                 formatter_class=HelpFormatter)
     p.add_argument("sae_dirs", nargs="*", help="SAE folders: one site each (none with --heads: heads only)")
     p.add_argument("--model", default=None, help="model (default: the SAEs' cfg.json model_name; smollm2-135m with --heads only)")
-    p.add_argument("--tasks", nargs="+", default=["ioi"], choices=["ioi", "sva", "greater_than"])
-    p.add_argument("--n-examples", type=int, default=32)
-    p.add_argument("--method", choices=["atp", "ig"], default="ig")
-    p.add_argument("--ig-steps", type=int, default=10)
-    p.add_argument("--n-patch-check", type=int, default=16)
     p.add_argument("--heads", action="store_true", help="also run the head-level mode (attn.hook_z per head)")
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output JSON (default: eval_circuits.json next to the first SAE)")
     p.add_argument("--no-progress", action="store_true")
+    dests = registry.add_flags(p, "circuits", prefix="")  # one flag per CircuitConfig field
     a = p.parse_args(argv)
     if not a.sae_dirs and not a.heads:
         p.error("give SAE folders, --heads, or both")
+    cfg = registry.config_from_args(a, "circuits", dests)
     model = None
     if a.model or not a.sae_dirs:
         from saebench import models
 
         model = models.load_model(a.model, device=a.device)
-    cfg = CircuitConfig(tasks=tuple(a.tasks), n_examples=a.n_examples, method=a.method, ig_steps=a.ig_steps, n_patch_check=a.n_patch_check,
-                        batch_size=a.batch_size)
     res = run_circuit_eval(a.sae_dirs, model, config=cfg, heads=a.heads, device=a.device, out=a.out, progress=not a.no_progress)
     for name, entry in res["tasks"].items():
         for kind, r in entry.items():
             print(f"{name} [{kind}] m_clean={r['m_clean']:.3f} m_corrupt={r['m_corrupt']:.3f} nodes for F>=0.8: {r['nodes_for_faithfulness_0.8']} "
                   f"patch-check r={r['patch_check'].get('pearson', float('nan')):.3f}")
     return res
+
+
+# --------------------------------------------------------------------------- the bench's circuit eval
+
+
+def _bench_circuits(ctx, sae: SAE, sae_dir: str) -> dict[str, Any]:
+    c: CircuitConfig = ctx.config("circuits")
+    per = {}
+    for task in c.tasks:
+        per[task] = evaluate_circuit(ctx.model, sae, task, n_examples=c.n_examples, method=c.method, ig_steps=c.ig_steps,
+                                     train_fraction=c.train_fraction, n_patch_check=c.n_patch_check, batch_size=c.batch_size, seed=c.seed,
+                                     max_curve_points=c.max_curve_points, progress=ctx.progress)
+    return {"tasks": per}
+
+
+def _circuit_columns(circ: dict[str, Any]) -> dict[str, Any]:
+    row = {}
+    for task, r in circ.get("tasks", {}).items():
+        row[f"circuit_nodes_f80[{task}]"] = r.get("nodes_for_faithfulness_0.8")
+        row[f"circuit_error_ie_share[{task}]"] = r.get("error_ie_share")
+        row[f"circuit_patch_pearson[{task}]"] = r.get("patch_check", {}).get("pearson")
+    return row
+
+
+def _circuit_figures(rows, results) -> dict[str, Any]:
+    circ = {f"{name}/{t}": r for name, res in results.items() for t, r in res.get("circuits", {}).get("tasks", {}).items()}
+    return {"circuit_curves": plots.circuit_figure(circ)} if circ else {}
+
+
+register(EvalSpec(
+    name="circuits", aliases=("circuit",), scope="sae", compute=_bench_circuits, order=30,
+    configs=(ConfigSpec("circuits", CircuitConfig, prefix="circuit", flags={"n_examples": ["--circuit-examples", "--circuit-n-examples"]},
+                        choices={"tasks": ["ioi", "sva", "greater_than"], "method": ["atp", "ig"]}),),
+    cache_key=lambda cfgs, data: cfgs["circuits"].to_dict(),
+    columns=_circuit_columns, figures=_circuit_figures,
+    command=Command("circuits", "Feature circuits (attribution patching / IG) with faithfulness and completeness.", "saebench.evals.circuits:main"),
+))
 
 
 if __name__ == "__main__":

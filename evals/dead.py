@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -36,6 +37,15 @@ from saebench.steering import site_activations
 
 DEFAULT_WINDOWS = (1_000_000, 10_000_000)
 MAX_LISTED = 200
+
+
+class DeadConfig(BaseModel):
+    """Settings of the bench's dead-latent eval (its token window and the windows it reports)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dead_tokens: int | None = Field(None, gt=0, description="Tokens for the dead-latent window (default: the bench's --eval-tokens).")
+    windows: tuple[int, ...] = Field(DEFAULT_WINDOWS, description="Dead-fraction windows in tokens.")
 
 
 class DeadLatentCounter:
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.dead SAE_DIR [--eval-tokens N] [--windows 1000000 10000000]``."""
     from saebench.evals.common import add_common_args
 
-    from saebench.cli import HelpFormatter
+    from saebench.config import HelpFormatter
 
     p = argparse.ArgumentParser(prog="saebench.evals.dead", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(p)

@@ -175,23 +175,6 @@ def afa_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     return fig
 
 
-def interp_figures(rows: Sequence[Mapping[str, Any]], results: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
-    """The sparse-probing, absorption, autointerp and AFA figures that ``rows`` / ``results`` (label -> eval -> result) have data for."""
-    figs = {}
-    sp = {name: r["sparse_probing"] for name, r in results.items() if r.get("sparse_probing")}
-    if sp:
-        figs["sparse_probing"] = sparse_probing_figure(sp)
-    ab = {name: r["absorption"] for name, r in results.items() if r.get("absorption")}
-    if ab:
-        figs["absorption"] = absorption_figure(ab)
-    ai = {name: r["autointerp"] for name, r in results.items() if r.get("autointerp")}
-    if ai:
-        figs["autointerp"] = autointerp_figure(ai)
-    if any(_finite(r.get("afa_norm_ratio")) for r in rows):
-        figs["afa_norm_ratio"] = afa_figure(rows)
-    return figs
-
-
 def write_figures(figs: Mapping[str, go.Figure], out_dir: str | Path) -> dict[str, Path]:
     """Write each figure to ``out_dir/<name>.html`` (offline: plotly.min.js is written once beside them)."""
     out = Path(out_dir)

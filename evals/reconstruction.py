@@ -23,8 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from saebench.evals.core import DEFAULT_BATCH_SIZE, evaluate_hook_group, format_table, held_out_tokens
 from torch import Tensor
+
+from saebench.evals import plots
+from saebench.evals.core import DEFAULT_BATCH_SIZE, evaluate_hook_group, format_table, held_out_tokens
+from saebench.evals.dead import DeadConfig
+from saebench.evals.registry import Command, ConfigSpec, EvalSpec, SharedPass, data_key, register
 
 from saebench.sae import SAE
 from saebench.site import Site
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.reconstruction SAE_DIR [--eval-tokens N]``."""
     from saebench.evals.common import add_common_args
 
-    from saebench.cli import HelpFormatter
+    from saebench.config import HelpFormatter
 
     p = argparse.ArgumentParser(prog="saebench.evals.reconstruction", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(p, own_text=True)
@@ -94,3 +98,84 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- the bench's core and dead evals: one shared pass per hook
+
+CORE_COLUMNS = ("l0", "l1", "fvu", "fvu_without_outliers", "n_outlier_tokens", "explained_variance", "mse", "cossim", "l2_ratio",
+                "relative_reconstruction_bias", "ce_loss_score", "kl_div_score", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation",
+                "kl_div_with_sae", "kl_div_with_ablation",
+                # SAEBench 0.6's definitions under their own names (evals/core.py): compare these with SAEBench tables
+                "explained_variance_saebench", "relative_reconstruction_bias_saebench", "mse_saebench")
+DEAD_COLUMNS = ("dead_fraction", "dead_window_tokens", "frac_alive", "dense_fraction_1pct", "dense_fraction_10pct", "special_only_fraction",
+                "n_special_only")
+AFA_COLUMNS = ("afa_norm_ratio", "afa_rel_error", "afa_abs_rel_error", "afa_over_activated_fraction", "afa_eps_lbo_median")
+
+
+def _dead_tokens(cfgs: dict[str, Any], data: dict[str, Any]) -> int:
+    return cfgs["dead"].dead_tokens or data["eval_tokens"]
+
+
+def _core_dead_pass(ctx, saes: list[SAE], wanted: dict[str, list[bool]]) -> list[dict[str, dict[str, Any]]]:
+    """Core and dead-latent metrics of the SAEs at one hook from one pass (``evaluate_hook_group``)."""
+    n = len(saes)
+    core, dead = wanted.get("core", [False] * n), wanted.get("dead", [False] * n)
+    eval_tokens, dead_tokens = ctx.data["eval_tokens"], _dead_tokens(ctx.configs, ctx.data)
+    toks = ctx.tokens
+    n_rows = max(dead_tokens if any(dead) else 0, eval_tokens if any(core) else 0)
+    out = evaluate_hook_group(saes, ctx.model, toks[: max(1, n_rows // toks.shape[1])], special_ids=ctx.special_ids, core=core, dead=dead,
+                              core_tokens=eval_tokens, windows=ctx.config("dead").windows, batch_size=ctx.data["batch_size"], progress=ctx.progress)
+    tag = {"corpus": "given tokens" if ctx.data["given_tokens"] else ctx.data["corpus"], "context_size": int(toks.shape[1])}
+    return [{ev: r[ev] | tag for ev in r} for r in out]
+
+
+CORE_DEAD = SharedPass("core+dead", _core_dead_pass)
+
+
+def _short(n: int) -> str:
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def _core_columns(core: dict[str, Any]) -> dict[str, Any]:
+    row = {c: core.get(c) for c in CORE_COLUMNS} | {c: core.get(c) for c in DEAD_COLUMNS if c in core}
+    row["core_tokens"] = core.get("n_tokens")
+    return row | {c: core[c] for c in AFA_COLUMNS if c in core}
+
+
+def _dead_columns(dead: dict[str, Any]) -> dict[str, Any]:
+    """The dead eval's window is the stated one: its columns override core's counts."""
+    row = {c: dead.get(c) for c in DEAD_COLUMNS}
+    for w, v in dead.get("dead_fraction_by_window", {}).items():
+        row[f"dead_fraction_{_short(int(w))}"] = v
+    return row
+
+
+def _core_figures(rows, results) -> dict[str, Any]:
+    figs = {}
+    if any(r.get("ce_loss_score") is not None for r in rows):
+        figs["pareto_ce_loss_vs_l0"] = plots.pareto_figure(rows, "l0", "ce_loss_score", higher_is_better=True, title="CE loss recovered vs L0")
+    if any(r.get("fvu") is not None for r in rows):
+        figs["pareto_fvu_vs_l0"] = plots.pareto_figure(rows, "l0", "fvu", higher_is_better=False, title="FVU vs L0 (lower is better)")
+    if any(plots._finite(r.get("afa_norm_ratio")) for r in rows):
+        figs["afa_norm_ratio"] = plots.afa_figure(rows)
+    return figs
+
+
+def _dead_figures(rows, results) -> dict[str, Any]:
+    return {"dead_latents": plots.dead_latents_figure(rows)} if any(r.get("dead_fraction") is not None for r in rows) else {}
+
+
+register(EvalSpec(
+    name="core", aliases=("reconstruction",), scope="hook", shared=CORE_DEAD, order=0,
+    cache_key=lambda cfgs, data: data_key(data) | {"eval_tokens": data["eval_tokens"]},
+    tokens_needed=lambda cfgs, data: data["eval_tokens"],
+    columns=_core_columns, figures=_core_figures,  # its command is `saebench eval` (saebench/cli.py: flags from EvalConfig)
+))
+register(EvalSpec(
+    name="dead", scope="hook", shared=CORE_DEAD, order=10,
+    configs=(ConfigSpec("dead", DeadConfig),),
+    cache_key=lambda cfgs, data: data_key(data) | {"dead_tokens": _dead_tokens(cfgs, data), "windows": list(cfgs["dead"].windows)},
+    tokens_needed=_dead_tokens,
+    columns=_dead_columns, figures=_dead_figures,
+    command=Command("dead", "Dead/dense-latent eval of one SAE over stated token windows.", "saebench.evals.dead:main"),
+))

@@ -40,6 +40,10 @@ from typing import Any
 
 import torch
 from saebench.evals.common import one_site
+from saebench.evals import plots
+from saebench.config import HelpFormatter
+from saebench.evals import registry
+from saebench.evals.registry import Command, ConfigSpec, EvalSpec, register
 from saebench.evals.probe_datasets import OFFLINE, ProbeDataset, load_probe_dataset
 from saebench.evals.probes import fit_logistic, top_k_mean_diff
 from torch import Tensor
@@ -252,24 +256,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from saebench.io import write_json
 
-    p = argparse.ArgumentParser(prog="saebench.evals.sparse_probing", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="saebench sparse-probing", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("sae_dir")
-    p.add_argument("--model", default=None)
-    p.add_argument("--datasets", nargs="+", default=list(OFFLINE), help=f"offline: {', '.join(OFFLINE)}; hf:NAME; or a labelled file")
-    p.add_argument("--train-size", type=int, default=SparseProbingConfig.train_size)
-    p.add_argument("--test-size", type=int, default=SparseProbingConfig.test_size)
-    p.add_argument("--ks", type=int, nargs="+", default=list(SparseProbingConfig.ks))
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model", default=None, help="model (default: the SAE's cfg.json model_name)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="output JSON (default: SAE_DIR/eval_sparse_probing.json)")
     p.add_argument("--no-progress", action="store_true")
+    dests = registry.add_flags(p, "sparse_probing", prefix="")  # one flag per SparseProbingConfig field
     a = p.parse_args(argv)
+    cfg = registry.config_from_args(a, "sparse_probing", dests)
     sae, model = load_sae_and_model(a.sae_dir, a.model, a.device)
-    cfg = SparseProbingConfig(datasets=tuple(a.datasets), train_size=a.train_size, test_size=a.test_size, ks=tuple(a.ks), batch_size=a.batch_size)
     res = evaluate_sparse_probing(sae, model, cfg, progress=not a.no_progress)
     write_json(Path(a.out) if a.out else Path(a.sae_dir) / "eval_sparse_probing.json", res)
     print(format_summary(res))
     return res
+
+
+# --------------------------------------------------------------------------- the bench's sparse-probing eval: one job per hook
+
+
+def _sparse_probing_columns(sp: dict[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in sp.items() if k.endswith("_test_accuracy")}
+    for name, d in sp.get("datasets", {}).items():
+        for k in ("llm_test_accuracy", "sae_top_1_test_accuracy", "sae_top_5_test_accuracy"):
+            if k in d:
+                row[f"{k}[{name}]"] = d[k]
+    return row
+
+
+def _sparse_probing_figures(rows, results) -> dict[str, Any]:
+    sp = {name: r["sparse_probing"] for name, r in results.items() if r.get("sparse_probing")}
+    return {"sparse_probing": plots.sparse_probing_figure(sp)} if sp else {}
+
+
+register(EvalSpec(
+    name="sparse_probing", scope="hook", order=50,
+    compute=lambda ctx, saes, sae_dirs: evaluate_sparse_probing(saes, ctx.model, ctx.config("sparse_probing"), progress=ctx.progress),
+    configs=(ConfigSpec("sparse_probing", SparseProbingConfig, prefix="probe", inherit=("batch_size",),
+                        flags={"all_latents_probe": ["--probe-all-latents-probe"], "C": ["--probe-c"]},
+                        helps={"datasets": "sparse probing: offline task names, hf:NAME (SAEBench's datasets) or labelled files",
+                               "train_size": "sparse probing: texts per binary task (train)", "test_size": "sparse probing: texts per binary task (test)",
+                               "ks": "sparse probing: k values", "batch_size": "sequences per forward (saebench bench: its --batch-size unless this flag is given)"}),),
+    cache_key=lambda cfgs, data: cfgs["sparse_probing"].to_dict(),
+    columns=_sparse_probing_columns, figures=_sparse_probing_figures,
+    command=Command("sparse-probing", "SAEBench's sparse probing of one SAE: k-latent probes against a dense probe.",
+                    "saebench.evals.sparse_probing:main"),
+))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.evals.tasks import CONCEPTS, NEUTRAL_TEXTS, STEERING_PROMPTS, Concept
+from saebench.evals import plots, registry
+from saebench.evals.registry import Command, ConfigSpec, EvalSpec, data_key, register
 from saebench.sae import SAE
 from saebench.site import Site
 from saebench.steering import SteeringHook, generate_tokens, site_activations
@@ -451,9 +453,9 @@ def run_steering_eval(sae_dir: str | Path, model=None, *, latent: int | None = N
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.steering SAE_DIR (--latent I | --concept food) [--strengths 0.5 1 2 4]``."""
-    from saebench.cli import HelpFormatter
+    from saebench.config import HelpFormatter
 
-    p = argparse.ArgumentParser(prog="saebench.evals.steering", description="Offline steering sweep with controls and an AxBench-like score.",
+    p = argparse.ArgumentParser(prog="saebench steering-eval", description="Offline steering sweep with controls and an AxBench-like score.",
                                 formatter_class=HelpFormatter)
     p.add_argument("sae_dir")
     g = p.add_mutually_exclusive_group(required=True)
@@ -461,29 +463,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g.add_argument("--concept", choices=sorted(CONCEPTS))
     p.add_argument("--model", default=None, help="model (default: the SAE's cfg.json model_name)")
     p.add_argument("--corpus", default=None, help="text for max_act and the neutral-text KL (default: built-in neutral sentences)")
-    p.add_argument("--strengths", type=float, nargs="+", default=list(SteeringConfig.strengths))
-    p.add_argument("--scope", choices=["prompt", "generated", "all"], default="all")
-    p.add_argument("--max-new-tokens", type=int, default=SteeringConfig.max_new_tokens)
-    p.add_argument("--n-prompts", type=int, default=SteeringConfig.n_prompts)
-    p.add_argument("--temperature", type=float, default=SteeringConfig.temperature)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--concept-metric", choices=["latent", "lexicon"], default="latent")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output JSON (default: SAE_DIR/eval_steering.json)")
     p.add_argument("--no-progress", action="store_true")
+    dests = registry.add_flags(p, "steering", prefix="", skip=("concepts",))  # one flag per SteeringConfig field (--concept picks one)
     a = p.parse_args(argv)
+    cfg = registry.config_from_args(a, "steering", dests)
     model = None
     if a.model:
         from saebench import models
 
         model = models.load_model(a.model, device=a.device)
-    cfg = SteeringConfig(strengths=tuple(a.strengths), scope=a.scope, max_new_tokens=a.max_new_tokens, n_prompts=a.n_prompts,
-                         temperature=a.temperature, seed=a.seed, concept_metric=a.concept_metric)
     res = run_steering_eval(a.sae_dir, model, latent=a.latent, concept=a.concept, config=cfg, corpus=a.corpus, device=a.device, out=a.out,
                             progress=not a.no_progress)
     print(f"latent {res['latent']} max_act {res['max_act']:.3f}: best strength {res['best_strength']} score {res['score']:.3f} "
           f"(random {res['random_score']:.3f}, opposite sign {res['opposite_sign_score']:.3f})")
     return res
+
+
+# --------------------------------------------------------------------------- the bench's steering eval
+
+
+def _bench_steering(ctx, sae: SAE, sae_dir: str) -> dict[str, Any]:
+    """Every concept of the config, steered with its DiffMean latent; max activation and neutral KL on the bench's tokens."""
+    cfg: SteeringConfig = ctx.config("steering")
+    toks = ctx.tokens
+    max_tok = toks[: max(1, cfg.max_act_tokens // toks.shape[1])]
+    neutral = toks[: max(1, cfg.neutral_tokens // cfg.neutral_context), : cfg.neutral_context]
+    per = {c: evaluate_steering(ctx.model, sae, concept=c, config=cfg, max_act_tokens=max_tok, neutral_tokens=neutral, special_ids=ctx.special_ids,
+                                progress=ctx.progress) for c in cfg.concepts}
+
+    def mean(key):
+        vals = [r[key] for r in per.values() if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    return {"score": mean("score"), "random_score": mean("random_score"), "opposite_sign_score": mean("opposite_sign_score"), "concepts": per}
+
+
+def _steering_columns(st: dict[str, Any]) -> dict[str, Any]:
+    row = {"steering_score": st.get("score"), "steering_random_score": st.get("random_score"),
+           "steering_opposite_sign_score": st.get("opposite_sign_score")}
+    for c, r in st.get("concepts", {}).items():
+        row[f"steering_score[{c}]"] = r.get("score")
+        row[f"steering_best_strength[{c}]"] = r.get("best_strength")
+        row[f"steering_latent[{c}]"] = r.get("latent")
+    return row
+
+
+def _steering_figures(rows, results) -> dict[str, Any]:
+    steer = {f"{name}/{c}": r for name, res in results.items() for c, r in res.get("steering", {}).get("concepts", {}).items()}
+    return {"steering_curves": plots.steering_figure(steer)} if steer else {}
+
+
+register(EvalSpec(
+    name="steering", scope="sae", compute=_bench_steering, order=20,
+    configs=(ConfigSpec("steering", SteeringConfig, prefix="steer",
+                        flags={"n_prompts": ["--steer-prompts", "--steer-n-prompts"], "max_new_tokens": ["--steer-tokens", "--steer-max-new-tokens"]},
+                        helps={"strengths": "strengths in units of max activation", "concepts": "concepts from evals/tasks.py",
+                               "max_new_tokens": "new tokens per steered generation"},
+                        choices={"scope": ["prompt", "generated", "all"], "concepts": sorted(CONCEPTS), "concept_metric": ["latent", "lexicon"]}),),
+    cache_key=lambda cfgs, data: data_key(data) | cfgs["steering"].to_dict(),
+    tokens_needed=lambda cfgs, data: cfgs["steering"].max_act_tokens,
+    columns=_steering_columns, figures=_steering_figures,
+    command=Command("steering-eval", "Quantified steering sweep with controls and a Pareto curve.", "saebench.evals.steering:main"),
+))
 
 
 if __name__ == "__main__":

@@ -4,101 +4,16 @@ every field and a config file plus flag overrides always validate the same way."
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import sys
 import textwrap
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
-from saebench.config import ConfigError, EvalConfig, TrainConfig, build_config, read_config_file
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """``--help`` shows every option's default: ``(default: X)`` unless the help already says it.
-
-    Flags whose default is None or a boolean switch say what happens when they are left out in
-    their own help text instead (``None`` alone tells a user nothing). A description or epilog
-    with line breaks (a list) is printed as written; one without is wrapped.
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if (not action.option_strings or "(default" in text or "[default" in text or action.default in (None, argparse.SUPPRESS)
-                or isinstance(action.default, bool)):
-            return text
-        return f"{text} (default: %(default)s)".strip()
-
-    def _format_action(self, action: argparse.Action) -> str:
-        if not action.help and action.option_strings and action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool):
-            action = copy.copy(action)  # an option without help text still shows its default
-            action.help = "(default: %(default)s)"
-        return super()._format_action(action)
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if "\n" in text:
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
-
-
-def _parse_value(text: str) -> Any:
-    """Interpret a flag value as JSON when it is one (numbers, null, lists), else as a string."""
-    if text.lower() in ("none", "null"):
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _unwrap(tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _unwrap(args[0]) if len(args) == 1 else tp
-    return tp
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
-    """One ``--field`` flag per config field, with its description and default as help."""
-    group = parser.add_argument_group(f"{cls.__name__} fields (also settable in --config)")
-    for name, field in cls.model_fields.items():
-        if name in skip:
-            continue
-        flag = "--" + name.replace("_", "-")
-        default = field.default if field.default_factory is None else field.default_factory()
-        help_text = f"{field.description or ''} [default: {default!r}]"
-        tp = _unwrap(field.annotation)
-        if tp is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif typing.get_origin(tp) is typing.Literal:
-            group.add_argument(flag, dest=name, choices=typing.get_args(tp), default=None, help=help_text)
-        elif typing.get_origin(tp) is dict or tp is dict:
-            group.add_argument(flag, dest=name, action="append", metavar="KEY=VALUE", default=None, help=help_text + " (repeatable)")
-        elif typing.get_origin(tp) is tuple:
-            group.add_argument(flag, dest=name, nargs=len(typing.get_args(tp)), type=float, default=None, help=help_text)
-        else:
-            group.add_argument(flag, dest=name, type=_parse_value, metavar=name.upper(), default=None, help=help_text)
-
-
-def collect(args: argparse.Namespace, cls: type[BaseModel], base: dict[str, Any] | None = None) -> Any:
-    """Merge a config file's fields with the flags the user set, then validate."""
-    data = dict(base or {})
-    if getattr(args, "config", None):
-        data.update(read_config_file(args.config))
-    for name, field in cls.model_fields.items():
-        val = getattr(args, name, None)
-        if val is None:
-            continue
-        if isinstance(val, list) and (typing.get_origin(_unwrap(field.annotation)) is dict):
-            val = dict(data.get(name) or {}) | _kv(val)
-        data[name] = val
-    return build_config(cls, data)
+from saebench.config import (  # noqa: F401  (HelpFormatter, add_config_flags, collect: re-exported, they lived here)
+    ConfigError, EvalConfig, HelpFormatter, TrainConfig, _kv, _parse_value, _unwrap, add_config_flags, build_config, collect, read_config_file,
+)
 
 
 def cmd_train(args) -> int:
@@ -148,16 +63,6 @@ def _is_main_rank() -> bool:
     from saebench.distributed import rank
 
     return rank() == 0
-
-
-def _kv(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--method-options expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k] = _parse_value(v)
-    return out
 
 
 def cmd_dashboards(args) -> int:
@@ -574,14 +479,18 @@ def _concept_names() -> list[str]:
     return list(CONCEPTS)
 
 
+def _register_evals(sub) -> None:
+    """Every eval's own ``saebench <name>`` command, as its spec in ``evals/registry.py`` declares it (``main(argv)`` of the eval module)."""
+    from saebench.evals import registry
+
+    for cmd in registry.commands():
+        _passthrough(sub, cmd.name, cmd.target, cmd.help)
+
+
 _EXTRA_COMMANDS: list = [
     _register_steer,
     lambda sub: _passthrough(sub, "bench", "saebench.evals.bench:bench_main", "Evaluate many SAE folders with many evals; table + figures (resumable)."),
-    lambda sub: _passthrough(sub, "dead", "saebench.evals.dead:main", "Dead/dense-latent eval of one SAE over stated token windows."),
-    lambda sub: _passthrough(sub, "steering-eval", "saebench.evals.steering:main", "Quantified steering sweep with controls and a Pareto curve."),
-    lambda sub: _passthrough(sub, "circuits", "saebench.evals.circuits:main", "Feature circuits (attribution patching / IG) with faithfulness and completeness."),
-    lambda sub: _passthrough(sub, "autointerp", "saebench.evals.autointerp:main",
-                             "Explain latents with an LLM judge and score them by detection (SAEBench autointerp); local or OpenAI-compatible."),
+    _register_evals,
     lambda sub: _passthrough(sub, "itda-similarity", "saebench.trainers.itda_similarity:main", "Jaccard similarity of ITDA dictionaries (atom data positions) across layers/models."),
 ]
 

@@ -6,8 +6,13 @@ generated from the field descriptions here, so documentation and behaviour canno
 
 from __future__ import annotations
 
+import argparse
+import copy
+import dataclasses
 import difflib
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -236,3 +241,173 @@ def load_sweep(path: str | Path, **overrides: Any) -> list[TrainConfig]:
     if dup:
         raise ConfigError(f"sweep file {path}: several SAEs would be written to the same out_dir {dup}; put fields in braces in out_dir, e.g. 'runs/{{hook_name}}-{{method}}'")
     return out
+
+
+# --------------------------------------------------------------------------- command-line flags from configs
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows every option's default: ``(default: X)`` unless the help already says it.
+
+    Flags whose default is None or a boolean switch say what happens when they are left out in
+    their own help text instead (``None`` alone tells a user nothing). A description or epilog
+    with line breaks (a list) is printed as written; one without is wrapped.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "(default" in text or "[default" in text or action.default in (None, argparse.SUPPRESS)
+                or isinstance(action.default, bool)):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool):
+            action = copy.copy(action)  # an option without help text still shows its default
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _parse_value(text: str) -> Any:
+    """Interpret a flag value as JSON when it is one (numbers, null, lists), else as a string."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _unwrap(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else tp
+    return tp
+
+
+def config_fields(cls: type) -> list[tuple[str, Any, Any, str]]:
+    """``(name, type, default, description)`` of every field of a pydantic model or a dataclass config."""
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return [(n, f.annotation, f.default if f.default_factory is None else f.default_factory(), f.description or "")
+                for n, f in cls.model_fields.items()]
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            out.append((f.name, hints.get(f.name, Any), default, f.metadata.get("help", "")))
+        return out
+    raise TypeError(f"{cls!r} is neither a pydantic model nor a dataclass")
+
+
+def _optional(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _typed(kind, optional: bool):
+    """An argparse ``type=`` that converts to ``kind`` ('none'/'null' gives None when the field is optional)."""
+
+    def convert(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        return kind(text)
+
+    convert.__name__ = getattr(kind, "__name__", "value")  # argparse names the type in its errors
+    return convert
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), *, prefix: str = "", dest_prefix: str = "",
+                     flags: dict[str, list[str]] | None = None, helps: dict[str, str] | None = None,
+                     choices: dict[str, list[Any]] | None = None, title: str | None = None, show_defaults: bool = False,
+                     unset: tuple[str, ...] = ()) -> dict[str, str]:
+    """One ``--field`` flag per config field (a pydantic model or a dataclass), with its description and default as help.
+
+    ``prefix`` names the flags ``--PREFIX-FIELD``; ``dest_prefix`` the parsed attributes; ``flags`` gives a field
+    its own option strings (e.g. older spellings), ``helps`` and ``choices`` add what a dataclass field cannot
+    say itself. Every flag defaults to None (unset), so a config file or the config's own default applies; with
+    ``show_defaults`` the flags default to the fields' defaults instead (but those named in ``unset``), shown
+    as ``(default: X)`` by :class:`HelpFormatter`.
+    Returns ``{field: dest}``.
+    """
+    group = parser.add_argument_group(title or f"{cls.__name__} fields (also settable in --config)")
+    typed = not (isinstance(cls, type) and issubclass(cls, BaseModel))  # dataclass fields: convert to the declared type
+    dests = {}
+    for name, annotation, default, description in config_fields(cls):
+        if name in skip:
+            continue
+        names = (flags or {}).get(name) or ["--" + (f"{prefix}-" if prefix else "") + name.replace("_", "-")]
+        dest = dest_prefix + name
+        dests[name] = dest
+        tp = _unwrap(annotation)
+        args = typing.get_args(tp)
+        shown = show_defaults and name not in unset and tp is not bool and default is not None
+        # a flag that defaults to the field's value shows it as argparse does, "(default: X)" (HelpFormatter); one left unset says it
+        help_text = (helps or {}).get(name) or description
+        help_text = help_text if shown else f"{help_text} [default: {default!r}]".strip()
+        kw: dict[str, Any] = {"dest": dest, "default": (list(default) if isinstance(default, tuple) else default) if shown else None,
+                              "help": help_text}
+        if name in (choices or {}):
+            kw |= {"choices": choices[name], "metavar": None}  # the choices are the metavar
+        if tp is bool:
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is typing.Literal:
+            group.add_argument(*names, **({"choices": args} | kw))
+        elif typing.get_origin(tp) is dict or tp is dict:
+            group.add_argument(*names, action="append", metavar="KEY=VALUE", **(kw | {"help": help_text + " (repeatable)"}))
+        elif typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
+            group.add_argument(*names, nargs="+", type=args[0] if args[0] in (int, float, str) else _parse_value, **({"metavar": name.upper()} | kw))
+        elif typing.get_origin(tp) is tuple:
+            group.add_argument(*names, nargs=len(args), type=float, **kw)
+        elif typed and tp in (int, float, str):
+            group.add_argument(*names, type=_typed(tp, _optional(annotation)), **({"metavar": name.upper()} | kw))
+        else:
+            group.add_argument(*names, type=_parse_value, metavar=name.upper(), **kw)
+    return dests
+
+
+def flag_values(args: argparse.Namespace, cls: type, dests: dict[str, str]) -> dict[str, Any]:
+    """The fields of ``cls`` whose flags (from :func:`add_config_flags`) were given, lists as tuples for tuple fields."""
+    out = {}
+    types_ = {name: _unwrap(tp) for name, tp, _, _ in config_fields(cls)}
+    for name, dest in dests.items():
+        val = getattr(args, dest, None)
+        if val is None:
+            continue
+        if isinstance(val, list) and typing.get_origin(types_[name]) is tuple:
+            val = tuple(val)
+        out[name] = val
+    return out
+
+
+def collect(args: argparse.Namespace, cls: type[BaseModel], base: dict[str, Any] | None = None) -> Any:
+    """Merge a config file's fields with the flags the user set, then validate."""
+    data = dict(base or {})
+    if getattr(args, "config", None):
+        data.update(read_config_file(args.config))
+    for name, field in cls.model_fields.items():
+        val = getattr(args, name, None)
+        if val is None:
+            continue
+        if isinstance(val, list) and (typing.get_origin(_unwrap(field.annotation)) is dict):
+            val = dict(data.get(name) or {}) | _kv(val)
+        data[name] = val
+    return build_config(cls, data)
+
+
+def _kv(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--method-options expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = _parse_value(v)
+    return out
+
+
