@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic.dataclasses import dataclass as pydantic_dataclass  # validated configs; registry flags come from their fields
 from saebench.evals.common import one_site
 from saebench.evals import plots
 from saebench.config import HelpFormatter
@@ -68,7 +69,7 @@ LETTERS = string.ascii_lowercase
 EPS = 1e-8
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class AbsorptionConfig:
     max_words: int = 2000
     train_fraction: float = 0.8

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from pydantic.dataclasses import dataclass as pydantic_dataclass  # validated configs; registry flags come from their fields
 from saebench.llm import LLM, Backend, Messages, Reply, ReplyCache, Usage, default_cache_path
 from saebench.llm import make_backend as _make_llm_backend
 
@@ -63,7 +64,7 @@ PROMPT_VERSION = 1
 RESULT_FILE = "eval_autointerp.json"
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class AutointerpConfig:
     n_latents: int = 50  # SAEBench: 1000 (with gpt-4o-mini); 0 = every latent above the threshold
     latents: tuple[int, ...] | None = None  # explicit latents (overrides n_latents)
@@ -582,7 +583,7 @@ def make_llm(backend: str = "hf", model: str | None = None, url: str | None = No
     return LLM(b, c, Usage(price_in=price_in, price_out=price_out))
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class JudgeConfig:
     """Which LLM explains and scores (for ``saebench bench``; part of its cache key, the API key excluded)."""
 

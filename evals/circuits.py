@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pydantic.dataclasses import dataclass as pydantic_dataclass  # validated configs; registry flags come from their fields
 from saebench.evals.tasks import CircuitTask, make_task, reference_heads
 from saebench.evals import plots, registry
 from saebench.evals.registry import Command, ConfigSpec, EvalSpec, register
@@ -479,7 +480,7 @@ def evaluate_head_circuit(model, task: CircuitTask | str, *, reference: set[tupl
 # --------------------------------------------------------------------------- CLI
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class CircuitConfig:
     """Settings of the circuit eval (also what the bench runner hashes for its cache)."""
 

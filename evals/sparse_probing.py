@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic.dataclasses import dataclass as pydantic_dataclass  # validated configs; registry flags come from their fields
 from saebench.evals.common import one_site
 from saebench.evals import plots
 from saebench.config import HelpFormatter
@@ -53,7 +54,7 @@ from saebench.sae import SAE
 from saebench.site import Site
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class SparseProbingConfig:
     datasets: tuple[str, ...] = OFFLINE
     train_size: int = 200  # per binary task (half positives), as SAEBench's probe_train_set_size (4000)

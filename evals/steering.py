@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pydantic.dataclasses import dataclass as pydantic_dataclass  # validated configs; registry flags come from their fields
 from saebench.evals.tasks import CONCEPTS, NEUTRAL_TEXTS, STEERING_PROMPTS, Concept
 from saebench.evals import plots, registry
 from saebench.evals.registry import Command, ConfigSpec, EvalSpec, data_key, register
@@ -54,7 +55,7 @@ from saebench.site import Site
 from saebench.steering import SteeringHook, generate_tokens, site_activations
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class SteeringConfig:
     """Settings of the steering eval (the bench runner hashes them for its cache)."""
 

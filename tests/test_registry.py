@@ -226,3 +226,24 @@ def test_steering_and_circuit_commands_build_their_config_from_the_flags(tiny_mo
                  "--n-patch-check", "2", "--max-curve-points", "4", "--no-progress", "--out", str(out)]) == 0
     cfg = json.loads(out.read_text())["config"]
     assert cfg["n_examples"] == 4 and cfg["method"] == "atp" and cfg["max_curve_points"] == 4 and cfg["tasks"] == ["ioi"]
+
+
+def test_every_registered_eval_config_is_validated():
+    """Each eval's config is a pydantic model (BaseModel or pydantic dataclass): a wrong type is refused
+    with a ValidationError naming the field, not stored and used later."""
+    import dataclasses
+
+    from pydantic import ValidationError
+
+    seen = 0
+    for key, spec in registry.config_specs().items():
+        cls = spec.cls
+        assert issubclass(cls, BaseModel) or hasattr(cls, "__pydantic_validator__"), f"{key}: {cls} is not a pydantic model"
+        fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else list(cls.model_fields)
+        ints = [n for n in fields if isinstance(getattr(cls(), n), int) and not isinstance(getattr(cls(), n), bool)]
+        if not ints:
+            continue
+        with pytest.raises(ValidationError, match=ints[0]):
+            cls(**{ints[0]: "not a number"})
+        seen += 1
+    assert seen >= 6  # core/dead, steering, circuits, sparse probing, absorption, autointerp (+ its judge)
