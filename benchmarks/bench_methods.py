@@ -49,7 +49,9 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_METHODS = ["topk", "batchtopk", "mutual_choice", "jumprelu", "abstopk", "vsae", "vsae_det", "feature_choice", "gsae", "e2e", "e2e_ds"]
+ALL_METHODS = ["topk", "batchtopk", "mutual_choice", "jumprelu", "abstopk", "vsae", "vsae_det", "feature_choice",
+               "standard", "standard_constrained", "gated", "matryoshka_batchtopk", "matching_pursuit", "top_afa", "itda",
+               "gsae", "e2e", "e2e_ds"]
 MODEL_METHODS = ("gsae", "e2e", "e2e_ds")  # sources of their own (gradients / token sequences)
 # Options that put each method at the common target L0 (k); everything else is the method's default.
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
