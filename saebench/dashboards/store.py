@@ -565,8 +565,9 @@ class Dashboard:
                            "promotes": [tok(t) for t in d.get("promotes", [])]}
         return out
 
-    def search_summaries(self, query: str, limit: int = 2000) -> SearchPage:
-        """Latents whose automatic summary contains all words of ``query`` (bounded like every search)."""
+    def _search_fts(self, fts: str, query: str, limit: int) -> SearchPage:
+        """Feature ids whose row in the FTS5 table ``fts`` (one of ours, keyed by feature) holds all words of
+        ``query``, best match first; bounded like every search (word cap, time limit, busy slots)."""
         words, notes = query_words(query)
         if not words:
             return SearchPage([], 0, notes)
@@ -575,7 +576,7 @@ class Dashboard:
             try:
                 with _bounded_search(con) as timed_out:
                     try:
-                        rows = con.execute("SELECT rowid FROM summary_fts WHERE summary_fts MATCH ? ORDER BY bm25(summary_fts) LIMIT ?",
+                        rows = con.execute(f"SELECT rowid FROM {fts} WHERE {fts} MATCH ? ORDER BY bm25({fts}) LIMIT ?",
                                            (q, limit)).fetchall()
                     except sqlite3.OperationalError as e:
                         if timed_out[0]:
@@ -586,6 +587,10 @@ class Dashboard:
             except SearchBusy as e:
                 return SearchPage([], 0, notes + [f"Search is busy: {e}."])
         return SearchPage([int(f) for (f,) in rows], len(rows), notes)
+
+    def search_summaries(self, query: str, limit: int = 2000) -> SearchPage:
+        """Latents whose automatic summary contains all words of ``query`` (bounded like every search)."""
+        return self._search_fts("summary_fts", query, limit)
 
     # ---- labels ------------------------------------------------------------------------------------------
     def _labels_con(self) -> sqlite3.Connection:
@@ -701,25 +706,7 @@ class Dashboard:
 
     def search_explanations(self, query: str, limit: int = 2000) -> SearchPage:
         """Latents whose automatic explanation contains all words of ``query`` (best match first)."""
-        words, notes = query_words(query)
-        if not words:
-            return SearchPage([], 0, notes)
-        q = " ".join('"' + w.replace('"', '""') + '"' for w in words)
-        with _reading(self.db_path) as con:
-            try:
-                with _bounded_search(con) as timed_out:
-                    try:
-                        rows = con.execute("SELECT rowid FROM explanations_fts WHERE explanations_fts MATCH ? ORDER BY bm25(explanations_fts) LIMIT ?",
-                                           (q, limit)).fetchall()
-                    except sqlite3.OperationalError as e:
-                        if timed_out[0]:
-                            return SearchPage([], 0, notes + [_time_note()])
-                        if "no such table" in str(e):
-                            return SearchPage([], 0, notes)
-                        raise
-            except SearchBusy as e:
-                return SearchPage([], 0, notes + [f"Search is busy: {e}."])
-        return SearchPage([int(f) for (f,) in rows], len(rows), notes)
+        return self._search_fts("explanations_fts", query, limit)
 
 
 @dataclass(frozen=True)
