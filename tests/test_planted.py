@@ -60,12 +60,15 @@ def test_planted_recovery_at_defaults(method, shape, sources, tmp_path):
 
 
 PAPER_FLOORS = {"uniform_sparse": 0.85}  # 88%: one latent covers two features with cosine 0.62 (see the table's notes)
+# uniform_sparse gets 1,600 steps: at 1,200 it sat at the floor (28 of 32 features natively, 27 under
+# ATEN_CPU_CAPABILITY=default); at 1,600 it reaches 29-30 of 32 under both kernels.
+PAPER_STEPS = {"uniform_sparse": 1600}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_jumprelu_paper_form_recovers_given_the_steps_its_thresholds_need(shape, sources, tmp_path):
-    """form='paper' (λ·L0 with λ 0.03, θ₀ = ε = 0.001·√d, threshold lr = lr, Adam β1 = 0) at 4x the budget above (1,200 steps):
+    """form='paper' (λ·L0 with λ 0.03, θ₀ = ε = 0.001·√d, threshold lr = lr, Adam β1 = 0) at 4x the budget above (1,200 steps; 1,600 on uniform_sparse):
     its L0 is what λ gives (below k here), and it recovers the planted features."""
-    r = bp.run_one("jumprelu_paper", SHAPES[shape], 1200 * 1024, tmp_path, batch=1024, source=sources[shape])
+    r = bp.run_one("jumprelu_paper", SHAPES[shape], PAPER_STEPS.get(shape, 1200) * 1024, tmp_path, batch=1024, source=sources[shape])
     assert r["recovery"] >= PAPER_FLOORS.get(shape, 0.9), r
     assert r["fvu"] < 0.3 and 0.3 * SHAPES[shape].k < r["l0"] < SHAPES[shape].k, r
