@@ -228,16 +228,16 @@ def train_group(cfgs, model, source, progress: bool) -> tuple[dict[str, float], 
 # ----------------------------------------------------------------------------------------------
 
 
-def evaluate(dirs: list[Path], model, base: dict[str, Any], eval_tokens: int, progress: bool) -> list[dict[str, Any]]:
-    """Core metrics of every SAE in ``dirs`` on the same held-out tokens (one shared clean/zero pass)."""
+def evaluate(dirs: list[Path], model, base: dict[str, Any], eval_tokens: int, progress: bool, batch_size: int = 8) -> list[dict[str, Any]]:
+    """Core metrics of every SAE in ``dirs`` on the same held-out tokens (one shared clean/zero pass), on the model's device."""
     from saebench.evals.common import load_eval_tokens, special_ids_of
     from saebench.evals.reconstruction import evaluate_hook_group
     from saebench.sae import SAE
 
     tokens = load_eval_tokens(model, base["corpus"], eval_tokens, base["context_size"])
-    saes = [SAE.load(d) for d in dirs]
+    saes = [SAE.load(d, device=model.cfg.device) for d in dirs]
     res = evaluate_hook_group(saes, model, tokens, special_ids=special_ids_of(model.tokenizer), core=True, dead=False, downstream=True,
-                              batch_size=8, progress=progress)
+                              batch_size=batch_size, progress=progress)
     return [r["core"] for r in res]
 
 

@@ -56,6 +56,41 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]], x: str = "l0", y: str = "ce
     return fig
 
 
+def pareto_curves_figure(aggregates: Sequence[Mapping[str, Any]], x: str = "l0", y: str = "delta_ce", *, group_by: str = "variant",
+                         higher_is_better: bool = False, title: str | None = None, log_x: bool = True) -> go.Figure:
+    """One line per ``group_by`` through its settings' means, with ± sd error bars on both axes.
+
+    ``aggregates`` are seed aggregates (``x``, ``y`` means and ``x_sd``, ``y_sd``; ``n`` seeds), e.g.
+    ``bench_pareto.aggregate``'s. The dotted black line is the Pareto front of all the means.
+    """
+    pts = [a for a in aggregates if _finite(a.get(x)) and _finite(a.get(y))]
+    fig = go.Figure()
+    groups: dict[str, list] = {}
+    for a in pts:
+        groups.setdefault(str(a.get(group_by)), []).append(a)
+    for i, (g, rs) in enumerate(groups.items()):
+        rs = sorted(rs, key=lambda a: a[x])
+        color = _PALETTE[i % len(_PALETTE)]
+        dash = ("solid", "dash", "dot", "dashdot")[(i // len(_PALETTE)) % 4]
+        fig.add_trace(go.Scatter(
+            x=[a[x] for a in rs], y=[a[y] for a in rs], mode="lines+markers", name=g, line=dict(color=color, dash=dash),
+            error_x=dict(type="data", array=[a.get(f"{x}_sd") or 0.0 for a in rs], visible=True, thickness=1),
+            error_y=dict(type="data", array=[a.get(f"{y}_sd") or 0.0 for a in rs], visible=True, thickness=1),
+            text=[f"{a.get('setting', '')}, n={a.get('n', '?')}" for a in rs],
+            hovertemplate=f"%{{text}}<br>{x}=%{{x:.4g}}<br>{y}=%{{y:.4g}}<extra>{g}</extra>",
+        ))
+    if len(pts) > 1:
+        front = pareto_front([(a[x], a[y]) for a in pts], higher_is_better)
+        fig.add_trace(go.Scatter(x=[pts[i][x] for i in front], y=[pts[i][y] for i in front], mode="lines", name="Pareto front",
+                                 line=dict(color="black", dash="dot", width=1)))
+    better = "higher" if higher_is_better else "lower"
+    fig.update_layout(title=title or f"{y} vs {x} ({better} is better)", xaxis_title=x, yaxis_title=f"{y} ({better} is better)",
+                      template="plotly_white", height=600)
+    if log_x and pts and all(a[x] > 0 for a in pts):
+        fig.update_xaxes(type="log")
+    return fig
+
+
 def dead_latents_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     """Grouped bars per SAE: dead fraction (with its window), dense > 1 %, dense > 10 %, special-token-only."""
     rs = [r for r in rows if _finite(r.get("dead_fraction"))]
