@@ -206,7 +206,7 @@ class SAE(nn.Module):
 
     def gated_magnitudes(self, gate_values: Tensor, indices: Tensor) -> Tensor:
         """Gated SAE: ReLU(e^{r_mag}·(π_gate − b_gate) + b_mag) at the selected entries (π_gate values [B, K])."""
-        mag = self.r_mag.exp()[indices] * (gate_values - self.b_enc[indices]) + self.b_mag[indices]
+        mag = sparse.take(self.r_mag.exp(), indices) * (gate_values - sparse.take(self.b_enc, indices)) + sparse.take(self.b_mag, indices)
         return F.relu(mag)
 
     def encode_sparse(self, x: Tensor) -> SparseActs:

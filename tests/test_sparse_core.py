@@ -289,3 +289,18 @@ def test_batch_topk_select_threshold_path_equals_the_batch_wide_sort(case, absol
     assert int(valid.sum()) == k_total and torch.equal(got, ref)
     if case == "random":
         assert calls and calls[0] is not None  # the fast path served this batch
+
+
+def test_take_equals_advanced_indexing_in_value_and_gradient():
+    """sparse.take (index_select, whose backward is index_add) is vec[indices] with the same gradient, collisions included."""
+    from saebench import sparse
+
+    g = torch.Generator().manual_seed(0)
+    vec = torch.randn(50, dtype=torch.float64, generator=g)
+    idx = torch.randint(0, 50, (64, 7), generator=g)  # many repeated latents: the gradient must add them up
+    w = torch.randn(64, 7, dtype=torch.float64, generator=g)
+    a, b = vec.clone().requires_grad_(), vec.clone().requires_grad_()
+    (sparse.take(a.exp(), idx) * w).sum().backward()
+    (b.exp()[idx] * w).sum().backward()
+    assert torch.equal(sparse.take(vec, idx), vec[idx])
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)

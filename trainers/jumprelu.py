@@ -243,13 +243,13 @@ class JumpReLU(Method):
     def activate(self, values: Tensor, indices: Tensor, sae: SAE) -> Tensor:
         if getattr(self, "_warm", False):
             return F.relu(values)
-        theta = sae.log_threshold.exp()[indices]  # differentiable: the STE reaches log θ
+        theta = sparse.take(sae.log_threshold.exp(), indices)  # differentiable: the STE reaches log θ
         return jumprelu(values, theta, self._eps)
 
     def extra_losses(self, sae: SAE, inp: StepInput, pre: Tensor, acts: SparseActs, x_hat: Tensor) -> dict[str, Tensor]:
         if getattr(self, "_warm", False):
             return {}
-        theta = sae.log_threshold.exp()[acts.indices]
+        theta = sparse.take(sae.log_threshold.exp(), acts.indices)
         pi = pre.gather(1, acts.indices)  # the step passes no gradient to π, so no need for gather_pre
         l0 = (step_fn(pi, theta, self._eps) * self._valid).sum(-1).mean()
         if distributed.active():

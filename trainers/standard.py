@@ -104,7 +104,7 @@ class Standard(Method):
         W = self.decoder(sae)
         acts = SparseActs(f, idx)
         x_hat = sae.add_skip(sparse.decode(acts, W, sae.b_dec), x)  # a (skip-)transcoder predicts inp.y
-        penalty = f if self.constrained else f * W.norm(dim=-1)[idx]
+        penalty = f if self.constrained else f * sparse.take(W.norm(dim=-1), idx)
         l1 = penalty.sum(-1).mean() / per_token_variance(inp.y)
         losses = {"mse_loss": normalized_mse(x_hat, inp.y), "l1_loss": sparsity_coef(self, inp.step) * l1}
         return StepOutput(losses, acts, x_hat)
