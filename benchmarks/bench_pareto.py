@@ -231,6 +231,34 @@ def markdown(agg: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def against_reference(agg: list[dict[str, Any]], reference: str = "topk", metrics: tuple[str, ...] = ("delta_ce", "fvu_without_outliers")) -> str:
+    """Markdown: each k-variant minus ``reference`` at the same k, with the standard error of the difference.
+
+    se = sqrt(sd_a²/n_a + sd_b²/n_b) (Welch) where both have ≥ 2 seeds; "single seed" otherwise. A difference
+    within 2 se is not a separation.
+    """
+    ref = {a["setting"]: a for a in agg if a["variant"] == reference}
+    head = "| variant | setting | " + " | ".join(f"{dict(TABLE)[m]} − {reference} (± se)" for m in metrics) + " |"
+    lines = [head, "|" + "---|" * (2 + len(metrics))]
+    for a in agg:
+        r = ref.get(a["setting"])
+        if a["variant"] == reference or r is None or a["coef"] is not None:
+            continue
+        cells = []
+        for m in metrics:
+            if a.get(m) is None or r.get(m) is None:
+                cells.append("—")
+                continue
+            d = a[m] - r[m]
+            if a["n"] > 1 and r["n"] > 1 and a.get(f"{m}_sd") is not None and r.get(f"{m}_sd") is not None:
+                se = math.sqrt(a[f"{m}_sd"] ** 2 / a["n"] + r[f"{m}_sd"] ** 2 / r["n"])
+                cells.append(f"{d:+.4f} ± {se:.4f}" + (" *" if se > 0 and abs(d) > 2 * se else ""))
+            else:
+                cells.append(f"{d:+.4f} (single seed)")
+        lines.append(f"| {a['variant']} | {a['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n* : the difference exceeds 2 standard errors (negative is better for both columns)."
+
+
 def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Path]:
     """pareto.{json,md} (seed aggregates) and pareto.html (ΔCE and FVU w/o outliers against L0, mean ± sd)."""
     from saebench.evals.plots import pareto_curves_figure, write_figures
@@ -239,7 +267,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) ->
     agg = aggregate(rows)
     paths = {"json": out / f"{REPORT_STEM}.json", "md": out / f"{REPORT_STEM}.md"}
     write_json(paths["json"], {"meta": meta, "aggregates": agg})
-    paths["md"].write_text(markdown(agg) + "\n\nMean ± sample sd over the seeds (n). " + "; ".join(f"{k}: {v}" for k, v in meta.items()
+    paths["md"].write_text(markdown(agg) + "\n\n" + against_reference(agg) + "\n\nMean ± sample sd over the seeds (n). " + "; ".join(f"{k}: {v}" for k, v in meta.items()
                                                                                                    if k != "machine") + "\n")
     title = f"{meta.get('model')} {meta.get('hook_name')}, {meta.get('tokens'):,} tokens, seeds {meta.get('seeds')}"
     figs = {f"{REPORT_STEM}_delta_ce": pareto_curves_figure(agg, y="delta_ce", higher_is_better=False, title=f"ΔCE (nats) vs L0: {title}"),
