@@ -304,3 +304,20 @@ def test_take_equals_advanced_indexing_in_value_and_gradient():
     (b.exp()[idx] * w).sum().backward()
     assert torch.equal(sparse.take(vec, idx), vec[idx])
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_scatter_rows_dense_path_equals_the_sparse_product(monkeypatch):
+    """The GPU's dense scatter + GEMM path of _scatter_rows gives the sparse COO product (forced here on the CPU)."""
+    from saebench import sparse
+
+    g = torch.Generator().manual_seed(1)
+    B, K, n, d = 40, 9, 30, 7
+    idx = torch.randint(0, n, (B, K), generator=g)  # duplicates within a row (padding) must add up
+    coef = torch.randn(B, K, dtype=torch.float64, generator=g)
+    rows = torch.randn(B, d, dtype=torch.float64, generator=g)
+    want = sparse._scatter_rows(idx, coef, rows, n)
+    assert not sparse._dense_scatter(rows.device, B, K, n, 8)  # never on the CPU
+    assert sparse._dense_scatter(torch.device("cuda"), 4096, 288, 16384, 4)  # AuxK at the benchmark shapes on a GPU
+    assert not sparse._dense_scatter(torch.device("cuda"), 4096, 32, 16384, 4)  # TopK's k: the sparse product
+    monkeypatch.setattr(sparse, "_dense_scatter", lambda *a: True)
+    torch.testing.assert_close(sparse._scatter_rows(idx, coef, rows, n), want, rtol=1e-12, atol=1e-12)
