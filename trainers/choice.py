@@ -183,7 +183,7 @@ class ZipfAuxMixin:
         """Per-latent firing counts [n] of this step's codes, folded into the density EMA."""
         vals, idx = out.acts.values.detach(), out.acts.indices
         pos = vals > 0
-        fired = torch.zeros(n, device=vals.device).index_add_(0, idx[pos], torch.ones_like(vals[pos]))
+        fired = torch.bincount(idx[pos], minlength=n).float()  # any SAE dtype (an index_add_ of vals' dtype into fp32 failed)
         self._density(n, vals.device).update(fired / vals.shape[0])
         return fired
 
