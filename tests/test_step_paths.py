@@ -152,3 +152,21 @@ def test_vsae_step_with_auxk_equals_dense_autograd_in_float64(name, opts, tmp_pa
         with torch.no_grad():  # move the SAE so the second step differs
             for p in sae.parameters():
                 p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(9), dtype=p.dtype))
+
+
+def test_row_topk_equals_torch_topk_as_sets_including_short_rows_and_its_fallbacks():
+    g = torch.Generator().manual_seed(0)
+    for B, n, k in [(64, 3000, 288), (32, 5000, 100), (16, 200, 80), (8, 1000, 10)]:
+        s = torch.randn(B, n, generator=g, dtype=torch.float64)
+        s[0] = torch.linspace(0, 1, n, dtype=torch.float64)  # sorted row: the strided sample is exact
+        s[1, : n // 2] += 100  # a row whose top entries sit in one half
+        s[2, ::8] -= 100  # the sampled columns are the row's smallest: too many candidates
+        s[3, ::8] += 100  # the sampled columns are its largest: too few candidates (recomputed)
+        got = sparse.row_topk(s, k).sort(-1).values
+        ref = s.topk(k, -1).indices.sort(-1).values
+        assert got.shape == (B, k) and torch.equal(got, ref), (B, n, k)
+    low = torch.randn(16, 4000, generator=g, dtype=torch.float64)
+    low[:, ::8] -= 100  # every row's sample misleads: most entries are candidates → plain topk over everything
+    assert torch.equal(sparse.row_topk(low, 300).sort(-1).values, low.topk(300, -1).indices.sort(-1).values)
+    flat = torch.zeros(16, 4000, dtype=torch.float64)  # all equal: no candidate above τ → every row recomputed
+    assert sparse.row_topk(flat, 300).shape == (16, 300)
