@@ -170,3 +170,28 @@ def test_row_topk_equals_torch_topk_as_sets_including_short_rows_and_its_fallbac
     assert torch.equal(sparse.row_topk(low, 300).sort(-1).values, low.topk(300, -1).indices.sort(-1).values)
     flat = torch.zeros(16, 4000, dtype=torch.float64)  # all equal: no candidate above τ → every row recomputed
     assert sparse.row_topk(flat, 300).shape == (16, 300)
+
+
+def test_bench_train_step_times_every_activation_method_and_the_floors(tmp_path):
+    """benchmarks/bench_train_step.py at toy shapes: every activation method, the floors and the load average in its JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
+    out = tmp_path / "r.json"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), "--d-in", "16", "--n", "256", "--k", "4", "--batch", "64", "--repeats", "1",
+                    "--skip-memory", "--no-reference", "--out", str(out)], check=True, env=env, capture_output=True, timeout=300)
+    rep = json.loads(out.read_text())
+    names = set(rep["methods_step_over_matmul"])
+    assert {"topk", "batchtopk", "mutual_choice", "jumprelu", "abstopk", "abstopk_batch", "vsae", "vsae_det", "feature_choice",
+            "gsae", "floor:kl_products", "floor:kl_products_noise", "floor:gsae_products"} <= names
+    assert all(v["over_matmul"] > 0 for v in rep["methods_step_over_matmul"].values())
+    assert rep["device"] == "cpu" and rep["threads"] == 1 and "load_average" in rep
+    if not torch.cuda.is_available():  # a clear error, not a crash deep inside
+        r = subprocess.run([sys.executable, str(script), "--device", "cuda", "--small", "--skip-memory", "--out", str(tmp_path / "c.json")],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and "sees no CUDA device" in r.stderr
