@@ -34,37 +34,16 @@ class SparseActs(NamedTuple):
         return (self.values != 0).sum(-1)
 
 
-class CenteredInput(NamedTuple):
-    """The encoder input ``x_c = x − pre_bias`` of a step whose raw ``x`` needs no gradient (``gather_pre``'s ``x``).
-
-    ``x_c`` is detached; ``pre_bias`` (the SAE's b_dec) gets its gradient from ``gather_pre``'s backward directly:
-    −Σ_b Σ_j g[b, j]·W[idx[b, j]] = −(per-latent sums of g)·W, a [n]·[n, d] product, instead of the [B, d] input
-    gradient (B·K·d multiply-adds, ~0.04 s for AuxK's B·k_aux entries at the benchmark shape) summed over tokens
-    by autograd (OpenAI's pre-bias trick).
-    """
-
-    x_c: Tensor  # [B, d], no grad
-    pre_bias: Tensor  # [d]
-
-    @staticmethod
-    def of(x: Tensor, x_c: Tensor, pre_bias: Tensor | None) -> "CenteredInput | Tensor":
-        """``CenteredInput(x_c.detach(), pre_bias)`` when x_c was centred with ``pre_bias`` and x needs no gradient; else x_c."""
-        if pre_bias is None or x_c is x or x.requires_grad:
-            return x_c
-        return CenteredInput(x_c.detach(), pre_bias)
-
-
 class _GatherLinear(torch.autograd.Function):
     """``out[b, j] = x[b] · W[idx[b, j]] + bias[idx[b, j]]`` with the forward value given.
 
     The dense pre-activations were already computed without autograd; this function attaches to
     the selected entries a backward that costs O(B·K·d): ``embedding_bag`` for the input gradient
-    and a sparse ``Gᵀx`` product for the weight gradient (``_scatter_rows``). With ``pre_bias``
-    (``CenteredInput``) x is detached and the pre-bias gets −(per-latent sums of G)·W.
+    and a sparse ``Gᵀx`` product for the weight gradient (``_scatter_rows``).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, indices: Tensor, out: Tensor, pre_bias: Tensor | None = None) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, indices: Tensor, out: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight, indices)
         return out
 
@@ -72,18 +51,15 @@ class _GatherLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight, indices = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = grad_w = grad_b = grad_pb = None
+        grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad.to(weight.dtype), mode="sum")
         if ctx.needs_input_grad[1]:
             grad_w = _scatter_rows(indices, grad, x, weight.shape[0]).to(weight.dtype)
-        with_pre_bias = len(ctx.needs_input_grad) > 5
-        if ctx.needs_input_grad[2] or (with_pre_bias and ctx.needs_input_grad[5]):
-            col = weight.new_zeros(weight.shape[0]).index_add_(0, indices.reshape(-1), grad.reshape(-1).to(weight.dtype))
-            grad_b = col if ctx.needs_input_grad[2] else None
-            if with_pre_bias and ctx.needs_input_grad[5]:
-                grad_pb = -(col @ weight)
-        return (grad_x, grad_w, grad_b, None, None, grad_pb) if with_pre_bias else (grad_x, grad_w, grad_b, None, None)
+        if ctx.needs_input_grad[2]:
+            flat_idx = indices.reshape(-1)
+            grad_b = weight.new_zeros(weight.shape[0]).index_add_(0, flat_idx, grad.reshape(-1).to(weight.dtype))
+        return grad_x, grad_w, grad_b, None, None
 
 
 class _DecoderWeightGrad(torch.autograd.Function):
@@ -122,16 +98,12 @@ def _scatter_rows(indices: Tensor, coef: Tensor, rows: Tensor, n: int) -> Tensor
     return torch.addmm(rows.new_empty(n, rows.shape[1]), c, rows, beta=0)
 
 
-def gather_pre(x: "Tensor | CenteredInput", weight: Tensor, bias: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
+def gather_pre(x: Tensor, weight: Tensor, bias: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
     """Differentiable ``pre[b, indices[b, j]]`` where ``pre = x @ weight.T + bias``.
 
-    ``x`` [B, d] (may require grad) or a ``CenteredInput`` (x_c detached, and its pre-bias, which then gets
-    its gradient without a [B, d] input gradient), ``weight`` [n, d], ``bias`` [n], ``pre`` [B, n] (no grad),
-    ``indices`` [B, K]. Gradients flow to x (or the pre-bias), weight and bias through the selected entries only.
+    ``x`` [B, d] (may require grad), ``weight`` [n, d], ``bias`` [n], ``pre`` [B, n] (no grad),
+    ``indices`` [B, K]. Gradients flow to x, weight and bias through the selected entries only.
     """
-    pre_bias = None
-    if isinstance(x, CenteredInput):
-        x, pre_bias = x
     out = pre.gather(1, indices)
     if out.dtype != weight.dtype:
         # Under autocast the dense product is bf16; the selected values (and their gradients) are
@@ -139,9 +111,7 @@ def gather_pre(x: "Tensor | CenteredInput", weight: Tensor, bias: Tensor, pre: T
         out = out.to(weight.dtype)
     if pre.requires_grad:
         return out  # dense-autograd path (e.g. methods whose loss needs every pre-activation)
-    if pre_bias is None:
-        return _GatherLinear.apply(x, weight, bias, indices, out)
-    return _GatherLinear.apply(x, weight, bias, indices, out, pre_bias)
+    return _GatherLinear.apply(x, weight, bias, indices, out)
 
 
 def decode(acts: SparseActs, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
@@ -324,10 +294,12 @@ def row_topk(scores: Tensor, k: int, stride: int = 8, margin: float = 1.5) -> Te
     everything left out is ≤ τ_b < every candidate; rows with fewer are recomputed with ``torch.topk`` over the
     whole row (as is everything when the candidates are not few). Ties may resolve to other, equal-valued entries.
     """
+    if scores.dim() != 2:
+        return scores.topk(min(k, scores.shape[-1]), dim=-1, sorted=False).indices
     B, n = scores.shape
     k = min(k, n)
     want = -(-int(margin * k) // stride)
-    if scores.dim() != 2 or n < 4 * stride * want or k < 64:
+    if n < 4 * stride * want or k < 64:
         return scores.topk(k, dim=-1, sorted=False).indices
     tau = scores[:, ::stride].topk(want, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     rows, cols = torch.gt(scores, tau).nonzero(as_tuple=True)

@@ -234,8 +234,6 @@ class Method:
         x_c = sae.center(x)
         pre = self.pre_acts(sae, x_c)
         idx, valid = self.select(pre, inp, sae=sae)
-        # b_dec's gradient through the gathers without a [B, d] input gradient when x itself needs none.
-        x_c = sparse.CenteredInput.of(x, x_c, sae.b_dec)
         vals = self.activate(sparse.gather_pre(x_c, sae.encoder_weight, sae.b_enc, pre, idx), idx, sae)
         if valid is not None:
             vals = vals * valid
@@ -249,10 +247,8 @@ class Method:
         losses |= self.extra_losses(sae, inp, pre, acts, x_hat)
         return StepOutput(losses, acts, x_hat)
 
-    def auxk_loss(self, sae: SAE, x_c: "Tensor | sparse.CenteredInput", pre: Tensor, residual: Tensor, dead: Tensor | None) -> Tensor | None:
-        """AuxK (Gao et al.): the top-k_aux *dead* latents reconstruct the residual; normalised MSE.
-
-        ``x_c``: the encoder input as ``step`` passes it to ``sparse.gather_pre`` (a tensor or a ``CenteredInput``)."""
+    def auxk_loss(self, sae: SAE, x_c: Tensor, pre: Tensor, residual: Tensor, dead: Tensor | None) -> Tensor | None:
+        """AuxK (Gao et al.): the top-k_aux *dead* latents reconstruct the residual; normalised MSE."""
         coef = getattr(self.opts, "auxk_coef", 0.0)
         if not coef or dead is None or not dead.any():
             return None
