@@ -17,6 +17,15 @@ processes hits every variant alike; medians reported):
   initialised by its own ``init_sae``, past any warm-up (threshold EMAs active), including its ``after_step``;
   each reported as a ratio to ``matmul`` measured in the same rounds.
 
+- ``floor:<name>`` (with the methods): the dense work a method's math cannot avoid, timed alone in the same rounds:
+  ``floor:kl_products`` the encoder product into a buffer, its ReLU in place and the second product of the same
+  size that vsae's KL weight gradient Rᵀ(x − b_dec) is (R = ReLU(pre), ~50% dense); ``floor:kl_products_noise`` that
+  plus B·n Gaussians into a buffer (vsae's sampled z); ``floor:gsae_products`` the encoder product and g-SAE's
+  scores g·W_decᵀ, both into buffers.
+
+On ``--device cuda`` every tensor lives on the GPU, each timed call is bracketed by ``torch.cuda.synchronize()``,
+TF32 matmuls are on (as in training; recorded in the JSON), and the peak memory is ``torch.cuda.max_memory_allocated``.
+
 Then, in a fresh subprocess that runs only our step, the peak memory of a training step (max RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA) with what it is made of.
 
@@ -26,12 +35,15 @@ d_in 576, 16,384 latents, k 32, batch 4,096, fp32.
     python benchmarks/bench_train_step.py [--d-in 576 --n 16384 --k 32 --batch 4096 --repeats 5 --device cpu --autocast]
     python benchmarks/bench_train_step.py --small            # d_in 192, 4,096 latents, batch 1,024: seconds
     python benchmarks/bench_train_step.py --methods jumprelu vsae --skip-memory
+    OMP_NUM_THREADS=1 python benchmarks/bench_train_step.py --skip-memory --no-reference --repeats 5 --out benchmarks/results/train_step_methods.json
+    python benchmarks/bench_train_step.py --device cuda --skip-memory --no-reference --repeats 20 --out benchmarks/results/train_step_methods_cuda.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -145,6 +157,32 @@ def method_step(name: str, args, x: torch.Tensor):
     return step
 
 
+def floor_steps(args, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> dict:
+    """The dense work some methods' math needs, alone: the measured floor of their step / matmul ratio."""
+    dev = args.device
+    pre = torch.empty(args.batch, args.n, device=dev)
+    noise = torch.empty(args.batch, args.n, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def two_products():
+        with torch.no_grad():
+            torch.addmm(b_enc, x, W_enc.t(), out=pre)  # the encoder forward
+            torch.mm(pre.clamp_min_(0).t(), x)  # [n, B]·[B, d]: vsae's KL weight gradient; g·W_decᵀ has the same size
+
+    def two_products_noise():
+        two_products()
+        torch.randn(pre.shape, generator=gen, device=dev, out=noise)  # vsae: ε for every latent
+
+    g, W_dec = torch.randn_like(x), W_enc.t().contiguous().t()  # a [n, d] decoder-shaped weight
+
+    def encoder_and_scores():
+        with torch.no_grad():
+            torch.addmm(b_enc, x, W_enc.t(), out=pre)
+            torch.mm(g, W_dec.t(), out=noise)  # g-SAE: |d_i·g| for every latent
+
+    return {"floor:kl_products": two_products, "floor:kl_products_noise": two_products_noise, "floor:gsae_products": encoder_and_scores}
+
+
 def memory_only(args) -> None:
     """Subprocess mode: run our step only and print its peak memory as JSON."""
     cfg, method, sae, x = build(args)
@@ -195,6 +233,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=list(METHOD_VARIANTS), choices=list(METHOD_VARIANTS), metavar="METHOD",
                     help=f"other activation methods to time (default all: {' '.join(METHOD_VARIANTS)}); none: TopK only")
     ap.add_argument("--skip-memory", action="store_true", help="skip the peak-memory subprocess")
+    ap.add_argument("--no-reference", action="store_true", help="skip the dense-reference TopK step (5x a step; not needed for the methods table)")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
     args = ap.parse_args()
@@ -203,6 +242,9 @@ def main() -> None:
     if args.memory_only:
         memory_only(args)
         return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     cfg, method, sae, x = build(args)
     dev = args.device
     opt = make_optimizer(sae.parameters(), cfg, 1e-4)
@@ -233,21 +275,28 @@ def main() -> None:
     fns = {"matmul": matmul, "matmul_into_buffer": matmul_into_buffer, "saebench": our_step(cfg, method, sae, x, opt, False)}
     if args.autocast:
         fns["saebench_autocast"] = our_step(cfg, method, sae, x, opt, True)
-    fns["dense_reference"] = dense_reference
+    if not args.no_reference:
+        fns["dense_reference"] = dense_reference
     for name in args.methods:
         fns[f"method:{name}"] = method_step(name, args, x)
+    if args.methods:
+        fns |= floor_steps(args, x, sae.encoder_weight.detach(), sae.b_enc.detach())
     res = timed_interleaved(fns, args.repeats, dev)
+    load = {"before": load_before, "after": os.getloadavg() if hasattr(os, "getloadavg") else None, "cores": os.cpu_count()}
     med = {k: statistics.median(v) for k, v in res.items()}
     # Each round's ratio to that round's matmul, then the median: robust to load that shifts between rounds.
     ratios = {k: statistics.median(t / m for t, m in zip(v, res["matmul"])) for k, v in res.items()}
     methods_report = {"topk": {"seconds": med["saebench"], "over_matmul": ratios["saebench"]}} | {
-        k.split(":", 1)[1]: {"seconds": med[k], "over_matmul": ratios[k]} for k in res if k.startswith("method:")}
-    print(f"{'method':<16}{'step s':>9}{'x matmul':>10}   (target <= 1.6x; matmul {med['matmul']:.3f} s)")
+        (k.split(":", 1)[1] if k.startswith("method:") else k): {"seconds": med[k], "over_matmul": ratios[k]}
+        for k in res if k.startswith(("method:", "floor:"))}
+    print(f"{'method':<26}{'step s':>9}{'x matmul':>10}   (target <= 1.6x; matmul {med['matmul']:.3f} s; load {load})")
     for k, v in methods_report.items():
-        print(f"{k:<16}{v['seconds']:>9.3f}{v['over_matmul']:>10.2f}")
+        print(f"{k:<26}{v['seconds']:>9.3f}{v['over_matmul']:>10.2f}")
+    device_name = dev if dev == "cpu" else torch.cuda.get_device_name()
+    tf32 = dev.startswith("cuda") and torch.backends.cuda.matmul.allow_tf32
     if args.skip_memory:
         report = {"shapes": {"d_in": args.d_in, "n_latents": args.n, "k": args.k, "batch_tokens": args.batch, "dtype": "float32"},
-                  "device": dev if dev == "cpu" else torch.cuda.get_device_name(), "threads": torch.get_num_threads(),
+                  "device": device_name, "tf32": tf32, "threads": torch.get_num_threads(), "load_average": load,
                   "torch": torch.__version__, "command": " ".join(sys.argv), "median_seconds": med, "all_seconds": res,
                   "methods_step_over_matmul": methods_report}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -270,12 +319,12 @@ def main() -> None:
     }
     report = {
         "shapes": {"d_in": d, "n_latents": n, "k": k, "batch_tokens": B, "dtype": "float32"},
-        "device": dev if dev == "cpu" else torch.cuda.get_device_name(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+        "device": device_name, "tf32": tf32, "threads": torch.get_num_threads(), "load_average": load, "platform": platform.platform(),
         "torch": torch.__version__, "command": " ".join(sys.argv),
         "median_seconds": med, "all_seconds": res,
         "saebench_step_over_matmul": med["saebench"] / med["matmul"],
         "saebench_step_over_matmul_into_buffer": med["saebench"] / med["matmul_into_buffer"],
-        "dense_reference_over_saebench": med["dense_reference"] / med["saebench"],
+        "dense_reference_over_saebench": med["dense_reference"] / med["saebench"] if "dense_reference" in med else None,
         "methods_step_over_matmul": methods_report,
         "memory": {"peak_of_a_training_step": mem, "components_MB": components, "components_total_MB": sum(components.values())},
     }
@@ -287,7 +336,8 @@ def main() -> None:
           f"{report['saebench_step_over_matmul_into_buffer']:.2f}x the buffered matmul")
     if args.autocast:
         print(f"saebench TopK step, bf16 ac.  {med['saebench_autocast']:.3f} s   = {report['saebench_autocast_over_saebench']:.2f}x the fp32 step")
-    print(f"dense-reference TopK step     {med['dense_reference']:.3f} s   = {report['dense_reference_over_saebench']:.2f}x slower than saebench")
+    if "dense_reference" in med:
+        print(f"dense-reference TopK step     {med['dense_reference']:.3f} s   = {report['dense_reference_over_saebench']:.2f}x slower than saebench")
     print(f"peak memory of a training step ({mem['kind']}): {mem['peak_MB']:.0f} MB; resident between steps {mem['resident_MB']:.0f} MB, "
           f"of which {mem.get('import_and_setup_MB', float('nan')):.0f} MB is the process after importing torch and saebench")
     print("  made of: " + ", ".join(f"{k} {v:.0f} MB" for k, v in components.items()))

@@ -311,3 +311,35 @@ def _global_batch_topk_mask(scores: Tensor, k_total: int) -> Tensor:
     pooled = distributed.all_gather_cat(local)
     tau = pooled.topk(min(k_global, pooled.numel()), sorted=False).values.min()
     return (scores > tau) if tau <= 0 else (scores >= tau)
+
+
+def row_topk(scores: Tensor, k: int, stride: int = 8, margin: float = 1.5) -> Tensor:
+    """Indices [B, k] of the k largest entries of each row of ``scores`` [B, n]: ``scores.topk(k, -1).indices`` as a set.
+
+    For a large k (AuxK's and the Zipf loss's k_aux = d_in/2 = 288), ``torch.topk``'s per-row selection over all n
+    entries dominates; here each row's threshold τ_b is estimated from every ``stride``-th column (the
+    ``margin``·k/stride-th largest of the sample), one pass ``scores > τ_b`` collects each row's candidates
+    (about margin·k of them), and the top k is taken among those. Exact: when a row has at least k candidates,
+    everything left out is ≤ τ_b < every candidate; rows with fewer are recomputed with ``torch.topk`` over the
+    whole row (as is everything when the candidates are not few). Ties may resolve to other, equal-valued entries.
+    """
+    if scores.dim() != 2:
+        return scores.topk(min(k, scores.shape[-1]), dim=-1, sorted=False).indices
+    B, n = scores.shape
+    k = min(k, n)
+    want = -(-int(margin * k) // stride)
+    if n < 4 * stride * want or k < 64:
+        return scores.topk(k, dim=-1, sorted=False).indices
+    tau = scores[:, ::stride].topk(want, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    rows, cols = torch.gt(scores, tau).nonzero(as_tuple=True)
+    if rows.numel() > 4 * margin * k * B:  # the sample misjudged (e.g. many equal entries): no gain
+        return scores.topk(k, dim=-1, sorted=False).indices
+    idx, valid = _rows_from_sorted_pairs(rows, cols, B)
+    if idx.shape[1] < k:
+        idx, valid = F.pad(idx, (0, k - idx.shape[1])), F.pad(valid, (0, k - valid.shape[1]))
+    cand = scores.gather(1, idx).masked_fill_(~valid, -torch.inf)
+    out = idx.gather(1, cand.topk(k, dim=-1, sorted=False).indices)
+    short = (valid.sum(-1) < k).nonzero().squeeze(1)
+    if short.numel():
+        out[short] = scores[short].topk(k, dim=-1, sorted=False).indices
+    return out

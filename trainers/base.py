@@ -257,7 +257,7 @@ class Method:
         # Top-k_aux among the dead columns only: a [B, n_dead] slice rather than a masked [B, n] copy.
         score = pre.index_select(1, dead_idx)
         score = score.abs() if self.signed else score
-        idx = dead_idx[score.topk(k_aux, dim=-1, sorted=False).indices]
+        idx = dead_idx[sparse.row_topk(score, k_aux)]  # k_aux up to d_in/2: a candidate search beats torch.topk
         vals = sparse.gather_pre(x_c, sae.encoder_weight, sae.b_enc, pre, idx)
         vals = vals if self.signed else F.relu(vals)
         e = residual.detach()

@@ -171,7 +171,7 @@ class ZipfAuxMixin:
         under_idx = under.nonzero().squeeze(1)
         k_aux = min(self.opts.k_aux or sae.d_in // 2, under_idx.numel())
         # Top-k_aux among the under-used columns only: a [B, n_under] slice, not a masked [B, n] copy.
-        idx = under_idx[pre.index_select(1, under_idx).topk(k_aux, dim=-1, sorted=False).indices]
+        idx = under_idx[sparse.row_topk(pre.index_select(1, under_idx), k_aux)]
         vals = F.relu(sparse.gather_pre(x_c, sae.encoder_weight, sae.b_enc, pre, idx))
         vals = _scale_grad(vals, gap.to(vals.dtype)[idx])
         e = residual.detach()
@@ -183,7 +183,7 @@ class ZipfAuxMixin:
         """Per-latent firing counts [n] of this step's codes, folded into the density EMA."""
         vals, idx = out.acts.values.detach(), out.acts.indices
         pos = vals > 0
-        fired = torch.zeros(n, device=vals.device).index_add_(0, idx[pos], torch.ones_like(vals[pos]))
+        fired = torch.bincount(idx[pos], minlength=n).float()  # any SAE dtype (an index_add_ of vals' dtype into fp32 failed)
         self._density(n, vals.device).update(fired / vals.shape[0])
         return fired
 

@@ -79,26 +79,33 @@ def reparameterize(mu: Tensor, std: float, generator: torch.Generator | None = N
 class _HalfSquaredReLU(torch.autograd.Function):
     """½·Σ ReLU(pre)² with pre = (x − b_dec)·W_encᵀ + b_enc given (computed without autograd).
 
-    Backward, with R = ReLU(pre) [B, n] and upstream g: ∂/∂W_enc = g·Rᵀ(x − b_dec) (the one dense product),
-    ∂/∂b_enc = g·Σ_b R_b, ∂/∂b_dec = −g·(Σ_b R_b)·W_enc (a vector-matrix product: b_dec is shared by every
-    token, so the [B, d] input gradient R·W_enc is never formed), ∂/∂x = g·R·W_enc only when x needs it.
-    Autograd through a dense F.linear would cost two dense products (weight and input gradients).
+    ``pre`` is *consumed*: it is the step's scratch buffer (``Method.pre_acts``), the KL is its last use in the
+    step, and the forward rectifies it in place into R = ReLU(pre) [B, n], which the backward reads as is: no
+    [B, n] copy (two fresh 256 MB ReLU'd copies, one per pass, cost ~0.15 s a step at the benchmark shape).
+
+    Backward, with upstream g: ∂/∂W_enc = g·Rᵀ(x − b_dec) (the one dense product: R is ~50% dense, so this is
+    the math's floor, not a missed sparsity), ∂/∂b_enc = g·Σ_b R_b, ∂/∂b_dec = −g·(Σ_b R_b)·W_enc (a
+    vector-matrix product: b_dec is shared by every token, so the [B, d] input gradient R·W_enc is never formed),
+    ∂/∂x = g·R·W_enc only when x needs it. Autograd through a dense F.linear would cost two dense products.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, b_dec: Tensor, weight: Tensor, bias: Tensor, pre: Tensor) -> Tensor:
-        ctx.save_for_backward(x, b_dec, weight, pre)
-        mu = pre.float().clamp_min(0)
-        return (0.5 * torch.linalg.vector_norm(mu).pow(2)).to(weight.dtype)
+        if pre.requires_grad:
+            raise ValueError("_HalfSquaredReLU rectifies pre in place: pass the step's no-grad pre-activations")
+        r = pre.clamp_min_(0)
+        ctx.save_for_backward(x, b_dec, weight, r)
+        # summed in at least fp32 (bf16 pre under autocast)
+        return (0.5 * torch.linalg.vector_norm(r.to(torch.promote_types(r.dtype, torch.float32))).pow(2)).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, b_dec, weight, pre = ctx.saved_tensors
-        r = pre.clamp_min(0).to(weight.dtype)
-        col = r.sum(0)
+        x, b_dec, weight, r = ctx.saved_tensors
+        r = r.to(weight.dtype)  # no copy in fp32; under autocast pre is bf16
         grad_x = grad_bdec = grad_w = grad_b = None
+        col = r.sum(0) if (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]) else None
         if ctx.needs_input_grad[2]:
-            grad_w = grad * torch.mm(r.t(), x - b_dec)
+            grad_w = torch.mm(r.t(), x - b_dec).mul_(grad)
         if ctx.needs_input_grad[3]:
             grad_b = grad * col
         if ctx.needs_input_grad[1]:
@@ -170,13 +177,18 @@ class VariationalTopK(Method):
             if noise is None or noise.shape != pre.shape or noise.dtype != pre.dtype or noise.device != pre.device:
                 noise = torch.empty_like(pre)
             self._noise = torch.randn(pre.shape, generator=self._generator(pre.device), dtype=pre.dtype, device=pre.device, out=noise)
+            # z = ReLU(pre) + σε into a second reused buffer (a fresh [B, n] tensor page-faults every step); pre
+            # stays intact for the gather, AuxK and the KL.
+            z = getattr(self, "_z", None)
+            if z is None or z.shape != pre.shape or z.dtype != pre.dtype or z.device != pre.device:
+                z = self._z = torch.empty_like(pre)
+            torch.clamp_min(pre, 0, out=z)
             if self.learned_variance:  # keep ε: σ (differentiable) multiplies it in activate
-                z = pre.clamp_min(0).addcmul_(self._noise, self._log_var.detach().mul(0.5).exp())
+                z.addcmul_(self._noise, self._log_var.detach().mul(0.5).exp())
                 return sparse.topk_select(z, self.cfg.k), None
             if self.opts.noise_std != 1:
                 self._noise.mul_(self.opts.noise_std)
-            z = pre.clamp_min(0).add_(self._noise)
-            return sparse.topk_select(z, self.cfg.k), None
+            return sparse.topk_select(z.add_(self._noise), self.cfg.k), None
 
     def activate(self, values: Tensor, indices: Tensor, sae: SAE) -> Tensor:
         mu = F.relu(values)
