@@ -11,7 +11,8 @@ non-special position, and the loss compares the two runs:
 KL is per position, averaged over all positions of the batch's sequences, with the clean distribution as
 the target (Apollo's code; its docstring has the direction backwards). The downstream MSE is the mean
 over positions and dimensions, in the model's raw units, at the residual stream after every later block
-(``downstream_hooks`` overrides). c is in the SAE's (scaled-input) units. With ``kl_coef = 0`` the
+except the model's last one, as in Apollo's e2e+ds configs (``later_resid_hooks``; ``downstream_hooks``
+overrides). c is in the SAE's (scaled-input) units. With ``kl_coef = 0`` the
 forward passes stop after the last downstream hook. The model's parameters are frozen on attach and
 never receive gradient; backprop runs only from the logits down to the hook. At a residual-stream hook
 of a model that supports it, the spliced forward resumes at the hook (only the later blocks run again;
@@ -56,7 +57,8 @@ class E2EOptions(Options):
     kl_coef: float = Field(1.0, ge=0, description="Weight of KL(p_clean ‖ p_spliced) per position.")
     sparsity_coef: float = Field(1.5, ge=0, description="Weight of mean ‖c‖₁ / d_in.")
     downstream_coef: float = Field(0.0, ge=0, description="Total weight of the downstream MSE terms, split evenly over the hooks.")
-    downstream_hooks: list[str] | None = Field(None, description="Hooks for the downstream MSE (default: resid_post of every later block).")
+    downstream_hooks: list[str] | None = Field(None, description=(
+        "Hooks for the downstream MSE (default, as Apollo's e2e+ds: resid_post of every later block except the model's last block)."))
 
 
 class E2EDownstreamOptions(E2EOptions):
@@ -72,12 +74,21 @@ def kl_clean_to_spliced(logits_clean: Tensor, logits_new: Tensor) -> Tensor:
 
 
 def later_resid_hooks(hook: str, n_layers: int) -> list[str]:
-    """``blocks.l.hook_resid_post`` for every block after the one the hook reads (its own if it is inside it)."""
+    """Apollo's downstream hooks: the output of every block after the hook, except the model's last block.
+
+    ``blocks.l.hook_resid_post`` for every block from the first one after the hook (the hook's own block
+    if the hook is inside it, e.g. ``hook_resid_pre``) up to, but not including, the final block
+    ``n_layers - 1``. This is Braun et al.'s e2e+ds set: with the SAE at GPT-2's
+    ``blocks.6.hook_resid_pre`` their ``gpt2_e2e_recon.yaml`` reads ``blocks.7..11.hook_resid_pre`` =
+    the outputs of blocks 6..10, leaving out block 11's (the last block's, which only the final norm and
+    the unembedding read, and whose fidelity the KL term already measures). Empty when the hook's
+    only later block is the last one.
+    """
     layer = Site(hook).layer or 0
     first = layer + 1 if hook.endswith("hook_resid_post") else layer
     if not hook.startswith("blocks."):
         first = 0  # embeddings
-    return [f"blocks.{layer_}.hook_resid_post" for layer_ in range(first, n_layers)]
+    return [f"blocks.{layer_}.hook_resid_post" for layer_ in range(first, n_layers - 1)]
 
 
 @register
@@ -125,8 +136,9 @@ class EndToEnd(Method):
         ds = self.opts.downstream_hooks
         self.downstream = [] if not self.opts.downstream_coef else (list(ds) if ds is not None else later_resid_hooks(self.hook, n_layers))
         if self.opts.downstream_coef and not self.downstream:
-            raise ConfigError(f"method {self.name!r}: no block follows hook {self.hook!r}, so there is no downstream activation "
-                              "to match; set downstream_hooks")
+            raise ConfigError(f"method {self.name!r}: no block follows hook {self.hook!r} other than the model's last one (block "
+                              f"{n_layers - 1}), whose output Apollo's default leaves out, so there is no downstream activation to "
+                              f"match; set downstream_hooks (e.g. ['blocks.{n_layers - 1}.hook_resid_post']) or use an earlier hook")
         for h in self.downstream:
             if (Site(h).layer or 0) < (self.site.layer or 0):
                 raise ConfigError(f"downstream hook {h!r} comes before the SAE's hook {self.hook!r}")
