@@ -388,8 +388,143 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def breakdown(args) -> dict[str, Any]:
-    """Time the parts of one e2e training step and a TopK step with its harvest, interleaved rounds, medians."""
-    raise NotImplementedError
+    """Time the parts of one e2e training step and a TopK step with its harvest, interleaved rounds, medians.
+
+    Parts (each timed alone; a round runs every variant once, so load from other processes hits all alike):
+    ``prefix`` the forward to the hook (no grad); ``clean_full`` the whole clean forward with the downstream
+    hooks (no grad, what the step runs); ``clean_rest`` the clean forward resumed at the hook (no grad);
+    ``sae`` the SAE's own forward and backward (encode, select, decode, its share of the gradient);
+    ``spliced_forward`` the forward resumed at the hook with grad (to the logits); ``kl`` the KL on given
+    logits; ``spliced_backward`` = (spliced forward + KL + backward) − spliced_forward − kl; and the whole
+    step (method.step + backward) of e2e (and e2e_ds), next to a TopK step alone and with its harvest.
+    """
+    from saebench import models
+    from saebench.config import TrainConfig
+    from saebench.models import resume_forward
+    from saebench.sae import SAE
+    from saebench.trainers import get_method
+    from saebench.trainers.base import StepInput
+    from saebench.trainers.e2e import kl_clean_to_spliced
+
+    base = base_fields(args)
+    dev = args.device
+    n_seq = max(1, base["batch_size_tokens"] // base["context_size"])
+    model = models.load_model(base["model"], device=dev)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(100, min(40_000, model.cfg.d_vocab), (n_seq, base["context_size"]), generator=gen)
+    tokens[:, 0] = model.tokenizer.bos_token_id
+    tokens = tokens.to(dev)
+
+    def method_and_sae(name: str, opts: dict):
+        cfg = TrainConfig(**(base | {"method": name, "training_tokens": base["batch_size_tokens"] * 1000, "method_options": opts}))
+        m = get_method(name)(cfg)
+        if getattr(m, "needs_model", False):
+            m.attach_model(model)
+        sae = SAE(m.sae_config(model.cfg.d_model)).to(dev)
+        sae.init_tied(torch.Generator().manual_seed(0))
+        return m, sae
+
+    e2e, sae = method_and_sae("e2e", {})
+    e2e_ds, sae_ds = method_and_sae("e2e_ds", {})
+    topk, sae_topk = method_and_sae("topk", {"auxk_coef": 0.0})
+    site = e2e.site
+    with torch.no_grad():
+        logits_clean, _, x_clean = e2e.run(tokens)
+    x = x_clean.reshape(-1, x_clean.shape[-1]).to(sae.dtype)
+    rest = resume_forward(model, site.hook)
+    if rest is None:
+        raise SystemExit(f"--breakdown needs a model whose forward resumes at {site.hook} (Llama-family residual hook)")
+
+    def step_input(m):
+        return StepInput(x=torch.zeros(1, device=dev), dead_mask=None, step=0, token_ids=tokens)
+
+    def prefix():
+        with torch.no_grad():
+            model.run_with_hooks(tokens, fwd_hooks=[], stop_at_layer=site.stop_layer)
+
+    def clean_full():
+        with torch.no_grad():
+            e2e.run(tokens)
+
+    def clean_rest():
+        with torch.no_grad():
+            rest(x_clean)
+
+    def sae_part():
+        out = super(type(e2e), e2e).step(sae, StepInput(x=x, dead_mask=None, step=0))
+        (out.x_hat.sum() + out.acts.values.abs().sum()).backward()
+        sae.zero_grad(set_to_none=True)
+
+    def spliced_forward():
+        with torch.enable_grad():
+            rest(x_clean.clone().requires_grad_(True))
+
+    logits_new = rest(x_clean + 0.01)
+
+    def kl():
+        with torch.no_grad():
+            kl_clean_to_spliced(logits_clean, logits_new).mean()
+
+    def spliced_all():
+        h = x_clean.clone().requires_grad_(True)
+        kl_clean_to_spliced(logits_clean, rest(h)).mean().backward()
+
+    def full(m, s):
+        def fn():
+            with torch.enable_grad():
+                m.step(s, step_input(m)).loss.backward()
+            s.zero_grad(set_to_none=True)
+        return fn
+
+    def topk_step():
+        out = topk.step(sae_topk, StepInput(x=x, dead_mask=None, step=0))
+        out.loss.backward()
+        sae_topk.zero_grad(set_to_none=True)
+
+    def topk_with_harvest():
+        prefix()
+        topk_step()
+
+    fns = {"prefix": prefix, "clean_full": clean_full, "clean_rest": clean_rest, "sae": sae_part, "spliced_forward": spliced_forward,
+           "kl": kl, "spliced_forward_kl_backward": spliced_all, "e2e_step": full(e2e, sae), "e2e_ds_step": full(e2e_ds, sae_ds),
+           "topk_step": topk_step, "topk_step_with_harvest": topk_with_harvest}
+    res = timed_rounds(fns, args.repeats, dev)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    med["spliced_backward"] = med["spliced_forward_kl_backward"] - med["spliced_forward"] - med["kl"]
+    report = {"model": base["model"], "hook": site.hook, "tokens_per_step": int(tokens.numel()), "device": machine_info(dev), "repeats": args.repeats,
+              "median_seconds": med, "all_seconds": res,
+              "e2e_step_over_topk_step": med["e2e_step"] / med["topk_step"],
+              "e2e_step_over_topk_step_with_harvest": med["e2e_step"] / med["topk_step_with_harvest"],
+              "command": " ".join(["benchmarks/bench_e2e.py", *sys.argv[1:]])}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "e2e_step_breakdown.json").write_text(json.dumps(report, indent=2))
+    if not args.quiet:
+        for k in ("prefix", "clean_full", "clean_rest", "sae", "spliced_forward", "kl", "spliced_backward", "e2e_step", "e2e_ds_step",
+                  "topk_step", "topk_step_with_harvest"):
+            print(f"{k:<26}{med[k]:>9.3f} s   {med[k] / med['e2e_step']:>6.1%} of an e2e step")
+        print(f"e2e step = {report['e2e_step_over_topk_step']:.1f}x a TopK step, {report['e2e_step_over_topk_step_with_harvest']:.2f}x a TopK "
+              f"step with its harvest; wrote {out / 'e2e_step_breakdown.json'}")
+    return report
+
+
+def timed_rounds(fns: dict, repeats: int, device: str) -> dict[str, list[float]]:
+    """Each variant once per round after one warm-up each; ``repeats`` rounds."""
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for fn in fns.values():
+        fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            out[k].append(time.perf_counter() - t)
+    return out
 
 
 if __name__ == "__main__":

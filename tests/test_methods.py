@@ -882,6 +882,60 @@ def test_e2e_downstream_only_stops_before_the_logits(tiny, tmp_path):
         get_method("e2e_ds")(config("e2e_ds", tmp_path, hook_name="blocks.1.hook_resid_post")).attach_model(model)
 
 
+@pytest.mark.parametrize("name", ["e2e", "e2e_ds"])
+def test_e2e_fast_step_equals_the_plain_step_in_float64(tmp_path, name):
+    """The fast path (prefix + resumed clean pass, chunked KL from residuals) gives the plain path's losses and SAE gradients."""
+    from saebench import models
+
+    path = tmp_path / "m"
+    models.make_tiny_model(path, n_layers=3)
+    model = models.load_model(path, dtype=torch.float64)
+    tokens = torch.randint(100, 1000, (3, 8), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = model.tokenizer.bos_token_id  # a special position: kept clean in both paths
+    cfg = config(name, tmp_path, hook_name="blocks.0.hook_resid_post", d_sae=96, k=4, dtype="float32")
+    got = []
+    for fast in (True, False):
+        method = get_method(name)(cfg)
+        method.fast_path = fast
+        method.attach_model(model)
+        sae = SAE(method.sae_config(64)).to(torch.float64)
+        sae.init_tied(torch.Generator().manual_seed(0))
+        inp = StepInput(x=torch.zeros(1), dead_mask=None, step=0, token_ids=tokens, scale=0.7)
+        method.step(sae, inp)  # the first step decides the resume (plain path in both)
+        calls = []
+        original = method._fast_step
+        method._fast_step = lambda *a: (calls.append(1), original(*a))[1]
+        out = method.step(sae, inp)
+        out.loss.backward()
+        assert bool(calls) == fast, "the fast path was not taken" if fast else "the plain path was not taken"
+        got.append(({k: v.item() for k, v in out.losses.items()}, {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))
+    (loss_f, grad_f), (loss_p, grad_p) = got
+    assert loss_f.keys() == loss_p.keys() and ("downstream_loss" in loss_f) == (name == "e2e_ds") and "kl_loss" in loss_f
+    for key in loss_f:
+        assert loss_f[key] == pytest.approx(loss_p[key], rel=1e-9, abs=1e-12), key
+    assert grad_f.keys() == grad_p.keys() and len(grad_f) > 0
+    for n in grad_f:
+        torch.testing.assert_close(grad_f[n], grad_p[n], rtol=1e-8, atol=1e-12, msg=n)
+
+
+def test_chunked_kl_equals_the_plain_kl_and_its_gradient():
+    from saebench.trainers.e2e import kl_clean_to_spliced, kl_from_residuals
+
+    g = torch.Generator().manual_seed(0)
+    W, b = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    hc, hn = torch.randn(2, 7, 6, generator=g, dtype=torch.float64), torch.randn(2, 7, 6, generator=g, dtype=torch.float64)
+    w = torch.rand(2, 7, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient per position
+    a = hn.clone().requires_grad_(True)
+    got = kl_from_residuals(hc, a, W, b, chunk=3)  # 14 rows in chunks of 3 (a ragged last chunk)
+    (got * w).sum().backward()
+    c = hn.clone().requires_grad_(True)
+    want = kl_clean_to_spliced(F.linear(hc, W, b), F.linear(c, W, b))
+    (want * w).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.grad, c.grad, rtol=1e-10, atol=1e-12)
+    assert got.dtype == torch.float64 and (got >= 0).all()
+
+
 def test_e2e_ds_default_downstream_hooks_are_apollos(tmp_path):
     """Later blocks' outputs, the last block left out (Braun et al.'s gpt2_e2e_recon.yaml); downstream_hooks overrides."""
     from saebench import models
