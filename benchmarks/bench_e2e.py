@@ -404,7 +404,8 @@ def breakdown(args) -> dict[str, Any]:
     from saebench.sae import SAE
     from saebench.trainers import get_method
     from saebench.trainers.base import StepInput
-    from saebench.trainers.e2e import kl_clean_to_spliced
+    from saebench.models import unembedding
+    from saebench.trainers.e2e import kl_clean_to_spliced, kl_from_residuals
 
     base = base_fields(args)
     dev = args.device
@@ -426,6 +427,10 @@ def breakdown(args) -> dict[str, Any]:
 
     e2e, sae = method_and_sae("e2e", {})
     e2e_ds, sae_ds = method_and_sae("e2e_ds", {})
+    e2e_plain, sae_plain = method_and_sae("e2e", {})
+    e2e_plain.fast_path = False  # the step before the fast path: whole clean forward to the logits, KL on full logits
+    e2e_ds_plain, sae_ds_plain = method_and_sae("e2e_ds", {})
+    e2e_ds_plain.fast_path = False
     topk, sae_topk = method_and_sae("topk", {"auxk_coef": 0.0})
     site = e2e.site
     with torch.no_grad():
@@ -470,6 +475,10 @@ def breakdown(args) -> dict[str, Any]:
         kl_clean_to_spliced(logits_clean, rest(h)).mean().backward()
 
     def full(m, s):
+        with torch.enable_grad():
+            m.step(s, step_input(m)).loss.backward()  # the first step decides the resume (plain path); later ones are timed
+        s.zero_grad(set_to_none=True)
+
         def fn():
             with torch.enable_grad():
                 m.step(s, step_input(m)).loss.backward()
@@ -485,24 +494,52 @@ def breakdown(args) -> dict[str, Any]:
         prefix()
         topk_step()
 
+    def fast_kl_all():
+        h = x_clean.clone().requires_grad_(True)
+        hid, _ = rest_hidden(h)
+        kl_from_residuals(hid_clean, hid, *unembedding(model)).mean().backward()
+
+    rest_hidden = resume_forward(model, site.hook, record=[], head=False)
+    with torch.no_grad():
+        hid_clean, _ = rest_hidden(x_clean)
     fns = {"prefix": prefix, "clean_full": clean_full, "clean_rest": clean_rest, "sae": sae_part, "spliced_forward": spliced_forward,
-           "kl": kl, "spliced_forward_kl_backward": spliced_all, "e2e_step": full(e2e, sae), "e2e_ds_step": full(e2e_ds, sae_ds),
+           "kl": kl, "spliced_forward_kl_backward": spliced_all, "spliced_forward_chunked_kl_backward": fast_kl_all,
+           "e2e_step_plain": full(e2e_plain, sae_plain), "e2e_step": full(e2e, sae),
+           "e2e_ds_step_plain": full(e2e_ds_plain, sae_ds_plain), "e2e_ds_step": full(e2e_ds, sae_ds),
            "topk_step": topk_step, "topk_step_with_harvest": topk_with_harvest}
     res = timed_rounds(fns, args.repeats, dev)
     med = {k: statistics.median(v) for k, v in res.items()}
     med["spliced_backward"] = med["spliced_forward_kl_backward"] - med["spliced_forward"] - med["kl"]
+    # Per-round ratios, then the median: robust to load that shifts between rounds.
+    ratio = {k: statistics.median(a / b for a, b in zip(res[k], res[ref])) for k, ref in
+             [("e2e_step", "e2e_step_plain"), ("e2e_ds_step", "e2e_ds_step_plain"),
+              ("spliced_forward_chunked_kl_backward", "spliced_forward_kl_backward")]}
+    peak = {}
+    if dev.startswith("cuda"):
+        for k in ("e2e_step_plain", "e2e_step"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fns[k]()
+            torch.cuda.synchronize()
+            peak[k] = (torch.cuda.max_memory_allocated() - before) / 2**20
     report = {"model": base["model"], "hook": site.hook, "tokens_per_step": int(tokens.numel()), "device": machine_info(dev), "repeats": args.repeats,
-              "median_seconds": med, "all_seconds": res,
+              "median_seconds": med, "all_seconds": res, "fast_over_plain": ratio, "cuda_peak_MB_above_resident": peak or None,
               "e2e_step_over_topk_step": med["e2e_step"] / med["topk_step"],
               "e2e_step_over_topk_step_with_harvest": med["e2e_step"] / med["topk_step_with_harvest"],
+              "e2e_step_plain_over_topk_step": med["e2e_step_plain"] / med["topk_step"],
               "command": " ".join(["benchmarks/bench_e2e.py", *sys.argv[1:]])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e_step_breakdown.json").write_text(json.dumps(report, indent=2))
     if not args.quiet:
-        for k in ("prefix", "clean_full", "clean_rest", "sae", "spliced_forward", "kl", "spliced_backward", "e2e_step", "e2e_ds_step",
+        for k in ("prefix", "clean_full", "clean_rest", "sae", "spliced_forward", "kl", "spliced_backward", "spliced_forward_kl_backward",
+                  "spliced_forward_chunked_kl_backward", "e2e_step_plain", "e2e_step", "e2e_ds_step_plain", "e2e_ds_step",
                   "topk_step", "topk_step_with_harvest"):
-            print(f"{k:<26}{med[k]:>9.3f} s   {med[k] / med['e2e_step']:>6.1%} of an e2e step")
+            print(f"{k:<38}{med[k]:>9.3f} s   {med[k] / med['e2e_step_plain']:>6.1%} of a plain e2e step")
+        print("fast / plain (median of per-round ratios): " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
+        if peak:
+            print("CUDA peak MB above resident: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
         print(f"e2e step = {report['e2e_step_over_topk_step']:.1f}x a TopK step, {report['e2e_step_over_topk_step_with_harvest']:.2f}x a TopK "
               f"step with its harvest; wrote {out / 'e2e_step_breakdown.json'}")
     return report

@@ -17,7 +17,10 @@ forward passes stop after the last downstream hook. The model's parameters are f
 never receive gradient; backprop runs only from the logits down to the hook. At a residual-stream hook
 of a model that supports it, the spliced forward resumes at the hook (only the later blocks run again;
 ``EndToEnd.resumed``), so a step costs one clean forward, half a forward and its backward at a middle
-layer.
+layer. From the second step on (``fast_path``) the clean pass is the bridge up to the hook plus the same
+resumed blocks, and the KL is computed from the two final-normed residual streams chunk by chunk
+(``kl_from_residuals``: the [tokens, d_vocab] logits, log-softmaxes and their gradients are never held
+whole; the gradient is made in the forward); losses and gradients equal the plain path's.
 
 Tokens, not activations: the method needs whole sequences. When the loop builds the source
 (``train``/``train_many``/``saebench.api``/the CLI without ``source=``), ``make_source`` gives a
@@ -407,13 +410,15 @@ class TokenSequenceSource(ActivationSource):
     def _acts(self, rows: Tensor) -> Tensor:
         """Activations [rows, context, d] at the hook, running the model only up to the hook's block."""
         out = []
+        device = next(iter(self.model.parameters())).device  # the tokens follow the model (a CUDA model gets CUDA ids)
         for s in range(0, rows.shape[0], self.model_batch_size):
             seen = {}
 
             def grab(act, hook):
                 seen["x"] = act
 
-            self.model.run_with_hooks(rows[s : s + self.model_batch_size], fwd_hooks=[(self.hook, grab)], stop_at_layer=self.site.stop_layer)
+            self.model.run_with_hooks(rows[s : s + self.model_batch_size].to(device), fwd_hooks=[(self.hook, grab)],
+                                      stop_at_layer=self.site.stop_layer)
             out.append(self.site.flatten(seen["x"]).detach().float().cpu())
         return torch.cat(out)
 
