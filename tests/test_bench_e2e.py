@@ -121,3 +121,16 @@ def test_bad_flags_are_refused_with_a_clear_message():
     assert bench.parse_coefs(["e2e=5,1"], False)["e2e"] == [1.0, 5.0]
     with pytest.raises(SystemExit, match="expected cpu, cuda"):
         bench.check_device("tpu")
+
+
+def test_breakdown_times_every_part_and_both_step_paths(tmp_path):
+    bench = _bench()
+    rep = bench.main(["--breakdown", "--tiny", "--quiet", "--repeats", "1", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])[0]
+    med = rep["median_seconds"]
+    for k in ("prefix", "clean_full", "clean_rest", "sae", "spliced_forward", "kl", "spliced_forward_kl_backward",
+              "spliced_forward_chunked_kl_backward", "e2e_step_plain", "e2e_step", "e2e_ds_step_plain", "e2e_ds_step", "topk_step",
+              "topk_step_with_harvest"):
+        assert math.isfinite(med[k]) and med[k] > 0, k
+    assert set(rep["fast_over_plain"]) == {"e2e_step", "e2e_ds_step", "spliced_forward_chunked_kl_backward"}
+    assert rep["tokens_per_step"] == 64 and rep["e2e_step_over_topk_step"] > 0
+    assert json.loads((tmp_path / "e2e_step_breakdown.json").read_text())["median_seconds"] == med
