@@ -132,7 +132,7 @@ def _tiny_model_dir(args) -> Path:
 
     path = Path(args.runs_dir) / "tiny_model"
     if not (path / "config.json").is_file():
-        make_tiny_model(path)
+        make_tiny_model(path, n_layers=3)  # 3 blocks: e2e_ds at blocks.0's output has block 1 downstream (Apollo's default skips the last)
     return path
 
 

@@ -479,7 +479,7 @@ def _decoder_parts(model):
     return None if any(p is None for p in parts) else parts
 
 
-def resume_forward(model, hook_name: str, *, record: Sequence[int] | None = None):
+def resume_forward(model, hook_name: str, *, record: Sequence[int] | None = None, head: bool = True):
     """A function ``h -> logits`` that runs the model from residual-stream hook ``hook_name`` onward.
 
     ``h`` [batch, pos, d_model] is the residual stream at the hook (e.g. an SAE reconstruction spliced
@@ -489,6 +489,9 @@ def resume_forward(model, hook_name: str, *, record: Sequence[int] | None = None
 
     ``record``: layers whose output (``blocks.l.hook_resid_post``) to return as well; with it the
     function returns ``(logits, {hook name: activation})``.
+
+    ``head=False``: return the final-normed residual stream [batch, pos, d_model] in place of the logits
+    (the unembedding, :func:`unembedding`, is left to the caller, e.g. e2e's chunked KL).
 
     Returns None where this is not supported (hooks inside a block, non-Llama-family architectures,
     a recorded layer the resumed pass does not run); callers then run the whole model with a hook.
@@ -516,10 +519,16 @@ def resume_forward(model, hook_name: str, *, record: Sequence[int] | None = None
             h = out[0] if isinstance(out, tuple) else out
             if i in recorded:
                 seen[f"blocks.{i}.hook_resid_post"] = h
-        logits = lm_head(norm(h))
+        logits = lm_head(norm(h)) if head else norm(h)
         return logits if record is None else (logits, seen)
 
     return run
+
+
+def unembedding(model) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [d_vocab, d_model], bias or None) of the unembedding ``resume_forward(head=False)`` leaves out; None where it does not resume."""
+    parts = _decoder_parts(model)
+    return None if parts is None else (parts[3].weight, getattr(parts[3], "bias", None))
 
 
 def resume_matches(model, hook_name: str, acts: torch.Tensor, logits: torch.Tensor, rtol: float = 1e-4) -> bool:

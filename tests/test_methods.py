@@ -780,15 +780,17 @@ def test_e2e_trains_through_the_frozen_model_without_touching_it(tiny, tmp_path,
     for p in model.parameters():
         p.requires_grad_(True)  # the method must freeze the model itself
     before = [p.detach().clone() for p in model.parameters()]
-    src = TokenSequenceSource(model, "blocks.0.hook_resid_post", tokens, special_ids=special, shuffle_buffer_tokens=256)
-    cfg = config(name, tmp_path, hook_name="blocks.0.hook_resid_post", batch=32, steps=3, d_sae=64, k=4, lr=1e-3)
+    # e2e_ds reads resid_pre of block 0: on this 2-layer model, Apollo's downstream set is then block 0's output.
+    hook = "blocks.0.hook_resid_post" if name == "e2e" else "blocks.0.hook_resid_pre"
+    src = TokenSequenceSource(model, hook, tokens, special_ids=special, shuffle_buffer_tokens=256)
+    cfg = config(name, tmp_path, hook_name=hook, batch=32, steps=3, d_sae=64, k=4, lr=1e-3)
     result = train(cfg, source=src, model=model, progress=False)
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     terms = set(k for k in result.history[-1] if k.startswith("loss/"))
     assert {"loss/kl_loss", "loss/sparsity_loss"} <= terms
     assert ("loss/downstream_loss" in terms) == (name == "e2e_ds")
-    assert_reloads(result, src.chunk(0).acts["blocks.0.hook_resid_post"][:64])
+    assert_reloads(result, src.chunk(0).acts[hook][:64])
 
 
 @pytest.mark.parametrize("name,hook", [("e2e", "blocks.0.hook_resid_post"), ("e2e_ds", "blocks.0.hook_resid_pre")])
@@ -859,7 +861,7 @@ def test_e2e_downstream_only_stops_before_the_logits(tiny, tmp_path):
     model, _, tokens = tiny
     method = get_method("e2e_ds")(config("e2e_ds", tmp_path, hook_name="blocks.0.hook_resid_pre"))
     method.attach_model(model)
-    assert method.downstream == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert method.downstream == ["blocks.0.hook_resid_post"]  # Apollo's default leaves out the last block (1)
     assert method.stop_at_layer is None  # the KL needs the logits
     opts = {"kl_coef": 0.0, "downstream_hooks": ["blocks.0.hook_resid_post"]}
     method = get_method("e2e_ds")(config("e2e_ds", tmp_path, hook_name="blocks.0.hook_resid_pre", opts=opts))
@@ -878,6 +880,100 @@ def test_e2e_downstream_only_stops_before_the_logits(tiny, tmp_path):
     assert method._resume is False and "blocks.0.hook_resid_pre" not in model.__dict__.get("_saebench_resume_ok", {})
     with pytest.raises(ConfigError, match="no block follows"):
         get_method("e2e_ds")(config("e2e_ds", tmp_path, hook_name="blocks.1.hook_resid_post")).attach_model(model)
+
+
+@pytest.mark.parametrize("name", ["e2e", "e2e_ds"])
+def test_e2e_fast_step_equals_the_plain_step_in_float64(tmp_path, name):
+    """The fast path (prefix + resumed clean pass, chunked KL from residuals) gives the plain path's losses and SAE gradients."""
+    from saebench import models
+
+    path = tmp_path / "m"
+    models.make_tiny_model(path, n_layers=3)
+    model = models.load_model(path, dtype=torch.float64)
+    tokens = torch.randint(100, 1000, (3, 8), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = model.tokenizer.bos_token_id  # a special position: kept clean in both paths
+    cfg = config(name, tmp_path, hook_name="blocks.0.hook_resid_post", d_sae=96, k=4, dtype="float32")
+    got = []
+    for fast in (True, False):
+        method = get_method(name)(cfg)
+        method.fast_path = fast
+        method.attach_model(model)
+        sae = SAE(method.sae_config(64)).to(torch.float64)
+        sae.init_tied(torch.Generator().manual_seed(0))
+        inp = StepInput(x=torch.zeros(1), dead_mask=None, step=0, token_ids=tokens, scale=0.7)
+        method.step(sae, inp)  # the first step decides the resume (plain path in both)
+        calls = []
+        original = method._fast_step
+        method._fast_step = lambda *a: (calls.append(1), original(*a))[1]
+        out = method.step(sae, inp)
+        out.loss.backward()
+        assert bool(calls) == fast, "the fast path was not taken" if fast else "the plain path was not taken"
+        got.append(({k: v.item() for k, v in out.losses.items()}, {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))
+    (loss_f, grad_f), (loss_p, grad_p) = got
+    assert loss_f.keys() == loss_p.keys() and ("downstream_loss" in loss_f) == (name == "e2e_ds") and "kl_loss" in loss_f
+    for key in loss_f:
+        assert loss_f[key] == pytest.approx(loss_p[key], rel=1e-9, abs=1e-12), key
+    assert grad_f.keys() == grad_p.keys() and len(grad_f) > 0
+    for n in grad_f:
+        torch.testing.assert_close(grad_f[n], grad_p[n], rtol=1e-8, atol=1e-12, msg=n)
+
+
+def test_chunked_kl_equals_the_plain_kl_and_its_gradient():
+    from saebench.trainers.e2e import kl_clean_to_spliced, kl_from_residuals
+
+    g = torch.Generator().manual_seed(0)
+    W, b = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    hc, hn = torch.randn(2, 7, 6, generator=g, dtype=torch.float64), torch.randn(2, 7, 6, generator=g, dtype=torch.float64)
+    w = torch.rand(2, 7, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient per position
+    a = hn.clone().requires_grad_(True)
+    got = kl_from_residuals(hc, a, W, b, chunk=3)  # 14 rows in chunks of 3 (a ragged last chunk)
+    (got * w).sum().backward()
+    c = hn.clone().requires_grad_(True)
+    want = kl_clean_to_spliced(F.linear(hc, W, b), F.linear(c, W, b))
+    (want * w).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.grad, c.grad, rtol=1e-10, atol=1e-12)
+    assert got.dtype == torch.float64 and (got >= 0).all()
+
+
+def test_e2e_ds_default_downstream_hooks_are_apollos(tmp_path):
+    """Later blocks' outputs, the last block left out (Braun et al.'s gpt2_e2e_recon.yaml); downstream_hooks overrides."""
+    from saebench import models
+    from saebench.trainers.e2e import later_resid_hooks
+
+    # Apollo's GPT-2 run: SAE at blocks.6.hook_resid_pre, MSE at blocks.7..11.hook_resid_pre = outputs of blocks 6..10.
+    assert later_resid_hooks("blocks.6.hook_resid_pre", 12) == [f"blocks.{i}.hook_resid_post" for i in range(6, 11)]
+    # Our default site on SmolLM2 (30 blocks): blocks 16..28, not 29.
+    assert later_resid_hooks("blocks.15.hook_resid_post", 30) == [f"blocks.{i}.hook_resid_post" for i in range(16, 29)]
+    assert later_resid_hooks("blocks.3.hook_mlp_out", 6) == [f"blocks.{i}.hook_resid_post" for i in range(3, 5)]
+    assert later_resid_hooks("blocks.28.hook_resid_post", 30) == []
+    model = models.make_tiny_model(tmp_path / "m4", n_layers=4)
+    tokens = torch.randint(100, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    method = get_method("e2e_ds")(config("e2e_ds", tmp_path, hook_name="blocks.0.hook_resid_post"))
+    method.attach_model(model)
+    assert method.downstream == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    sae = SAE(method.sae_config(64))
+    sae.init_tied(torch.Generator().manual_seed(0))
+    out = method.step(sae, StepInput(x=torch.zeros(1), dead_mask=None, step=0, token_ids=tokens))
+    # The downstream term is 2.5 / 2 x the summed MSE at exactly those two outputs (whole-model reference pass).
+    ref = get_method("e2e_ds")(config("e2e_ds", tmp_path, hook_name="blocks.0.hook_resid_post"))
+    ref.attach_model(model)
+    ref._resume = False
+    with torch.no_grad():
+        _, clean, _ = ref.run(tokens)
+        x_hat = sae(method._site(method.run(tokens)[2]) * 1.0)
+        _, new, _ = ref.run(tokens, lambda site: site.copy_(x_hat))
+    # (The default special-token rule keeps every position of these ids: none is special.)
+    want = 1.25 * sum(F.mse_loss(new[h], clean[h]) for h in ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"])
+    assert out.losses["downstream_loss"].item() == pytest.approx(want.item(), rel=1e-4)
+    # downstream_hooks still overrides, the last block included if asked for.
+    opts = {"downstream_hooks": ["blocks.3.hook_resid_post"]}
+    method = get_method("e2e_ds")(config("e2e_ds", tmp_path, hook_name="blocks.0.hook_resid_post", opts=opts))
+    method.attach_model(model)
+    assert method.downstream == ["blocks.3.hook_resid_post"]
+    # Only the last block follows: nothing to match by default, and the error says what to do.
+    with pytest.raises(ConfigError, match="downstream_hooks"):
+        get_method("e2e_ds")(config("e2e_ds", tmp_path, hook_name="blocks.2.hook_resid_post")).attach_model(model)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,12 +11,16 @@ non-special position, and the loss compares the two runs:
 KL is per position, averaged over all positions of the batch's sequences, with the clean distribution as
 the target (Apollo's code; its docstring has the direction backwards). The downstream MSE is the mean
 over positions and dimensions, in the model's raw units, at the residual stream after every later block
-(``downstream_hooks`` overrides). c is in the SAE's (scaled-input) units. With ``kl_coef = 0`` the
+except the model's last one, as in Apollo's e2e+ds configs (``later_resid_hooks``; ``downstream_hooks``
+overrides). c is in the SAE's (scaled-input) units. With ``kl_coef = 0`` the
 forward passes stop after the last downstream hook. The model's parameters are frozen on attach and
 never receive gradient; backprop runs only from the logits down to the hook. At a residual-stream hook
 of a model that supports it, the spliced forward resumes at the hook (only the later blocks run again;
 ``EndToEnd.resumed``), so a step costs one clean forward, half a forward and its backward at a middle
-layer.
+layer. From the second step on (``fast_path``) the clean pass is the bridge up to the hook plus the same
+resumed blocks, and the KL is computed from the two final-normed residual streams chunk by chunk
+(``kl_from_residuals``: the [tokens, d_vocab] logits, log-softmaxes and their gradients are never held
+whole; the gradient is made in the forward); losses and gradients equal the plain path's.
 
 Tokens, not activations: the method needs whole sequences. When the loop builds the source
 (``train``/``train_many``/``saebench.api``/the CLI without ``source=``), ``make_source`` gives a
@@ -56,7 +60,8 @@ class E2EOptions(Options):
     kl_coef: float = Field(1.0, ge=0, description="Weight of KL(p_clean ‖ p_spliced) per position.")
     sparsity_coef: float = Field(1.5, ge=0, description="Weight of mean ‖c‖₁ / d_in.")
     downstream_coef: float = Field(0.0, ge=0, description="Total weight of the downstream MSE terms, split evenly over the hooks.")
-    downstream_hooks: list[str] | None = Field(None, description="Hooks for the downstream MSE (default: resid_post of every later block).")
+    downstream_hooks: list[str] | None = Field(None, description=(
+        "Hooks for the downstream MSE (default, as Apollo's e2e+ds: resid_post of every later block except the model's last block)."))
 
 
 class E2EDownstreamOptions(E2EOptions):
@@ -64,20 +69,81 @@ class E2EDownstreamOptions(E2EOptions):
     downstream_coef: float = Field(2.5, ge=0, description="Total weight of the downstream MSE terms, split evenly over the hooks.")
 
 
+def _kl_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or the logits' own dtype where it is wider (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def kl_clean_to_spliced(logits_clean: Tensor, logits_new: Tensor) -> Tensor:
-    """KL(p_clean ‖ p_new) per position, [...], in float32: Σ_v p_clean (log p_clean − log p_new)."""
-    lp = F.log_softmax(logits_clean.float(), -1)
-    lq = F.log_softmax(logits_new.float(), -1)
+    """KL(p_clean ‖ p_new) per position, [...], in float32 at least: Σ_v p_clean (log p_clean − log p_new)."""
+    dt = _kl_dtype(logits_new.dtype)
+    lp = F.log_softmax(logits_clean.to(dt), -1)
+    lq = F.log_softmax(logits_new.to(dt), -1)
     return F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
 
 
+def kl_chunk_rows(d_vocab: int, budget_bytes: int = 64 * 2**20) -> int:
+    """Rows of [rows, d_vocab] float32 logits that fit ``budget_bytes`` (at least 1)."""
+    return max(1, budget_bytes // (4 * d_vocab))
+
+
+class _UnembedKL(torch.autograd.Function):
+    """KL(p_clean ‖ p_new) per row from final-normed residuals, the [rows, d_vocab] logits made chunk by chunk.
+
+    The gradient is computed in the forward, chunk by chunk (∂KL_i/∂logits_new_i = q_i − p_i, then times
+    W_U): no [N, d_vocab] tensor is ever held, where the plain path keeps both logits, both
+    log-softmaxes and the elementwise KL for the backward. KL_i depends on row i only, so the backward
+    scales the saved rows by the incoming per-row gradient. The unembedding is frozen (no weight grad).
+    """
+
+    @staticmethod
+    def forward(ctx, h_new: Tensor, h_clean: Tensor, weight: Tensor, bias: Tensor | None, chunk: int) -> Tensor:
+        dt = _kl_dtype(weight.dtype)
+        n = h_new.shape[0]
+        kl = torch.empty(n, dtype=dt, device=h_new.device)
+        need = ctx.needs_input_grad[0]
+        grad = torch.empty_like(h_new) if need else None
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            lp = F.log_softmax(F.linear(h_clean[s:e], weight, bias).to(dt), -1)
+            lq = F.log_softmax(F.linear(h_new[s:e], weight, bias).to(dt), -1)
+            p = lp.exp()
+            kl[s:e] = (p * (lp - lq)).sum(-1)
+            if need:
+                grad[s:e] = (lq.exp_() - p).to(weight.dtype) @ weight
+        ctx.save_for_backward(grad if need else None)
+        return kl
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad * g[:, None].to(grad.dtype)), None, None, None, None
+
+
+def kl_from_residuals(h_clean: Tensor, h_new: Tensor, weight: Tensor, bias: Tensor | None = None, chunk: int | None = None) -> Tensor:
+    """``kl_clean_to_spliced(unembed(h_clean), unembed(h_new))`` per position, [...], without the full logits (``_UnembedKL``)."""
+    shape = h_new.shape[:-1]
+    d = h_new.shape[-1]
+    rows = chunk or kl_chunk_rows(weight.shape[0])
+    return _UnembedKL.apply(h_new.reshape(-1, d), h_clean.reshape(-1, d).detach(), weight, bias, rows).reshape(shape)
+
+
 def later_resid_hooks(hook: str, n_layers: int) -> list[str]:
-    """``blocks.l.hook_resid_post`` for every block after the one the hook reads (its own if it is inside it)."""
+    """Apollo's downstream hooks: the output of every block after the hook, except the model's last block.
+
+    ``blocks.l.hook_resid_post`` for every block from the first one after the hook (the hook's own block
+    if the hook is inside it, e.g. ``hook_resid_pre``) up to, but not including, the final block
+    ``n_layers - 1``. This is Braun et al.'s e2e+ds set: with the SAE at GPT-2's
+    ``blocks.6.hook_resid_pre`` their ``gpt2_e2e_recon.yaml`` reads ``blocks.7..11.hook_resid_pre`` =
+    the outputs of blocks 6..10, leaving out block 11's (the last block's, which only the final norm and
+    the unembedding read, and whose fidelity the KL term already measures). Empty when the hook's
+    only later block is the last one.
+    """
     layer = Site(hook).layer or 0
     first = layer + 1 if hook.endswith("hook_resid_post") else layer
     if not hook.startswith("blocks."):
         first = 0  # embeddings
-    return [f"blocks.{layer_}.hook_resid_post" for layer_ in range(first, n_layers)]
+    return [f"blocks.{layer_}.hook_resid_post" for layer_ in range(first, n_layers - 1)]
 
 
 @register
@@ -88,6 +154,10 @@ class EndToEnd(Method):
     architecture = "relu"
     Options = E2EOptions
     needs_model = True
+    # The step's fast path (from the second step on, where the spliced pass resumes): the clean pass runs the
+    # bridge to the hook and the rest resumed, and the KL is computed from the final-normed residuals chunk by
+    # chunk (``kl_from_residuals``), never holding [tokens, d_vocab] logits. False: the plain path throughout.
+    fast_path: bool = True
 
     @classmethod
     def make_source(cls, cfg, model, *, hook_names: list[str], with_grads: bool = False, progress: bool = True) -> ActivationSource:
@@ -125,8 +195,9 @@ class EndToEnd(Method):
         ds = self.opts.downstream_hooks
         self.downstream = [] if not self.opts.downstream_coef else (list(ds) if ds is not None else later_resid_hooks(self.hook, n_layers))
         if self.opts.downstream_coef and not self.downstream:
-            raise ConfigError(f"method {self.name!r}: no block follows hook {self.hook!r}, so there is no downstream activation "
-                              "to match; set downstream_hooks")
+            raise ConfigError(f"method {self.name!r}: no block follows hook {self.hook!r} other than the model's last one (block "
+                              f"{n_layers - 1}), whose output Apollo's default leaves out, so there is no downstream activation to "
+                              f"match; set downstream_hooks (e.g. ['blocks.{n_layers - 1}.hook_resid_post']) or use an earlier hook")
         for h in self.downstream:
             if (Site(h).layer or 0) < (self.site.layer or 0):
                 raise ConfigError(f"downstream hook {h!r} comes before the SAE's hook {self.hook!r}")
@@ -142,6 +213,7 @@ class EndToEnd(Method):
         self._tokens: Tensor | None = None
         self._perm: tuple[int, Tensor | None] = (-1, None)
         self._resume = None  # the resumed spliced forward, False where it does not apply (decided on the first step)
+        self._fast_parts = None  # (resumed pass to the final norm, unembedding) of the fast path, built on first use
 
     # ----- where the token sequences come from --------------------------------------------------
     def sequences(self, inp: StepInput) -> Tensor:
@@ -223,9 +295,33 @@ class EndToEnd(Method):
             self._resume = run if ok else False
         return self._resume or None
 
+    def _fast(self):
+        """(resumed pass to the final-normed residual, unembedding) for the fast path, or None where it does not apply."""
+        if not (self.fast_path and self._resume and self.opts.kl_coef and self.stop_at_layer is None):
+            return None
+        if self._fast_parts is None:
+            from saebench.models import resume_forward, unembedding
+
+            layers = [int(h.split(".")[1]) for h in self.downstream]  # all blocks' resid_post: self._resume says so
+            self._fast_parts = (resume_forward(self.model, self.hook, record=layers, head=False), unembedding(self.model))
+        return self._fast_parts
+
+    def _prefix(self, tokens: Tensor) -> Tensor:
+        """The clean hook activation [b, pos, d], running the model only up to the hook's block."""
+        seen: dict[str, Tensor] = {}
+
+        def grab(act, hook):
+            seen["x"] = self._site(act)
+
+        self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook, grab)], stop_at_layer=self.site.stop_layer)
+        return seen["x"]
+
     def step(self, sae: SAE, inp: StepInput) -> StepOutput:
         tokens = self.sequences(inp).to(self.cfg.device)
         keep = token_mask(tokens, self.special_ids)
+        fast = self._fast()
+        if fast is not None:
+            return self._fast_step(sae, inp, tokens, keep, *fast)
         with torch.no_grad():
             logits_clean, ds_clean, x_clean = self.run(tokens)
         x = x_clean[keep].to(sae.dtype) * inp.scale
@@ -250,6 +346,26 @@ class EndToEnd(Method):
         if self.downstream:
             w = self.opts.downstream_coef / len(self.downstream)
             losses["downstream_loss"] = w * sum(F.mse_loss(ds_new[h].float(), ds_clean[h].float()) for h in self.downstream)
+        return StepOutput(losses, local.acts, local.x_hat)
+
+    def _fast_step(self, sae: SAE, inp: StepInput, tokens: Tensor, keep: Tensor, run, unembed) -> StepOutput:
+        """The step of ``step`` with the clean pass as prefix + resumed rest and the chunked KL (same losses and gradients)."""
+        with torch.no_grad():
+            x_clean = self._prefix(tokens)
+            hid_clean, ds_clean = run(x_clean)
+        x = x_clean[keep].to(sae.dtype) * inp.scale
+        local = super().step(sae, StepInput(x=x, dead_mask=inp.dead_mask, step=inp.step, scale=inp.scale))
+        h = x_clean.clone()
+        h[keep] = (local.x_hat / inp.scale).to(h.dtype)
+        hid_new, ds_new = run(h)
+        losses = {"mse_loss": local.losses["mse_loss"].detach()}
+        if "auxiliary_reconstruction_loss" in local.losses:
+            losses["auxiliary_reconstruction_loss"] = local.losses["auxiliary_reconstruction_loss"]
+        losses["kl_loss"] = self.opts.kl_coef * kl_from_residuals(hid_clean, hid_new, *unembed).mean()
+        losses["sparsity_loss"] = self.opts.sparsity_coef * local.acts.values.abs().sum(-1).mean() / sae.d_in
+        if self.downstream:
+            w = self.opts.downstream_coef / len(self.downstream)
+            losses["downstream_loss"] = w * sum(F.mse_loss(ds_new[h_].float(), ds_clean[h_].float()) for h_ in self.downstream)
         return StepOutput(losses, local.acts, local.x_hat)
 
 
@@ -294,13 +410,15 @@ class TokenSequenceSource(ActivationSource):
     def _acts(self, rows: Tensor) -> Tensor:
         """Activations [rows, context, d] at the hook, running the model only up to the hook's block."""
         out = []
+        device = next(iter(self.model.parameters())).device  # the tokens follow the model (a CUDA model gets CUDA ids)
         for s in range(0, rows.shape[0], self.model_batch_size):
             seen = {}
 
             def grab(act, hook):
                 seen["x"] = act
 
-            self.model.run_with_hooks(rows[s : s + self.model_batch_size], fwd_hooks=[(self.hook, grab)], stop_at_layer=self.site.stop_layer)
+            self.model.run_with_hooks(rows[s : s + self.model_batch_size].to(device), fwd_hooks=[(self.hook, grab)],
+                                      stop_at_layer=self.site.stop_layer)
             out.append(self.site.flatten(seen["x"]).detach().float().cpu())
         return torch.cat(out)
 

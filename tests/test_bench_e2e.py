@@ -1,0 +1,136 @@
+"""benchmarks/bench_e2e.py: the local-vs-e2e L0-at-matched-CE benchmark (smoke mode, resume, the analysis)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "benchmarks" / "bench_e2e.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_mode_trains_every_family_and_resumes(tmp_path, monkeypatch):
+    bench = _bench()
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    argv = ["--tiny", "--quiet", "--out", str(out), "--runs-dir", str(runs)]
+    rows = bench.main(argv)
+    keys = [r["key"] for r in rows]
+    assert keys == ["standard_c1_s0", "standard_c5_s0", "e2e_c0.5_s0", "e2e_c5_s0", "e2e_ds_c0.5_s0", "e2e_ds_c5_s0",
+                    "topk_tokens_s0", "topk_compute_s0"]
+    by = {r["key"]: r for r in rows}
+    for r in rows:
+        for k in ("l0", "delta_ce", "ce_loss_score", "train_seconds", "seconds_per_step"):
+            assert isinstance(r[k], float) and math.isfinite(r[k]), (r["key"], k)
+        assert r["l0"] > 0 and r["steps"] == r["train_tokens"] // 64
+        assert r["delta_ce"] == pytest.approx(r["ce_loss_with_sae"] - r["ce_loss_without_sae"])
+    # The ReLU families got their coefficient; the local one is the standard method, e2e the paper's ReLU SAE.
+    assert by["e2e_c5_s0"]["method_options"] == {"sparsity_coef": 5.0} and by["standard_c1_s0"]["method"] == "standard"
+    from saebench.sae import SAE
+
+    assert SAE.load(by["e2e_c5_s0"]["sae_dir"]).cfg.architecture == "relu"
+    assert by["topk_tokens_s0"]["l0"] <= 4.0 and by["topk_tokens_s0"]["train_tokens"] == 512
+    # TopK at equal compute: the e2e runs' mean seconds over topk_tokens' seconds per token, whole batches.
+    cm = by["topk_compute_s0"]["compute_match"]
+    e2e_secs = sum(by[k]["train_seconds"] for k in ("e2e_c0.5_s0", "e2e_c5_s0", "e2e_ds_c0.5_s0", "e2e_ds_c5_s0")) / 4
+    assert cm["e2e_mean_train_seconds"] == pytest.approx(e2e_secs)
+    want = min(50 * 512, int(e2e_secs / (by["topk_tokens_s0"]["train_seconds"] / 512)) // 64 * 64)
+    assert by["topk_compute_s0"]["train_tokens"] == max(64, want)
+    saved = json.loads((out / "e2e_axes.json").read_text())
+    assert [r["key"] for r in saved["rows"]] == keys and set(saved["analysis"]["matched"]) == {"e2e", "e2e_ds"}
+    assert "verdict" in saved["analysis"]["matched"]["e2e"] and (out / "e2e_ce_vs_l0.html").stat().st_size > 1000
+    assert "at matched delta-CE" in (out / "e2e_axes.md").read_text()
+
+    # Resumable: finished rows are skipped; a finished SAE folder whose row is missing is evaluated, not trained.
+    import saebench.trainers.loop as loop
+
+    def refuse(*a, **kw):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(loop, "train", refuse)
+    again = bench.main(argv)
+    assert [r["key"] for r in again] == keys and again[2]["l0"] == rows[2]["l0"]
+    saved["rows"] = [r for r in saved["rows"] if r["key"] != "e2e_c5_s0"]
+    (out / "e2e_axes.json").write_text(json.dumps(saved))
+    again = {r["key"]: r for r in bench.main(argv)}
+    assert again["e2e_c5_s0"]["l0"] == pytest.approx(by["e2e_c5_s0"]["l0"]) and again["e2e_c5_s0"]["train_seconds"] == by["e2e_c5_s0"]["train_seconds"]
+
+
+def test_interrupted_sae_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """An e2e run killed mid-way picks up from its checkpoint in the SAE folder (the loop's resume)."""
+    import saebench.trainers.loop as loop
+    from saebench import models
+
+    bench = _bench()
+    args = bench.build_parser().parse_args(["--tiny", "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"), "--families", "e2e"])
+    cfg = bench.train_config(args, bench.plan(args)[0], 512)
+    model = models.load_model(cfg.model)
+    steps = []
+    original = loop._train_step
+
+    def dies_at_step_5(r, *a, **kw):
+        if r.step == 5:
+            raise KeyboardInterrupt
+        steps.append(r.step)
+        return original(r, *a, **kw)
+
+    monkeypatch.setattr(loop, "_train_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        bench.train_one(cfg, model, progress=False)
+    monkeypatch.setattr(loop, "_train_step", lambda r, *a, **kw: (steps.append(r.step), original(r, *a, **kw))[1])
+    clock = bench.train_one(cfg, model, progress=False)
+    assert clock["steps"] == 8 and steps == [0, 1, 2, 3, 4, 4, 5, 6, 7]  # checkpoint after step 4 (every 2): resumed there
+
+
+def test_matched_ce_analysis_interpolates_and_gives_a_verdict():
+    bench = _bench()
+
+    def row(fam, coef, dce, l0, seed=0):
+        return {"key": f"{fam}_{coef}_{seed}", "family": fam, "coef": coef, "delta_ce": dce, "l0": l0, "seed": seed, "train_tokens": 1}
+
+    local = [row("standard", 1, 0.10, 100.0), row("standard", 5, 0.20, 25.0)]
+    # e2e at delta-CE 0.15: local's log-L0 midway between 100 and 25 is 50; e2e has 20 -> 2.5x fewer.
+    e2e = [row("e2e", 1, 0.15, 20.0), row("e2e", 5, 0.30, 5.0)]  # the second lies outside local's range: not matched
+    worse = [row("e2e_ds", 1, 0.12, 90.0, 0), row("e2e_ds", 1, 0.12, 160.0, 1)]  # two seeds: geometric mean L0 120
+    a = bench.analyse(local + e2e + worse + [row("topk_tokens", None, 0.15, 32.0)])
+    m = a["matched"]["e2e"]
+    assert len(m["points"]) == 1 and m["points"][0]["local_l0"] == pytest.approx(50.0)
+    assert m["verdict"].startswith("reproduced") and "2.50x fewer" in m["verdict"]
+    d = a["matched"]["e2e_ds"]["points"][0]
+    assert d["l0"] == pytest.approx(120.0) and a["matched"]["e2e_ds"]["verdict"].startswith("refuted")
+    t = a["topk"]["topk_tokens_None_0"]
+    assert t["standard_l0_at_same_ce"] == pytest.approx(50.0) and t["e2e_l0_at_same_ce"] == pytest.approx(20.0)
+    assert bench.analyse(local + [row("e2e", 1, 0.5, 3.0)])["matched"]["e2e"]["verdict"].startswith("no overlap")
+
+
+def test_bad_flags_are_refused_with_a_clear_message():
+    bench = _bench()
+    with pytest.raises(SystemExit, match="FAMILY=C1"):
+        bench.parse_coefs(["e2e:1,2"], False)
+    with pytest.raises(SystemExit, match="numbers"):
+        bench.parse_coefs(["e2e=a,b"], False)
+    assert bench.parse_coefs(["e2e=5,1"], False)["e2e"] == [1.0, 5.0]
+    with pytest.raises(SystemExit, match="expected cpu, cuda"):
+        bench.check_device("tpu")
+
+
+def test_breakdown_times_every_part_and_both_step_paths(tmp_path):
+    bench = _bench()
+    rep = bench.main(["--breakdown", "--tiny", "--quiet", "--repeats", "1", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])[0]
+    med = rep["median_seconds"]
+    for k in ("prefix", "clean_full", "clean_rest", "sae", "spliced_forward", "kl", "spliced_forward_kl_backward",
+              "spliced_forward_chunked_kl_backward", "e2e_step_plain", "e2e_step", "e2e_ds_step_plain", "e2e_ds_step", "topk_step",
+              "topk_step_with_harvest"):
+        assert math.isfinite(med[k]) and med[k] > 0, k
+    assert set(rep["fast_over_plain"]) == {"e2e_step", "e2e_ds_step", "spliced_forward_chunked_kl_backward"}
+    assert rep["tokens_per_step"] == 64 and rep["e2e_step_over_topk_step"] > 0
+    assert json.loads((tmp_path / "e2e_step_breakdown.json").read_text())["median_seconds"] == med
