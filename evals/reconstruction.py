@@ -45,8 +45,11 @@ def evaluate_reconstruction(
     batch_size: int = DEFAULT_BATCH_SIZE,
     downstream: bool = True,
     progress: bool = True,
+    selection: str = "plain",
 ) -> dict[str, Any] | list[dict[str, Any]]:
-    """Core metrics (``evaluate_core``'s definitions) for one SAE or several, sharing forwards per hook."""
+    """Core metrics (``evaluate_core``'s definitions) for one SAE or several, sharing forwards per hook.
+
+    ``selection="gradient"``: g-SAE's gradient-aware selection (``evaluate_hook_group``; g-SAEs only)."""
     single = isinstance(saes, SAE)
     sae_list = [saes] if single else list(saes)
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -55,7 +58,7 @@ def evaluate_reconstruction(
     results: list[dict[str, Any] | None] = [None] * len(sae_list)
     for idx in groups.values():
         res = evaluate_hook_group([sae_list[i] for i in idx], model, tokens, special_ids=special_ids, core=True, dead=False,
-                                  downstream=downstream, batch_size=batch_size, progress=progress)
+                                  downstream=downstream, batch_size=batch_size, progress=progress, selection=selection)
         for i, r in zip(idx, res):
             results[i] = r["core"]
     return results[0] if single else results
