@@ -41,9 +41,6 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
 RESULT_STEM = "gsae"
 METRICS = ("l0", "fvu", "fvu_without_outliers", "ce_loss_with_sae", "delta_ce", "ce_loss_abs_diff", "ce_loss_score", "kl_div_with_sae",
            "kl_div_score", "dead_fraction")
@@ -91,17 +88,17 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         path = Path(args.runs_dir) / "tiny_model"
         if not (path / "config.json").is_file():
             make_tiny_model(path)
-        return dict(model=str(path), hook_name="blocks.0.hook_resid_post", corpus=args.corpus, context_size=16, k=4, expansion_factor=2,
-                    training_tokens=512, batch_size_tokens=128, lr=args.lr, lr_warmup_steps=1, dead_window_tokens=128,
-                    checkpoint_every_steps=2, log_every_steps=1, model_batch_size=8, eval_tokens=0, device=args.device)
+        return {"model": str(path), "hook_name": "blocks.0.hook_resid_post", "corpus": args.corpus, "context_size": 16, "k": 4, "expansion_factor": 2,
+                    "training_tokens": 512, "batch_size_tokens": 128, "lr": args.lr, "lr_warmup_steps": 1, "dead_window_tokens": 128,
+                    "checkpoint_every_steps": 2, "log_every_steps": 1, "model_batch_size": 8, "eval_tokens": 0, "device": args.device}
     steps = max(1, args.tokens // args.batch_size_tokens)
-    return dict(model=args.model, hook_name=args.hook, corpus=args.corpus, context_size=args.context_size, k=args.k,
-                expansion_factor=args.expansion_factor, training_tokens=args.tokens, batch_size_tokens=args.batch_size_tokens, lr=args.lr,
-                lr_warmup_steps=max(1, min(100, steps // 20)),
+    return {"model": args.model, "hook_name": args.hook, "corpus": args.corpus, "context_size": args.context_size, "k": args.k,
+                "expansion_factor": args.expansion_factor, "training_tokens": args.tokens, "batch_size_tokens": args.batch_size_tokens, "lr": args.lr,
+                "lr_warmup_steps": max(1, min(100, steps // 20)),
                 # A fifth of the run (bench_methods.dead_window): a window as long as the run never lets AuxK fire.
-                dead_window_tokens=max(args.batch_size_tokens, args.tokens // 5),
-                checkpoint_every_steps=max(10, steps // 20), log_every_steps=max(1, steps // 100),
-                model_batch_size=args.model_batch_size or (64 if cuda else 16), eval_tokens=0, device=args.device)
+                "dead_window_tokens": max(args.batch_size_tokens, args.tokens // 5),
+                "checkpoint_every_steps": max(10, steps // 20), "log_every_steps": max(1, steps // 100),
+                "model_batch_size": args.model_batch_size or (64 if cuda else 16), "eval_tokens": 0, "device": args.device}
 
 
 def train_config(base: dict[str, Any], name: str, seed: int, args: argparse.Namespace):
@@ -114,10 +111,36 @@ def train_config(base: dict[str, Any], name: str, seed: int, args: argparse.Name
     return TrainConfig(**base, method=method, method_options=opts, seed=seed, out_dir=str(Path(args.runs_dir) / "saes" / f"{name}_seed{seed}"))
 
 
+class StepTimer:
+    """Times each SAE's own steps inside ``train_many`` (wraps ``trainers.loop._train_step``), synchronising
+    CUDA before and after each step so that the GPU's queued work is charged to the step that queued it."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __enter__(self):
+        from saebench.trainers import loop
+
+        self._loop, self._orig = loop, loop._train_step
+
+        def timed(r, *a, **kw):
+            _sync()
+            t = time.perf_counter()
+            try:
+                return self._orig(r, *a, **kw)
+            finally:
+                _sync()
+                self.seconds[str(r.cfg.out_dir)] = self.seconds.get(str(r.cfg.out_dir), 0.0) + time.perf_counter() - t
+
+        loop._train_step = timed
+        return self
+
+    def __exit__(self, *exc):
+        self._loop._train_step = self._orig
+
+
 def train(cfgs: list, model, progress: bool) -> tuple[dict[str, float], float]:
     """Train ``cfgs`` together (one gradient harvest); (own training seconds per out_dir, harvest seconds)."""
-    from bench_methods import StepTimer
-
     from saebench.trainers.loop import train_many
 
     t = time.perf_counter()
@@ -139,6 +162,7 @@ def evaluate(dirs: dict[str, Path], model, base: dict[str, Any], eval_tokens: in
     from saebench.evals.common import load_eval_tokens, special_ids_of
     from saebench.evals.core import evaluate_hook_group
     from saebench.evals.gsae import spliced_loss_gap
+
     from saebench.sae import SAE
 
     tokens = load_eval_tokens(model, base["corpus"], eval_tokens, base["context_size"])
@@ -223,9 +247,10 @@ def summarise(rows: list[dict[str, Any]], names: list[str]) -> list[dict[str, An
 def markdown(rows: list[dict[str, Any]], names: list[str], meta: dict[str, Any]) -> str:
     summ = summarise(rows, names)
     n_seeds = max((len(s["seeds"]) for s in summ), default=0)
-    lines = [f"## g-SAE vs TopK ({meta['model']}, {meta['hook_name']}, k = {meta['k']}, d_sae = {meta['expansion_factor']}·d_in, "
+    title = (f"## g-SAE vs TopK ({meta['model']}, {meta['hook_name']}, k = {meta['k']}, d_sae = {meta['expansion_factor']}·d_in, "
              f"{meta['training_tokens']:,} training tokens, {meta['eval_tokens']:,} eval tokens, "
-             f"{n_seeds} seed{'s' if n_seeds != 1 else ''}{': mean ± sd' if n_seeds > 1 else ''})", "",
+             f"{n_seeds} seed{'s' if n_seeds != 1 else ''}{': mean ± sd' if n_seeds > 1 else ''})")
+    lines = [title, "",
              "| SAE | selection | " + " | ".join(lbl for _, lbl, _ in TABLE) + " |", "|---|---|" + "---|" * len(TABLE)]
     for s in summ:
         lines.append(f"| {s['name']} | {s['selection']} | " + " | ".join(_cell(s[k], f) for k, _, f in TABLE) + " |")
@@ -237,9 +262,10 @@ def markdown(rows: list[dict[str, Any]], names: list[str], meta: dict[str, Any])
             lines.append(f"| {s['name']} | {_cell(plain['delta_ce'], '.4f')} | {_cell(s['delta_ce'], '.4f')} | "
                          f"{_cell(s['gap']['spliced_loss_gap'], '.4f')} | {_cell(s['gap']['abs_spliced_loss_gap'], '.4f')} | "
                          f"{_cell(s['gap']['kl_gap'], '.4f')} |")
-    lines += ["", "ΔCE = CE with the SAE spliced in − clean CE (L(x̂) − L(x), nats per predicted token). Gap > 0: gradient-aware "
-              "selection (the g-SAE's training rule, g = ∇ₓ LM loss from the eval's clean forward) is more faithful than the plain "
-              "TopK fall-back. TopK is evaluated plain only (gradient selection is the g-SAE's rule).", "",
+    note = ("ΔCE = CE with the SAE spliced in − clean CE (L(x̂) − L(x), nats per predicted token). Gap > 0: gradient-aware "
+            "selection (the g-SAE's training rule, g = ∇ₓ LM loss from the eval's clean forward) is more faithful than the plain "
+            "TopK fall-back. TopK is evaluated plain only (gradient selection is the g-SAE's rule).")
+    lines += ["", note, "",
               "### Cost", "", "| seed | harvest (LM fwd+bwd) s | " + " | ".join(f"{n} train s" for n in names) + " |",
               "|---|---|" + "---|" * len(names)]
     for seed in sorted({r["seed"] for r in rows}):

@@ -433,14 +433,14 @@ def _accumulate(s: _Sums, x: Tensor, x_hat: Tensor, acts) -> None:
     sq = x.pow(2).sum(-1, dtype=torch.float64)
     s.sse += err.sum().item()
     s.sum_sq += sq.sum().item()
-    s.sum_x += x.sum(0, dtype=torch.float64)
+    s.sum_x += x.sum(0, dtype=torch.float64).cpu()  # the sums live on the CPU; x may be on a GPU
     if x.shape[0]:
         norms = sq.sqrt()
         inl = norms <= OUTLIER_NORM_FACTOR * norms.median()
         s.n_out += int((~inl).sum())
         s.sse_in += err[inl].sum().item()
         s.sum_sq_in += sq[inl].sum().item()
-        s.sum_x_in += x[inl].sum(0, dtype=torch.float64)
+        s.sum_x_in += x[inl].sum(0, dtype=torch.float64).cpu()
     s.cos += F.cosine_similarity(x, x_hat, dim=-1).sum().item()
     s.l2_ratio += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum().item()
     xhat_sq = x_hat.pow(2).sum(dtype=torch.float64)

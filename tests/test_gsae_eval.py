@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from saebench.config import ConfigError
 from saebench.evals.core import evaluate_core, evaluate_hook_group
 from saebench.evals.gsae import gradient_encode_sparse, gsae_beta, lm_loss_grad, spliced_loss_gap
+
+from saebench.config import ConfigError
 from saebench.sae import SAE, SAEConfig
 
 HOOK = "blocks.0.hook_resid_post"
@@ -119,9 +119,10 @@ def test_eval_gradient_is_the_training_harvest_gradient(tiny_model):
 
 def test_beta_zero_gradient_selection_is_plain_topk_and_sae_training_selection_is_shared():
     """β = 0 is encode_sparse bit for bit; at β > 0 the eval encoder picks the training method's indices."""
-    from saebench.config import TrainConfig
     from saebench.trainers import get_method
     from saebench.trainers.base import StepInput
+
+    from saebench.config import TrainConfig
 
     sae = _gsae(0.0)
     x, g = torch.randn(50, 64, generator=torch.Generator().manual_seed(3)), torch.randn(50, 64, generator=torch.Generator().manual_seed(4))
@@ -177,7 +178,7 @@ def test_bench_gsae_tiny_runs_and_resumes(tmp_path, monkeypatch):
     for name in ("topk", "gsae_beta0.1", "gsae_beta10"):
         assert json.loads((runs / "saes" / f"{name}_seed0" / "cfg.json").read_text())["method"] == name.split("_")[0]
     # A second run finds every row: nothing is trained or evaluated again.
-    import saebench.trainers.loop as loop
+    from saebench.trainers import loop
 
     monkeypatch.setattr(loop, "train_many", lambda *a, **k: pytest.fail("trained again"))
     monkeypatch.setattr(bench, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
