@@ -26,6 +26,10 @@ Definitions (EVALS.md §1.3; SAEBench names where they exist):
   ``saebench_batches`` is B. A batch whose every position is special is skipped (SAEBench's would give NaN).
 - ``ce_loss_score`` (CE loss recovered) = (CE_zero − CE_sae) / (CE_zero − CE_clean).
 - ``kl_div_score`` = (KL_zero − KL_sae) / KL_zero with KL = Σ_v p_clean (log p_clean − log p_new).
+- ``ce_loss_abs_diff`` = mean over predicted tokens of |CE_sae,t − CE_clean,t| (the per-token spliced loss;
+  ``ce_loss_with_sae − ce_loss_without_sae`` is its signed mean). ``evals/gsae.py`` reads both for g-SAE's gap.
+- ``selection="gradient"`` (g-SAEs only): the latents are chosen by the g-SAE's training rule with g = ∇ₓ
+  of the LM loss from the clean forward (``evals/gsae.py``); every metric above is then computed as usual.
 - ``dead_fraction``: latents that never fired in the ``window_tokens`` evaluated tokens;
   ``dense_fraction_1pct`` / ``_10pct``: latents firing on more than 1% / 10% of them.
 

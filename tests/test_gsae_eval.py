@@ -191,3 +191,16 @@ def test_bench_gsae_tiny_runs_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "train_many", lambda *a, **k: pytest.fail("trained again"))
     redone = bench.main(argv)
     assert redone[-1]["key"] == "gsae_beta10/seed0" and redone[-1]["gradient"] == rows[-1]["gradient"]
+
+
+def test_reconstruction_cli_evaluates_a_saved_gsae_with_gradient_selection(tiny_model_dir, text_file, tmp_path):
+    from saebench.evals.reconstruction import main
+
+    sae = _gsae(3.0)
+    sae.cfg = sae.cfg.model_copy(update={"model_name": str(tiny_model_dir), "context_size": 32,
+                                         "metadata": {"method_options": {"beta": 3.0}, "corpus": str(text_file)}})
+    sae.save(tmp_path / "g")
+    grad = main([str(tmp_path / "g"), "--eval-tokens", "256", "--no-progress", "--selection", "gradient", "--out", str(tmp_path / "grad.json")])
+    plain = main([str(tmp_path / "g"), "--eval-tokens", "256", "--no-progress", "--out", str(tmp_path / "plain.json")])
+    assert json.loads((tmp_path / "grad.json").read_text())["selection"] == "gradient" and grad["gsae_beta"] == 3.0
+    assert grad["n_tokens"] == plain["n_tokens"] > 0 and grad["ce_loss_with_sae"] != plain["ce_loss_with_sae"]
