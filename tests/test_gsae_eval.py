@@ -175,6 +175,12 @@ def test_bench_gsae_tiny_runs_and_resumes(tmp_path, monkeypatch):
         assert r["gradient"]["l0"] == pytest.approx(4.0)
         assert r["gap"]["spliced_loss_gap"] == pytest.approx(r["plain"]["delta_ce"] - r["gradient"]["delta_ce"])
         assert r["train_seconds"] is not None and r["method_options"]["beta"] in (0.1, 10.0)
+    top_dce = top["plain"]["delta_ce"]
+    for entry in saved["summary"]:
+        if entry["selection"] == "gradient":
+            row = next(r for r in saved["rows"] if r["name"] == entry["name"])
+            assert entry["vs_topk"]["gradient"] == [pytest.approx(row["gradient"]["delta_ce"] - top_dce)]
+            assert entry["vs_topk"]["plain"] == [pytest.approx(row["plain"]["delta_ce"] - top_dce)]
     for name in ("topk", "gsae_beta0.1", "gsae_beta10"):
         assert json.loads((runs / "saes" / f"{name}_seed0" / "cfg.json").read_text())["method"] == name.split("_")[0]
     # A second run finds every row: nothing is trained or evaluated again.
