@@ -26,6 +26,10 @@ Definitions (EVALS.md §1.3; SAEBench names where they exist):
   ``saebench_batches`` is B. A batch whose every position is special is skipped (SAEBench's would give NaN).
 - ``ce_loss_score`` (CE loss recovered) = (CE_zero − CE_sae) / (CE_zero − CE_clean).
 - ``kl_div_score`` = (KL_zero − KL_sae) / KL_zero with KL = Σ_v p_clean (log p_clean − log p_new).
+- ``ce_loss_abs_diff`` = mean over predicted tokens of |CE_sae,t − CE_clean,t| (the per-token spliced loss;
+  ``ce_loss_with_sae − ce_loss_without_sae`` is its signed mean). ``evals/gsae.py`` reads both for g-SAE's gap.
+- ``selection="gradient"`` (g-SAEs only): the latents are chosen by the g-SAE's training rule with g = ∇ₓ
+  of the LM loss from the clean forward (``evals/gsae.py``); every metric above is then computed as usual.
 - ``dead_fraction``: latents that never fired in the ``window_tokens`` evaluated tokens;
   ``dense_fraction_1pct`` / ``_10pct``: latents firing on more than 1% / 10% of them.
 
@@ -210,6 +214,7 @@ class _Sums:
     ce: dict[str, float] = field(default_factory=lambda: {"clean": 0.0, "sae": 0.0, "zero": 0.0})
     kl: dict[str, float] = field(default_factory=lambda: {"sae": 0.0, "zero": 0.0})
     n_pred: int = 0
+    ce_abs_diff: float = 0.0  # Σ |CE_sae − CE_clean| per predicted token (evals/gsae.py's spliced-loss gap)
 
 
 def evaluate_core(
@@ -221,8 +226,11 @@ def evaluate_core(
     batch_size: int = DEFAULT_BATCH_SIZE,
     downstream: bool = True,
     progress: bool = True,
+    selection: str = "plain",
 ) -> dict[str, Any]:
     """All core metrics for ``sae`` at its hook on ``tokens`` [n_seq, ctx]; returns a JSON-able dict.
+
+    ``selection="gradient"`` selects a g-SAE's latents with its training rule (``evals/gsae.py``).
 
     The group eval (:func:`evaluate_hook_group`) with a group of one: one code path computes the core
     metrics for one SAE or for many at a hook. A transcoder (``sae.cfg.d_out`` set) is evaluated by
@@ -231,10 +239,15 @@ def evaluate_core(
     if sae.cfg.is_transcoder:
         from saebench.evals.transcoder import evaluate_transcoder_core
 
+        if selection != "plain":
+            from saebench.config import ConfigError
+
+            raise ConfigError(f"selection={selection!r} is g-SAE's gradient-aware rule; a transcoder is evaluated with selection='plain'")
+
         return evaluate_transcoder_core(sae, model, tokens, special_ids=special_ids, batch_size=batch_size, downstream=downstream,
                                         progress=progress)
     return evaluate_hook_group([sae], model, tokens, special_ids=special_ids, core=True, dead=False, downstream=downstream,
-                               batch_size=batch_size, progress=progress)[0]["core"]
+                               batch_size=batch_size, progress=progress, selection=selection)[0]["core"]
 
 
 @torch.no_grad()
@@ -251,6 +264,7 @@ def evaluate_hook_group(
     windows: Sequence[int] = DEFAULT_WINDOWS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
+    selection: str = "plain",
 ) -> list[dict[str, dict[str, Any]]]:
     """Core and/or dead-latent metrics for several SAEs at one hook, sharing the model forwards.
 
@@ -260,6 +274,9 @@ def evaluate_hook_group(
         core, dead: which evals to run, for all SAEs or per SAE.
         core_tokens: evaluate the core metrics on the first ``core_tokens`` tokens only (the dead
             counters use all of ``tokens``); None = all.
+        selection: ``"plain"`` (each SAE's inference rule) or ``"gradient"``: g-SAE's training rule,
+            top k of z(1 + β|d_i·g|) with g = ∇ₓ of the LM loss from a clean forward with a backward
+            (``evals/gsae.py``). Every SAE must then be a g-SAE (a ``ConfigError`` otherwise).
 
     Returns:
         One ``{"core": metrics, "dead": metrics}`` dict per SAE (only the evals asked for).
@@ -271,6 +288,10 @@ def evaluate_hook_group(
         return []
     hook, head = one_site(model, saes, "evaluate_hook_group")
     n = len(saes)
+    # g-SAE's gradient-aware selection (evals/gsae.py): one β per SAE, None for each SAE's own rule.
+    from saebench.evals.gsae import check_selection, gsae_beta
+
+    betas = [gsae_beta(s) for s in saes] if check_selection(selection) == "gradient" else None
     core = [core] * n if isinstance(core, bool) else list(core)
     dead = [dead] * n if isinstance(dead, bool) else list(dead)
     accs = [CoreAccumulator(s) if c else None for s, c in zip(saes, core)]
@@ -286,28 +307,38 @@ def evaluate_hook_group(
         in_core = any(core) and start < core_rows
         if in_core and start + toks.shape[0] > core_rows:
             toks = toks[: core_rows - start]  # the core window ends inside this batch: split it
-            _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, True, stop, zero)
+            _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, True, stop, zero, betas)
             toks = tokens[start + toks.shape[0] : start + batch_size].to(device)
             in_core = False
-        _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, in_core, stop, zero)
+        _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, in_core, stop, zero, betas)
     out = []
     tok = getattr(model, "tokenizer", None)
-    for s, acc, ctr in zip(saes, accs, counters):
+    for i, (s, acc, ctr) in enumerate(zip(saes, accs, counters)):
         r: dict[str, dict[str, Any]] = {}
         if acc is not None:
             r["core"] = acc.result(downstream)
+            if betas is not None:
+                r["core"] |= {"selection": "gradient", "gsae_beta": betas[i]}
         if ctr is not None:
             r["dead"] = ctr.result(tok) | {"hook_name": s.cfg.hook_name, "d_sae": s.d_sae}
         out.append(r)
     return out
 
 
-def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, in_core, stop, zero) -> None:
+def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, downstream, in_core, stop, zero, betas=None) -> None:
     if toks.shape[0] == 0:
         return
     need_down = in_core and downstream
     keep = token_mask(toks, special_ids)
-    if need_down:
+    g_flat = None
+    if betas is not None:  # gradient-aware selection: the clean forward also gives ∇ₓ of the LM loss (evals/gsae.py)
+        from saebench.evals.gsae import lm_loss_grad
+
+        logits_clean, act, grad = lm_loss_grad(model, toks, hook)
+        cache = {hook: act}
+        g_flat = Site(hook, head).flatten(grad).flatten(0, 1)
+        del grad
+    elif need_down:
         logits_clean, cache = model.run_with_cache(toks, names_filter=lambda nm: nm == hook)
     else:
         _, cache = model.run_with_cache(toks, names_filter=lambda nm: nm == hook, stop_at_layer=stop)
@@ -325,10 +356,15 @@ def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, do
     flat = x_full.flatten(0, 1)
     keep_flat = keep.flatten()
     special_flat = torch.isin(toks.flatten(), special_ids.to(toks.device))
-    for sae, acc, ctr in zip(saes, accs, counters):
+    for i, (sae, acc, ctr) in enumerate(zip(saes, accs, counters)):
         if x_full.shape[-1] != sae.d_in:
             raise ValueError(f"SAE d_in={sae.d_in} does not match the width {x_full.shape[-1]} of hook {hook} in this model")
-        acts_all = sae.encode_sparse(flat.to(sae.device))
+        if betas is None:
+            acts_all = sae.encode_sparse(flat.to(sae.device))
+        else:
+            from saebench.evals.gsae import gradient_encode_sparse
+
+            acts_all = gradient_encode_sparse(sae, flat.to(sae.device), g_flat.to(sae.device), betas[i])
         if ctr is not None:
             ctr.update(acts_all, toks.flatten(), special_flat)
         if acc is None or not in_core:
@@ -378,7 +414,9 @@ class CoreAccumulator:
         p_clean, neg_h = clean if clean is not None else clean_terms(logprobs_clean)
         s.ce["clean"] += ce_clean if ce_clean is not None else ce_from_logprobs(logprobs_clean, toks)[pred_mask].sum().item()
         lq = F.log_softmax(logits_sae.float(), -1)
-        s.ce["sae"] += ce_from_logprobs(lq, toks)[pred_mask].sum().item()
+        ce_sae = ce_from_logprobs(lq, toks)[pred_mask]
+        s.ce["sae"] += ce_sae.sum().item()
+        s.ce_abs_diff += (ce_sae - ce_from_logprobs(logprobs_clean, toks)[pred_mask]).abs().sum().item()
         s.kl["sae"] += kl_from_logprobs(p_clean, neg_h, lq)[keep].sum().item()
         del lq
         s.ce["zero"] += float(ce_zero)
@@ -481,6 +519,7 @@ def _summarise(s: _Sums, sae: SAE, downstream: bool) -> dict[str, Any]:
             "kl_div_with_sae": kl["sae"],
             "kl_div_with_ablation": kl["zero"],
             "kl_div_score": kl_score(kl["sae"], kl["zero"]),
+            "ce_loss_abs_diff": s.ce_abs_diff / s.n_pred,  # mean |CE_sae − CE_clean| per predicted token
         }
     return out
 

@@ -45,8 +45,11 @@ def evaluate_reconstruction(
     batch_size: int = DEFAULT_BATCH_SIZE,
     downstream: bool = True,
     progress: bool = True,
+    selection: str = "plain",
 ) -> dict[str, Any] | list[dict[str, Any]]:
-    """Core metrics (``evaluate_core``'s definitions) for one SAE or several, sharing forwards per hook."""
+    """Core metrics (``evaluate_core``'s definitions) for one SAE or several, sharing forwards per hook.
+
+    ``selection="gradient"``: g-SAE's gradient-aware selection (``evaluate_hook_group``; g-SAEs only)."""
     single = isinstance(saes, SAE)
     sae_list = [saes] if single else list(saes)
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -55,7 +58,7 @@ def evaluate_reconstruction(
     results: list[dict[str, Any] | None] = [None] * len(sae_list)
     for idx in groups.values():
         res = evaluate_hook_group([sae_list[i] for i in idx], model, tokens, special_ids=special_ids, core=True, dead=False,
-                                  downstream=downstream, batch_size=batch_size, progress=progress)
+                                  downstream=downstream, batch_size=batch_size, progress=progress, selection=selection)
         for i, r in zip(idx, res):
             results[i] = r["core"]
     return results[0] if single else results
@@ -63,10 +66,11 @@ def evaluate_reconstruction(
 
 def run_reconstruction_eval(sae_dir: str | Path, model=None, *, corpus: str | None = None, eval_tokens: int = 65_536, context_size: int | None = None,
                             batch_size: int = DEFAULT_BATCH_SIZE, device: str = "cpu", out: str | Path | None = None,
-                            progress: bool = True) -> dict[str, Any]:
+                            progress: bool = True, selection: str = "plain") -> dict[str, Any]:
     """Load an SAE folder, evaluate the core metrics on held-out text, write ``eval_reconstruction.json``.
 
     ``corpus`` and ``context_size`` default to the SAE's own (its cfg), as in ``saebench eval``.
+    ``selection="gradient"`` (g-SAEs only) selects latents with the g-SAE's training rule (``evals/gsae.py``).
     """
     from saebench import models, text
     from saebench.io import write_json
@@ -75,7 +79,8 @@ def run_reconstruction_eval(sae_dir: str | Path, model=None, *, corpus: str | No
     if model is None:
         model = models.load_model(sae.cfg.model_name or None, device=device)
     tokens, corpus, ctx = held_out_tokens(sae, model, corpus, eval_tokens, context_size, progress=progress)
-    res = evaluate_reconstruction(sae, model, tokens, special_ids=text.special_ids(model.tokenizer), batch_size=batch_size, progress=progress)
+    res = evaluate_reconstruction(sae, model, tokens, special_ids=text.special_ids(model.tokenizer), batch_size=batch_size, progress=progress,
+                                  selection=selection)
     res |= {"corpus": corpus, "split": "eval", "context_size": ctx}
     write_json(Path(out) if out else Path(sae_dir) / "eval_reconstruction.json", res)
     return res
@@ -89,9 +94,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     p = argparse.ArgumentParser(prog="saebench.evals.reconstruction", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(p, own_text=True)
+    p.add_argument("--selection", choices=["plain", "gradient"], default="plain",
+                   help="plain: the SAE's inference rule; gradient: a g-SAE's training rule, with ∇ₓ of the LM loss from the eval's clean forward")
     a = p.parse_args(argv)
     res = run_reconstruction_eval(a.sae_dir, None, corpus=a.corpus, eval_tokens=a.eval_tokens, context_size=a.context_size,
-                                  batch_size=a.batch_size, device=a.device, out=a.out, progress=not a.no_progress)
+                                  batch_size=a.batch_size, device=a.device, out=a.out, progress=not a.no_progress, selection=a.selection)
     print(format_table(res))
     return res
 
