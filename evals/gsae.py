@@ -49,8 +49,6 @@ def check_selection(selection: str) -> str:
 
 def gsae_beta(sae: SAE) -> float:
     """The β of a g-SAE's selection (its training option); a ``ConfigError`` for any other SAE."""
-    from saebench.trainers.gsae import GSAEOptions
-
     cfg = sae.cfg
     where = f"the SAE at {cfg.hook_name or '?'} (method {cfg.method or 'unrecorded'!r}, architecture {cfg.architecture!r})"
     if cfg.method != "gsae":
@@ -59,7 +57,10 @@ def gsae_beta(sae: SAE) -> float:
     if cfg.architecture != "topk" or cfg.k is None:
         raise ConfigError(f"{where} is marked as a g-SAE but is not a TopK SAE with a k; gradient-aware selection needs one")
     opts = (cfg.metadata or {}).get("method_options") or {}
-    return float(GSAEOptions(**opts).beta)
+    beta = float(opts.get("beta", sparse.GSAE_DEFAULT_BETA))
+    if not beta >= 0:
+        raise ConfigError(f"{where} records beta={beta!r}; a g-SAE's beta must be >= 0")
+    return beta
 
 
 def lm_loss_grad(model, toks: Tensor, hook: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,14 +94,12 @@ def gradient_encode_sparse(sae: SAE, x: Tensor, g: Tensor, beta: float) -> Spars
     ``g`` [B, d_in] is ∇ₓ of the LM loss at x (any positive scale per token: it is normalised to unit
     RMS). β = 0 is ``sae.encode_sparse`` exactly.
     """
-    from saebench.trainers.gsae import gradient_scores
-
     x = sae._check_input(x)
     if g.shape != x.shape:
         raise ValueError(f"the gradient must have the activations' shape {tuple(x.shape)}, got {tuple(g.shape)}")
     x_c = sae.center(x)
     pre = F.linear(x_c, sae.encoder_weight, sae.b_enc)
-    scores = gradient_scores(pre, g.to(device=pre.device, dtype=pre.dtype), sae.W_dec.to(pre.dtype), beta)
+    scores = sparse.gradient_scores(pre, g.to(device=pre.device, dtype=pre.dtype), sae.W_dec.to(pre.dtype), beta)
     idx = sparse.topk_select(scores, sae.cfg.k)
     return SparseActs(sae.activate(sparse.gather_pre(x_c, sae.encoder_weight, sae.b_enc, pre, idx)), idx)
 

@@ -343,3 +343,20 @@ def row_topk(scores: Tensor, k: int, stride: int = 8, margin: float = 1.5) -> Te
     if short.numel():
         out[short] = scores[short].topk(k, dim=-1, sorted=False).indices
     return out
+
+
+GSAE_DEFAULT_BETA = 1.0  # g-SAE's default β (trainers/gsae.py); here so that the eval reads it without importing a trainer
+
+
+def gradient_scores(pre: Tensor, grads: Tensor, W_dec: Tensor, beta: float, out: Tensor | None = None) -> Tensor:
+    """Selection scores [B, n]: π + β·ReLU(π)·|W_dec g|, g [B, d] normalised to unit RMS per token.
+
+    Computed in place in one [B, n] tensor (``out`` if given, reused between steps): ReLU(π)·|G| =
+    max(π·|G|, 0) as |G| ≥ 0, so no ReLU'd copy of π is made.
+    """
+    g = grads / grads.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+    scores = torch.mm(g, W_dec.T, out=out) if out is not None else g @ W_dec.T
+    scores.abs_().mul_(pre).clamp_min_(0)
+    if beta != 1:
+        scores.mul_(beta)
+    return scores.add_(pre)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
+from saebench.sparse import GSAE_DEFAULT_BETA, gradient_scores  # noqa: F401 (public here too)
 from saebench.trainers.base import Method, Options, StepInput, register
 from torch import Tensor
 
@@ -26,21 +27,7 @@ from saebench.sae import SAE
 
 
 class GSAEOptions(Options):
-    beta: float = Field(1.0, ge=0, description="Weight of the gradient term |d_i·g| (g at unit RMS per token) in the selection score.")
-
-
-def gradient_scores(pre: Tensor, grads: Tensor, W_dec: Tensor, beta: float, out: Tensor | None = None) -> Tensor:
-    """Selection scores [B, n]: π + β·ReLU(π)·|W_dec g|, g [B, d] normalised to unit RMS per token.
-
-    Computed in place in one [B, n] tensor (``out`` if given, reused between steps): ReLU(π)·|G| =
-    max(π·|G|, 0) as |G| ≥ 0, so no ReLU'd copy of π is made.
-    """
-    g = grads / grads.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
-    scores = torch.mm(g, W_dec.T, out=out) if out is not None else g @ W_dec.T
-    scores.abs_().mul_(pre).clamp_min_(0)
-    if beta != 1:
-        scores.mul_(beta)
-    return scores.add_(pre)
+    beta: float = Field(GSAE_DEFAULT_BETA, ge=0, description="Weight of the gradient term |d_i·g| (g at unit RMS per token) in the selection score.")
 
 
 @register
