@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -478,6 +479,26 @@ def _saebench_variants(s: _Sums, d_in: int) -> dict[str, float]:
     }
 
 
+def _warn_outlier_blowup(m: dict[str, Any]) -> None:
+    """Warn when the reconstruction is worse than the mean on all tokens (FVU > 1) only because of outlier-norm tokens.
+
+    Seen on SmolLM2 with every threshold-inference SAE (BatchTopK, JumpReLU, Mutual/Feature Choice, Matryoshka:
+    FVU 1-13 against 0.13-0.24 without outliers, docs/METHODS_REPORT.md): training excludes tokens whose norm
+    exceeds 10x the median, and on such a token hundreds of latents pass their thresholds. The codes there
+    are meaningless, which no averaged metric shows on its own.
+    """
+    f, f_in, n_out = m["fvu"], m["fvu_without_outliers"], m["n_outlier_tokens"]
+    if n_out and math.isfinite(f) and math.isfinite(f_in) and f > 1 and f_in < 1:
+        from saebench.config import SaebenchWarning
+
+        warnings.warn(
+            f"SAE at {m['hook_name']} ({m['architecture']}): FVU is {f:.3g} on all tokens but {f_in:.3g} without the {n_out:,} "
+            f"outlier-norm tokens (norm > {OUTLIER_NORM_FACTOR:g}x the batch median): its reconstruction blows up on them. "
+            "Threshold-inference SAEs fire many latents on tokens far outside their training data (outliers are excluded "
+            "from training). Do not read its codes at those positions: drop tokens above that norm, as training did.",
+            SaebenchWarning, stacklevel=3)
+
+
 def _summarise(s: _Sums, sae: SAE, downstream: bool) -> dict[str, Any]:
     f = fvu(s.sse, s.sum_sq, s.sum_x, s.n)
     density = s.fires.double() / s.n
@@ -508,6 +529,7 @@ def _summarise(s: _Sums, sae: SAE, downstream: bool) -> dict[str, Any]:
         "dense_fraction_10pct": (density > 0.10).double().mean().item(),
         "log10_density_histogram": {"counts": hist_counts.tolist(), "edges": hist_edges.tolist()},
     }
+    _warn_outlier_blowup(out)
     if downstream and s.n_pred:
         ce = {k: v / s.n_pred for k, v in s.ce.items()}
         kl = {k: v / s.n for k, v in s.kl.items()}

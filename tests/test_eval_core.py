@@ -297,3 +297,33 @@ def test_resume_falls_back_on_a_mismatch(tiny_model):
     assert not resume_matches(tiny_model, HOOK, cache[HOOK], logits + 1.0)
     assert not resume_matches(tiny_model, HOOK, cache[HOOK], logits)  # remembered for this model and hook
     tiny_model.__dict__.pop("_saebench_resume_ok", None)
+
+
+def test_a_reconstruction_that_blows_up_only_on_outlier_tokens_warns():
+    """FVU > 1 on all tokens but < 1 without the outliers (threshold SAEs on attention sinks): a clear warning, not silence."""
+    from saebench.config import SaebenchWarning
+    from saebench.evals.core import CoreAccumulator
+    from saebench.sparse import SparseActs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g)
+    x[[3, 77]] *= 50.0
+    acts = SparseActs(torch.ones(200, 1), torch.zeros(200, 1, dtype=torch.long))
+    sae = SAE(SAEConfig(architecture="jumprelu", d_in=8, d_sae=4, hook_name="blocks.0.hook_resid_post"))
+
+    def result(x_hat):
+        acc = CoreAccumulator(sae)
+        acc.add_reconstruction(x, x_hat, acts)
+        return acc.result(downstream=False)
+
+    good = x + 0.1 * torch.randn(200, 8, generator=g)
+    blown = good.clone()
+    blown[[3, 77]] = -3 * x[[3, 77]]  # overshoots on the two outliers, as hundreds of firing latents do
+    with pytest.warns(SaebenchWarning, match="2 outlier-norm tokens.*blows up"):
+        m = result(blown)
+    assert m["fvu"] > 1 and m["fvu_without_outliers"] < 0.02
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SaebenchWarning)
+        assert result(good)["fvu"] < 1  # a good reconstruction stays silent
