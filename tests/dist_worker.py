@@ -31,6 +31,9 @@ def main(out: Path) -> None:
     # distribute_modules: SAE i lives on rank i % 2
     res = train_many(configs(out / "dm"), source=src, progress=False, distribute_modules=True)
     assert [r is not None for r in res] == [i % world == rank for i in range(len(res))]
+    # Both ranks reach the end before either tears gloo down: a rank that destroys its group while the other still
+    # talks to it can abort the other ("terminate called without an active exception"), seen once under load in CI.
+    distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
