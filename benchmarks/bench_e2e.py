@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_methods as bm  # noqa: E402  (benchmarks/ is not a package: the shared machine description)
 
 RESULT_STEM = "e2e_axes"
 FAMILIES = ("standard", "e2e", "e2e_ds")
@@ -314,15 +316,6 @@ def load_rows(out: Path) -> dict[str, dict]:
     return {r["key"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
 
 
-def machine_info(device: str) -> dict[str, Any]:
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu", "loadavg_1_5_15": load}
-
-
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
@@ -367,7 +360,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if e["family"] == "topk_compute":
                 row["compute_match"] = calib
             rows[e["key"]] = row
-            meta_now = meta | {"machine": machine_info(args.device), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            meta_now = meta | {"machine": bm.machine_info(args.device), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                                "this_run_wall_seconds": round(time.perf_counter() - t0, 1)}
             order = {x["key"]: i for i, x in enumerate(entries)}
             write_results(out, sorted(rows.values(), key=lambda r: order.get(r["key"], len(order))), meta_now)  # after every SAE: resumable
@@ -523,7 +516,7 @@ def breakdown(args) -> dict[str, Any]:
             fns[k]()
             torch.cuda.synchronize()
             peak[k] = (torch.cuda.max_memory_allocated() - before) / 2**20
-    report = {"model": base["model"], "hook": site.hook, "tokens_per_step": int(tokens.numel()), "device": machine_info(dev), "repeats": args.repeats,
+    report = {"model": base["model"], "hook": site.hook, "tokens_per_step": int(tokens.numel()), "device": bm.machine_info(dev), "repeats": args.repeats,
               "median_seconds": med, "all_seconds": res, "fast_over_plain": ratio, "cuda_peak_MB_above_resident": peak or None,
               "e2e_step_over_topk_step": med["e2e_step"] / med["topk_step"],
               "e2e_step_over_topk_step_with_harvest": med["e2e_step"] / med["topk_step_with_harvest"],

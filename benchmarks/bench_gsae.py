@@ -41,6 +41,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_methods as bm  # noqa: E402  (benchmarks/ is not a package: the shared machine description)
+
 RESULT_STEM = "gsae"
 METRICS = ("l0", "fvu", "fvu_without_outliers", "ce_loss_with_sae", "delta_ce", "ce_loss_abs_diff", "ce_loss_score", "kl_div_with_sae",
            "kl_div_score", "dead_fraction")
@@ -296,16 +299,6 @@ def write_results(out: Path, rows: list[dict[str, Any]], names: list[str], meta:
     return paths
 
 
-def machine_info(device: str) -> dict[str, Any]:
-    import platform
-
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": device}
-    if device == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
@@ -359,7 +352,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             secs = seconds.get(str(d))
             rows[f"{n}/seed{seed}"] = {"key": f"{n}/seed{seed}", "name": n, "seed": seed, "method": cfgs[n].method,
                                       "method_options": dict(cfgs[n].method_options), "train_tokens": base["training_tokens"],
-                                      "eval_tokens_requested": eval_tokens, "train_seconds": secs if secs is not None else _logged_seconds(d),
+                                      "eval_tokens_requested": eval_tokens, "train_seconds": secs if secs is not None else bm._logged_seconds(d),
                                       "harvest_seconds": harvest_s, "sae_dir": str(d), **res[n]}
         write_results(out, _ordered(rows, names), names, _meta(args, base, eval_tokens, t_start, argv))  # after every seed: resumable
     table = _ordered(rows, names)
@@ -380,15 +373,8 @@ def _meta(args, base, eval_tokens, t_start, argv) -> dict[str, Any]:
             "expansion_factor": base["expansion_factor"], "training_tokens": base["training_tokens"], "batch_size_tokens": base["batch_size_tokens"],
             "lr": base["lr"], "context_size": base["context_size"], "corpus": base["corpus"], "eval_tokens": eval_tokens, "betas": args.betas,
             "device": args.device, "command": " ".join(["benchmarks/bench_gsae.py", *(argv if argv is not None else sys.argv[1:])]),
-            "this_run_wall_seconds": round(time.perf_counter() - t_start, 1), "machine": machine_info(args.device),
+            "this_run_wall_seconds": round(time.perf_counter() - t_start, 1), "machine": bm.machine_info(args.device),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-
-
-def _logged_seconds(sae_dir: Path) -> float | None:
-    try:
-        return float(json.loads((Path(sae_dir) / "training_log.json").read_text())["seconds"])
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 if __name__ == "__main__":

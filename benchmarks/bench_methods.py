@@ -304,13 +304,17 @@ def _meta_lines(meta: dict[str, Any]) -> str:
     return "\n".join(f"- {k}: {v}" for k, v in meta.items())
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """The machine a benchmark ran on (shared by the benchmark scripts): platform, CPUs, threads, torch, load, device (and GPU)."""
     try:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": sys.version.split()[0], "loadavg_1_5_15": [round(x, 2) for x in load] if load else None}
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": sys.version.split()[0], "loadavg_1_5_15": [round(x, 2) for x in load] if load else None, "device": str(device)}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,10 +410,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def _logged_seconds(sae_dir: Path) -> float | None:
-    try:
-        return float(json.loads((Path(sae_dir) / "training_log.json").read_text())["seconds"])
-    except (OSError, ValueError, KeyError):
-        return None
+    """Training seconds from an SAE folder's training log (None when it has none)."""
+    from saebench.folders import read_training_log
+
+    secs = read_training_log(sae_dir, missing_ok=True).get("seconds")
+    return float(secs) if secs is not None else None
 
 
 if __name__ == "__main__":

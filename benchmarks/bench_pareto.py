@@ -40,8 +40,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_methods as bm  # noqa: E402  (benchmarks/ is not a package)
 
@@ -294,9 +292,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     meta = {"model": "tiny random llama" if args.tiny else base["model"], "hook_name": base["hook_name"], "tokens": args.tokens,
             "ks": args.ks, "seeds": args.seeds, "expansion_factor": base["expansion_factor"], "batch_size_tokens": base["batch_size_tokens"],
             "lr": base["lr"], "eval_tokens": args.eval_tokens, "device": args.device,
-            "command": " ".join(["benchmarks/bench_pareto.py", *(argv if argv is not None else sys.argv[1:])]), "machine": bm.machine_info()}
-    if str(args.device).startswith("cuda") and torch.cuda.is_available():
-        meta["gpu"] = torch.cuda.get_device_name(args.device)
+            "command": " ".join(["benchmarks/bench_pareto.py", *(argv if argv is not None else sys.argv[1:])]), "machine": bm.machine_info(args.device)}
     if args.report_only:
         stored = json.loads((out / ROWS_FILE).read_text())["meta"] if rows else None
         for d in args.rows_from:
