@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_loader import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "benchmarks" / "bench_e2e.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_e2e")
 
 
 def test_tiny_mode_trains_every_family_and_resumes(tmp_path, monkeypatch):
@@ -68,6 +62,7 @@ def test_tiny_mode_trains_every_family_and_resumes(tmp_path, monkeypatch):
 def test_interrupted_sae_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """An e2e run killed mid-way picks up from its checkpoint in the SAE folder (the loop's resume)."""
     import saebench.trainers.loop as loop
+
     from saebench import models
 
     bench = _bench()

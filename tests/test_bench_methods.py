@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_loader import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "bench_methods.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_methods")
 
 
 def test_tiny_mode_gives_one_finite_row_per_method_and_resumes(tmp_path, monkeypatch):
@@ -68,10 +63,10 @@ def test_auxk_and_the_zipf_dead_branch_fire_in_a_benchmark_shaped_run(tmp_path):
     """Issue #15.1: the benchmark's dead window must be reachable, so AuxK (TopK) and the Zipf loss's
     dead branch (Mutual Choice; Feature Choice's capacities leave no latent dead) act. The bench's own settings, scaled down (60 steps, batch 256), on planted data."""
     import torch
+    from saebench.trainers.loop import train
 
     from saebench.activations import SyntheticSource
     from saebench.config import TrainConfig
-    from saebench.trainers.loop import train
 
     bench = _bench()
     args = bench.build_parser().parse_args(["--tokens", str(60 * 256), "--batch-size-tokens", "256", "--k", "4", "--expansion-factor", "16"])

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_loader import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_pareto", ROOT / "benchmarks" / "bench_pareto.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_pareto")
 
 
 def test_grid_names_one_sae_per_variant_setting_and_seed():

@@ -1,12 +1,11 @@
 """g-SAE's gradient-aware selection at eval time (evals/gsae.py via the core eval) and benchmarks/bench_gsae.py."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_loader import load_benchmark
 from saebench.evals.core import evaluate_core, evaluate_hook_group
 from saebench.evals.gsae import gradient_encode_sparse, gsae_beta, lm_loss_grad, spliced_loss_gap
 
@@ -154,11 +153,7 @@ def test_gradient_selection_refuses_an_sae_that_is_not_a_gsae(tiny_model):
 
 
 def _load_bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gsae.py"
-    spec = importlib.util.spec_from_file_location("bench_gsae", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_gsae")
 
 
 def test_bench_gsae_tiny_runs_and_resumes(tmp_path, monkeypatch):
