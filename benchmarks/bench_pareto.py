@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "command": " ".join(["benchmarks/bench_pareto.py", *(argv if argv is not None else sys.argv[1:])]), "machine": bm.machine_info(args.device)}
     if args.report_only:
         stored = json.loads((out / ROWS_FILE).read_text())["meta"] if rows else None
+        earlier = (stored.get("parts") or [str(out)]) if stored else []
+        machines = dict(stored.get("machines_by_part", {})) if stored else {}
         for d in args.rows_from:
             part = load_rows(Path(d))
             if not part:
@@ -303,10 +305,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if len(evals) > 1:
                 raise SystemExit(f"the rows of {d} were evaluated on another number of held-out tokens ({sorted(evals)}): they cannot share a table")
             rows |= part
-            stored = stored or json.loads((Path(d) / ROWS_FILE).read_text())["meta"]
+            part_meta = json.loads((Path(d) / ROWS_FILE).read_text())["meta"]
+            stored = stored or part_meta
+            m = part_meta.get("machine") or {}
+            machines[str(d)] = m.get("gpu") or part_meta.get("gpu") or m.get("platform") or part_meta.get("device")
         if not rows:
             raise SystemExit(f"no rows in {out / ROWS_FILE}: run the grid first (without --report-only)")
-        stored = stored | {"parts": [str(out), *args.rows_from]} if args.rows_from else stored
+        if args.rows_from:
+            # A merged table describes all its parts: their union of k and seeds, every part, and the machine each ran on.
+            parts = [*earlier, *(d for d in args.rows_from if d not in earlier)]
+            stored = {k: v for k, v in stored.items() if k not in ("command", "wall_seconds_this_run", "machine", "gpu")} | {
+                "ks": sorted({r["k"] for r in rows.values() if r.get("coef") is None}), "seeds": sorted({r["seed"] for r in rows.values()}),
+                "parts": parts, "machines_by_part": machines}
         save_rows(out, rows, stored)
         paths = write_report(out, list(rows.values()), stored)
         log(f"wrote {', '.join(str(p) for p in paths.values())}")

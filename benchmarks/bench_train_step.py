@@ -120,6 +120,10 @@ METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
     "vsae_det": ("vsae_det", {}),
     "feature_choice": ("feature_choice", {}),
     "gsae": ("gsae", {}),
+    # ReLU codes: dense at initialisation (about half the latents fire), so these time the dense-code path.
+    "standard": ("standard", {}),
+    "gated": ("gated", {}),
+    "jumprelu_paper": ("jumprelu", {"form": "paper"}),
 }
 
 
@@ -134,8 +138,9 @@ def method_step(name: str, args, x: torch.Tensor):
                       method=method_name, method_options=opts, device=dev, lr=1e-4)
     method = get_method(method_name)(cfg)
     sae = SAE(method.sae_config(args.d_in)).to(dev)
+    groups = method.param_groups(sae, 1e-4)  # as the loop: first, so training-only parameters (standard's free decoder) exist
     method.init_sae(sae, x, torch.Generator().manual_seed(0))
-    opt = make_optimizer(method.param_groups(sae, 1e-4), cfg, 1e-4)
+    opt = make_optimizer(groups, cfg, 1e-4)
     # 1% of latents dead: AuxK / the Zipf loss's dead branch run, as in a real run.
     dead = torch.zeros(args.n, dtype=torch.bool, device=dev)
     dead[:: 100] = True

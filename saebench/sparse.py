@@ -4,7 +4,8 @@ A sparse code is carried as ``SparseActs(values [B, K], indices [B, K])``: K lat
 rest zero. Fixed-k methods (TopK, AbsTopK, g-SAE) have K = k; variable-L0 methods (BatchTopK, JumpReLU,
 Feature Choice) pad each row to the batch's largest count with zero values. Decoding and the encoder's
 backward touch only those K entries, so the one dense product per training step is the encoder's
-forward ``x @ W_enc`` (computed without autograd), never a dense ``[B, n_latents]`` gradient.
+forward ``x @ W_enc`` (computed without autograd), never a dense ``[B, n_latents]`` gradient. The one
+exception is a code so dense that GEMMs are faster (``dense_codes``: ReLU + L1 early in training).
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ class _GatherLinear(torch.autograd.Function):
         x, weight, indices = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = grad_w = grad_b = None
+        B, K = indices.shape
+        if dense_codes(grad.device, B, K, weight.shape[0], weight.element_size()):
+            # A code this dense (ReLU + L1 early in training: thousands of latents a token) back-propagates
+            # faster as dense GEMMs than as B·K gathered rows.
+            g = weight.new_zeros(B, weight.shape[0]).scatter_add_(1, indices, grad.to(weight.dtype))
+            grad_x = g @ weight if ctx.needs_input_grad[0] else None
+            grad_w = g.t() @ x.to(weight.dtype) if ctx.needs_input_grad[1] else None
+            grad_b = g.sum(0) if ctx.needs_input_grad[2] else None
+            return grad_x, grad_w, grad_b, None, None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad.to(weight.dtype), mode="sum")
         if ctx.needs_input_grad[1]:
@@ -107,6 +117,21 @@ DENSE_SCATTER_MIN_DENSITY = 1 / 256  # K / n from which _scatter_rows uses a den
 DENSE_SCATTER_MAX_BYTES = 1 << 30  # ... if the dense [B, n] code fits in this
 
 
+DENSE_CODE_MIN_DENSITY = {"cuda": 1 / 64, "cpu": 1 / 5}  # K / n from which decode and the encoder's backward use dense GEMMs
+
+
+def dense_codes(device: torch.device, B: int, K: int, n: int, element_size: int) -> bool:
+    """Whether codes of K of n latents per token are decoded (and back-propagated) through a dense [B, n] code and GEMMs.
+
+    The sparse path costs O(B·K·d) in gathers; a GEMM costs O(B·n·d) at several times the throughput. Past
+    ``DENSE_CODE_MIN_DENSITY`` the GEMMs win (``benchmarks/bench_dense_codes.py``: on 2 CPU cores from about 1/5 of the
+    latents, on an H200 from 1/64 or less; B 4,096, 4,608 latents, d 576).
+    TopK-style codes (k = 32 of 4,608) stay on the sparse path; ReLU + L1 codes early in training (half the latents) do not.
+    """
+    frac = DENSE_CODE_MIN_DENSITY.get(device.type)
+    return frac is not None and K >= n * frac and B * n * element_size <= DENSE_SCATTER_MAX_BYTES
+
+
 def _dense_scatter(device: torch.device, B: int, K: int, n: int, element_size: int) -> bool:
     """Whether ``_scatter_rows`` should scatter into a dense [B, n] code and use one GEMM (CUDA, dense enough, small enough).
 
@@ -149,7 +174,11 @@ def decode(acts: SparseActs, W_dec: Tensor, b_dec: Tensor | None = None) -> Tens
     Gradients: to the values through ``embedding_bag``; to W_dec through ``_DecoderWeightGrad`` (sparse).
     """
     values = acts.values.to(W_dec.dtype)
-    if not (W_dec.requires_grad and torch.is_grad_enabled()):
+    B, K = acts.indices.shape
+    if dense_codes(values.device, B, K, W_dec.shape[0], W_dec.element_size()):
+        # Dense enough that one GEMM beats B·K gathered rows; autograd gives values' (gather) and W_dec's (GEMM) gradients.
+        out = values.new_zeros(B, W_dec.shape[0]).scatter_add(1, acts.indices, values) @ W_dec
+    elif not (W_dec.requires_grad and torch.is_grad_enabled()):
         out = F.embedding_bag(acts.indices, W_dec, per_sample_weights=values, mode="sum")
     else:
         out = F.embedding_bag(acts.indices, W_dec.detach(), per_sample_weights=values, mode="sum")

@@ -65,6 +65,17 @@ def test_tiny_grid_aggregates_seeds_resumes_and_merges_parts(tmp_path, monkeypat
     for name in ("pareto_delta_ce.html", "pareto_fvu.html"):
         assert (merged / name).stat().st_size > 1000
     assert len(json.loads((merged / "pareto_rows.json").read_text())["rows"]) == len(core) + len(var)
+    meta = json.loads((merged / "pareto_rows.json").read_text())["meta"]
+    assert meta["seeds"] == [0, 1] and meta["ks"] == [2, 4] and set(meta["machines_by_part"]) == {str(tmp_path / "core"), str(tmp_path / "variants")}
+    # Merging one more part later keeps the earlier parts in the record.
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    row = dict(topk[0], key="topk|k4|s7", seed=7)
+    (extra / "pareto_rows.json").write_text(json.dumps({"meta": {"machine": {"gpu": "some GPU"}}, "rows": [row]}))
+    bench.main(["--report-only", "--quiet", "--out", str(merged), "--rows-from", str(extra)])
+    meta = json.loads((merged / "pareto_rows.json").read_text())["meta"]
+    assert meta["parts"][-3:] == [str(tmp_path / "core"), str(tmp_path / "variants"), str(extra)] and meta["seeds"] == [0, 1, 7]
+    assert meta["machines_by_part"][str(extra)] == "some GPU" and "command" not in meta
 
 
 def test_report_refuses_parts_evaluated_on_different_held_out_tokens(tmp_path):

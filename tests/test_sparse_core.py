@@ -321,3 +321,38 @@ def test_scatter_rows_dense_path_equals_the_sparse_product(monkeypatch):
     assert not sparse._dense_scatter(torch.device("cuda"), 4096, 32, 16384, 4)  # TopK's k: the sparse product
     monkeypatch.setattr(sparse, "_dense_scatter", lambda *a: True)
     torch.testing.assert_close(sparse._scatter_rows(idx, coef, rows, n), want, rtol=1e-12, atol=1e-12)
+
+
+def test_dense_code_path_equals_the_sparse_path_in_value_and_gradient(monkeypatch):
+    """Codes dense enough (ReLU + L1 early in training) decode and back-propagate through dense GEMMs: same x̂, same gradients."""
+    from saebench import sparse
+    from saebench.sparse import SparseActs
+
+    g = torch.Generator().manual_seed(2)
+    B, n, d, K = 24, 40, 6, 13
+    x = torch.randn(B, d, dtype=torch.float64, generator=g)
+    W, Wd = torch.randn(n, d, dtype=torch.float64, generator=g), torch.randn(n, d, dtype=torch.float64, generator=g)
+    b = torch.randn(n, dtype=torch.float64, generator=g)
+    pre = torch.addmm(b, x, W.t())
+    idx = pre.topk(K, dim=-1).indices
+    idx[:, -2:] = 0  # padding-style duplicates of latent 0 must add up on both paths
+    w_out = torch.randn(B, d, dtype=torch.float64, generator=g)
+
+    def run(dense: bool):
+        monkeypatch.setattr(sparse, "DENSE_CODE_MIN_DENSITY", {"cpu": 0.0 if dense else 2.0})
+        leaves = [t.clone().requires_grad_() for t in (x, W, b, Wd)]
+        xx, WW, bb, WWd = leaves
+        f = torch.relu(sparse.gather_pre(xx, WW, bb, pre, idx))
+        out = sparse.decode(SparseActs(f, idx), WWd, None)
+        (out * w_out).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    (out_s, grads_s), (out_d, grads_d) = run(False), run(True)
+    torch.testing.assert_close(out_d, out_s, rtol=1e-12, atol=1e-12)
+    for a, c in zip(grads_d, grads_s):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    monkeypatch.undo()
+    assert not sparse.dense_codes(torch.device("cpu"), 4096, 32, 4608, 4)  # TopK's codes stay sparse
+    assert sparse.dense_codes(torch.device("cpu"), 4096, 2304, 4608, 4)  # ReLU + L1 at init: half the latents
+    assert not sparse.dense_codes(torch.device("cuda"), 4096, 32, 16384, 4)
+    assert not sparse.dense_codes(torch.device("cpu"), 1 << 20, 4608, 4608, 4)  # a dense code over 1 GiB: the sparse path

@@ -154,10 +154,23 @@ def test_bench_train_step_times_every_activation_method_and_the_floors(tmp_path)
     rep = json.loads(out.read_text())
     names = set(rep["methods_step_over_matmul"])
     assert {"topk", "batchtopk", "mutual_choice", "jumprelu", "abstopk", "abstopk_batch", "vsae", "vsae_det", "feature_choice",
-            "gsae", "floor:kl_products", "floor:kl_products_noise", "floor:gsae_products"} <= names
+            "gsae", "standard", "gated", "jumprelu_paper", "floor:kl_products", "floor:kl_products_noise", "floor:gsae_products"} <= names
     assert all(v["over_matmul"] > 0 for v in rep["methods_step_over_matmul"].values())
     assert rep["device"] == "cpu" and rep["threads"] == 1 and "load_average" in rep
     if not torch.cuda.is_available():  # a clear error, not a crash deep inside
         r = subprocess.run([sys.executable, str(script), "--device", "cuda", "--small", "--skip-memory", "--out", str(tmp_path / "c.json")],
                            env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode != 0 and "sees no CUDA device" in r.stderr
+
+
+def test_bench_dense_codes_times_both_paths_and_leaves_the_threshold_as_it_was(tmp_path):
+    """benchmarks/bench_dense_codes.py at toy shapes: both paths timed at every K, the library's threshold restored after."""
+    from bench_loader import load_benchmark
+    from saebench import sparse
+
+    before = dict(sparse.DENSE_CODE_MIN_DENSITY)
+    rep = load_benchmark("bench_dense_codes").main(["--n", "64", "--d-in", "8", "--batch", "32", "--ks", "4", "32", "--repeats", "1",
+                                                    "--out", str(tmp_path / "d.json")])
+    assert [r["K"] for r in rep["rows"]] == [4, 32] and all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 for r in rep["rows"])
+    assert rep["threshold_in_use"] == before["cpu"] and sparse.DENSE_CODE_MIN_DENSITY == before
+    assert (tmp_path / "d.json").exists()
