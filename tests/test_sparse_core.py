@@ -356,3 +356,26 @@ def test_dense_code_path_equals_the_sparse_path_in_value_and_gradient(monkeypatc
     assert sparse.dense_codes(torch.device("cpu"), 4096, 2304, 4608, 4)  # ReLU + L1 at init: half the latents
     assert not sparse.dense_codes(torch.device("cuda"), 4096, 32, 16384, 4)
     assert not sparse.dense_codes(torch.device("cpu"), 1 << 20, 4608, 4608, 4)  # a dense code over 1 GiB: the sparse path
+
+
+def test_relu_l1_steps_take_the_dense_code_path_while_topk_stays_sparse(monkeypatch):
+    """ReLU + L1 at initialisation fires about half the latents: its decode and encoder backward go dense; TopK's never do."""
+    from saebench import sparse
+    from saebench.config import TrainConfig
+    from saebench.sae import SAE
+    from saebench.trainers import get_method
+    from saebench.trainers.base import StepInput
+
+    taken = []
+    real = sparse.dense_codes
+    monkeypatch.setattr(sparse, "dense_codes", lambda *a: taken.append(real(*a)) or taken[-1])
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
+    for name, dense in (("standard", True), ("topk", False)):
+        taken.clear()
+        cfg = TrainConfig(hook_name="h", d_sae=128, k=4, training_tokens=256 * 100, batch_size_tokens=256, method=name)
+        method = get_method(name)(cfg)
+        sae = SAE(method.sae_config(16))
+        method.param_groups(sae, 1e-3)
+        method.init_sae(sae, x, torch.Generator().manual_seed(0))
+        method.step(sae, StepInput(x=x, dead_mask=torch.zeros(128, dtype=torch.bool), step=50)).loss.backward()
+        assert taken and all(t == dense for t in taken), (name, taken)
