@@ -36,6 +36,10 @@ FLOORS = {
 }
 
 
+# Recovery is a float32 fraction: 72 of 80 features is 0.89999998, under a literal 0.9. The floors are meant in features.
+FRACTION_SLACK = 1e-6
+
+
 @pytest.fixture(scope="module")
 def sources():
     return {name: bp.PlantedSource(shape, chunk_tokens=8192) for name, shape in SHAPES.items()}
@@ -45,7 +49,7 @@ def sources():
 @pytest.mark.parametrize("method", METHODS)
 def test_planted_recovery_at_defaults(method, shape, sources, tmp_path):
     r = bp.run_one(method, SHAPES[shape], 300 * 1024, tmp_path, batch=1024, source=sources[shape])
-    assert r["recovery"] >= FLOORS.get((method, shape), 0.9), r
+    assert r["recovery"] >= FLOORS.get((method, shape), 0.9) - FRACTION_SLACK, r
     assert r["fvu"] < 0.3, r
     if method not in bp.FREE_L0:
         assert abs(r["l0"] - SHAPES[shape].k) < 0.3 * SHAPES[shape].k, r  # at the common sparsity
@@ -64,5 +68,5 @@ def test_jumprelu_paper_form_recovers_given_the_steps_its_thresholds_need(shape,
     """form='paper' (λ·L0 with λ 0.03, θ₀ = ε = 0.001·√d, threshold lr = lr, Adam β1 = 0) at 4x the budget above (1,200 steps; 1,600 on uniform_sparse):
     its L0 is what λ gives (below k here), and it recovers the planted features."""
     r = bp.run_one("jumprelu_paper", SHAPES[shape], PAPER_STEPS.get(shape, 1200) * 1024, tmp_path, batch=1024, source=sources[shape])
-    assert r["recovery"] >= PAPER_FLOORS.get(shape, 0.9), r
+    assert r["recovery"] >= PAPER_FLOORS.get(shape, 0.9) - FRACTION_SLACK, r
     assert r["fvu"] < 0.3 and 0.3 * SHAPES[shape].k < r["l0"] < SHAPES[shape].k, r
