@@ -6,11 +6,14 @@ offline (one shared ``plotly.min.js`` next to the pages)."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from saebench.config import SaebenchWarning
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
@@ -210,13 +213,33 @@ def afa_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     return fig
 
 
+_LOCAL_PLOTLY_TAG = '<script charset="utf-8" src="plotly.min.js"></script>'
+
+
+def _with_cdn_fallback(html: str) -> str:
+    """The page loads ``plotly.min.js`` from beside it (offline); where that file is missing (a figure committed to git
+    without the 4.8 MB library, opened from a fresh clone) it loads the same plotly.js version from the CDN instead."""
+    from plotly.offline import get_plotlyjs_version
+
+    cdn = f"https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js"
+    fallback = f"<script>window.Plotly || document.write('<script charset=\"utf-8\" src=\"{cdn}\"><\\/script>')</script>"
+    return html.replace(_LOCAL_PLOTLY_TAG, _LOCAL_PLOTLY_TAG + fallback, 1)
+
+
 def write_figures(figs: Mapping[str, go.Figure], out_dir: str | Path) -> dict[str, Path]:
-    """Write each figure to ``out_dir/<name>.html`` (offline: plotly.min.js is written once beside them)."""
+    """Write each figure to ``out_dir/<name>.html``: offline, with plotly.min.js written once beside them, and the CDN
+    as a fallback where that file is absent (results folders keep the pages in git but not the library)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, fig in figs.items():
         path = out / f"{name}.html"
         fig.write_html(str(path), include_plotlyjs="directory", full_html=True)
+        html = path.read_text(encoding="utf-8")
+        if _LOCAL_PLOTLY_TAG in html:
+            path.write_text(_with_cdn_fallback(html), encoding="utf-8")
+        else:  # a plotly whose page layout we have not seen: the page still works beside plotly.min.js
+            warnings.warn(f"plotly wrote {path} without the script tag saebench expects; the page has no CDN fallback and needs "
+                          "plotly.min.js beside it", SaebenchWarning, stacklevel=2)
         paths[name] = path
     return paths
