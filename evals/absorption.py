@@ -41,21 +41,18 @@ and the per-letter probe F1s in the result say what it supports.
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import statistics
 import string
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from pydantic.dataclasses import dataclass as pydantic_dataclass  # validated configs; registry flags come from their fields
 from saebench.evals.common import one_site
 from saebench.evals import plots
-from saebench.config import HelpFormatter
 from saebench.evals import registry
 from saebench.evals.registry import Command, ConfigSpec, EvalSpec, register
 from saebench.evals.probes import balanced_weights, fit_logistic
@@ -336,24 +333,7 @@ def format_summary(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.absorption SAE_DIR``; writes ``eval_absorption.json``."""
-    from saebench.evals.common import load_sae_and_model
-
-    from saebench.io import write_json
-
-    p = argparse.ArgumentParser(prog="saebench absorption", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("sae_dir")
-    p.add_argument("--model", default=None, help="model (default: the SAE's cfg.json model_name)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help="output JSON (default: SAE_DIR/eval_absorption.json)")
-    p.add_argument("--no-progress", action="store_true")
-    dests = registry.add_flags(p, "absorption", prefix="")  # one flag per AbsorptionConfig field
-    a = p.parse_args(argv)
-    cfg = registry.config_from_args(a, "absorption", dests)
-    sae, model = load_sae_and_model(a.sae_dir, a.model, a.device)
-    res = evaluate_absorption(sae, model, cfg, progress=not a.no_progress)
-    write_json(Path(a.out) if a.out else Path(a.sae_dir) / "eval_absorption.json", res)
-    print(format_summary(res))
-    return res
+    return registry.run_one_sae_cli("absorption", "saebench absorption", __doc__, evaluate_absorption, format_summary, "eval_absorption.json", argv)
 
 
 # --------------------------------------------------------------------------- the bench's absorption eval: one job per hook

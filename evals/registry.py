@@ -235,3 +235,30 @@ def config_from_args(args: argparse.Namespace, key: str, dests: dict[str, str], 
         return c.cls(**values)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{key} flags: {e}") from None
+
+
+def run_one_sae_cli(key: str, prog: str, doc: str, evaluate: Callable[..., dict[str, Any]], summary: Callable[[dict[str, Any]], str],
+                    result_file: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The command line of an eval of one SAE folder whose options are all config ``key``'s fields: parse, load the SAE
+    and its model, ``evaluate(sae, model, cfg, progress=...)``, write ``SAE_DIR/<result_file>`` (or ``--out``), print
+    ``summary(result)``, return the result."""
+    from pathlib import Path
+
+    from saebench.config import HelpFormatter
+    from saebench.evals.common import load_sae_and_model
+    from saebench.io import write_json
+
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("sae_dir")
+    p.add_argument("--model", default=None, help="model (default: the SAE's cfg.json model_name)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help=f"output JSON (default: SAE_DIR/{result_file})")
+    p.add_argument("--no-progress", action="store_true")
+    dests = add_flags(p, key, prefix="")  # one flag per field of the eval's config
+    a = p.parse_args(argv)
+    cfg = config_from_args(a, key, dests)
+    sae, model = load_sae_and_model(a.sae_dir, a.model, a.device)
+    res = evaluate(sae, model, cfg, progress=not a.no_progress)
+    write_json(Path(a.out) if a.out else Path(a.sae_dir) / result_file, res)
+    print(summary(res))
+    return res

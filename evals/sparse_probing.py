@@ -31,18 +31,15 @@ SAEBench's 4,000 / 1,000 so that a CPU run takes minutes.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from pydantic.dataclasses import dataclass as pydantic_dataclass  # validated configs; registry flags come from their fields
 from saebench.evals.common import one_site
 from saebench.evals import plots
-from saebench.config import HelpFormatter
 from saebench.evals import registry
 from saebench.evals.registry import Command, ConfigSpec, EvalSpec, register
 from saebench.evals.probe_datasets import OFFLINE, ProbeDataset, load_probe_dataset
@@ -253,24 +250,7 @@ def format_summary(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m saebench.evals.sparse_probing SAE_DIR [--datasets ...]``; writes ``eval_sparse_probing.json``."""
-    from saebench.evals.common import load_sae_and_model
-
-    from saebench.io import write_json
-
-    p = argparse.ArgumentParser(prog="saebench sparse-probing", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("sae_dir")
-    p.add_argument("--model", default=None, help="model (default: the SAE's cfg.json model_name)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help="output JSON (default: SAE_DIR/eval_sparse_probing.json)")
-    p.add_argument("--no-progress", action="store_true")
-    dests = registry.add_flags(p, "sparse_probing", prefix="")  # one flag per SparseProbingConfig field
-    a = p.parse_args(argv)
-    cfg = registry.config_from_args(a, "sparse_probing", dests)
-    sae, model = load_sae_and_model(a.sae_dir, a.model, a.device)
-    res = evaluate_sparse_probing(sae, model, cfg, progress=not a.no_progress)
-    write_json(Path(a.out) if a.out else Path(a.sae_dir) / "eval_sparse_probing.json", res)
-    print(format_summary(res))
-    return res
+    return registry.run_one_sae_cli("sparse_probing", "saebench sparse-probing", __doc__, evaluate_sparse_probing, format_summary, "eval_sparse_probing.json", argv)
 
 
 # --------------------------------------------------------------------------- the bench's sparse-probing eval: one job per hook

@@ -205,6 +205,10 @@ def test_eval_commands_take_flags_generated_from_their_config(tiny_model_dir, tm
                  "--test-size", "8", "--ks", "1", "3", "--context-length", "16", "--no-progress", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert "sae_top_3_test_accuracy" in res and "sae_top_5_test_accuracy" not in res  # --ks reached the config
+    # Without --out the result lands in the SAE folder, under the eval's own file name.
+    assert main(["sparse-probing", str(tmp_path / "sae"), "--model", str(tiny_model_dir), "--datasets", str(data), "--train-size", "12",
+                 "--test-size", "8", "--ks", "1", "--context-length", "16", "--no-progress"]) == 0
+    assert "sae_top_1_test_accuracy" in json.loads((tmp_path / "sae" / "eval_sparse_probing.json").read_text())
 
 
 def test_steering_and_circuit_commands_build_their_config_from_the_flags(tiny_model_dir, tmp_path):
