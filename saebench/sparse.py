@@ -57,7 +57,10 @@ class _GatherLinear(torch.autograd.Function):
         if dense_codes(grad.device, B, K, weight.shape[0], weight.element_size()):
             # A code this dense (ReLU + L1 early in training: thousands of latents a token) back-propagates
             # faster as dense GEMMs than as B·K gathered rows.
-            g = weight.new_zeros(B, weight.shape[0]).scatter_add_(1, indices, grad.to(weight.dtype))
+            if is_all_latents(indices, weight.shape[0]):
+                g = grad.to(weight.dtype)
+            else:
+                g = weight.new_zeros(B, weight.shape[0]).scatter_add_(1, indices, grad.to(weight.dtype))
             grad_x = g @ weight if ctx.needs_input_grad[0] else None
             grad_w = g.t() @ x.to(weight.dtype) if ctx.needs_input_grad[1] else None
             grad_b = g.sum(0) if ctx.needs_input_grad[2] else None
@@ -132,6 +135,30 @@ def dense_codes(device: torch.device, B: int, K: int, n: int, element_size: int)
     return frac is not None and K >= n * frac and B * n * element_size <= DENSE_SCATTER_MAX_BYTES
 
 
+_ARANGES: dict[tuple[int, str], Tensor] = {}
+
+
+def all_latents(B: int, n: int, device: torch.device | str) -> Tensor:
+    """Index rows [B, n] naming every latent in order: a stride-0 view of one cached ``arange(n)`` (no B·n memory).
+
+    The index rows of a code too dense to pad (``mask_to_indices(..., dense_ok=True)``); :func:`is_all_latents`
+    recognises them, so that ``take``, ``gather_pre``, ``decode`` and the encoder's backward use the dense tensors directly.
+    """
+    device = torch.device(device)
+    key = (n, str(device))
+    if key not in _ARANGES:
+        _ARANGES[key] = torch.arange(n, device=device)
+    return _ARANGES[key].expand(B, n)
+
+
+def is_all_latents(indices: Tensor, n: int) -> bool:
+    """Whether ``indices`` are :func:`all_latents` rows for ``n`` latents (checked without reading them: no device sync)."""
+    if indices.dim() != 2 or indices.shape[1] != n or indices.stride() != (0, 1) or indices.storage_offset() != 0:
+        return False
+    ref = _ARANGES.get((n, str(indices.device)))
+    return ref is not None and indices.untyped_storage().data_ptr() == ref.untyped_storage().data_ptr()
+
+
 def _dense_scatter(device: torch.device, B: int, K: int, n: int, element_size: int) -> bool:
     """Whether ``_scatter_rows`` should scatter into a dense [B, n] code and use one GEMM (CUDA, dense enough, small enough).
 
@@ -147,7 +174,7 @@ def gather_pre(x: Tensor, weight: Tensor, bias: Tensor, pre: Tensor, indices: Te
     ``x`` [B, d] (may require grad), ``weight`` [n, d], ``bias`` [n], ``pre`` [B, n] (no grad),
     ``indices`` [B, K]. Gradients flow to x, weight and bias through the selected entries only.
     """
-    out = pre.gather(1, indices)
+    out = pre.clone() if is_all_latents(indices, pre.shape[1]) else pre.gather(1, indices)
     if out.dtype != weight.dtype:
         # Under autocast the dense product is bf16; the selected values (and their gradients) are
         # carried at the weights' precision from here on.
@@ -165,6 +192,8 @@ def take(vec: Tensor, indices: Tensor) -> Tensor:
     (``benchmarks/results/profile_train_step_cuda.txt``). ``index_select``'s backward is ``index_add_``
     (atomic adds): the same values and gradients, up to float summation order.
     """
+    if is_all_latents(indices, vec.shape[0]):
+        return vec.expand(indices.shape)  # its backward sums over the batch, as index_add_ would
     return vec.index_select(0, indices.reshape(-1)).view(indices.shape)
 
 
@@ -175,7 +204,9 @@ def decode(acts: SparseActs, W_dec: Tensor, b_dec: Tensor | None = None) -> Tens
     """
     values = acts.values.to(W_dec.dtype)
     B, K = acts.indices.shape
-    if dense_codes(values.device, B, K, W_dec.shape[0], W_dec.element_size()):
+    if is_all_latents(acts.indices, W_dec.shape[0]):
+        out = values @ W_dec  # the code is dense already
+    elif dense_codes(values.device, B, K, W_dec.shape[0], W_dec.element_size()):
         # Dense enough that one GEMM beats B·K gathered rows; autograd gives values' (gather) and W_dec's (GEMM) gradients.
         out = values.new_zeros(B, W_dec.shape[0]).scatter_add(1, acts.indices, values) @ W_dec
     elif not (W_dec.requires_grad and torch.is_grad_enabled()):
@@ -191,14 +222,24 @@ def topk_select(scores: Tensor, k: int) -> Tensor:
     return scores.topk(k, dim=-1, sorted=False).indices
 
 
-def mask_to_indices(mask: Tensor, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def mask_to_indices(mask: Tensor, scores: Tensor | None = None, *, dense_ok: bool = False) -> tuple[Tensor, Tensor]:
     """Turn a boolean ``[B, n]`` selection into padded ``(indices [B, K], valid [B, K])``.
 
     K is the largest row count in the batch (at least 1). Padding entries point at latent 0 and are
     marked invalid; callers zero their values so they neither decode nor receive gradient. Within a row
     the entries are in ascending latent order. One pass over the mask (``nonzero``) and O(nnz) work after
     it: no [B, n] float key or top-K over it. ``scores`` is accepted for compatibility and not needed.
+
+    ``dense_ok`` (training steps): when the mask is at least ``DENSE_CODE_MIN_DENSITY`` full on average, return
+    ``(all_latents(B, n), mask)`` instead: every latent, the unselected ones invalid. Building padded rows for such a
+    code (ReLU + L1 at initialisation: half the latents) costs more than the step's GEMMs, and the dense path takes
+    these rows as they are.
     """
+    if dense_ok:
+        B, n = mask.shape
+        frac = DENSE_CODE_MIN_DENSITY.get(mask.device.type)
+        if frac is not None and B * n * 4 <= DENSE_SCATTER_MAX_BYTES and int(mask.sum()) >= frac * B * n:
+            return all_latents(B, n, mask.device), mask
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: grouped by row already
     return _rows_from_sorted_pairs(rows, cols, mask.shape[0])
 

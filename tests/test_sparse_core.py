@@ -379,3 +379,55 @@ def test_relu_l1_steps_take_the_dense_code_path_while_topk_stays_sparse(monkeypa
         method.init_sae(sae, x, torch.Generator().manual_seed(0))
         method.step(sae, StepInput(x=x, dead_mask=torch.zeros(128, dtype=torch.bool), step=50)).loss.backward()
         assert taken and all(t == dense for t in taken), (name, taken)
+
+
+def test_mask_to_indices_gives_every_latent_for_a_dense_mask_and_padded_rows_otherwise(monkeypatch):
+    from saebench import sparse
+
+    g = torch.Generator().manual_seed(3)
+    dense_mask = torch.rand(16, 40, generator=g) < 0.5
+    idx, valid = sparse.mask_to_indices(dense_mask, dense_ok=True)
+    assert sparse.is_all_latents(idx, 40) and idx.shape == (16, 40) and idx.stride() == (0, 1)
+    assert torch.equal(idx[5], torch.arange(40)) and torch.equal(valid, dense_mask)
+    assert not sparse.is_all_latents(idx, 41) and not sparse.is_all_latents(torch.arange(40).repeat(16, 1), 40)  # a copy is not one
+    # Without dense_ok, or sparse enough, the usual padded rows (ascending, invalid entries at latent 0).
+    assert not sparse.is_all_latents(sparse.mask_to_indices(dense_mask)[0], 40)
+    sparse_mask = torch.zeros(16, 40, dtype=torch.bool)
+    sparse_mask[:, 3] = True
+    idx, valid = sparse.mask_to_indices(sparse_mask, dense_ok=True)
+    assert idx.shape == (16, 1) and bool((idx == 3).all()) and bool(valid.all())
+
+
+@pytest.mark.parametrize("method,options", [("standard", {}), ("standard_constrained", {}), ("gated", {}),
+                                            ("jumprelu", {"form": "paper"}), ("jumprelu", {"sparsity_mode": "target_l0", "topk_warmup_fraction": 0.0})])
+def test_a_step_on_every_latent_equals_the_step_on_padded_rows(method, options, monkeypatch):
+    """ReLU-family steps whose codes are dense run on all_latents rows; losses and every gradient equal the padded path's."""
+    from saebench import sparse
+    from saebench.config import TrainConfig
+    from saebench.sae import SAE
+    from saebench.trainers import get_method
+    from saebench.trainers.base import StepInput
+
+    x = torch.randn(64, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def run(dense: bool):
+        monkeypatch.setattr(sparse, "DENSE_CODE_MIN_DENSITY", {"cpu": 0.0 if dense else 2.0})
+        cfg = TrainConfig(hook_name="h", d_sae=48, k=4, training_tokens=64 * 100, batch_size_tokens=64, method=method,
+                          method_options=options)
+        m = get_method(method)(cfg)
+        sae = SAE(m.sae_config(12)).to(torch.float64)
+        m.param_groups(sae, 1e-3)
+        m.init_sae(sae, x, torch.Generator().manual_seed(0))
+        out = m.step(sae, StepInput(x=x, dead_mask=torch.zeros(48, dtype=torch.bool), step=60))
+        out.loss.backward()
+        assert sparse.is_all_latents(out.acts.indices, 48) == dense
+        grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in out.losses.items()}, grads, out.acts.l0()
+
+    (loss_d, grad_d, l0_d), (loss_s, grad_s, l0_s) = run(True), run(False)
+    assert loss_d.keys() == loss_s.keys() and grad_d.keys() == grad_s.keys() and grad_d
+    for k in loss_d:
+        torch.testing.assert_close(loss_d[k], loss_s[k], rtol=1e-10, atol=1e-12)
+    for k in grad_d:
+        torch.testing.assert_close(grad_d[k], grad_s[k], rtol=1e-9, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+    assert torch.equal(l0_d, l0_s)

@@ -244,7 +244,7 @@ class EndToEnd(Method):
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         if self.architecture == "topk":
             return sparse.topk_select(pre, self.cfg.k), None
-        return sparse.mask_to_indices(pre > 0, pre)
+        return sparse.mask_to_indices(pre > 0, pre, dense_ok=True)
 
     def _site(self, act: Tensor) -> Tensor:
         """The SAE's view [b, pos, d] of a hook activation (a view, so writes go through)."""

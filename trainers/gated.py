@@ -50,7 +50,7 @@ class Gated(Method):
     Options = GatedOptions
 
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
-        return sparse.mask_to_indices(pre > 0, pre)  # the gate: π_gate > 0
+        return sparse.mask_to_indices(pre > 0, pre, dense_ok=True)  # the gate: π_gate > 0
 
     def step(self, sae: SAE, inp: StepInput) -> StepOutput:
         x = inp.x

@@ -235,7 +235,7 @@ class JumpReLU(Method):
                 sae.log_threshold.copy_(usage_thresholds(pre_all, max(1, round(self._l0_target()))).log().to(sae.dtype))
         theta = sae.log_threshold.detach().exp()
         self._eps = self.bandwidth_for(sae.d_in)
-        idx, valid = sparse.mask_to_indices(pre > theta - self._eps / 2, pre)
+        idx, valid = sparse.mask_to_indices(pre > theta - self._eps / 2, pre, dense_ok=True)
         # Scratch for this step's activate/extra_losses: which padded entries are real.
         self._valid = valid
         return idx, valid

@@ -93,7 +93,7 @@ class Standard(Method):
                     sae.encoder_weight.mul_(self.opts.decoder_init_norm)
 
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
-        return sparse.mask_to_indices(pre > 0, pre)  # every latent with f > 0
+        return sparse.mask_to_indices(pre > 0, pre, dense_ok=True)  # every latent with f > 0
 
     def step(self, sae: SAE, inp: StepInput) -> StepOutput:
         x = inp.x
