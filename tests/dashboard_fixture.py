@@ -94,3 +94,26 @@ def build_root(root: Path, model_dir: Path, model) -> Path:
         {"name": "bench-b", "method": "jumprelu", "l0": 20.0, "fvu": 0.2, "ce_loss_score": 0.93},
     ]}))
     return root
+
+
+APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
+
+
+def open_app(monkeypatch, root: Path, **params):
+    """The Streamlit app under ``AppTest`` on browse root ``root``, opened with these query parameters, run once, no exception."""
+    from saebench.app import launch
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv(launch.APP_ROOT_ENV, str(root))
+    monkeypatch.delenv(launch.APP_MODEL_ENV, raising=False)
+    at = AppTest.from_file(APP, default_timeout=90)
+    for k, v in params.items():
+        at.query_params[k] = str(v)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def html(at) -> str:
+    """Every HTML block the app rendered, joined."""
+    return "\n".join(h.proto.body for h in at.html)

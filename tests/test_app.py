@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import dashboard_fixture as F
 import pytest
@@ -12,29 +11,13 @@ from saebench import dashboards as D
 from saebench.app import launch
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest
 
-APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
+from dashboard_fixture import html, open_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, tiny_model_dir, tiny_model):
     return F.build_root(tmp_path_factory.mktemp("app") / "root", tiny_model_dir, tiny_model)
-
-
-def open_app(monkeypatch, root: Path, **params) -> AppTest:
-    monkeypatch.setenv(launch.APP_ROOT_ENV, str(root))
-    monkeypatch.delenv(launch.APP_MODEL_ENV, raising=False)
-    at = AppTest.from_file(APP, default_timeout=90)
-    for k, v in params.items():
-        at.query_params[k] = str(v)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def html(at: AppTest) -> str:
-    return "\n".join(h.proto.body for h in at.html)
 
 
 def texts(elements) -> list[str]:

@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -443,7 +442,6 @@ def test_bench_autointerp_column_figure_and_cache(root, tiny_model, tmp_path):
 
 def test_app_shows_and_searches_automatic_explanations(root, monkeypatch):
     import dashboard_fixture as F
-    from streamlit.testing.v1 import AppTest
 
     from saebench import dashboards as D
 
@@ -451,16 +449,8 @@ def test_app_shows_and_searches_automatic_explanations(root, monkeypatch):
     db = D.Dashboard(D.dashboard_dir(root / "saes" / "topk"))
     db.write_explanations([(F.PLANTED, 'the token "fox" <script>x</script>', 0.857, "hf:SmolLM2-135M-Instruct", "hf:SmolLM2-135M-Instruct",
                             {"n_scoring": 14})])
-    app = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
-    from saebench.app import launch
-
-    monkeypatch.setenv(launch.APP_ROOT_ENV, str(root))
-    monkeypatch.delenv(launch.APP_MODEL_ENV, raising=False)
-    at = AppTest.from_file(app, default_timeout=90)
-    at.query_params["sae"], at.query_params["feature"] = "saes/topk", str(F.PLANTED)
-    at.run()
-    assert not at.exception
-    body = "\n".join(h.proto.body for h in at.html)
+    at = F.open_app(monkeypatch, root, sae="saes/topk", feature=F.PLANTED)
+    body = F.html(at)
     assert 'id="auto-explanation"' in body and "Automatic explanation (autointerp" in body and "detection score 0.86 on 14 windows" in body
     assert "hf:SmolLM2-135M-Instruct" in body and "&lt;script&gt;" in body and "<script>x" not in body
     assert 'id="auto-summary"' in body  # next to the statistical summary

@@ -21,6 +21,7 @@ from saebench.sae import SAE
 from saebench.trainers import METHODS, get_method
 from saebench.trainers.base import StepInput
 from saebench.trainers.loop import train
+from interrupt_helper import run_cut_short
 
 
 HOOK = "synthetic"
@@ -180,22 +181,8 @@ def test_method_state_survives_a_resume(tmp_path, name, opts):
     common = dict(d_sae=64, k=2, steps=40, batch=256, opts=opts, checkpoint_every_steps=10, dead_window_tokens=1024)
     full = train(config(name, tmp_path / "full", **common), source=src, progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    orig = src.batches
-
-    def dying(*a, **kw):
-        for i, item in enumerate(orig(*a, **kw)):
-            if i == 25:  # checkpoints at steps 10 and 20 exist
-                raise Interrupt
-            yield item
-
     cut = config(name, tmp_path / "cut", **common)
-    src.batches = dying
-    with pytest.raises(Interrupt):
-        train(cut, source=src, progress=False)
-    src.batches = orig
+    run_cut_short(lambda: train(cut, source=src, progress=False), src, after=25)  # checkpoints at steps 10 and 20 exist
     resumed = train(cut, source=src, progress=False)
     for (n, a), (_, b) in zip(full.sae.state_dict().items(), resumed.sae.state_dict().items()):
         assert torch.equal(a, b), n

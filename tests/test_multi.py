@@ -7,6 +7,7 @@ from saebench.trainers.loop import train, train_many
 from saebench.activations import HookedSource, SyntheticSource
 from saebench.config import ConfigError, TrainConfig, load_sweep
 from saebench.sae import SAE
+from interrupt_helper import run_cut_short
 
 
 def _cfg(root, name, **kw):
@@ -67,21 +68,7 @@ def test_many_resume_matches_uninterrupted(tmp_path):
 
     full = train_many(cfgs(tmp_path / "full"), source=src, progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    orig = src.batches
-
-    def dying(*a, **kw):
-        for i, item in enumerate(orig(*a, **kw)):
-            if i == 25:  # a checkpointed at 21, b at 20
-                raise Interrupt
-            yield item
-
-    src.batches = dying
-    with pytest.raises(Interrupt):
-        train_many(cfgs(tmp_path / "cut"), source=src, progress=False)
-    src.batches = orig
+    run_cut_short(lambda: train_many(cfgs(tmp_path / "cut"), source=src, progress=False), src, after=25)  # a checkpointed at 21, b at 20
     resumed = train_many(cfgs(tmp_path / "cut"), source=src, progress=False)
     for f, r in zip(full, resumed):
         _same(f.sae, r.sae)

@@ -29,6 +29,7 @@ from saebench.sparse import SparseActs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_methods import HOOK, MemorySource, assert_reloads, config, recovery
+from interrupt_helper import run_cut_short
 
 NEW_METHODS = ["standard", "standard_constrained", "gated", "matryoshka_batchtopk", "matching_pursuit", "top_afa", "itda"]
 NORM = "expected_average_only_in"
@@ -214,22 +215,8 @@ def test_standard_resumes_bit_identically_with_its_free_decoder(tmp_path):
     common = {"d_sae": 64, "k": 2, "steps": 30, "batch": 256, "checkpoint_every_steps": 10, "normalize_activations": NORM, "opts": {"sparsity_coef": 1.0}}
     full = train(config("standard", tmp_path / "full", **common), source=src, progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    orig = src.batches
-
-    def dying(*a, **kw):
-        for i, item in enumerate(orig(*a, **kw)):
-            if i == 15:
-                raise Interrupt
-            yield item
-
     cut = config("standard", tmp_path / "cut", **common)
-    src.batches = dying
-    with pytest.raises(Interrupt):
-        train(cut, source=src, progress=False)
-    src.batches = orig
+    run_cut_short(lambda: train(cut, source=src, progress=False), src, after=15)
     resumed = train(cut, source=src, progress=False)
     for (n, a), (_, b) in zip(full.sae.state_dict().items(), resumed.sae.state_dict().items()):
         assert torch.equal(a, b), n
@@ -376,22 +363,8 @@ def test_matryoshka_random_widths_train_and_resume_bit_identically(tmp_path):
     common = {"d_sae": 64, "k": 2, "steps": 30, "batch": 256, "checkpoint_every_steps": 10, "opts": {"random_widths": 2, "threshold_start_step": 5}}
     full = train(config("matryoshka_batchtopk", tmp_path / "full", **common), source=src, progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    orig = src.batches
-
-    def dying(*a, **kw):
-        for i, item in enumerate(orig(*a, **kw)):
-            if i == 15:
-                raise Interrupt
-            yield item
-
     cut = config("matryoshka_batchtopk", tmp_path / "cut", **common)
-    src.batches = dying
-    with pytest.raises(Interrupt):
-        train(cut, source=src, progress=False)
-    src.batches = orig
+    run_cut_short(lambda: train(cut, source=src, progress=False), src, after=15)
     resumed = train(cut, source=src, progress=False)
     for (n, a), (_, b) in zip(full.sae.state_dict().items(), resumed.sae.state_dict().items()):
         assert torch.equal(a, b), n
@@ -679,22 +652,8 @@ def test_itda_resumes_bit_identically(tmp_path):
     common = {"d_sae": 2000, "k": 2, "steps": 30, "batch": 64, "checkpoint_every_steps": 10, "opts": {"loss_threshold": 1e-2}}
     full = train(config("itda", tmp_path / "full", **common), source=src, progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    orig = src.batches
-
-    def dying(*a, **kw):
-        for i, item in enumerate(orig(*a, **kw)):
-            if i == 15:
-                raise Interrupt
-            yield item
-
     cut = config("itda", tmp_path / "cut", **common)
-    src.batches = dying
-    with pytest.raises(Interrupt):
-        train(cut, source=src, progress=False)
-    src.batches = orig
+    run_cut_short(lambda: train(cut, source=src, progress=False), src, after=15)
     resumed = train(cut, source=src, progress=False)
     assert 300 < full.sae.d_sae < 2000  # still growing at the interruption (293 atoms at step 15, 364 at 30)
     assert resumed.sae.d_sae == full.sae.d_sae and torch.equal(resumed.sae.W_dec, full.sae.W_dec)

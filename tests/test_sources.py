@@ -19,6 +19,7 @@ import saebench
 from saebench.activations import SyntheticSource
 from saebench.config import ConfigError, TrainConfig
 from saebench.sources import ArraySource, IteratorSource, ShardFolderSource, SourceError, TensorSource, as_source
+from interrupt_helper import run_cut_short
 
 D = 16
 N = 3000  # rows; with CHUNK = 512: five full chunks and one of 440 (3 batches of 128, 56 rows unused per epoch)
@@ -102,32 +103,14 @@ def _make(kind, x, tmp_path):
 KINDS = ["tensor", "array", "npy_memmap", "raw_memmap", "shards", "factory", "dataloader", "seeded_shuffle_factory", "one_shot"]
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _interrupted(source, after: int):
-    """Make ``source`` die after ``after`` batches (the run's checkpoints up to then exist)."""
-    orig = source.batches
-
-    def dying(*a, **kw):
-        for i, item in enumerate(orig(*a, **kw)):
-            if i == after:
-                raise Interrupt
-            yield item
-
-    source.batches = dying
-    return source
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_source_trains_and_resumes_exactly(kind, planted, tmp_path):
     full = saebench.train(_cfg(tmp_path / "full"), source=_make(kind, planted, tmp_path), progress=False)
     assert full.steps == STEPS and full.history[-1]["l0"] == pytest.approx(2.0)
     assert full.history[-1]["fvu"] < full.history[0]["fvu"]  # it learns
     cut = _cfg(tmp_path / "cut")
-    with pytest.raises(Interrupt):
-        saebench.train(cut, source=_interrupted(_make(kind, planted, tmp_path), after=25), progress=False)
+    src = _make(kind, planted, tmp_path)
+    run_cut_short(lambda: saebench.train(cut, source=src, progress=False), src, after=25)
     ckpt = json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())
     assert ckpt["step"] == 20 and not (tmp_path / "cut" / "cfg.json").exists()
     resumed = saebench.train(cut, source=_make(kind, planted, tmp_path), progress=False)
@@ -427,8 +410,8 @@ def test_own_subclass_without_provenance_records_no_model(planted, tmp_path):
 
 def test_resume_refuses_another_stream(planted, tmp_path):
     cfg = _cfg(tmp_path / "r")
-    with pytest.raises(Interrupt):
-        saebench.train(cfg, source=_interrupted(TensorSource(planted, chunk_tokens=CHUNK), after=15), progress=False)
+    src = TensorSource(planted, chunk_tokens=CHUNK)
+    run_cut_short(lambda: saebench.train(cfg, source=src, progress=False), src, after=15)
     with pytest.raises(ConfigError, match=r"another activation stream \(chunk_tokens: 512 then, 1024 now\)"):
         saebench.train(cfg, source=TensorSource(planted, chunk_tokens=1024), progress=False)
     with pytest.raises(ConfigError, match=r"another activation stream \(n_tokens: 3000 then, 2000 now\)"):

@@ -9,6 +9,7 @@ from saebench.activations import Batch, SyntheticSource
 from saebench.config import ConfigError, TrainConfig, build_config, load_config
 from saebench.sae import SAE
 from saebench.trainers.loop import NonFiniteError, lr_factor, train
+from interrupt_helper import run_cut_short
 
 
 def _cfg(tmp_path, **kw):
@@ -82,23 +83,9 @@ def test_resume_matches_uninterrupted_run(tmp_path):
                   normalize_activations="expected_average_only_in")
     full = train(_cfg(tmp_path, out_dir=str(tmp_path / "full"), **common), source=src, progress=False)
 
-    class Interrupt(Exception):
-        pass
-
     cut = _cfg(tmp_path, out_dir=str(tmp_path / "cut"), **common)
     # Stop the stream after 35 batches: checkpoints at steps 10, 20, 30 exist.
-    orig = src.batches
-
-    def dying(*a, **kw):
-        for i, item in enumerate(orig(*a, **kw)):
-            if i == 35:
-                raise Interrupt
-            yield item
-
-    src.batches = dying
-    with pytest.raises(Interrupt):
-        train(cut, source=src, progress=False)
-    src.batches = orig
+    run_cut_short(lambda: train(cut, source=src, progress=False), src, after=35)
     resumed = train(cut, source=src, progress=False)
     for (n, a), (_, b) in zip(full.sae.state_dict().items(), resumed.sae.state_dict().items()):
         assert torch.equal(a, b), n

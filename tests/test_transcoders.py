@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from saebench.config import ConfigError, TrainConfig
 from saebench.pairs import PlantedPairSource, recovery
 from saebench.sae import SAE, SAEConfig, load_sae
+from interrupt_helper import run_cut_short
 
 
 def cfg(tmp_path, name, steps, **kw):
@@ -176,21 +177,7 @@ def test_skip_transcoder_resumes_bit_identically(tmp_path):
               resume=True)
     full = train(cfg(tmp_path, "full", 30, **kw), source=src, progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    orig = src.batches
-
-    def dying(*a, **k):
-        for i, item in enumerate(orig(*a, **k)):
-            if i == 15:
-                raise Interrupt
-            yield item
-
-    src.batches = dying
-    with pytest.raises(Interrupt):
-        train(cfg(tmp_path, "cut", 30, **kw), source=src, progress=False)
-    src.batches = orig
+    run_cut_short(lambda: train(cfg(tmp_path, "cut", 30, **kw), source=src, progress=False), src, after=15)
     resumed = train(cfg(tmp_path, "cut", 30, **kw), source=src, progress=False)
     for name in ("W_dec", "encoder_weight", "b_enc", "b_dec", "W_skip"):
         assert torch.equal(getattr(resumed.sae, name), getattr(full.sae, name)), name

@@ -18,6 +18,7 @@ from saebench.cli import main
 from saebench.config import ConfigError, TrainConfig
 from saebench.layout import WEIGHTS_FILE
 from saebench.text import CorpusError, CorpusWarning, is_eval_document, iter_documents, load_tokens
+from interrupt_helper import run_cut_short
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -298,30 +299,14 @@ def test_eval_on_a_corpus_with_an_empty_held_out_split_says_why(trained, tmp_pat
 
 
 def test_training_seconds_add_up_over_resumes(tmp_path):
-    import time
-
     from saebench.trainers.loop import train
 
     src = SyntheticSource(d=16, m=32, n_active=2, seed=3, chunk_tokens=4096)
     cfg = TrainConfig(hook_name="synthetic", d_sae=64, k=2, training_tokens=256 * 30, batch_size_tokens=256, checkpoint_every_steps=10,
                       dead_window_tokens=1024, lr_warmup_steps=3, out_dir=str(tmp_path / "run"))
 
-    class Interrupt(Exception):
-        pass
-
-    orig = src.batches
-
-    def slow_then_dying(*a, **kw):
-        for i, item in enumerate(orig(*a, **kw)):
-            if i == 25:
-                raise Interrupt
-            time.sleep(0.1)  # the first process spends >= 2 s on its 20 checkpointed steps
-            yield item
-
-    src.batches = slow_then_dying
-    with pytest.raises(Interrupt):
-        train(cfg, source=src, progress=False)
-    src.batches = orig
+    # 0.1 s before each batch: the first process spends >= 2 s on its 20 checkpointed steps
+    run_cut_short(lambda: train(cfg, source=src, progress=False), src, after=25, delay=0.1)
     result = train(cfg, source=src, progress=False)
     log = json.loads((tmp_path / "run" / "training_log.json").read_text())
     first, second = log["processes"]
