@@ -13,9 +13,12 @@ processes hits every variant alike; medians reported):
 
 - ``method:<name>``: a full training step of every other activation method (``--methods``, default all of
   them: batchtopk, mutual_choice, jumprelu (target-L0 mode, thresholds initialised at the target L0), abstopk
-  (token and batch variants), vsae, vsae_det, feature_choice, gsae (with random ∇ₓ)), each on its own SAE
-  initialised by its own ``init_sae``, past any warm-up (threshold EMAs active), including its ``after_step``;
-  each reported as a ratio to ``matmul`` measured in the same rounds.
+  (token and batch variants), vsae, vsae_det, feature_choice, gsae (with random ∇ₓ), the ReLU-code methods standard,
+  gated and jumprelu_paper (at initialisation, where their codes are densest), matryoshka_batchtopk, and the
+  iterative encoders matching_pursuit, itda (k sequential residual projections a step) and top_afa), each on its own
+  SAE initialised by its own ``init_sae``, past any warm-up (threshold EMAs active), including its ``after_step``;
+  each reported as a ratio to ``matmul`` measured in the same rounds. e2e runs the language model and has its own
+  breakdown (``benchmarks/bench_e2e.py --breakdown``).
 
 - ``floor:<name>`` (with the methods): the dense work a method's math cannot avoid, timed alone in the same rounds:
   ``floor:kl_products`` the encoder product into a buffer, its ReLU in place and the second product of the same
@@ -124,6 +127,10 @@ METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
     "standard": ("standard", {}),
     "gated": ("gated", {}),
     "jumprelu_paper": ("jumprelu", {"form": "paper"}),
+    "matryoshka_batchtopk": ("matryoshka_batchtopk", {}),
+    "matching_pursuit": ("matching_pursuit", {}),
+    "itda": ("itda", {}),
+    "top_afa": ("top_afa", {}),
 }
 
 

@@ -154,7 +154,7 @@ def test_bench_train_step_times_every_activation_method_and_the_floors(tmp_path)
     rep = json.loads(out.read_text())
     names = set(rep["methods_step_over_matmul"])
     assert {"topk", "batchtopk", "mutual_choice", "jumprelu", "abstopk", "abstopk_batch", "vsae", "vsae_det", "feature_choice",
-            "gsae", "standard", "gated", "jumprelu_paper", "floor:kl_products", "floor:kl_products_noise", "floor:gsae_products"} <= names
+            "gsae", "standard", "gated", "jumprelu_paper", "matryoshka_batchtopk", "matching_pursuit", "itda", "top_afa", "floor:kl_products", "floor:kl_products_noise", "floor:gsae_products"} <= names
     assert all(v["over_matmul"] > 0 for v in rep["methods_step_over_matmul"].values())
     assert rep["device"] == "cpu" and rep["threads"] == 1 and "load_average" in rep
     if not torch.cuda.is_available():  # a clear error, not a crash deep inside
