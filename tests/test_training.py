@@ -189,3 +189,26 @@ def test_wandb_logging_uses_saelens_keys(tmp_path, monkeypatch):
     logged.clear()
     train(cfg.model_copy(update={"wandb": False, "out_dir": str(tmp_path / "off")}), source=src, progress=False)
     assert not logged
+
+
+def test_firing_counts_match_the_dense_codes_for_padded_and_all_latent_rows():
+    """The loop's dead-latent tracking counts a latent once per token it fires on: padding (value 0 at latent 0) and
+    the all-latents rows of a dense code (sparse.all_latents) count exactly as the dense [B, n] code does."""
+    from types import SimpleNamespace
+
+    from saebench import sparse
+    from saebench.sparse import SparseActs
+    from saebench.trainers.loop import _count_firing
+
+    g = torch.Generator().manual_seed(0)
+    B, n = 32, 20
+    dense = torch.relu(torch.randn(B, n, generator=g)) * (torch.rand(B, n, generator=g) < 0.3)
+    idx, valid = sparse.mask_to_indices(dense != 0)  # padded rows, padding at latent 0
+    padded = SparseActs(dense.gather(1, idx) * valid, idx)
+    full = SparseActs(dense, sparse.all_latents(B, n, "cpu"))
+    want = (dense != 0).sum(0)
+    for acts in (padded, full):
+        r = SimpleNamespace(fire_counts=torch.zeros(n, dtype=torch.long), since_fired=torch.full((n,), 7, dtype=torch.long))
+        _count_firing(r, SimpleNamespace(acts=acts), B)
+        assert torch.equal(r.fire_counts, want)
+        assert torch.equal(r.since_fired, torch.where(want > 0, 0, 7 + B))

@@ -48,6 +48,7 @@ from saebench.lock import folder_locks
 from saebench.precision import autocast, configure_matmul_precision
 from saebench.sae import SAE
 from saebench.site import Site
+from saebench import sparse
 from saebench.sparse import SparseActs
 
 # Fields that may change between a run and its resumption without changing the result.
@@ -482,11 +483,15 @@ def _gather_acts(acts: SparseActs) -> SparseActs:
 @torch.no_grad()
 def _count_firing(r: _Run, out, tokens: int) -> None:
     """Dead-latent tracking in tokens: which latents fired in the (global) batch."""
+    # No boolean indexing: it would wait for the device (a nonzero) every step.
     nz = out.acts.values != 0
-    fired = torch.zeros_like(r.fire_counts).index_add_(0, out.acts.indices[nz], torch.ones_like(out.acts.indices[nz]))
+    n = r.fire_counts.shape[0]
+    if sparse.is_all_latents(out.acts.indices, n):
+        fired = nz.sum(0).to(r.fire_counts.dtype)
+    else:
+        fired = torch.zeros_like(r.fire_counts).index_add_(0, out.acts.indices.reshape(-1), nz.reshape(-1).to(r.fire_counts.dtype))
     r.fire_counts += fired
-    r.since_fired += tokens
-    r.since_fired[fired > 0] = 0
+    r.since_fired.add_(tokens).masked_fill_(fired > 0, 0)
 
 
 def _skip(r: _Run) -> None:
