@@ -145,6 +145,8 @@ def all_latents(B: int, n: int, device: torch.device | str) -> Tensor:
     recognises them, so that ``take``, ``gather_pre``, ``decode`` and the encoder's backward use the dense tensors directly.
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # key by the tensor's own device name ("cuda:0")
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (n, str(device))
     if key not in _ARANGES:
         _ARANGES[key] = torch.arange(n, device=device)
@@ -200,7 +202,8 @@ def take(vec: Tensor, indices: Tensor) -> Tensor:
 def decode(acts: SparseActs, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
     """``x̂[b] = Σ_j values[b, j] · W_dec[indices[b, j]] (+ b_dec)``; W_dec is [n, d]. Returns [B, d].
 
-    Gradients: to the values through ``embedding_bag``; to W_dec through ``_DecoderWeightGrad`` (sparse).
+    Gradients: to the values through ``embedding_bag``; to W_dec through ``_DecoderWeightGrad`` (sparse). A dense
+    code (``dense_codes``, or :func:`all_latents` rows) is decoded as one GEMM with autograd's dense gradients.
     """
     values = acts.values.to(W_dec.dtype)
     B, K = acts.indices.shape
