@@ -12,9 +12,10 @@ benchmark's site), context 128, d_sae = 8·d_in, batches of 4,096 tokens, Adam l
   downstream MSE at Apollo's layers for e2e_ds), one per coefficient of ``--coefs e2e=... e2e_ds=...``;
   so each family has a CE-vs-L0 curve;
 - (c) TopK (k = 32) local baselines: ``topk_tokens`` at the same training tokens as everyone, and
-  ``topk_compute`` given the same compute as an e2e run: the e2e runs' mean training seconds (the loop's
-  clock: model passes, KL, backward, SAE step) divided by ``topk_tokens``' seconds per token (the loop's
-  clock too: its online harvest to the hook plus its steps), rounded down to whole batches.
+  ``topk_compute`` given the same compute as an e2e run: e2e's tokens times how many TopK steps with their
+  online harvest one e2e step costs (mean of e2e and e2e_ds), timed side by side in this process right
+  before it trains (``--breakdown``'s interleaved rounds; also written to ``e2e_step_breakdown.json``),
+  rounded down to whole batches. Not from training clocks, which another machine or a shared GPU would skew.
 
 Every SAE is evaluated with the core eval (``evals/core.py``) on the same ``--eval-tokens`` held-out
 tokens. delta-CE = CE with the SAE spliced in − clean CE, in nats. The verdict interpolates each curve's
@@ -198,21 +199,21 @@ def make_row(entry, cfg, clock, m) -> dict[str, Any]:
             "sae_dir": str(cfg.out_dir)}
 
 
-def compute_matched_tokens(rows: dict[str, dict], seed: int, args) -> tuple[int, dict[str, Any]]:
-    """topk_compute's budget: mean e2e training seconds / topk_tokens' seconds per token, in whole batches."""
-    e2e = [r for r in rows.values() if r["family"] in ("e2e", "e2e_ds") and r["seed"] == seed]
-    ref = rows.get(f"topk_tokens_s{seed}")
-    if not e2e or ref is None:
-        raise SystemExit(f"topk_compute_s{seed} needs the seed's e2e rows and topk_tokens_s{seed} first (run with --families ... e2e topk)")
-    e2e_seconds = statistics.mean(r["train_seconds"] for r in e2e)
-    topk_per_token = ref["train_seconds"] / ref["train_tokens"]
+def compute_matched_tokens(timing: dict[str, Any], args) -> tuple[int, dict[str, Any]]:
+    """topk_compute's budget from a side-by-side timing (``breakdown``'s report): an e2e run's tokens times how many
+    TopK steps with their harvest one e2e step costs (the mean of e2e's and e2e_ds's ratios), in whole batches.
+
+    The ratio is measured in this process, interleaved, right before topk_compute trains, never from training clocks:
+    the e2e rows may have been trained on another machine or beside other jobs (the H200 run of
+    ``benchmarks/results/e2e_axes_h200`` shared its GPU with four other processes), which would skew a clock ratio.
+    """
+    ratios = {"e2e": timing["e2e_step_over_topk_step_with_harvest"], "e2e_ds": timing["e2e_ds_step_over_topk_step_with_harvest"]}
+    ratio = statistics.mean(ratios.values())
     batch = base_fields(args)["batch_size_tokens"]
     cap = int(args.max_compute_factor * tokens_of(args))
-    tokens = max(batch, min(cap, int(e2e_seconds / topk_per_token) // batch * batch))
-    return tokens, {"e2e_mean_train_seconds": e2e_seconds, "e2e_seconds_per_step": statistics.mean(r["seconds_per_step"] for r in e2e),
-                    "topk_seconds_per_step": ref["seconds_per_step"], "topk_seconds_per_token": topk_per_token,
-                    "e2e_over_topk_step": statistics.mean(r["seconds_per_step"] for r in e2e) / ref["seconds_per_step"],
-                    "capped": tokens == cap}
+    tokens = max(batch, min(cap, int(ratio * tokens_of(args)) // batch * batch))
+    return tokens, {"e2e_over_topk_step_with_harvest": ratio, "by_family": ratios, "e2e_tokens": tokens_of(args), "capped": tokens == cap,
+                    "measured": "side by side in this process (bench_e2e --breakdown's interleaved rounds)", "device": timing["device"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,12 +348,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         n_eval = 256 if args.tiny else args.eval_tokens
         eval_tokens = load_eval_tokens(model, base["corpus"], n_eval, base["context_size"])
         special = text.special_ids(model.tokenizer)
+        timing = None  # topk_compute's side-by-side step timing, measured once when it is first needed
         for e in todo:
             tokens = tokens_of(args)
             if e["family"] == "topk_compute":
-                tokens, calib = compute_matched_tokens(rows, e["seed"], args)
-                log(f"{e['key']}: e2e's {calib['e2e_mean_train_seconds']:.1f} s of training buy TopK {tokens:,} tokens "
-                    f"(an e2e step costs {calib['e2e_over_topk_step']:.1f}x a TopK step with its harvest)")
+                if timing is None:
+                    log("timing an e2e step against a TopK step with its harvest, side by side, for topk_compute's budget")
+                    timing = breakdown(argparse.Namespace(**(vars(args) | {"quiet": True})), model)
+                tokens, calib = compute_matched_tokens(timing, args)
+                log(f"{e['key']}: an e2e step costs {calib['e2e_over_topk_step_with_harvest']:.2f}x a TopK step with its harvest, "
+                    f"so TopK gets {tokens:,} tokens for e2e's {tokens_of(args):,}")
             cfg = train_config(args, e, tokens)
             log(f"training {e['key']} ({tokens:,} tokens, {cfg.method}, options {cfg.method_options})")
             clock = train_one(cfg, model, progress)
@@ -380,7 +385,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def breakdown(args) -> dict[str, Any]:
+def breakdown(args, model=None) -> dict[str, Any]:
     """Time the parts of one e2e training step and a TopK step with its harvest, interleaved rounds, medians.
 
     Parts (each timed alone; a round runs every variant once, so load from other processes hits all alike):
@@ -403,7 +408,7 @@ def breakdown(args) -> dict[str, Any]:
     base = base_fields(args)
     dev = args.device
     n_seq = max(1, base["batch_size_tokens"] // base["context_size"])
-    model = models.load_model(base["model"], device=dev)
+    model = model if model is not None else models.load_model(base["model"], device=dev)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(100, min(40_000, model.cfg.d_vocab), (n_seq, base["context_size"]), generator=gen)
     tokens[:, 0] = model.tokenizer.bos_token_id
@@ -520,6 +525,7 @@ def breakdown(args) -> dict[str, Any]:
               "median_seconds": med, "all_seconds": res, "fast_over_plain": ratio, "cuda_peak_MB_above_resident": peak or None,
               "e2e_step_over_topk_step": med["e2e_step"] / med["topk_step"],
               "e2e_step_over_topk_step_with_harvest": med["e2e_step"] / med["topk_step_with_harvest"],
+              "e2e_ds_step_over_topk_step_with_harvest": med["e2e_ds_step"] / med["topk_step_with_harvest"],
               "e2e_step_plain_over_topk_step": med["e2e_step_plain"] / med["topk_step"],
               "command": " ".join(["benchmarks/bench_e2e.py", *sys.argv[1:]])}
     out = Path(args.out)
