@@ -34,6 +34,21 @@ def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) 
     return front
 
 
+def _with_front(fig: go.Figure, pts: Sequence[Mapping[str, Any]], x: str, y: str, higher_is_better: bool, title: str | None, log_x: bool,
+                yaxis_title: str | None = None, height: int | None = None, front_width: float | None = None) -> go.Figure:
+    """The dotted black Pareto front of all ``pts``, the title, axis titles, and a log x axis when every x is positive."""
+    if len(pts) > 1:
+        front = pareto_front([(p[x], p[y]) for p in pts], higher_is_better)
+        fig.add_trace(go.Scatter(x=[pts[i][x] for i in front], y=[pts[i][y] for i in front], mode="lines", name="Pareto front",
+                                 line=dict(color="black", dash="dot", width=front_width)))
+    better = "higher" if higher_is_better else "lower"
+    fig.update_layout(title=title or f"{y} vs {x} ({better} is better)", xaxis_title=x, yaxis_title=yaxis_title or y, template="plotly_white",
+                      height=height)
+    if log_x and pts and all(p[x] > 0 for p in pts):
+        fig.update_xaxes(type="log")
+    return fig
+
+
 def pareto_figure(rows: Sequence[Mapping[str, Any]], x: str = "l0", y: str = "ce_loss_score", *, color_by: str = "method",
                   higher_is_better: bool = True, title: str | None = None, log_x: bool = True) -> go.Figure:
     """Scatter of ``y`` against ``x`` (one trace per ``color_by`` group) with the overall Pareto front."""
@@ -48,15 +63,7 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]], x: str = "l0", y: str = "ce
             marker=dict(size=10, color=_PALETTE[i % len(_PALETTE)]),
             text=[r.get("sae", "") for r in rs], hovertemplate=f"%{{text}}<br>{x}=%{{x:.4g}}<br>{y}=%{{y:.4g}}<extra>{g}</extra>",
         ))
-    if len(pts) > 1:
-        front = pareto_front([(r[x], r[y]) for r in pts], higher_is_better)
-        fig.add_trace(go.Scatter(x=[pts[i][x] for i in front], y=[pts[i][y] for i in front], mode="lines", name="Pareto front",
-                                 line=dict(color="black", dash="dot")))
-    better = "higher" if higher_is_better else "lower"
-    fig.update_layout(title=title or f"{y} vs {x} ({better} is better)", xaxis_title=x, yaxis_title=y, template="plotly_white")
-    if log_x and all(r[x] > 0 for r in pts):
-        fig.update_xaxes(type="log")
-    return fig
+    return _with_front(fig, pts, x, y, higher_is_better, title, log_x)
 
 
 def pareto_curves_figure(aggregates: Sequence[Mapping[str, Any]], x: str = "l0", y: str = "delta_ce", *, group_by: str = "variant",
@@ -82,16 +89,8 @@ def pareto_curves_figure(aggregates: Sequence[Mapping[str, Any]], x: str = "l0",
             text=[f"{a.get('setting', '')}, n={a.get('n', '?')}" for a in rs],
             hovertemplate=f"%{{text}}<br>{x}=%{{x:.4g}}<br>{y}=%{{y:.4g}}<extra>{g}</extra>",
         ))
-    if len(pts) > 1:
-        front = pareto_front([(a[x], a[y]) for a in pts], higher_is_better)
-        fig.add_trace(go.Scatter(x=[pts[i][x] for i in front], y=[pts[i][y] for i in front], mode="lines", name="Pareto front",
-                                 line=dict(color="black", dash="dot", width=1)))
     better = "higher" if higher_is_better else "lower"
-    fig.update_layout(title=title or f"{y} vs {x} ({better} is better)", xaxis_title=x, yaxis_title=f"{y} ({better} is better)",
-                      template="plotly_white", height=600)
-    if log_x and pts and all(a[x] > 0 for a in pts):
-        fig.update_xaxes(type="log")
-    return fig
+    return _with_front(fig, pts, x, y, higher_is_better, title, log_x, yaxis_title=f"{y} ({better} is better)", height=600, front_width=1)
 
 
 def dead_latents_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
