@@ -130,3 +130,16 @@ def test_breakdown_times_every_part_and_both_step_paths(tmp_path):
     assert set(rep["fast_over_plain"]) == {"e2e_step", "e2e_ds_step", "spliced_forward_chunked_kl_backward"}
     assert rep["tokens_per_step"] == 64 and rep["e2e_step_over_topk_step"] > 0
     assert json.loads((tmp_path / "e2e_step_breakdown.json").read_text())["median_seconds"] == med
+
+
+def test_the_normalised_e2e_ds_family_is_opt_in_and_gets_its_own_verdict(tmp_path):
+    """e2e_ds_norm trains e2e_ds with downstream_normalize (each downstream MSE an FVU) under its own keys, only when asked."""
+    bench = _bench()
+    default = bench.build_parser().parse_args([])
+    assert "e2e_ds_norm" not in default.families and "e2e_ds_norm" not in {e["family"] for e in bench.plan(default)}
+    rows = bench.main(["--tiny", "--quiet", "--families", "standard", "e2e_ds_norm", "--out", str(tmp_path / "o"), "--runs-dir", str(tmp_path / "r")])
+    norm = [r for r in rows if r["family"] == "e2e_ds_norm"]
+    assert [r["key"] for r in norm] == ["e2e_ds_norm_c0.5_s0", "e2e_ds_norm_c5_s0"]
+    assert all(r["method"] == "e2e_ds" and r["method_options"] == {"downstream_normalize": True, "sparsity_coef": r["coef"]} for r in norm)
+    analysis = json.loads((tmp_path / "o" / "e2e_axes.json").read_text())["analysis"]
+    assert analysis["matched"]["e2e_ds_norm"]["verdict"] != "not run" and analysis["matched"]["e2e"]["verdict"] == "not run"

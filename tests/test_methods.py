@@ -953,6 +953,17 @@ def test_e2e_ds_default_downstream_hooks_are_apollos(tmp_path):
     # (The default special-token rule keeps every position of these ids: none is special.)
     want = 1.25 * sum(F.mse_loss(new[h], clean[h]) for h in ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"])
     assert out.losses["downstream_loss"].item() == pytest.approx(want.item(), rel=1e-4)
+    # downstream_normalize: each hook's MSE over the clean activation's variance there (an FVU per hook), same hooks.
+    normed = get_method("e2e_ds")(config("e2e_ds", tmp_path, hook_name="blocks.0.hook_resid_post", opts={"downstream_normalize": True}))
+    normed.attach_model(model)
+    got = normed.step(sae, StepInput(x=torch.zeros(1), dead_mask=None, step=0, token_ids=tokens)).losses["downstream_loss"].item()
+
+    def variance(t):
+        flat = t.reshape(-1, t.shape[-1])
+        return (flat - flat.mean(0)).pow(2).mean()
+
+    want = 1.25 * sum(F.mse_loss(new[h], clean[h]) / variance(clean[h]) for h in ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"])
+    assert got == pytest.approx(want.item(), rel=1e-4) and got != pytest.approx(out.losses["downstream_loss"].item(), rel=1e-2)
     # downstream_hooks still overrides, the last block included if asked for.
     opts = {"downstream_hooks": ["blocks.3.hook_resid_post"]}
     method = get_method("e2e_ds")(config("e2e_ds", tmp_path, hook_name="blocks.0.hook_resid_post", opts=opts))

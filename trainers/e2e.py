@@ -62,6 +62,10 @@ class E2EOptions(Options):
     downstream_coef: float = Field(0.0, ge=0, description="Total weight of the downstream MSE terms, split evenly over the hooks.")
     downstream_hooks: list[str] | None = Field(None, description=(
         "Hooks for the downstream MSE (default, as Apollo's e2e+ds: resid_post of every later block except the model's last block)."))
+    downstream_normalize: bool = Field(False, description=(
+        "Divide each hook's downstream MSE by the clean activation's variance at that hook in the batch (an FVU, like the local "
+        "loss), so that downstream_coef means the same on any model. Off (Apollo's): the MSE in the model's raw units, which on "
+        "models with massive activations (SmolLM2: ~40,000 at initialisation against a sparsity term of 10-100) drowns the L1 term."))
 
 
 class E2EDownstreamOptions(E2EOptions):
@@ -344,9 +348,22 @@ class EndToEnd(Method):
             losses["kl_loss"] = self.opts.kl_coef * kl_clean_to_spliced(logits_clean, logits_new).mean()
         losses["sparsity_loss"] = self.opts.sparsity_coef * local.acts.values.abs().sum(-1).mean() / sae.d_in
         if self.downstream:
-            w = self.opts.downstream_coef / len(self.downstream)
-            losses["downstream_loss"] = w * sum(F.mse_loss(ds_new[h].float(), ds_clean[h].float()) for h in self.downstream)
+            losses["downstream_loss"] = self.downstream_loss(ds_new, ds_clean)
         return StepOutput(losses, local.acts, local.x_hat)
+
+    def downstream_loss(self, ds_new: dict[str, Tensor], ds_clean: dict[str, Tensor]) -> Tensor:
+        """(downstream_coef / n_hooks) · Σ_h MSE(h_spliced, h_clean), each MSE over positions and dimensions; with
+        ``downstream_normalize`` each divided by the clean activation's variance at that hook (about its batch mean)."""
+        w = self.opts.downstream_coef / len(self.downstream)
+        total = 0.0
+        for h in self.downstream:
+            new, clean = ds_new[h].float(), ds_clean[h].float()
+            term = F.mse_loss(new, clean)
+            if self.opts.downstream_normalize:
+                flat = clean.reshape(-1, clean.shape[-1])
+                term = term / (flat - flat.mean(0)).pow(2).mean().clamp_min(1e-12)
+            total = total + term
+        return w * total
 
     def _fast_step(self, sae: SAE, inp: StepInput, tokens: Tensor, keep: Tensor, run, unembed) -> StepOutput:
         """The step of ``step`` with the clean pass as prefix + resumed rest and the chunked KL (same losses and gradients)."""
@@ -364,8 +381,7 @@ class EndToEnd(Method):
         losses["kl_loss"] = self.opts.kl_coef * kl_from_residuals(hid_clean, hid_new, *unembed).mean()
         losses["sparsity_loss"] = self.opts.sparsity_coef * local.acts.values.abs().sum(-1).mean() / sae.d_in
         if self.downstream:
-            w = self.opts.downstream_coef / len(self.downstream)
-            losses["downstream_loss"] = w * sum(F.mse_loss(ds_new[h_].float(), ds_clean[h_].float()) for h_ in self.downstream)
+            losses["downstream_loss"] = self.downstream_loss(ds_new, ds_clean)
         return StepOutput(losses, local.acts, local.x_hat)
 
 
