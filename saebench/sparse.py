@@ -54,10 +54,11 @@ class _GatherLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = grad_w = grad_b = None
         B, K = indices.shape
-        if dense_codes(grad.device, B, K, weight.shape[0], weight.element_size()):
+        full = is_all_latents(indices, weight.shape[0])  # the code is a dense [B, n] already, whatever its size
+        if full or dense_codes(grad.device, B, K, weight.shape[0], weight.element_size()):
             # A code this dense (ReLU + L1 early in training: thousands of latents a token) back-propagates
             # faster as dense GEMMs than as B·K gathered rows.
-            if is_all_latents(indices, weight.shape[0]):
+            if full:
                 g = grad.to(weight.dtype)
             else:
                 g = weight.new_zeros(B, weight.shape[0]).scatter_add_(1, indices, grad.to(weight.dtype))
