@@ -359,7 +359,8 @@ def test_dense_code_path_equals_the_sparse_path_in_value_and_gradient(monkeypatc
 
 
 def test_relu_l1_steps_take_the_dense_code_path_while_topk_stays_sparse(monkeypatch):
-    """ReLU + L1 at initialisation fires about half the latents: its decode and encoder backward go dense; TopK's never do."""
+    """ReLU + L1 at initialisation fires about half the latents: its code comes as all-latents rows (the dense path);
+    TopK's never does, and its decode and encoder backward stay on the sparse path."""
     from saebench import sparse
     from saebench.config import TrainConfig
     from saebench.sae import SAE
@@ -377,9 +378,11 @@ def test_relu_l1_steps_take_the_dense_code_path_while_topk_stays_sparse(monkeypa
         sae = SAE(method.sae_config(16))
         method.param_groups(sae, 1e-3)
         method.init_sae(sae, x, torch.Generator().manual_seed(0))
-        method.step(sae, StepInput(x=x, dead_mask=torch.zeros(128, dtype=torch.bool), step=50)).loss.backward()
-        assert taken and all(t == dense for t in taken), (name, taken)
-
+        out = method.step(sae, StepInput(x=x, dead_mask=torch.zeros(128, dtype=torch.bool), step=50))
+        out.loss.backward()
+        assert sparse.is_all_latents(out.acts.indices, 128) == dense, name
+        assert not any(taken), (name, taken)  # nothing padded went dense: standard's rows were all-latents, TopK's stay sparse
+        assert dense or taken  # TopK asked, and was told sparse
 
 def test_mask_to_indices_gives_every_latent_for_a_dense_mask_and_padded_rows_otherwise(monkeypatch):
     from saebench import sparse
@@ -431,3 +434,29 @@ def test_a_step_on_every_latent_equals_the_step_on_padded_rows(method, options, 
     for k in grad_d:
         torch.testing.assert_close(grad_d[k], grad_s[k], rtol=1e-9, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
     assert torch.equal(l0_d, l0_s)
+
+
+def test_all_latent_rows_back_propagate_densely_even_above_the_dense_size_cap(monkeypatch):
+    """The [B, n] code of all-latents rows exists already: the cap on densifying padded rows does not send them down the
+    gathered-rows path (which cannot take their stride-0 view efficiently); gradients equal the padded path's."""
+    from saebench import sparse
+    from saebench.sparse import SparseActs
+
+    g = torch.Generator().manual_seed(5)
+    B, n, d = 16, 24, 5
+    x, W, Wd = (torch.randn(*s, dtype=torch.float64, generator=g) for s in ((B, d), (n, d), (n, d)))
+    b = torch.randn(n, dtype=torch.float64, generator=g)
+    pre = torch.addmm(b, x, W.t())
+    mask = pre > 0
+
+    def grads(idx, valid):
+        leaves = [t.clone().requires_grad_() for t in (x, W, b, Wd)]
+        f = torch.relu(sparse.gather_pre(leaves[0], leaves[1], leaves[2], pre, idx)) * valid
+        sparse.decode(SparseActs(f, idx), leaves[3]).pow(2).sum().backward()
+        return [t.grad for t in leaves]
+
+    want = grads(*sparse.mask_to_indices(mask))
+    monkeypatch.setattr(sparse, "DENSE_SCATTER_MAX_BYTES", 1)
+    got = grads(sparse.all_latents(B, n, "cpu"), mask)
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
