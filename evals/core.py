@@ -460,8 +460,7 @@ def _accumulate(s: _Sums, x: Tensor, x_hat: Tensor, acts) -> None:
     nz = acts.values != 0
     s.l0 += nz.sum().item()
     s.l1 += acts.values.abs().sum().item()
-    idx = acts.indices[nz]
-    s.fires.index_add_(0, idx.cpu(), torch.ones_like(idx, device="cpu"))
+    s.fires += acts.firing_counts(s.fires.shape[0]).cpu()
 
 
 def _saebench_variants(s: _Sums, d_in: int) -> dict[str, float]:

@@ -34,6 +34,17 @@ class SparseActs(NamedTuple):
         """Number of non-zero latents per token, ``[B]`` (signed values count when non-zero)."""
         return (self.values != 0).sum(-1)
 
+    def firing_counts(self, n_latents: int) -> Tensor:
+        """Tokens each latent fires on (a non-zero value), ``[n_latents]`` int64, on the codes' device.
+
+        No boolean indexing, so no device sync; padding (value 0) counts nothing; :func:`all_latents` rows are a column sum.
+        """
+        nz = self.values != 0
+        if is_all_latents(self.indices, n_latents):
+            return nz.sum(0)
+        counts = torch.zeros(n_latents, dtype=torch.long, device=self.indices.device)
+        return counts.index_add_(0, self.indices.reshape(-1), nz.reshape(-1).long())
+
 
 class _GatherLinear(torch.autograd.Function):
     """``out[b, j] = x[b] · W[idx[b, j]] + bias[idx[b, j]]`` with the forward value given.

@@ -181,9 +181,8 @@ class ZipfAuxMixin:
     @torch.no_grad()
     def _fired(self, out: StepOutput, n: int) -> Tensor:
         """Per-latent firing counts [n] of this step's codes, folded into the density EMA."""
-        vals, idx = out.acts.values.detach(), out.acts.indices
-        pos = vals > 0
-        fired = torch.bincount(idx[pos], minlength=n).float()  # any SAE dtype (an index_add_ of vals' dtype into fp32 failed)
+        vals = out.acts.values
+        fired = out.acts.firing_counts(n).float()  # Feature/Mutual Choice codes are ReLU'd: non-zero = positive
         self._density(n, vals.device).update(fired / vals.shape[0])
         return fired
 

@@ -48,7 +48,6 @@ from saebench.lock import folder_locks
 from saebench.precision import autocast, configure_matmul_precision
 from saebench.sae import SAE
 from saebench.site import Site
-from saebench import sparse
 from saebench.sparse import SparseActs
 
 # Fields that may change between a run and its resumption without changing the result.
@@ -483,13 +482,7 @@ def _gather_acts(acts: SparseActs) -> SparseActs:
 @torch.no_grad()
 def _count_firing(r: _Run, out, tokens: int) -> None:
     """Dead-latent tracking in tokens: which latents fired in the (global) batch."""
-    # No boolean indexing: it would wait for the device (a nonzero) every step.
-    nz = out.acts.values != 0
-    n = r.fire_counts.shape[0]
-    if sparse.is_all_latents(out.acts.indices, n):
-        fired = nz.sum(0).to(r.fire_counts.dtype)
-    else:
-        fired = torch.zeros_like(r.fire_counts).index_add_(0, out.acts.indices.reshape(-1), nz.reshape(-1).to(r.fire_counts.dtype))
+    fired = out.acts.firing_counts(r.fire_counts.shape[0]).to(r.fire_counts.dtype)  # no device sync
     r.fire_counts += fired
     r.since_fired.add_(tokens).masked_fill_(fired > 0, 0)
 
