@@ -223,11 +223,18 @@ class Method:
         with torch.no_grad():
             if torch.is_autocast_enabled(x_c.device.type):
                 return F.linear(x_c, sae.encoder_weight, sae.b_enc)
-            buf = getattr(self, "_pre_buffer", None)
-            shape = (x_c.shape[0], sae.encoder_weight.shape[0])
-            if buf is None or buf.shape != shape or buf.dtype != x_c.dtype or buf.device != x_c.device:
-                buf = self._pre_buffer = torch.empty(shape, dtype=x_c.dtype, device=x_c.device)
+            buf = self.buffer("_pre_buffer", (x_c.shape[0], sae.encoder_weight.shape[0]), x_c)
             return torch.addmm(sae.b_enc, x_c, sae.encoder_weight.t(), out=buf)
+
+    def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Scratch of ``shape`` with ``like``'s dtype and device, kept on the method as ``name`` between steps and
+        remade when those change; its contents are whatever the last step left (a fresh [B, n] tensor page-faults
+        every step)."""
+        buf = getattr(self, name, None)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            setattr(self, name, buf)
+        return buf
 
     def step(self, sae: SAE, inp: "StepInput") -> StepOutput:
         x = inp.x

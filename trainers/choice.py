@@ -218,9 +218,7 @@ class FeatureChoice(ZipfAuxMixin, ThresholdMixin, Method):
     def select(self, pre: Tensor, batch: StepInput, sae: SAE | None = None) -> tuple[Tensor, Tensor | None]:
         if self._warming_up(batch):
             return sparse.topk_select(pre, self.cfg.k), None
-        scratch = getattr(self, "_scratch", None)
-        if scratch is None or scratch.shape != pre.shape[::-1] or scratch.dtype != pre.dtype or scratch.device != pre.device:
-            scratch = self._scratch = torch.empty(pre.shape[::-1], dtype=pre.dtype, device=pre.device)
+        scratch = self.buffer("_scratch", pre.shape[::-1], pre)
         # Only positive entries are taken, so pre needs no ReLU'd copy.
         return feature_choice_select(pre, self.capacities(*pre.shape, pre.device), scratch)
 

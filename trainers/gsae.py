@@ -43,8 +43,6 @@ class GradientTopK(Method):
         if batch.grads is None:
             raise ConfigError("method 'gsae' needs ∇ₓ of the LM loss with every batch; the activation source gave none")
         with torch.no_grad():
-            buf = getattr(self, "_scores", None)
-            if buf is None or buf.shape != pre.shape or buf.dtype != pre.dtype or buf.device != pre.device:
-                buf = self._scores = torch.empty_like(pre)
+            buf = self.buffer("_scores", pre.shape, pre)
             scores = gradient_scores(pre, batch.grads.detach().to(pre.dtype), sae.W_dec.detach().to(pre.dtype), self.opts.beta, out=buf)
         return sparse.topk_select(scores, self.cfg.k), None

@@ -173,15 +173,11 @@ class VariationalTopK(Method):
             if not self.sampled:  # TopK of ReLU(pre) = TopK of pre (ReLU is monotone; activate rectifies)
                 return sparse.topk_select(pre, self.cfg.k), None
             # Scratch for this step's activate: the noise of the selected entries is added there.
-            noise = getattr(self, "_noise", None)
-            if noise is None or noise.shape != pre.shape or noise.dtype != pre.dtype or noise.device != pre.device:
-                noise = torch.empty_like(pre)
-            self._noise = torch.randn(pre.shape, generator=self._generator(pre.device), dtype=pre.dtype, device=pre.device, out=noise)
+            noise = self.buffer("_noise", pre.shape, pre)
+            torch.randn(pre.shape, generator=self._generator(pre.device), dtype=pre.dtype, device=pre.device, out=noise)
             # z = ReLU(pre) + σε into a second reused buffer (a fresh [B, n] tensor page-faults every step); pre
             # stays intact for the gather, AuxK and the KL.
-            z = getattr(self, "_z", None)
-            if z is None or z.shape != pre.shape or z.dtype != pre.dtype or z.device != pre.device:
-                z = self._z = torch.empty_like(pre)
+            z = self.buffer("_z", pre.shape, pre)
             torch.clamp_min(pre, 0, out=z)
             if self.learned_variance:  # keep ε: σ (differentiable) multiplies it in activate
                 z.addcmul_(self._noise, self._log_var.detach().mul(0.5).exp())
