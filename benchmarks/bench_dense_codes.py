@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -61,25 +60,20 @@ def main(argv: list[str] | None = None) -> dict:
     b = torch.zeros(n, device=dev, requires_grad=True)
     ks = args.ks or [32, 72] + [n // 2 ** i for i in range(5, 0, -1)]
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     saved = dict(sparse.DENSE_CODE_MIN_DENSITY)
+
+    def at_threshold(fn, frac: float):
+        """``fn`` run with the library's dense-code threshold at ``frac`` (2: never dense; 0: always)."""
+        def run():
+            sparse.DENSE_CODE_MIN_DENSITY[dev.type] = frac
+            fn()
+        return run
+
     rows = []
     try:
         for K in ks:
             fn = step_fn(x, W, b, Wd, K)
-            times: dict[str, list[float]] = {"sparse": [], "dense": []}
-            for r in range(args.repeats + 1):  # round 0 warms up
-                for mode in times:
-                    sparse.DENSE_CODE_MIN_DENSITY[dev.type] = 2.0 if mode == "sparse" else 0.0
-                    sync()
-                    t = time.perf_counter()
-                    fn()
-                    sync()
-                    if r:
-                        times[mode].append(time.perf_counter() - t)
+            times = bm.timed_interleaved({"sparse": at_threshold(fn, 2.0), "dense": at_threshold(fn, 0.0)}, args.repeats, args.device)
             med = {m: statistics.median(v) for m, v in times.items()}
             rows.append({"K": K, "density": K / n, "sparse_ms": med["sparse"] * 1e3, "dense_ms": med["dense"] * 1e3,
                          "dense_over_sparse": med["dense"] / med["sparse"]})

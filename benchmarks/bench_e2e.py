@@ -514,7 +514,7 @@ def breakdown(args, model=None) -> dict[str, Any]:
            "e2e_step_plain": full(e2e_plain, sae_plain), "e2e_step": full(e2e, sae),
            "e2e_ds_step_plain": full(e2e_ds_plain, sae_ds_plain), "e2e_ds_step": full(e2e_ds, sae_ds),
            "topk_step": topk_step, "topk_step_with_harvest": topk_with_harvest}
-    res = timed_rounds(fns, args.repeats, dev)
+    res = bm.timed_interleaved(fns, args.repeats, dev)
     med = {k: statistics.median(v) for k, v in res.items()}
     med["spliced_backward"] = med["spliced_forward_kl_backward"] - med["spliced_forward"] - med["kl"]
     # Per-round ratios, then the median: robust to load that shifts between rounds.
@@ -551,25 +551,6 @@ def breakdown(args, model=None) -> dict[str, Any]:
         print(f"e2e step = {report['e2e_step_over_topk_step']:.1f}x a TopK step, {report['e2e_step_over_topk_step_with_harvest']:.2f}x a TopK "
               f"step with its harvest; wrote {out / 'e2e_step_breakdown.json'}")
     return report
-
-
-def timed_rounds(fns: dict, repeats: int, device: str) -> dict[str, list[float]]:
-    """Each variant once per round after one warm-up each; ``repeats`` rounds."""
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    for fn in fns.values():
-        fn()
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            out[k].append(time.perf_counter() - t)
-    return out
 
 
 if __name__ == "__main__":

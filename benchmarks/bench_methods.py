@@ -317,6 +317,28 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     return info
 
 
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA); nothing on CPU."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_interleaved(fns: dict, repeats: int, device: str = "cpu") -> dict[str, list[float]]:
+    """Seconds of each variant per round (shared by the benchmark scripts): one warm-up call each, then ``repeats``
+    rounds that run every variant once, so load from other processes hits all alike; CUDA is synchronised around each call."""
+    for fn in fns.values():
+        fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            out[name].append(time.perf_counter() - t)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------

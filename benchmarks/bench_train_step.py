@@ -52,7 +52,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -65,25 +64,8 @@ from saebench.config import TrainConfig
 from saebench.precision import autocast, configure_matmul_precision
 from saebench.sae import SAE
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed_interleaved(fns: dict, repeats: int, device: str) -> dict[str, list[float]]:
-    """Run each variant once per round (after one warm-up each), ``repeats`` rounds."""
-    for fn in fns.values():
-        fn()
-    out: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            out[name].append(time.perf_counter() - t)
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_methods as bm  # noqa: E402  (benchmarks/ is not a package: the shared interleaved timer)
 
 
 def build(args):
@@ -293,7 +275,7 @@ def main() -> None:
         fns[f"method:{name}"] = method_step(name, args, x)
     if args.methods:
         fns |= floor_steps(args, x, sae.encoder_weight.detach(), sae.b_enc.detach())
-    res = timed_interleaved(fns, args.repeats, dev)
+    res = bm.timed_interleaved(fns, args.repeats, dev)
     load = {"before": load_before, "after": os.getloadavg() if hasattr(os, "getloadavg") else None, "cores": os.cpu_count()}
     med = {k: statistics.median(v) for k, v in res.items()}
     # Each round's ratio to that round's matmul, then the median: robust to load that shifts between rounds.

@@ -42,17 +42,17 @@ def profile_one(name: str, args) -> str:
     fn = step_fn(name, args)
     for _ in range(3):
         fn()
-    bts._sync(args.device)
+    bts.bm.sync(args.device)
     t = time.perf_counter()
     for _ in range(args.steps):
         fn()
-    bts._sync(args.device)
+    bts.bm.sync(args.device)
     per_step = (time.perf_counter() - t) / args.steps
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     with profile(activities=acts) as prof:
         for _ in range(args.steps):
             fn()
-        bts._sync(args.device)
+        bts.bm.sync(args.device)
     ka = prof.key_averages()
     lines = [f"### {name}: {per_step * 1e3:.2f} ms per step (unprofiled, mean of {args.steps})"]
     lines.append(ka.table(sort_by="self_cpu_time_total", row_limit=args.rows))
