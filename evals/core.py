@@ -345,13 +345,13 @@ def _shared_batch(saes, model, hook, head, toks, special_ids, accs, counters, do
         _, cache = model.run_with_cache(toks, names_filter=lambda nm: nm == hook, stop_at_layer=stop)
     x_full = Site(hook, head).flatten(cache[hook]).float()
     del cache
-    ce_zero = kl_zero = ce_clean = 0.0
-    lp_clean = clean = None
+    ce_zero = kl_zero = 0.0
+    lp_clean = clean = ce_clean = None
     if need_down:
         # The clean and zero-ablation terms do not depend on the SAE: computed once for the whole group.
         lp_clean = F.log_softmax(logits_clean.float(), -1)
         pred = keep[:, :-1] & keep[:, 1:]
-        ce_clean = ce_from_logprobs(lp_clean, toks)[pred].sum().item()
+        ce_clean = ce_from_logprobs(lp_clean, toks)[pred]  # per predicted token
         clean = clean_terms(lp_clean)  # shared by the zero-ablation term and every SAE's KL
         ce_zero, kl_zero = zero_terms(zero.logprobs(toks, x_full if head is None else None, logits_clean), toks, keep, clean)
     flat = x_full.flatten(0, 1)
@@ -401,23 +401,25 @@ class CoreAccumulator:
         self.afa.add(x, acts)
 
     def add_downstream(self, toks: Tensor, keep: Tensor, logits_sae: Tensor, *, logprobs_clean: Tensor, ce_zero: float, kl_zero: float,
-                       clean: tuple[Tensor, Tensor] | None = None, ce_clean: float | None = None) -> None:
+                       clean: tuple[Tensor, Tensor] | None = None, ce_clean: Tensor | None = None) -> None:
         """One batch of spliced-forward logits [b, pos, V]; ``keep`` [b, pos] marks non-special positions.
 
         The terms that do not depend on the SAE come precomputed, so a group of SAEs computes them
         once per batch: ``logprobs_clean`` (log-softmax of the clean logits), ``clean``
         (``clean_terms(logprobs_clean)``), ``ce_zero`` / ``kl_zero`` (:func:`zero_terms`) and
-        optionally ``ce_clean`` (summed CE over the batch's predicted positions). The SAE's logits are
+        optionally ``ce_clean`` (the clean CE at each of the batch's predicted positions). The SAE's logits are
         log-softmaxed once; CE and KL are read from the log-probabilities.
         """
         s = self.sums
         pred_mask = keep[:, :-1] & keep[:, 1:]
         p_clean, neg_h = clean if clean is not None else clean_terms(logprobs_clean)
-        s.ce["clean"] += ce_clean if ce_clean is not None else ce_from_logprobs(logprobs_clean, toks)[pred_mask].sum().item()
+        if ce_clean is None:
+            ce_clean = ce_from_logprobs(logprobs_clean, toks)[pred_mask]
+        s.ce["clean"] += ce_clean.sum().item()
         lq = F.log_softmax(logits_sae.float(), -1)
         ce_sae = ce_from_logprobs(lq, toks)[pred_mask]
         s.ce["sae"] += ce_sae.sum().item()
-        s.ce_abs_diff += (ce_sae - ce_from_logprobs(logprobs_clean, toks)[pred_mask]).abs().sum().item()
+        s.ce_abs_diff += (ce_sae - ce_clean).abs().sum().item()
         s.kl["sae"] += kl_from_logprobs(p_clean, neg_h, lq)[keep].sum().item()
         del lq
         s.ce["zero"] += float(ce_zero)
