@@ -3,6 +3,7 @@
     python benchmarks/bench_e2e.py --tiny --out /tmp/be2e --runs-dir /tmp/be2e_runs       # seconds, tiny random model
     python benchmarks/bench_e2e.py --device cuda                                          # the real run (SmolLM2-135M)
     python benchmarks/bench_e2e.py --breakdown [--device cuda]                            # where an e2e step's time goes
+    python benchmarks/bench_e2e.py --loss-terms [--families e2e e2e_ds e2e_ds_norm]      # each loss term at the first step
 
 What it trains, per seed (``--seeds``), all at the default model's ``blocks.15.hook_resid_post`` (the methods
 benchmark's site), context 128, d_sae = 8·d_in, batches of 4,096 tokens, Adam lr 1e-3:
@@ -29,6 +30,11 @@ and ``e2e_ce_vs_l0.html`` into ``--out``. Every tensor follows ``--device`` (mod
 ``--breakdown``: times the parts of one e2e step on the model (forward to the hook, the rest of the clean
 forward, the SAE, the spliced forward from the hook, the KL, the backward) next to a TopK step with its
 harvest, old and new KL paths side by side in the same process; writes ``<out>/e2e_step_breakdown.json``.
+
+``--loss-terms``: the size of each loss term (KL, sparsity, downstream) at the first training step of each e2e
+family in ``--families`` at its first ``--coefs`` value: one step through the training loop (its initialisation and
+activation scale), read from the run's history; writes ``<out>/e2e_loss_terms.json``. It shows whether a
+family's λ can act at all: on SmolLM2, e2e_ds's raw-unit downstream MSE dwarfs its sparsity term.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="smoke mode: a tiny random 3-block model, a few hundred tokens, seconds")
     p.add_argument("--breakdown", action="store_true", help="time the parts of one e2e step instead (see the module docstring)")
     p.add_argument("--repeats", type=int, default=3, help="--breakdown: timed rounds (medians reported)")
+    p.add_argument("--loss-terms", action="store_true", help="record each loss term at the first step of each e2e family instead")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -336,6 +343,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     check_device(args.device)
     if args.breakdown:
         return [breakdown(args)]
+    if args.loss_terms:
+        return [loss_terms(args)]
     from saebench import models, text
     from saebench.evals.common import load_eval_tokens
 
@@ -387,6 +396,36 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not args.quiet and table:
         print((out / f"{RESULT_STEM}.md").read_text())
     return table
+
+
+def loss_terms(args) -> dict[str, Any]:
+    """Each e2e family's loss terms at its first training step (through the loop), at its first coefficient."""
+    import tempfile
+
+    from saebench import models
+    from saebench.trainers.loop import train
+
+    coefs = parse_coefs(args.coefs, args.tiny)
+    model = models.load_model(base_fields(args)["model"], device=args.device)
+    batch = base_fields(args)["batch_size_tokens"]
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as runs:
+        for fam in (f for f in E2E_FAMILIES if f in args.families):
+            e = {"key": fam, "family": fam, "method": FAMILY_METHOD[fam][0], "coef": coefs[fam][0], "seed": args.seeds[0]}
+            cfg = train_config(argparse.Namespace(**(vars(args) | {"runs_dir": runs})), e, batch)
+            rec = train(cfg.model_copy(update={"log_every_steps": 1}), model=model, progress=False).history[0]
+            out[fam] = {"coef": e["coef"], "method_options": dict(cfg.method_options), "l0": rec["l0"],
+                        **{k.removeprefix("loss/"): v for k, v in rec.items() if k.startswith("loss/")}}
+    report = {"model": base_fields(args)["model"], "hook": base_fields(args)["hook_name"], "tokens": batch, "terms": out,
+              "machine": bm.machine_info(args.device), "command": " ".join(["benchmarks/bench_e2e.py", *sys.argv[1:]])}
+    path = Path(args.out) / "e2e_loss_terms.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    if not args.quiet:
+        for fam, t in out.items():
+            print(f"{fam:<12} " + "  ".join(f"{k} {v:.4g}" for k, v in t.items() if isinstance(v, float)))
+        print(f"wrote {path}")
+    return report
 
 
 # ----------------------------------------------------------------------------------------------

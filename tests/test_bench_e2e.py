@@ -143,3 +143,19 @@ def test_the_normalised_e2e_ds_family_is_opt_in_and_gets_its_own_verdict(tmp_pat
     assert all(r["method"] == "e2e_ds" and r["method_options"] == {"downstream_normalize": True, "sparsity_coef": r["coef"]} for r in norm)
     analysis = json.loads((tmp_path / "o" / "e2e_axes.json").read_text())["analysis"]
     assert analysis["matched"]["e2e_ds_norm"]["verdict"] != "not run" and analysis["matched"]["e2e"]["verdict"] == "not run"
+
+
+def test_loss_terms_records_each_e2e_familys_terms_at_its_first_step(tmp_path):
+    """--loss-terms: one step of each family through the loop; e2e has no downstream term, e2e_ds_norm's is e2e_ds's normalised."""
+    bench = _bench()
+    rep = bench.main(["--tiny", "--quiet", "--loss-terms", "--families", "e2e", "e2e_ds", "e2e_ds_norm", "--out", str(tmp_path),
+                      "--runs-dir", str(tmp_path / "r")])[0]
+    terms = rep["terms"]
+    assert set(terms) == {"e2e", "e2e_ds", "e2e_ds_norm"} and "downstream_loss" not in terms["e2e"]
+    assert terms["e2e_ds_norm"]["method_options"] == {"downstream_normalize": True, "sparsity_coef": 0.5}
+    for t in terms.values():
+        assert all(math.isfinite(t[k]) for k in ("kl_loss", "sparsity_loss", "mse_loss")) and t["l0"] > 0
+    # Same initialisation and batch: only the downstream term differs between the raw and the normalised form.
+    assert terms["e2e_ds"]["sparsity_loss"] == pytest.approx(terms["e2e_ds_norm"]["sparsity_loss"])
+    assert terms["e2e_ds"]["downstream_loss"] != pytest.approx(terms["e2e_ds_norm"]["downstream_loss"], rel=0.1)
+    assert json.loads((tmp_path / "e2e_loss_terms.json").read_text())["terms"] == terms

@@ -170,7 +170,10 @@ def test_bench_dense_codes_times_both_paths_and_leaves_the_threshold_as_it_was(t
 
     before = dict(sparse.DENSE_CODE_MIN_DENSITY)
     rep = load_benchmark("bench_dense_codes").main(["--n", "64", "--d-in", "8", "--batch", "32", "--ks", "4", "32", "--repeats", "1",
-                                                    "--out", str(tmp_path / "d.json")])
+                                                    "--methods", "standard", "--k", "4", "--out", str(tmp_path / "d.json")])
     assert [r["K"] for r in rep["rows"]] == [4, 32] and all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 for r in rep["rows"])
+    (m,) = rep["methods"]
+    assert m["method"] == "standard" and m["all_latents_s"] > 0 and m["padded_s"] > 0
+    assert sparse.mask_to_indices.__name__ == "mask_to_indices"  # the library's own function is back in place
     assert rep["threshold_in_use"] == before["cpu"] and sparse.DENSE_CODE_MIN_DENSITY == before
     assert (tmp_path / "d.json").exists()
