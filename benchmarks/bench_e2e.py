@@ -58,7 +58,8 @@ RESULT_STEM = "e2e_axes"
 FAMILIES = ("standard", "e2e", "e2e_ds", "e2e_ds_norm")
 E2E_FAMILIES = ("e2e", "e2e_ds", "e2e_ds_norm")  # compared with the local curve
 # e2e_ds_norm (opt-in, not run by default): e2e_ds with downstream_normalize, each downstream MSE an FVU. On SmolLM2 Apollo's
-# raw-unit MSE is ~40,000 at initialisation against a sparsity term of 10-100, so e2e_ds's λ barely moves its L0.
+# raw-unit MSE is ~41,000 at the first step against a sparsity term of ~1-12 for λ 0.5-5 (--loss-terms), so e2e_ds's λ
+# barely moves its L0.
 FAMILY_METHOD = {"standard": ("standard", {}), "e2e": ("e2e", {}), "e2e_ds": ("e2e_ds", {}), "e2e_ds_norm": ("e2e_ds", {"downstream_normalize": True})}
 DEFAULT_COEFS = {"standard": [2.0, 5.0, 12.0], "e2e": [0.5, 1.5, 5.0], "e2e_ds": [0.5, 1.5, 5.0], "e2e_ds_norm": [0.5, 1.5, 5.0]}
 TINY_COEFS = {"standard": [1.0, 5.0], "e2e": [0.5, 5.0], "e2e_ds": [0.5, 5.0], "e2e_ds_norm": [0.5, 5.0]}
