@@ -180,39 +180,48 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--runs-dir", default="runs/bench_planted")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--dense-codes", choices=["library", "never", "always"], default="library", help=(
+        "the sparse core's dense-code path (saebench.sparse.DENSE_CODE_MIN_DENSITY): the library's threshold, or forced off or "
+        "on. The same math in another float summation order: how much of a recovery figure is round-off"))
     args = ap.parse_args(argv)
+    if args.dense_codes != "library":
+        from saebench import sparse
+
+        sparse.DENSE_CODE_MIN_DENSITY["cpu"] = sparse.DENSE_CODE_MIN_DENSITY["cuda"] = 2.0 if args.dense_codes == "never" else 0.0
+    dense_arg = None if args.dense_codes == "library" else args.dense_codes
     out = Path(args.out) / "planted_recovery.json"
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
 
     def cell(r):
-        return (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"))
+        return (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"), r.get("dense_codes_arg"))
 
     for shape_name in args.shapes:
         src = PlantedSource(SHAPES[shape_name], seed=args.seed, chunk_tokens=args.chunk_tokens)
         for key in args.methods:
-            want = (shape_name, key, args.samples, args.lr, args.seed, args.options)
+            want = (shape_name, key, args.samples, args.lr, args.seed, args.options, dense_arg)
             if not args.force and any(cell(r) == want for r in rows):
                 continue
             r = run_one(key, SHAPES[shape_name], args.samples, Path(args.runs_dir) / f"{shape_name}-{key}", lr=args.lr, batch=args.batch,
                         seed=args.seed, source=src, options=args.options) | {"shape_name": shape_name, "lr_arg": args.lr,
-                                                                              "options_arg": args.options}
+                                                                              "options_arg": args.options, "dense_codes_arg": dense_arg}
             rows = [x for x in rows if cell(x) != want] + [r]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"command": "benchmarks/bench_planted.py", "rows": rows}, indent=1))
             print(f"{shape_name:<8} {key:<15} recovery {r['recovery']:.3f}  fvu {r['fvu']:.3f}  l0 {r['l0']:.2f}  "
                   f"never fired {r['never_fired_fraction']:.3f}  ({r['train_seconds']:.0f} s)", flush=True)
-    print(table(rows, args.shapes, args.methods, args.samples, args.lr, args.seed, args.options))
+    print(table(rows, args.shapes, args.methods, args.samples, args.lr, args.seed, args.options, dense_arg))
     return rows
 
 
-def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int, lr, seed: int, options: dict | None = None) -> str:
+def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int, lr, seed: int, options: dict | None = None,
+          dense_codes: str | None = None) -> str:
     """Markdown: recovery per method (rows) and shape (columns)."""
     lines = ["| method | " + " | ".join(shapes) + " |", "|---" * (len(shapes) + 1) + "|"]
     for key in methods:
         cells = []
         for s in shapes:
-            r = next((r for r in rows if (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"))
-                      == (s, key, samples, lr, seed, options)), None)
+            r = next((r for r in rows if (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"),
+                                          r.get("dense_codes_arg")) == (s, key, samples, lr, seed, options, dense_codes)), None)
             cells.append("" if r is None else f"{100 * r['recovery']:.0f}%")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -57,7 +57,8 @@ def test_planted_recovery_at_defaults(method, shape, sources, tmp_path):
 
 # uniform_sparse: one latent may cover two features with cosine 0.62 (see the table's notes), and which ones do is
 # decided by float round-off: at 1,600 steps the same run recovers 25-30 of 32 features depending on the summation
-# order alone (the sparse or the dense-code path of saebench.sparse, equal to 1e-12 in float64; the CPU's kernels).
+# order alone (the dense-code path of saebench.sparse never / as the library / always taken, equal to 1e-12 in float64:
+# benchmarks/bench_planted.py --dense-codes, benchmarks/results/planted_roundoff; the CPU's kernels move it too).
 # The floor sits under that spread (24 of 32), so it catches a broken method, not a different rounding.
 PAPER_FLOORS = {"uniform_sparse": 0.75}
 PAPER_STEPS = {"uniform_sparse": 1600}
