@@ -216,6 +216,22 @@ def load_rows(out: Path) -> dict[str, dict[str, Any]]:
     return {r["key"]: r for r in json.loads(path.read_text()).get("rows", [])}
 
 
+def earlier_runs(out: Path) -> list[dict[str, Any]]:
+    """The runs that wrote ``<out>/gsae.json`` before this one (their command, machine, date and wall time), oldest first.
+
+    A resumed or extended sweep (e.g. ``--seeds 1 2`` after ``--seeds 0``) keeps the earlier rows; this keeps the record of
+    how they were made, which the new run's ``command`` would otherwise replace.
+    """
+    path = out / f"{RESULT_STEM}.json"
+    if not path.is_file():
+        return []
+    meta = json.loads(path.read_text()).get("meta", {})
+    if not meta:
+        return []
+    prev = {k: v for k, v in meta.items() if k != "earlier_runs"}
+    return [*meta.get("earlier_runs", []), prev]
+
+
 def mean_sd(values: list[float]) -> tuple[float, float | None]:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
@@ -321,6 +337,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     eval_tokens = 256 if args.tiny else args.eval_tokens
     eval_bs = args.eval_batch_size or (32 if args.device == "cuda" else 8)
     rows = load_rows(out)
+    history = earlier_runs(out)
     if rows:
         old = next(iter(rows.values()))
         if old.get("train_tokens") != base["training_tokens"] or old.get("eval_tokens_requested") != eval_tokens:
@@ -354,9 +371,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                       "method_options": dict(cfgs[n].method_options), "train_tokens": base["training_tokens"],
                                       "eval_tokens_requested": eval_tokens, "train_seconds": secs if secs is not None else bm._logged_seconds(d),
                                       "harvest_seconds": harvest_s, "sae_dir": str(d), **res[n]}
-        write_results(out, _ordered(rows, names), names, _meta(args, base, eval_tokens, t_start, argv))  # after every seed: resumable
+        write_results(out, _ordered(rows, names), names, _meta(args, base, eval_tokens, t_start, argv, history))  # after every seed: resumable
     table = _ordered(rows, names)
-    paths = write_results(out, table, names, _meta(args, base, eval_tokens, t_start, argv))
+    paths = write_results(out, table, names, _meta(args, base, eval_tokens, t_start, argv, history))
     log(f"wrote {', '.join(map(str, paths.values()))} in {time.perf_counter() - t_start:.0f} s")
     if not args.quiet:
         print(paths["md"].read_text())
@@ -368,13 +385,13 @@ def _ordered(rows: dict[str, dict[str, Any]], names: list[str]) -> list[dict[str
     return sorted(rows.values(), key=lambda r: (order.get(r["name"], len(order)), r["seed"]))
 
 
-def _meta(args, base, eval_tokens, t_start, argv) -> dict[str, Any]:
+def _meta(args, base, eval_tokens, t_start, argv, history: list[dict[str, Any]]) -> dict[str, Any]:
     return {"model": base["model"] if not args.tiny else "tiny random llama", "hook_name": base["hook_name"], "k": base["k"],
             "expansion_factor": base["expansion_factor"], "training_tokens": base["training_tokens"], "batch_size_tokens": base["batch_size_tokens"],
             "lr": base["lr"], "context_size": base["context_size"], "corpus": base["corpus"], "eval_tokens": eval_tokens, "betas": args.betas,
             "device": args.device, "command": " ".join(["benchmarks/bench_gsae.py", *(argv if argv is not None else sys.argv[1:])]),
             "this_run_wall_seconds": round(time.perf_counter() - t_start, 1), "machine": bm.machine_info(args.device),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "earlier_runs": history}
 
 
 if __name__ == "__main__":

@@ -185,6 +185,8 @@ def test_bench_gsae_tiny_runs_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
     again = bench.main(argv)
     assert [r["plain"] for r in again] == [r["plain"] for r in rows]
+    history = json.loads((out / "gsae.json").read_text())["meta"]["earlier_runs"]  # the first run's record is kept
+    assert [h["date"] for h in history] == [saved["meta"]["date"]] and "earlier_runs" not in history[0]
     # A lost row (an interrupted run) is evaluated again from its finished SAE folder, without training.
     kept = [r for r in saved["rows"] if r["name"] != "gsae_beta10"]
     (out / "gsae.json").write_text(json.dumps(saved | {"rows": kept}))
