@@ -17,8 +17,11 @@ relative to the signal's RMS. Every method runs at its defaults, at the common s
 (|cos| for the signed methods), FVU and L0 on held-out samples, and the fraction of latents that never fire on them.
 
 Shapes (``SHAPES``): the issue's (d 80, 640 features, ~6 active, log-normal, 20 correlated pairs, d_sae 1,280,
-k 8) and variations of d, width, sparsity, magnitude law and correlation. Resumable: finished (shape, method)
-cells are read back from ``--out``/planted_recovery.json.
+k 8) and variations of d, width, sparsity, magnitude law and correlation; ``hierarchy``, parents whose children fire
+only with them (feature absorption's setting), where rows also give ``recovery_parents`` and ``recovery_children``:
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py --shapes hierarchy --samples 614400 --batch 1024 \
+        --chunk-tokens 8192 --methods topk batchtopk matryoshka_batchtopk
+Resumable: finished (shape, method) cells are read back from ``--out``/planted_recovery.json.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ class Shape:
     noise: float = 0.02
     d_sae: int = 1280
     k: int = 8
+    # > 0: a hierarchy instead of independent features: the first P = m // (children + 1) features are parents, each with
+    # ``children`` children (features P + p·children ...); a child fires only with its parent (one of them, with probability
+    # CHILD_PROB given the parent), as "starts with S" and "short" in feature-absorption studies (Chanin et al. 2024).
+    children: int = 0
 
 
 SHAPES: dict[str, Shape] = {
@@ -65,9 +72,12 @@ SHAPES: dict[str, Shape] = {
     "wide": Shape(d=64, m=1024, n_active=5.0, d_sae=2048, k=6),
     "dense": Shape(d=48, m=256, n_active=10.0, d_sae=512, k=12, pairs=10),
     "small": Shape(d=32, m=96, n_active=3.0, d_sae=192, k=4, pairs=8),
+    # Parents and children (feature absorption's setting): 8 parents with 4 children each, ~3 active features per sample.
+    "hierarchy": Shape(d=32, m=40, n_active=3.0, law="lognormal", pairs=0, d_sae=80, k=3, children=4),
 }
 TEST_SHAPES = ["lognormal_pairs", "uniform_sparse", "wide_dense"]
-LARGE_SHAPES = [s for s in SHAPES if s not in TEST_SHAPES]
+CHILD_PROB = 0.8  # P(one of a parent's children fires | the parent fires), hierarchical shapes
+LARGE_SHAPES = [s for s in SHAPES if s not in TEST_SHAPES and not SHAPES[s].children]
 
 
 class PlantedSource(ActivationSource):
@@ -85,6 +95,8 @@ class PlantedSource(ActivationSource):
     def coefficients(self, i: int) -> torch.Tensor:
         s, n = self.shape, self.chunk_tokens
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i + 1)
+        if s.children:
+            return self._hierarchical(n, g)
         active = torch.rand(n, s.m, generator=g) < s.n_active / s.m
         if s.pairs:
             lead = torch.arange(0, 2 * s.pairs, 2)
@@ -96,6 +108,23 @@ class PlantedSource(ActivationSource):
             mags = torch.rand(n, s.m, generator=g) + 0.5
         if s.signed:
             mags = mags * torch.where(torch.rand(n, s.m, generator=g) < 0.5, -1.0, 1.0)
+        return active * mags
+
+    @property
+    def parents(self) -> int:
+        """How many of the features are parents (hierarchical shapes; 0 otherwise)."""
+        return self.shape.m // (self.shape.children + 1) if self.shape.children else 0
+
+    def _hierarchical(self, n: int, g: torch.Generator) -> torch.Tensor:
+        s, P, C = self.shape, self.parents, self.shape.children
+        if P * (C + 1) != s.m:
+            raise ValueError(f"hierarchical shape: m = {s.m} is not parents x (children + 1) = {P} x {C + 1}")
+        parent = torch.rand(n, P, generator=g) < s.n_active / (P * (1 + CHILD_PROB))  # E[active] = n_active
+        has_child = parent & (torch.rand(n, P, generator=g) < CHILD_PROB)
+        which = torch.randint(0, C, (n, P, 1), generator=g)
+        child = torch.zeros(n, P, C, dtype=torch.bool).scatter_(2, which, has_child.unsqueeze(-1))
+        active = torch.cat([parent, child.reshape(n, P * C)], 1)
+        mags = torch.exp(0.5 * torch.randn(n, s.m, generator=g)) if s.law == "lognormal" else torch.rand(n, s.m, generator=g) + 0.5
         return active * mags
 
     def chunk(self, i: int) -> Batch:
@@ -122,15 +151,29 @@ METHODS: dict[str, tuple[str, dict]] = {
     "vsae_det": ("vsae_det", {}),
     "vsae_learned": ("vsae", {"variance": "learned"}),  # the authors' var_flag = 1: learned log σ² (init −2)
     "feature_choice": ("feature_choice", {}),
+    "feature_choice_zipf": ("feature_choice", {"capacity": "zipf"}),
+    "matryoshka_batchtopk": ("matryoshka_batchtopk", {}),
+    "matching_pursuit": ("matching_pursuit", {}),
+    "itda": ("itda", {}),
+    "top_afa": ("top_afa", {}),
+    # The L1 family: its L0 is what λ gives (each method's default λ).
+    "standard": ("standard", {}),
+    "standard_constrained": ("standard_constrained", {}),
+    "gated": ("gated", {}),
 }
 SIGNED = {"abstopk", "abstopk_batch"}
-FREE_L0 = {"jumprelu_paper"}  # L0 set by a penalty, not held at k
+FREE_L0 = {"jumprelu_paper", "standard", "standard_constrained", "gated", "top_afa"}  # L0 set by a penalty or a rule, not held at k
+
+
+def best_cos(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False) -> torch.Tensor:
+    """Per planted feature [m], the cosine of its best decoder row (|cos| for signed SAEs)."""
+    cos = F.normalize(features, dim=-1) @ F.normalize(W_dec.detach().float(), dim=-1).T
+    return (cos.abs() if signed else cos).max(1).values
 
 
 def recovery(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False, thresh: float = 0.9) -> float:
     """Fraction of planted features whose best decoder row has cos >= ``thresh`` (|cos| for signed SAEs)."""
-    cos = F.normalize(features, dim=-1) @ F.normalize(W_dec.detach().float(), dim=-1).T
-    return ((cos.abs() if signed else cos).max(1).values >= thresh).float().mean().item()
+    return (best_cos(W_dec, features, signed) >= thresh).float().mean().item()
 
 
 def run_one(key: str, shape: Shape, samples: int, out_dir: Path, *, lr: float | None = None, batch: int = 4096, seed: int = 0,
@@ -154,7 +197,11 @@ def run_one(key: str, shape: Shape, samples: int, out_dir: Path, *, lr: float | 
         z = sae.encode(x)
         x_hat = sae.decode(z)
     fvu = ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
-    return {"method": key, "shape": asdict(shape), "samples": samples, "lr": lr or _default_lr(shape.d_sae, shape.d), "seed": seed,
+    split = {}
+    if src.parents:  # hierarchical: parents and children apart (absorption shows as children not recovered)
+        found = best_cos(sae.W_dec, src.features, signed=key in SIGNED) >= 0.9
+        split = {"recovery_parents": found[:src.parents].float().mean().item(), "recovery_children": found[src.parents:].float().mean().item()}
+    return split | {"method": key, "shape": asdict(shape), "samples": samples, "lr": lr or _default_lr(shape.d_sae, shape.d), "seed": seed,
             "recovery": recovery(sae.W_dec, src.features, signed=key in SIGNED), "fvu": fvu, "l0": (z != 0).sum(-1).float().mean().item(),
             "never_fired_fraction": ((z != 0).sum(0) == 0).float().mean().item(), "train_seconds": seconds, "options": opts | (options or {})}
 
@@ -222,7 +269,8 @@ def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int,
         for s in shapes:
             r = next((r for r in rows if (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"),
                                           r.get("dense_codes_arg")) == (s, key, samples, lr, seed, options, dense_codes)), None)
-            cells.append("" if r is None else f"{100 * r['recovery']:.0f}%")
+            split = f" (parents {100 * r['recovery_parents']:.0f}%, children {100 * r['recovery_children']:.0f}%)" if r and "recovery_parents" in r else ""
+            cells.append("" if r is None else f"{100 * r['recovery']:.0f}%{split}")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
