@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -232,16 +230,9 @@ def earlier_runs(out: Path) -> list[dict[str, Any]]:
     return [*meta.get("earlier_runs", []), prev]
 
 
-def mean_sd(values: list[float]) -> tuple[float, float | None]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return math.nan, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
-
-
 def _cell(values: list[float], fmt: str) -> str:
-    m, sd = mean_sd(values)
-    if not math.isfinite(m):
+    m, sd = bm.mean_sd(values)
+    if m is None:
         return "—"
     return f"{m:{fmt}}" + (f" ± {sd:{fmt}}" if sd is not None else "")
 
@@ -297,7 +288,8 @@ def markdown(rows: list[dict[str, Any]], names: list[str], meta: dict[str, Any])
         rs = {r["name"]: r for r in rows if r["seed"] == seed}
         h = next((r.get("harvest_seconds") for r in rs.values() if r.get("harvest_seconds") is not None), None)
         lines.append(f"| {seed} | {_num(h)} | " + " | ".join(_num(rs.get(n, {}).get("train_seconds")) for n in names) + " |")
-    lines += ["", *(f"- {k}: {v}" for k, v in meta.items() if k not in ("machine",)), f"- machine: {meta.get('machine')}"]
+    lines += ["", *(f"- {k}: {v}" for k, v in meta.items() if k not in ("machine", "earlier_runs")), f"- machine: {meta.get('machine')}"]
+    lines += [f"- earlier run ({h.get('date')}, {h.get('device')}): {h.get('command')}" for h in meta.get("earlier_runs", [])]
     return "\n".join(lines) + "\n"
 
 

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -302,6 +303,14 @@ def _fmt(key: str, v: Any) -> str:
 
 def _meta_lines(meta: dict[str, Any]) -> str:
     return "\n".join(f"- {k}: {v}" for k, v in meta.items())
+
+
+def mean_sd(values) -> tuple[float | None, float | None]:
+    """Mean and sample sd over the seeds of the finite values (None skipped); sd None with fewer than 2, both None with none."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -205,9 +204,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         a = {"variant": variant, "method": rs[0]["method"], "setting": setting, "k": rs[0]["k"], "coef": rs[0]["coef"], "n": len(rs),
              "seeds": sorted(r["seed"] for r in rs)}
         for m in METRICS:
-            vals = [float(r[m]) for r in rs if r.get(m) is not None and math.isfinite(float(r[m]))]
-            a[m] = statistics.fmean(vals) if vals else None
-            a[f"{m}_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+            a[m], a[f"{m}_sd"] = bm.mean_sd(r.get(m) for r in rs)
         out.append(a)
     order = {v: i for i, v in enumerate(ALL_VARIANTS)}
     return sorted(out, key=lambda a: (order.get(a["variant"], len(order)), a["l0"] if a["l0"] is not None else math.inf))
