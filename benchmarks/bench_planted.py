@@ -19,8 +19,8 @@ relative to the signal's RMS. Every method runs at its defaults, at the common s
 Shapes (``SHAPES``): the issue's (d 80, 640 features, ~6 active, log-normal, 20 correlated pairs, d_sae 1,280,
 k 8) and variations of d, width, sparsity, magnitude law and correlation; ``hierarchy``, parents whose children fire
 only with them (feature absorption's setting), where rows also give ``recovery_parents`` and ``recovery_children``:
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py --shapes hierarchy --samples 614400 --batch 1024 \
-        --chunk-tokens 8192 --methods topk batchtopk matryoshka_batchtopk
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py --shapes hierarchy hierarchy_tight --samples 614400 \
+        --batch 1024 --chunk-tokens 8192
 Resumable: finished (shape, method) cells are read back from ``--out``/planted_recovery.json.
 """
 
@@ -74,6 +74,9 @@ SHAPES: dict[str, Shape] = {
     "small": Shape(d=32, m=96, n_active=3.0, d_sae=192, k=4, pairs=8),
     # Parents and children (feature absorption's setting): 8 parents with 4 children each, ~3 active features per sample.
     "hierarchy": Shape(d=32, m=40, n_active=3.0, law="lognormal", pairs=0, d_sae=80, k=3, children=4),
+    # The same data with k = 2 under the ~3 active features: the sparsity pressure under which merging parent + child
+    # into one latent pays (absorption), where Matryoshka's claim applies.
+    "hierarchy_tight": Shape(d=32, m=40, n_active=3.0, law="lognormal", pairs=0, d_sae=80, k=2, children=4),
 }
 TEST_SHAPES = ["lognormal_pairs", "uniform_sparse", "wide_dense"]
 CHILD_PROB = 0.8  # P(one of a parent's children fires | the parent fires), hierarchical shapes
