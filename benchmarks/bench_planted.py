@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from saebench.activations import ActivationSource, Batch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package: bench_methods' shared helpers
 
 HOOK = "planted"
 
@@ -222,7 +225,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--samples", type=int, default=3_000_000, help="training samples per run (the issue's 3M)")
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the library's default)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="one seed (of the planted features, the samples and the SAE)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: each cell is run per seed and the table "
+                    "shows mean ± sd over them (and each seed's value)")
     ap.add_argument("--options", type=json.loads, default=None, metavar="JSON",
                     help="method options on top of each method's (e.g. '{\"topk_warmup_fraction\": 0.3}'): the diagnostic grids "
                          "of docs/METHODS_IMPLEMENTED.md 'Planted recovery'; kept apart from the defaults' rows in the results")
@@ -245,35 +250,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def cell(r):
         return (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"), r.get("dense_codes_arg"))
 
-    for shape_name in args.shapes:
-        src = PlantedSource(SHAPES[shape_name], seed=args.seed, chunk_tokens=args.chunk_tokens)
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    for seed, shape_name in ((seed, shape) for seed in seeds for shape in args.shapes):
+        src = PlantedSource(SHAPES[shape_name], seed=seed, chunk_tokens=args.chunk_tokens)
         for key in args.methods:
-            want = (shape_name, key, args.samples, args.lr, args.seed, args.options, dense_arg)
+            want = (shape_name, key, args.samples, args.lr, seed, args.options, dense_arg)
             if not args.force and any(cell(r) == want for r in rows):
                 continue
             r = run_one(key, SHAPES[shape_name], args.samples, Path(args.runs_dir) / f"{shape_name}-{key}", lr=args.lr, batch=args.batch,
-                        seed=args.seed, source=src, options=args.options) | {"shape_name": shape_name, "lr_arg": args.lr,
-                                                                              "options_arg": args.options, "dense_codes_arg": dense_arg}
+                        seed=seed, source=src, options=args.options) | {"shape_name": shape_name, "lr_arg": args.lr,
+                                                                         "options_arg": args.options, "dense_codes_arg": dense_arg}
             rows = [x for x in rows if cell(x) != want] + [r]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"command": "benchmarks/bench_planted.py", "rows": rows}, indent=1))
-            print(f"{shape_name:<8} {key:<15} recovery {r['recovery']:.3f}  fvu {r['fvu']:.3f}  l0 {r['l0']:.2f}  "
+            print(f"{shape_name:<8} seed {seed} {key:<15} recovery {r['recovery']:.3f}  fvu {r['fvu']:.3f}  l0 {r['l0']:.2f}  "
                   f"never fired {r['never_fired_fraction']:.3f}  ({r['train_seconds']:.0f} s)", flush=True)
-    print(table(rows, args.shapes, args.methods, args.samples, args.lr, args.seed, args.options, dense_arg))
+    print(table(rows, args.shapes, args.methods, args.samples, args.lr, seeds, args.options, dense_arg))
     return rows
 
 
-def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int, lr, seed: int, options: dict | None = None,
+def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int, lr, seeds: int | list[int], options: dict | None = None,
           dense_codes: str | None = None) -> str:
-    """Markdown: recovery per method (rows) and shape (columns)."""
+    """Markdown: recovery per method (rows) and shape (columns); over several ``seeds``, mean ± sd (%) and each seed's value.
+
+    Hierarchical shapes add the parents' and the children's recovery.
+    """
+    from bench_methods import mean_sd
+
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     lines = ["| method | " + " | ".join(shapes) + " |", "|---" * (len(shapes) + 1) + "|"]
+
+    def pct(values: list[float]) -> str:
+        m, sd = mean_sd(values)
+        if len(values) == 1:
+            return f"{100 * m:.0f}%"
+        return f"{100 * m:.0f} ± {100 * (sd or 0):.0f}% ({' / '.join(f'{100 * v:.0f}' for v in values)})"
+
     for key in methods:
         cells = []
         for s in shapes:
-            r = next((r for r in rows if (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"),
-                                          r.get("dense_codes_arg")) == (s, key, samples, lr, seed, options, dense_codes)), None)
-            split = f" (parents {100 * r['recovery_parents']:.0f}%, children {100 * r['recovery_children']:.0f}%)" if r and "recovery_parents" in r else ""
-            cells.append("" if r is None else f"{100 * r['recovery']:.0f}%{split}")
+            found = [r for seed in seeds for r in rows if (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"),
+                                                           r.get("dense_codes_arg")) == (s, key, samples, lr, seed, options, dense_codes)][:len(seeds)]
+            if not found:
+                cells.append("")
+                continue
+            cell = pct([r["recovery"] for r in found])
+            if "recovery_parents" in found[0]:
+                cell += f"; parents {pct([r['recovery_parents'] for r in found])}, children {pct([r['recovery_children'] for r in found])}"
+            if len(found) < len(seeds):
+                cell += f" [{len(found)} of {len(seeds)} seeds]"
+            cells.append(cell)
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -124,3 +124,19 @@ def test_under_sparsity_pressure_matryoshka_and_matching_pursuit_resist_absorpti
     assert children["topk"] < 0.45 and children["batchtopk"] < 0.45, children
     assert children["matryoshka_batchtopk"] >= children["batchtopk"] + 0.15, children
     assert children["matching_pursuit"] >= 0.7, children
+
+
+def test_bench_planted_runs_seeds_resumes_and_tabulates_mean_and_sd(tmp_path, capsys, monkeypatch):
+    """The benchmark's own entry point: --seeds runs each cell per seed, a second call trains nothing, and the table gives
+    mean ± sd with each seed's value (parents and children apart on a hierarchical shape)."""
+    argv = ["--shapes", "hierarchy", "--methods", "topk", "--samples", "2048", "--batch", "1024", "--chunk-tokens", "1024",
+            "--seeds", "0", "1", "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")]
+    rows = bp.main(argv)
+    assert sorted(r["seed"] for r in rows) == [0, 1] and all("recovery_children" in r for r in rows)
+    assert rows[0]["recovery"] != rows[1]["recovery"] or rows[0]["fvu"] != rows[1]["fvu"]  # the seeds are different runs
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| topk |"))
+    values = " / ".join(f"{100 * r['recovery']:.0f}" for r in sorted(rows, key=lambda r: r["seed"]))
+    assert " ± " in line and f"({values})" in line and "children" in line, line
+    monkeypatch.setattr(bp, "run_one", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    again = bp.main(argv)
+    assert [r["recovery"] for r in again] == [r["recovery"] for r in rows]
