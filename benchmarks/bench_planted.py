@@ -207,9 +207,23 @@ def run_one(key: str, shape: Shape, samples: int, out_dir: Path, *, lr: float | 
     if src.parents:  # hierarchical: parents and children apart (absorption shows as children not recovered)
         found = best_cos(sae.W_dec, src.features, signed=key in SIGNED) >= 0.9
         split = {"recovery_parents": found[:src.parents].float().mean().item(), "recovery_children": found[src.parents:].float().mean().item()}
-    return split | {"method": key, "shape": asdict(shape), "samples": samples, "lr": lr or _default_lr(shape.d_sae, shape.d), "seed": seed,
-            "recovery": recovery(sae.W_dec, src.features, signed=key in SIGNED), "fvu": fvu, "l0": (z != 0).sum(-1).float().mean().item(),
-            "never_fired_fraction": ((z != 0).sum(0) == 0).float().mean().item(), "train_seconds": seconds, "options": opts | (options or {})}
+    return split | {"method": key, "resolved_options": resolved_options(key, options), "shape": asdict(shape), "samples": samples,
+                    "lr": lr or _default_lr(shape.d_sae, shape.d), "seed": seed,
+                    "recovery": recovery(sae.W_dec, src.features, signed=key in SIGNED), "fvu": fvu,
+                    "l0": (z != 0).sum(-1).float().mean().item(), "never_fired_fraction": ((z != 0).sum(0) == 0).float().mean().item(),
+                    "train_seconds": seconds, "options": opts | (options or {})}
+
+
+def resolved_options(key: str, options: dict | None = None) -> dict:
+    """Every option of ``key``'s method as this code resolves them (defaults included), JSON-ready.
+
+    Stored with each row and compared when a run is resumed: a row trained under another default (e.g. a changed warm
+    start) is not taken for this code's, so a default change reruns its cells instead of reporting stale figures.
+    """
+    from saebench.trainers import get_method
+
+    method, opts = METHODS[key]
+    return json.loads(get_method(method).Options(**(opts | (options or {}))).model_dump_json())
 
 
 def _default_lr(d_sae: int, d_in: int) -> float:
@@ -250,12 +264,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def cell(r):
         return (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"), r.get("dense_codes_arg"))
 
+    current = {key: resolved_options(key, args.options) for key in args.methods}
+
+    def stale(r) -> bool:  # trained under other defaults than this code's (rows from before resolved_options: taken as they are)
+        return "resolved_options" in r and r["method"] in current and r["resolved_options"] != current[r["method"]]
+
     seeds = args.seeds if args.seeds is not None else [args.seed]
     for seed, shape_name in ((seed, shape) for seed in seeds for shape in args.shapes):
         src = PlantedSource(SHAPES[shape_name], seed=seed, chunk_tokens=args.chunk_tokens)
         for key in args.methods:
             want = (shape_name, key, args.samples, args.lr, seed, args.options, dense_arg)
-            if not args.force and any(cell(r) == want for r in rows):
+            if not args.force and any(cell(r) == want and not stale(r) for r in rows):
                 continue
             r = run_one(key, SHAPES[shape_name], args.samples, Path(args.runs_dir) / f"{shape_name}-{key}", lr=args.lr, batch=args.batch,
                         seed=seed, source=src, options=args.options) | {"shape_name": shape_name, "lr_arg": args.lr,
@@ -265,7 +284,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             out.write_text(json.dumps({"command": "benchmarks/bench_planted.py", "rows": rows}, indent=1))
             print(f"{shape_name:<8} seed {seed} {key:<15} recovery {r['recovery']:.3f}  fvu {r['fvu']:.3f}  l0 {r['l0']:.2f}  "
                   f"never fired {r['never_fired_fraction']:.3f}  ({r['train_seconds']:.0f} s)", flush=True)
-    print(table(rows, args.shapes, args.methods, args.samples, args.lr, seeds, args.options, dense_arg))
+    print(table([r for r in rows if not stale(r)], args.shapes, args.methods, args.samples, args.lr, seeds, args.options, dense_arg))
     return rows
 
 

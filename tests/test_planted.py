@@ -12,6 +12,7 @@ at a k below it both absorb, and Matryoshka and matching pursuit, whose papers c
 
 from __future__ import annotations
 
+import json
 
 import pytest
 from bench_loader import load_benchmark
@@ -137,6 +138,16 @@ def test_bench_planted_runs_seeds_resumes_and_tabulates_mean_and_sd(tmp_path, ca
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| topk |"))
     values = " / ".join(f"{100 * r['recovery']:.0f}" for r in sorted(rows, key=lambda r: r["seed"]))
     assert " ± " in line and f"({values})" in line and "children" in line, line
+    real_run_one = bp.run_one
     monkeypatch.setattr(bp, "run_one", lambda *a, **k: pytest.fail("a finished cell ran again"))
     again = bp.main(argv)
     assert [r["recovery"] for r in again] == [r["recovery"] for r in rows]
+    # A row trained under another default (as if a default changed since) is rerun, not reported as this code's.
+    saved = json.loads((tmp_path / "out" / "planted_recovery.json").read_text())
+    saved["rows"][0]["resolved_options"]["auxk_coef"] = 0.5
+    (tmp_path / "out" / "planted_recovery.json").write_text(json.dumps(saved))
+    ran = []
+    monkeypatch.setattr(bp, "run_one", lambda *a, **k: ran.append(k["seed"]) or real_run_one(*a, **k))
+    redone = bp.main(argv)
+    assert ran == [saved["rows"][0]["seed"]] and len(redone) == 2
+    assert all(r["resolved_options"]["auxk_coef"] == bp.resolved_options("topk")["auxk_coef"] for r in redone)
