@@ -20,7 +20,7 @@ Shapes (``SHAPES``): the issue's (d 80, 640 features, ~6 active, log-normal, 20 
 k 8) and variations of d, width, sparsity, magnitude law and correlation; ``hierarchy``, parents whose children fire
 only with them (feature absorption's setting), where rows also give ``recovery_parents`` and ``recovery_children``:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_planted.py --shapes hierarchy hierarchy_tight --samples 614400 \
-        --batch 1024 --chunk-tokens 8192
+        --batch 1024 --chunk-tokens 8192 --seeds 0 1 2      # mean ± sd over seeds (features, samples and init)
 Resumable: finished (shape, method) cells are read back from ``--out``/planted_recovery.json.
 """
 
