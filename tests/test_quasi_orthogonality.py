@@ -63,3 +63,24 @@ def test_orthonormal_dictionary_meets_afa_exactly_and_a_doubled_code_is_flagged(
     assert r2["afa_over_activated_fraction"] == 1.0
     assert r2["afa_eps_lbo_median"] == pytest.approx(3 / (4 * 63), rel=1e-4)  # |1 − 4| / ((h − 1)·4), h = 64
     assert r2["afa_per_latent"]["n_tokens"][0] == r2["n_tokens"]  # abstopk with k = d: every latent on every token
+
+
+def test_eps_median_memory_is_bounded_exact_below_the_cap_and_close_above_it():
+    """The ε_LBO median keeps at most ``size`` values: exact while fewer were seen, a uniform sample's median after."""
+    from saebench.evals.quasi_orthogonality import EpsReservoir
+
+    g = torch.Generator().manual_seed(1)
+    values = torch.rand(50_000, generator=g) ** 3  # skewed: median 0.125
+    exact = EpsReservoir(size=50_000)
+    sampled = EpsReservoir(size=4_096)
+    for chunk in values.split(1_000):
+        exact.add(chunk)
+        sampled.add(chunk)
+    assert exact.sample is None and exact.median() == float(values.median())  # the cap not passed: every value kept
+    assert sampled.sample.numel() == 4_096 and sampled.seen == 50_000 and not sampled.parts
+    # A uniform sample of 4,096: the median's rank error is ~1/(2·sqrt(4096)) = 0.8%; in value, ~3%.
+    assert abs((values < sampled.median()).float().mean().item() - 0.5) < 0.03
+    # The sample draws on every part of the stream, not only its start.
+    late = torch.isin(sampled.sample, values[25_000:])
+    assert 0.4 < late.float().mean().item() < 0.6
+    assert math.isnan(EpsReservoir().median())
