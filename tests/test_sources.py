@@ -190,9 +190,9 @@ def test_memmap_larger_than_memory_budget_is_read_in_chunks(tmp_path):
         saebench.train(TrainConfig(out_dir={str(tmp_path / "warm")!r}, d_sae=64, k=3, training_tokens=512, batch_size_tokens=256, eval_tokens=0),
                        source=torch.randn(2048, {d}), progress=False)
         evaluate_activations(saebench.load_sae({str(tmp_path / "warm")!r}), torch.randn(64, {d}))
-        # Under half the file: reading it whole must fail; chunks fit. The run's own growth (two trainings, three evaluations,
-        # allocator slack) was 19 MiB with a 64 MiB file and 35 MiB with this one, so a budget of 28 MiB with the 64 MiB file
-        # once failed on slack alone; 60 MiB leaves ~25 MiB of headroom and is still under half of this file.
+        # Under half the file: reading it whole must fail; chunks fit. The run's own growth (two trainings, three evaluations)
+        # is ~10 MiB with the fixed mmap threshold set below (19-37 MiB of mostly allocator slack without it, which once broke
+        # a 28 MiB budget on a 64 MiB file).
         budget = 60 << 20
         resource.setrlimit(resource.RLIMIT_DATA, (vmdata() + budget, resource.RLIM_INFINITY))
         out = {{"budget": budget, "file_bytes": {n * d * 4}}}
@@ -234,7 +234,10 @@ def test_memmap_larger_than_memory_budget_is_read_in_chunks(tmp_path):
     """)
     import os
 
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    # A fixed mmap threshold: glibc's dynamic one lets freed 1 MiB chunks stay in a fragmented heap, which VmData (and the
+    # cap) count although nothing holds them (repeated evals of the same data retained 0-40 MiB at random without it).
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+                        "MALLOC_MMAP_THRESHOLD_": "131072"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
