@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "of docs/METHODS_IMPLEMENTED.md 'Planted recovery'; kept apart from the defaults' rows in the results")
     ap.add_argument("--chunk-tokens", type=int, default=16_384, help="samples per generated chunk (the tests use 8,192)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--figure", default=None, metavar="STEM", help=(
+        "also write <out>/STEM.html: a heatmap of the table (methods x shapes, recovery %%; children's recovery as its own "
+        "column on hierarchical shapes; mean over the seeds)"))
     ap.add_argument("--runs-dir", default="runs/bench_planted")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--dense-codes", choices=["library", "never", "always"], default="library", help=(
@@ -284,8 +287,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
             out.write_text(json.dumps({"command": "benchmarks/bench_planted.py", "rows": rows}, indent=1))
             print(f"{shape_name:<8} seed {seed} {key:<15} recovery {r['recovery']:.3f}  fvu {r['fvu']:.3f}  l0 {r['l0']:.2f}  "
                   f"never fired {r['never_fired_fraction']:.3f}  ({r['train_seconds']:.0f} s)", flush=True)
-    print(table([r for r in rows if not stale(r)], args.shapes, args.methods, args.samples, args.lr, seeds, args.options, dense_arg))
+    current_rows = [r for r in rows if not stale(r)]
+    print(table(current_rows, args.shapes, args.methods, args.samples, args.lr, seeds, args.options, dense_arg))
+    if args.figure:
+        from saebench.evals.plots import write_figures
+
+        fig = recovery_figure(current_rows, args.shapes, args.methods, args.samples, args.lr, seeds, args.options, dense_arg)
+        print(f"figure: {write_figures({args.figure: fig}, Path(args.out))[args.figure]}")
     return rows
+
+
+def _cells(rows: list[dict], shape: str, key: str, samples: int, lr, seeds: list[int], options, dense_codes) -> list[dict]:
+    """The rows of one (shape, method) cell, one per seed found."""
+    return [r for seed in seeds for r in rows if (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"),
+                                                  r.get("dense_codes_arg")) == (shape, key, samples, lr, seed, options, dense_codes)][:len(seeds)]
+
+
+def recovery_figure(rows: list[dict], shapes: list[str], methods: list[str], samples: int, lr, seeds: list[int], options=None,
+                    dense_codes=None):
+    """Plotly heatmap of recovery (%): methods down, shapes across (a hierarchical shape adds its children's column)."""
+    import plotly.graph_objects as go
+    from bench_methods import mean_sd
+
+    cols = [(s, "recovery") for s in shapes] + [(s, "recovery_children") for s in shapes if SHAPES[s].children]
+    z, text = [], []
+    for key in methods:
+        z.append([]), text.append([])
+        for s, metric in cols:
+            found = _cells(rows, s, key, samples, lr, seeds, options, dense_codes)
+            m, sd = mean_sd([100 * r[metric] for r in found]) if found else (None, None)
+            z[-1].append(m)
+            text[-1].append("" if m is None else f"{m:.0f}" + (f" ± {sd:.0f}" if sd is not None else ""))
+    labels = [s if metric == "recovery" else f"{s}: children" for s, metric in cols]
+    n_seeds = f", mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
+    fig = go.Figure(go.Heatmap(z=z, x=labels, y=methods, text=text, texttemplate="%{text}", colorscale="RdYlGn", zmin=0, zmax=100,
+                               colorbar={"title": "recovered (%)"}, hovertemplate="%{y} on %{x}: %{text}%<extra></extra>"))
+    fig.update_layout(title=f"Planted features recovered at cos ≥ 0.9 ({samples:,} samples{n_seeds})", yaxis={"autorange": "reversed"},
+                      height=120 + 28 * len(methods), width=260 + 150 * len(cols), margin={"l": 200})
+    return fig
 
 
 def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int, lr, seeds: int | list[int], options: dict | None = None,
@@ -308,8 +347,7 @@ def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int,
     for key in methods:
         cells = []
         for s in shapes:
-            found = [r for seed in seeds for r in rows if (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"),
-                                                           r.get("dense_codes_arg")) == (s, key, samples, lr, seed, options, dense_codes)][:len(seeds)]
+            found = _cells(rows, s, key, samples, lr, seeds, options, dense_codes)
             if not found:
                 cells.append("")
                 continue

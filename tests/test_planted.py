@@ -132,7 +132,12 @@ def test_bench_planted_runs_seeds_resumes_and_tabulates_mean_and_sd(tmp_path, ca
     mean ± sd with each seed's value (parents and children apart on a hierarchical shape)."""
     argv = ["--shapes", "hierarchy", "--methods", "topk", "--samples", "2048", "--batch", "1024", "--chunk-tokens", "1024",
             "--seeds", "0", "1", "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")]
-    rows = bp.main(argv)
+    rows = bp.main([*argv, "--figure", "fig"])
+    fig = bp.recovery_figure(rows, ["hierarchy"], ["topk"], 2048, None, [0, 1])
+    assert list(fig.data[0].x) == ["hierarchy", "hierarchy: children"]  # the children's column on a hierarchical shape
+    mean = 100 * sum(r["recovery"] for r in rows) / 2
+    assert fig.data[0].z[0][0] == pytest.approx(mean) and fig.data[0].text[0][0].startswith(f"{mean:.0f} ± ")
+    assert "Heatmap" in type(fig.data[0]).__name__ and (tmp_path / "out" / "fig.html").stat().st_size > 1000
     assert sorted(r["seed"] for r in rows) == [0, 1] and all("recovery_children" in r for r in rows)
     assert rows[0]["recovery"] != rows[1]["recovery"] or rows[0]["fvu"] != rows[1]["fvu"]  # the seeds are different runs
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| topk |"))
