@@ -177,11 +177,6 @@ def best_cos(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False) 
     return (cos.abs() if signed else cos).max(1).values
 
 
-def recovery(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False, thresh: float = 0.9) -> float:
-    """Fraction of planted features whose best decoder row has cos >= ``thresh`` (|cos| for signed SAEs)."""
-    return (best_cos(W_dec, features, signed) >= thresh).float().mean().item()
-
-
 def run_one(key: str, shape: Shape, samples: int, out_dir: Path, *, lr: float | None = None, batch: int = 4096, seed: int = 0,
             options: dict | None = None, source: PlantedSource | None = None) -> dict:
     """Train ``key`` (a METHODS entry) on ``shape`` for ``samples`` samples; score its exported SAE on held-out samples."""
@@ -203,13 +198,14 @@ def run_one(key: str, shape: Shape, samples: int, out_dir: Path, *, lr: float | 
         z = sae.encode(x)
         x_hat = sae.decode(z)
     fvu = ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    # Recovery: the fraction of planted features whose best decoder row has cos >= 0.9 (|cos| for signed SAEs).
+    found = (best_cos(sae.W_dec, src.features, signed=key in SIGNED) >= 0.9).float()
     split = {}
     if src.parents:  # hierarchical: parents and children apart (absorption shows as children not recovered)
-        found = best_cos(sae.W_dec, src.features, signed=key in SIGNED) >= 0.9
-        split = {"recovery_parents": found[:src.parents].float().mean().item(), "recovery_children": found[src.parents:].float().mean().item()}
+        split = {"recovery_parents": found[:src.parents].mean().item(), "recovery_children": found[src.parents:].mean().item()}
     return split | {"method": key, "resolved_options": resolved_options(key, options), "shape": asdict(shape), "samples": samples,
                     "lr": lr or _default_lr(shape.d_sae, shape.d), "seed": seed,
-                    "recovery": recovery(sae.W_dec, src.features, signed=key in SIGNED), "fvu": fvu,
+                    "recovery": found.mean().item(), "fvu": fvu,
                     "l0": (z != 0).sum(-1).float().mean().item(), "never_fired_fraction": ((z != 0).sum(0) == 0).float().mean().item(),
                     "train_seconds": seconds, "options": opts | (options or {})}
 
@@ -264,9 +260,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.out) / "planted_recovery.json"
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
 
-    def cell(r):
-        return (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"), r.get("dense_codes_arg"))
-
     current = {key: resolved_options(key, args.options) for key in args.methods}
 
     def stale(r) -> bool:  # trained under other defaults than this code's (rows from before resolved_options: taken as they are)
@@ -277,12 +270,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         src = PlantedSource(SHAPES[shape_name], seed=seed, chunk_tokens=args.chunk_tokens)
         for key in args.methods:
             want = (shape_name, key, args.samples, args.lr, seed, args.options, dense_arg)
-            if not args.force and any(cell(r) == want and not stale(r) for r in rows):
+            if not args.force and any(_cell_key(r) == want and not stale(r) for r in rows):
                 continue
             r = run_one(key, SHAPES[shape_name], args.samples, Path(args.runs_dir) / f"{shape_name}-{key}", lr=args.lr, batch=args.batch,
                         seed=seed, source=src, options=args.options) | {"shape_name": shape_name, "lr_arg": args.lr,
                                                                          "options_arg": args.options, "dense_codes_arg": dense_arg}
-            rows = [x for x in rows if cell(x) != want] + [r]
+            rows = [x for x in rows if _cell_key(x) != want] + [r]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"command": "benchmarks/bench_planted.py", "rows": rows}, indent=1))
             print(f"{shape_name:<8} seed {seed} {key:<15} recovery {r['recovery']:.3f}  fvu {r['fvu']:.3f}  l0 {r['l0']:.2f}  "
@@ -297,10 +290,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def _cell_key(r: dict) -> tuple:
+    """What identifies a row's cell: (shape, method, samples, lr argument, seed, options argument, dense-codes argument)."""
+    return (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"), r.get("dense_codes_arg"))
+
+
 def _cells(rows: list[dict], shape: str, key: str, samples: int, lr, seeds: list[int], options, dense_codes) -> list[dict]:
     """The rows of one (shape, method) cell, one per seed found."""
-    return [r for seed in seeds for r in rows if (r["shape_name"], r["method"], r["samples"], r["lr_arg"], r["seed"], r.get("options_arg"),
-                                                  r.get("dense_codes_arg")) == (shape, key, samples, lr, seed, options, dense_codes)][:len(seeds)]
+    return [r for seed in seeds for r in rows if _cell_key(r) == (shape, key, samples, lr, seed, options, dense_codes)][:len(seeds)]
 
 
 def recovery_figure(rows: list[dict], shapes: list[str], methods: list[str], samples: int, lr, seeds: list[int], options=None,
@@ -312,7 +309,8 @@ def recovery_figure(rows: list[dict], shapes: list[str], methods: list[str], sam
     cols = [(s, "recovery") for s in shapes] + [(s, "recovery_children") for s in shapes if SHAPES[s].children]
     z, text = [], []
     for key in methods:
-        z.append([]), text.append([])
+        z.append([])
+        text.append([])
         for s, metric in cols:
             found = _cells(rows, s, key, samples, lr, seeds, options, dense_codes)
             m, sd = mean_sd([100 * r[metric] for r in found]) if found else (None, None)
@@ -327,7 +325,7 @@ def recovery_figure(rows: list[dict], shapes: list[str], methods: list[str], sam
     return fig
 
 
-def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int, lr, seeds: int | list[int], options: dict | None = None,
+def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int, lr, seeds: list[int], options: dict | None = None,
           dense_codes: str | None = None) -> str:
     """Markdown: recovery per method (rows) and shape (columns); over several ``seeds``, mean ± sd (%) and each seed's value.
 
@@ -335,7 +333,6 @@ def table(rows: list[dict], shapes: list[str], methods: list[str], samples: int,
     """
     from bench_methods import mean_sd
 
-    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     lines = ["| method | " + " | ".join(shapes) + " |", "|---" * (len(shapes) + 1) + "|"]
 
     def pct(values: list[float]) -> str:
