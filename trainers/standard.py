@@ -127,7 +127,7 @@ class Standard(Method):
 class StandardConstrainedOptions(L1Options):
     # λ = 2, not the April form's 5: with unit-norm rows λ = 5 leaves almost nothing active (measured: SmolLM2-135M L15,
     # 2.5M tokens: L0 2.5, ΔCE 5.3 nats, against L0 28 at λ = 2; planted families: L0 0.8-1.8 where 3-6 features are
-    # active, 2-12% recovered, against 59-100% at λ = 2 in 300 steps and 100% in 1,200; docs/METHODS_REPORT.md).
+    # active, 2.5-12.5% recovered, against 59-100% at λ = 2 in 300 steps and 100% in 1,200; docs/METHODS_REPORT.md).
     sparsity_coef: float = Field(2.0, ge=0, description=(
         "λ, the L1 coefficient, in Anthropic's units (loss E‖x − x̂‖² + λ·E Σ_i f_i on inputs scaled to E‖x‖ = √d, unit-norm "
         "decoder rows); the trained loss is that divided by the batch's per-token variance. Default 2: at the April form's 5 "
