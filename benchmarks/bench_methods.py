@@ -313,6 +313,25 @@ def mean_sd(values) -> tuple[float | None, float | None]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
+def resolved_options(method: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every option of ``method`` as this code resolves ``options`` (its defaults filled in), JSON-ready.
+
+    Stored with each benchmark row and compared on resume and in reports: a row trained under other defaults (e.g. a
+    warm start added since) is not taken for this code's, so a default change reruns its cells instead of leaving
+    stale figures in a table.
+    """
+    from saebench.trainers import get_method
+
+    return json.loads(get_method(method).Options(**(options or {})).model_dump_json())
+
+
+def options_tag(resolved: dict[str, Any]) -> str:
+    """8 hex digits naming one resolved option set (an SAE folder suffix: a folder trained under other defaults is not reused)."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """The machine a benchmark ran on (shared by the benchmark scripts): platform, CPUs, threads, torch, load, device (and GPU)."""
     try:

@@ -136,7 +136,33 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                     for c in coefs:
                         out.append({"key": f"{v}|c{c:g}|s{seed}", "variant": v, "method": method, "options": dict(opts) | {name: c}, "k": mid_k,
                                     "coef": c, "seed": seed, "group": group, "setting": f"{name}={c:g}"})
+    for e in out:
+        e["resolved_options"] = bm.resolved_options(e["method"], e["options"])
     return out
+
+
+def stale(row: dict[str, Any], current: dict[str, Any] | None = None) -> bool:
+    """Whether ``row`` was trained under other options than this code resolves its method and options to (a default
+    changed since). ``current``: the resolved options to compare with (default: resolve the row's own method and options).
+    Rows from before resolved options were recorded are taken as they are."""
+    if "resolved_options" not in row:
+        return False
+    if current is None:
+        try:
+            current = bm.resolved_options(row["method"], row.get("options"))
+        except (KeyError, ValueError):  # a method or option this code no longer has
+            return True
+    return row["resolved_options"] != current
+
+
+def _differing(row: dict[str, Any]) -> str:
+    """The options on which ``row`` differs from this code's resolution, as "name stored -> now"."""
+    try:
+        now = bm.resolved_options(row["method"], row.get("options"))
+    except (KeyError, ValueError) as exc:
+        return f"not resolvable now ({exc})"
+    old = row["resolved_options"]
+    return ", ".join(f"{k} {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k))
 
 
 def base_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -158,7 +184,7 @@ def train_config(base: dict[str, Any], e: dict[str, Any], args: argparse.Namespa
     cache = args.cache or str(Path(args.runs_dir) / "activations")
     return TrainConfig(**(base | {"method": e["method"], "k": e["k"], "seed": e["seed"], "training_tokens": args.tokens,
                                   "method_options": e["options"], "activation_cache": cache,
-                                  "out_dir": str(Path(args.runs_dir) / "saes" / e["key"].replace("|", "_"))}))
+                                  "out_dir": str(Path(args.runs_dir) / "saes" / f"{e['key'].replace('|', '_')}_{bm.options_tag(e['resolved_options'])}")}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +206,7 @@ def save_rows(out: Path, rows: dict[str, dict[str, Any]], meta: dict[str, Any]) 
 
 def row_of(e: dict[str, Any], m: dict[str, Any], secs: float | None, tokens: int, sae_dir: Path) -> dict[str, Any]:
     ce, clean = m.get("ce_loss_with_sae"), m.get("ce_loss_without_sae")
-    return {k: e[k] for k in ("key", "variant", "method", "options", "k", "coef", "seed", "group", "setting")} | {
+    return {k: e[k] for k in ("key", "variant", "method", "options", "resolved_options", "k", "coef", "seed", "group", "setting")} | {
         "l0": m["l0"], "fvu": m["fvu"], "fvu_without_outliers": m.get("fvu_without_outliers"),
         "delta_ce": ce - clean if ce is not None and clean is not None else None, "ce_loss_score": m.get("ce_loss_score"),
         "kl_div_score": m.get("kl_div_score"), "dead_fraction": m["dead_fraction"], "dead_window_tokens": m["dead_window_tokens"],
@@ -259,11 +285,15 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) ->
     from saebench.evals.plots import pareto_curves_figure, write_figures
     from saebench.io import write_json
 
-    agg = aggregate(rows)
+    old = [r for r in rows if stale(r)]
+    agg = aggregate([r for r in rows if not stale(r)])
+    left_out = {r["key"]: _differing(r) for r in old}
     paths = {"json": out / f"{REPORT_STEM}.json", "md": out / f"{REPORT_STEM}.md"}
-    write_json(paths["json"], {"meta": meta, "aggregates": agg})
-    paths["md"].write_text(markdown(agg) + "\n\n" + against_reference(agg) + "\n\nMean ± sample sd over the seeds (n). " + "; ".join(f"{k}: {v}" for k, v in meta.items()
-                                                                                                   if k != "machine") + "\n")
+    write_json(paths["json"], {"meta": meta, "aggregates": agg, "left_out_stale": left_out})
+    note = ("\n\nLeft out: rows trained under other options than this code's defaults resolve to (rerun them to include them):\n"
+            + "\n".join(f"- {k}: {why}" for k, why in left_out.items())) if left_out else ""
+    paths["md"].write_text(markdown(agg) + "\n\n" + against_reference(agg) + note + "\n\nMean ± sample sd over the seeds (n). "
+                           + "; ".join(f"{k}: {v}" for k, v in meta.items() if k != "machine") + "\n")
     title = f"{meta.get('model')} {meta.get('hook_name')}, {meta.get('tokens'):,} tokens, seeds {meta.get('seeds')}"
     figs = {f"{REPORT_STEM}_delta_ce": pareto_curves_figure(agg, y="delta_ce", higher_is_better=False, title=f"ΔCE (nats) vs L0: {title}"),
             f"{REPORT_STEM}_fvu": pareto_curves_figure(agg, y="fvu_without_outliers", higher_is_better=False,
@@ -329,6 +359,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             make_source(cfg, models.load_model(base["model"], device=args.device), progress=not args.quiet)
             log(f"harvested {args.tokens:,} tokens into {cfg.activation_cache} in {time.perf_counter() - t0:.0f} s")
         return []
+    old = [e["key"] for e in entries if e["key"] in rows and stale(rows[e["key"]], e["resolved_options"])]
+    if old:
+        log(f"{len(old)} rows were trained under other options than this code's defaults resolve to; retraining them: "
+            + "; ".join(f"{k} ({_differing(rows[k])})" for k in old))
+        for k in old:
+            del rows[k]
     todo = [e for e in entries if e["key"] not in rows]
     log(f"{len(entries)} SAEs in the grid, {len(entries) - len(todo)} already measured, {len(todo)} to do")
     if todo:
@@ -364,7 +400,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     except ImportError as exc:  # plotly missing (e.g. a bare GPU machine): the rows are written; make the report elsewhere with --report-only
         log(f"report skipped ({exc}); run --report-only where plotly is installed")
     if not args.quiet:
-        print(markdown(aggregate(list(rows.values()))))
+        print(markdown(aggregate([r for r in rows.values() if not stale(r)])))
     return list(rows.values())
 
 

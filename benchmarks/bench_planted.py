@@ -216,10 +216,10 @@ def resolved_options(key: str, options: dict | None = None) -> dict:
     Stored with each row and compared when a run is resumed: a row trained under another default (e.g. a changed warm
     start) is not taken for this code's, so a default change reruns its cells instead of reporting stale figures.
     """
-    from saebench.trainers import get_method
+    from bench_methods import resolved_options as resolve
 
     method, opts = METHODS[key]
-    return json.loads(get_method(method).Options(**(opts | (options or {}))).model_dump_json())
+    return resolve(method, opts | (options or {}))
 
 
 def _default_lr(d_sae: int, d_in: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 from bench_loader import load_benchmark
@@ -51,6 +52,28 @@ def test_tiny_grid_aggregates_seeds_resumes_and_merges_parts(tmp_path, monkeypat
     again = bench.main([*common, "--groups", "core", "--variants", "topk", "batchtopk", "--out", str(tmp_path / "core")])
     assert sorted(r["key"] for r in again) == sorted(r["key"] for r in core)
     monkeypatch.undo()
+    assert all(r["resolved_options"] == bench.bm.resolved_options(r["method"], r["options"]) for r in core)
+
+    # A default changes (here: BatchTopK's options resolve differently from when its rows were trained). Its rows are
+    # stale: retrained, each into a new folder (SAE folders are named by the resolved options too, so the SAE trained
+    # under the old default is not reused); TopK's rows are not touched. On a copy, so the parts merged below stay as trained.
+    import shutil
+
+    shutil.copytree(tmp_path / "core", tmp_path / "core_copy")
+    real_resolve = bench.bm.resolved_options
+    monkeypatch.setattr(bench.bm, "resolved_options", lambda m, o=None: real_resolve(m, o) | ({"topk_warmup_steps": 3} if m == "batchtopk" else {}))
+    trained = []
+    real_train = bench.bm.train_group
+    monkeypatch.setattr(bench.bm, "train_group", lambda cfgs, *a, **kw: (trained.extend(c.out_dir for c in cfgs), real_train(cfgs, *a, **kw))[1])
+    redone = {r["key"]: r for r in bench.main([*common, "--groups", "core", "--variants", "topk", "batchtopk", "--out", str(tmp_path / "core_copy")])}
+    monkeypatch.undo()
+    before = {r["key"]: r for r in core}
+    assert sorted(Path(d).name.rsplit("_", 1)[0] for d in trained) == sorted(k.replace("|", "_") for k in before if k.startswith("batchtopk"))
+    for k, r in redone.items():
+        if k.startswith("batchtopk"):
+            assert r["resolved_options"]["topk_warmup_steps"] == 3 and r["sae_dir"] != before[k]["sae_dir"]
+        else:
+            assert r == before[k]
 
     # The report merges the parts: mean ± sample sd over the seeds.
     merged = tmp_path / "merged"
@@ -71,11 +94,17 @@ def test_tiny_grid_aggregates_seeds_resumes_and_merges_parts(tmp_path, monkeypat
     extra = tmp_path / "extra"
     extra.mkdir()
     row = dict(topk[0], key="topk|k4|s7", seed=7)
-    (extra / "pareto_rows.json").write_text(json.dumps({"meta": {"machine": {"gpu": "some GPU"}}, "rows": [row]}))
+    old_default = dict(topk[0], key="topk|k4|s8", seed=8, resolved_options=topk[0]["resolved_options"] | {"auxk_coef": 0.5})
+    (extra / "pareto_rows.json").write_text(json.dumps({"meta": {"machine": {"gpu": "some GPU"}}, "rows": [row, old_default]}))
     bench.main(["--report-only", "--quiet", "--out", str(merged), "--rows-from", str(extra)])
     meta = json.loads((merged / "pareto_rows.json").read_text())["meta"]
-    assert meta["parts"][-3:] == [str(tmp_path / "core"), str(tmp_path / "variants"), str(extra)] and meta["seeds"] == [0, 1, 7]
+    assert meta["parts"][-3:] == [str(tmp_path / "core"), str(tmp_path / "variants"), str(extra)] and meta["seeds"] == [0, 1, 7, 8]
     assert meta["machines_by_part"][str(extra)] == "some GPU" and "command" not in meta
+    # The row trained under another default stays in the record but not in the table, which says why.
+    report = json.loads((merged / "pareto.json").read_text())
+    a = next(x for x in report["aggregates"] if x["variant"] == "topk" and x["setting"] == "k=4")
+    assert a["seeds"] == [0, 1, 7] and set(report["left_out_stale"]) == {"topk|k4|s8"}
+    assert "auxk_coef 0.5 -> " in report["left_out_stale"]["topk|k4|s8"] and "topk|k4|s8: auxk_coef" in (merged / "pareto.md").read_text()
 
 
 def test_report_refuses_parts_evaluated_on_different_held_out_tokens(tmp_path):
