@@ -172,7 +172,8 @@ def train_config(args, entry: dict[str, Any], tokens: int):
         # the paper's ReLU SAE (activation = "relu", the default), plus the family's own options
         opts = FAMILY_METHOD[entry["family"]][1] | {"sparsity_coef": entry["coef"]}
     fields = base_fields(args) | {"method": entry["method"], "training_tokens": tokens, "method_options": opts, "seed": entry["seed"],
-                                  "dead_window_tokens": max(1, tokens // 5), "out_dir": str(Path(args.runs_dir) / "saes" / entry["key"])}
+                                  "dead_window_tokens": max(1, tokens // 5),
+                                  "out_dir": bm.tagged_dir(Path(args.runs_dir) / "saes", entry["key"], bm.resolved_options(entry["method"], opts))}
     return TrainConfig(**fields)
 
 
@@ -211,7 +212,7 @@ def make_row(entry, cfg, clock, m) -> dict[str, Any]:
             "ce_loss_with_sae": ce_sae, "ce_loss_without_sae": ce_clean, "ce_loss_score": m.get("ce_loss_score"),
             "kl_div_score": m.get("kl_div_score"), "fvu": m["fvu"], "fvu_without_outliers": m.get("fvu_without_outliers"),
             "dead_fraction": m["dead_fraction"], "eval_tokens": m["n_tokens"], "method_options": dict(cfg.method_options),
-            "sae_dir": str(cfg.out_dir)}
+            "resolved_options": bm.resolved_options(cfg.method, dict(cfg.method_options)), "sae_dir": str(cfg.out_dir)}
 
 
 def compute_matched_tokens(timing: dict[str, Any], args) -> tuple[int, dict[str, Any]]:
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out = Path(args.out)
     t0 = time.perf_counter()
     entries = plan(args)
-    rows = load_rows(out)
+    rows = bm.drop_stale(load_rows(out), log, (e["key"] for e in entries))
     todo = [e for e in entries if e["key"] not in rows]
     log(f"{len(entries)} SAEs, {len(entries) - len(todo)} already done, to do: {', '.join(e['key'] for e in todo) or '-'}")
     base = base_fields(args)

@@ -109,7 +109,8 @@ def train_config(base: dict[str, Any], name: str, seed: int, args: argparse.Name
         method, opts = "topk", {}
     else:
         method, opts = "gsae", {"beta": float(name.removeprefix("gsae_beta"))}
-    return TrainConfig(**base, method=method, method_options=opts, seed=seed, out_dir=str(Path(args.runs_dir) / "saes" / f"{name}_seed{seed}"))
+    return TrainConfig(**base, method=method, method_options=opts, seed=seed,
+                       out_dir=bm.tagged_dir(Path(args.runs_dir) / "saes", f"{name}_seed{seed}", bm.resolved_options(method, opts)))
 
 
 class StepTimer:
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     names = sae_names(args.betas)
     eval_tokens = 256 if args.tiny else args.eval_tokens
     eval_bs = args.eval_batch_size or (32 if args.device == "cuda" else 8)
-    rows = load_rows(out)
+    rows = bm.drop_stale(load_rows(out), log, (f"{n}/seed{seed}" for n in names for seed in args.seeds))
     history = earlier_runs(out)
     if rows:
         old = next(iter(rows.values()))
@@ -360,7 +361,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             d = Path(cfgs[n].out_dir)
             secs = seconds.get(str(d))
             rows[f"{n}/seed{seed}"] = {"key": f"{n}/seed{seed}", "name": n, "seed": seed, "method": cfgs[n].method,
-                                      "method_options": dict(cfgs[n].method_options), "train_tokens": base["training_tokens"],
+                                      "method_options": dict(cfgs[n].method_options),
+                                      "resolved_options": bm.resolved_options(cfgs[n].method, dict(cfgs[n].method_options)), "train_tokens": base["training_tokens"],
                                       "eval_tokens_requested": eval_tokens, "train_seconds": secs if secs is not None else bm._logged_seconds(d),
                                       "harvest_seconds": harvest_s, "sae_dir": str(d), **res[n]}
         write_results(out, _ordered(rows, names), names, _meta(args, base, eval_tokens, t_start, argv, history))  # after every seed: resumable

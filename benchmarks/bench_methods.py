@@ -151,7 +151,8 @@ def train_config(base: dict[str, Any], entry: dict[str, Any], args: argparse.Nam
     from saebench.config import TrainConfig
 
     fields = base | {"method": entry["method"], "training_tokens": entry["tokens"], "method_options": METHOD_OPTIONS.get(entry["method"], {}),
-                     "out_dir": str(Path(args.runs_dir) / "saes" / entry["key"].replace("@", "_at_"))}
+                     "out_dir": tagged_dir(Path(args.runs_dir) / "saes", entry["key"].replace("@", "_at_"),
+                                           resolved_options(entry["method"], METHOD_OPTIONS.get(entry["method"], {})))}
     if entry["cached"]:
         fields["activation_cache"] = str(Path(args.runs_dir) / "tiny_cache") if args.tiny else args.cache
     return TrainConfig(**fields)
@@ -332,6 +333,46 @@ def options_tag(resolved: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def is_stale(row: dict[str, Any], options_field: str = "method_options", current: dict[str, Any] | None = None) -> bool:
+    """Whether ``row`` was trained under other options than this code resolves its method and options to (a default
+    changed since). ``current``: the resolution to compare with (default: the row's own method and ``options_field``).
+    Rows from before resolved options were recorded are taken as they are."""
+    if "resolved_options" not in row:
+        return False
+    if current is None:
+        try:
+            current = resolved_options(row["method"], row.get(options_field))
+        except (KeyError, ValueError):  # a method or an option this code no longer has
+            return True
+    return row["resolved_options"] != current
+
+
+def stale_reason(row: dict[str, Any], options_field: str = "method_options") -> str:
+    """The options on which ``row``'s record differs from this code's resolution, as "name stored -> now"."""
+    try:
+        now = resolved_options(row["method"], row.get(options_field))
+    except (KeyError, ValueError) as exc:
+        return f"not resolvable now ({exc})"
+    old = row["resolved_options"]
+    return ", ".join(f"{k} {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k))
+
+
+def drop_stale(rows: dict[str, dict[str, Any]], log, keys, options_field: str = "method_options") -> dict[str, dict[str, Any]]:
+    """``rows`` without the stale ones among ``keys`` (the SAEs this run would train; logged with the differing options):
+    a resumed run retrains those. Rows outside ``keys`` are kept as they are: a run never deletes what it will not redo."""
+    keys = set(keys)
+    old = [k for k, r in rows.items() if k in keys and is_stale(r, options_field)]
+    if old:
+        log(f"{len(old)} rows were trained under other options than this code's defaults resolve to; retraining them: "
+            + "; ".join(f"{k} ({stale_reason(rows[k], options_field)})" for k in old))
+    return {k: r for k, r in rows.items() if k not in old}
+
+
+def tagged_dir(root: Path | str, name: str, resolved: dict[str, Any]) -> str:
+    """An SAE folder named by the SAE's name and its resolved options, so a folder trained under other defaults is never reused."""
+    return str(Path(root) / f"{name}_{options_tag(resolved)}")
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """The machine a benchmark ran on (shared by the benchmark scripts): platform, CPUs, threads, torch, load, device (and GPU)."""
     try:
@@ -384,7 +425,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out = Path(args.out)
     base = settings(args)
     entries = plan(args)
-    rows = load_rows(out)
+    rows = drop_stale(load_rows(out), log, (e["key"] for e in entries))
     for path in args.import_rows:
         for key, r in load_rows(Path(path).parent if Path(path).suffix == ".json" else Path(path)).items():
             if r.get("eval_tokens") is not None and rows and any(x.get("eval_tokens") not in (None, r["eval_tokens"]) for x in rows.values()):
@@ -443,7 +484,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "ce_loss_without_sae": m.get("ce_loss_without_sae"), "ce_loss_with_sae": m.get("ce_loss_with_sae"),
                 "ce_loss_with_ablation": m.get("ce_loss_with_ablation"), "architecture": m["architecture"], "d_sae": m["d_sae"],
                 "eval_tokens": m["n_tokens"], "dead_window_tokens": m["dead_window_tokens"], "method_options": METHOD_OPTIONS.get(e["method"], {}),
-                "sae_dir": str(d), "source_seconds": data_seconds.get(e["key"], before.get("source_seconds")),
+                "resolved_options": resolved_options(e["method"], METHOD_OPTIONS.get(e["method"], {})), "sae_dir": str(d), "source_seconds": data_seconds.get(e["key"], before.get("source_seconds")),
             }
     order = {e["key"]: i for i, e in enumerate(plan(argparse.Namespace(**(vars(args) | {"methods": ALL_METHODS}))))}
     table = sorted(rows.values(), key=lambda r: order.get(r["key"], len(order)))

@@ -142,27 +142,12 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def stale(row: dict[str, Any], current: dict[str, Any] | None = None) -> bool:
-    """Whether ``row`` was trained under other options than this code resolves its method and options to (a default
-    changed since). ``current``: the resolved options to compare with (default: resolve the row's own method and options).
-    Rows from before resolved options were recorded are taken as they are."""
-    if "resolved_options" not in row:
-        return False
-    if current is None:
-        try:
-            current = bm.resolved_options(row["method"], row.get("options"))
-        except (KeyError, ValueError):  # a method or option this code no longer has
-            return True
-    return row["resolved_options"] != current
+    """Whether ``row`` was trained under other options than this code resolves (``bench_methods.is_stale``)."""
+    return bm.is_stale(row, "options", current)
 
 
 def _differing(row: dict[str, Any]) -> str:
-    """The options on which ``row`` differs from this code's resolution, as "name stored -> now"."""
-    try:
-        now = bm.resolved_options(row["method"], row.get("options"))
-    except (KeyError, ValueError) as exc:
-        return f"not resolvable now ({exc})"
-    old = row["resolved_options"]
-    return ", ".join(f"{k} {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k))
+    return bm.stale_reason(row, "options")
 
 
 def base_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,7 +169,7 @@ def train_config(base: dict[str, Any], e: dict[str, Any], args: argparse.Namespa
     cache = args.cache or str(Path(args.runs_dir) / "activations")
     return TrainConfig(**(base | {"method": e["method"], "k": e["k"], "seed": e["seed"], "training_tokens": args.tokens,
                                   "method_options": e["options"], "activation_cache": cache,
-                                  "out_dir": str(Path(args.runs_dir) / "saes" / f"{e['key'].replace('|', '_')}_{bm.options_tag(e['resolved_options'])}")}))
+                                  "out_dir": bm.tagged_dir(Path(args.runs_dir) / "saes", e["key"].replace("|", "_"), e["resolved_options"])}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,12 +344,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             make_source(cfg, models.load_model(base["model"], device=args.device), progress=not args.quiet)
             log(f"harvested {args.tokens:,} tokens into {cfg.activation_cache} in {time.perf_counter() - t0:.0f} s")
         return []
-    old = [e["key"] for e in entries if e["key"] in rows and stale(rows[e["key"]], e["resolved_options"])]
-    if old:
-        log(f"{len(old)} rows were trained under other options than this code's defaults resolve to; retraining them: "
-            + "; ".join(f"{k} ({_differing(rows[k])})" for k in old))
-        for k in old:
-            del rows[k]
+    rows = bm.drop_stale(rows, log, [e["key"] for e in entries], "options")
     todo = [e for e in entries if e["key"] not in rows]
     log(f"{len(entries)} SAEs in the grid, {len(entries) - len(todo)} already measured, {len(todo)} to do")
     if todo:

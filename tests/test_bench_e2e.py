@@ -58,6 +58,21 @@ def test_tiny_mode_trains_every_family_and_resumes(tmp_path, monkeypatch):
     (out / "e2e_axes.json").write_text(json.dumps(saved))
     again = {r["key"]: r for r in bench.main(argv)}
     assert again["e2e_c5_s0"]["l0"] == pytest.approx(by["e2e_c5_s0"]["l0"]) and again["e2e_c5_s0"]["train_seconds"] == by["e2e_c5_s0"]["train_seconds"]
+    monkeypatch.undo()
+
+    # A default of the local ReLU + L1 method changes. A run that does not train that family keeps its rows as they are
+    # (nothing is deleted that the run will not redo); a run that does retrains them alone, into new folders.
+    real_resolve = bench.bm.resolved_options
+    monkeypatch.setattr(bench.bm, "resolved_options", lambda m, o=None: real_resolve(m, o) | ({"lr_scale": 2} if m == "standard" else {}))
+    trained = []
+    real_train = loop.train
+    monkeypatch.setattr(loop, "train", lambda cfg, *a, **kw: (trained.append(cfg.method), real_train(cfg, *a, **kw))[1])
+    only_e2e = {r["key"]: r for r in bench.main([*argv, "--families", "e2e"])}
+    assert trained == [] and only_e2e["standard_c1_s0"] == by["standard_c1_s0"] | {"resolved_options": only_e2e["standard_c1_s0"]["resolved_options"]}
+    redone = {r["key"]: r for r in bench.main(argv)}
+    assert trained == ["standard", "standard"]
+    assert redone["standard_c1_s0"]["resolved_options"]["lr_scale"] == 2 and redone["standard_c1_s0"]["sae_dir"] != by["standard_c1_s0"]["sae_dir"]
+    assert redone["e2e_c5_s0"]["sae_dir"] == by["e2e_c5_s0"]["sae_dir"]
 
 
 def test_interrupted_sae_resumes_from_its_checkpoint(tmp_path, monkeypatch):

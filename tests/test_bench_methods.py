@@ -57,6 +57,16 @@ def test_tiny_mode_gives_one_finite_row_per_method_and_resumes(tmp_path, monkeyp
     # ... and --force redoes only the named methods.
     redo = bench.main(["--tiny", "--quiet", "--out", str(out), "--runs-dir", str(runs), "--methods", "topk", "--force"])
     assert [r["key"] for r in redo] == keys
+    # A default changes (AbsTopK's options now resolve differently): its row is stale, so AbsTopK alone is retrained, into a
+    # new folder (folders are named by the resolved options), and the other rows are kept.
+    real_resolve = bench.resolved_options
+    monkeypatch.setattr(bench, "resolved_options", lambda m, o=None: real_resolve(m, o) | ({"auxk_coef": 0.25} if m == "abstopk" else {}))
+    trained = []
+    real_train_many = loop.train_many
+    monkeypatch.setattr(loop, "train_many", lambda cfgs, *a, **kw: (trained.extend(c.method for c in cfgs), real_train_many(cfgs, *a, **kw))[1])
+    after = {r["key"]: r for r in bench.main(["--tiny", "--quiet", "--out", str(out), "--runs-dir", str(runs)])}
+    assert trained == ["abstopk"] and after["abstopk"]["resolved_options"]["auxk_coef"] == 0.25
+    assert after["abstopk"]["sae_dir"] != by["abstopk"]["sae_dir"] and after["batchtopk"]["fvu"] == by["batchtopk"]["fvu"]
 
 
 def test_auxk_and_the_zipf_dead_branch_fire_in_a_benchmark_shaped_run(tmp_path):

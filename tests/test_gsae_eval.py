@@ -1,6 +1,7 @@
 """g-SAE's gradient-aware selection at eval time (evals/gsae.py via the core eval) and benchmarks/bench_gsae.py."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,8 +177,9 @@ def test_bench_gsae_tiny_runs_and_resumes(tmp_path, monkeypatch):
             row = next(r for r in saved["rows"] if r["name"] == entry["name"])
             assert entry["vs_topk"]["gradient"] == [pytest.approx(row["gradient"]["delta_ce"] - top_dce)]
             assert entry["vs_topk"]["plain"] == [pytest.approx(row["plain"]["delta_ce"] - top_dce)]
-    for name in ("topk", "gsae_beta0.1", "gsae_beta10"):
-        assert json.loads((runs / "saes" / f"{name}_seed0" / "cfg.json").read_text())["method"] == name.split("_")[0]
+    for r in saved["rows"]:  # the SAE folders are named by the SAE and its resolved options
+        assert json.loads((Path(r["sae_dir"]) / "cfg.json").read_text())["method"] == r["name"].split("_")[0]
+        assert Path(r["sae_dir"]).name == f"{r['name']}_seed0_{bench.bm.options_tag(r['resolved_options'])}"
     # A second run finds every row: nothing is trained or evaluated again.
     from saebench.trainers import loop
 
@@ -194,6 +196,17 @@ def test_bench_gsae_tiny_runs_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "train_many", lambda *a, **k: pytest.fail("trained again"))
     redone = bench.main(argv)
     assert redone[-1]["key"] == "gsae_beta10/seed0" and redone[-1]["gradient"] == rows[-1]["gradient"]
+    monkeypatch.undo()
+    # A default changes (TopK's options now resolve differently): its row is stale, so TopK alone is retrained, into a
+    # new folder, and the g-SAE rows are kept.
+    real_resolve = bench.bm.resolved_options
+    monkeypatch.setattr(bench.bm, "resolved_options", lambda m, o=None: real_resolve(m, o) | ({"auxk_coef": 0.25} if m == "topk" else {}))
+    trained = []
+    real_train_many = loop.train_many
+    monkeypatch.setattr(loop, "train_many", lambda cfgs, *a, **k: (trained.extend(c.method for c in cfgs), real_train_many(cfgs, *a, **k))[1])
+    after = {r["key"]: r for r in bench.main(argv)}
+    assert trained == ["topk"] and after["topk/seed0"]["resolved_options"]["auxk_coef"] == 0.25
+    assert after["topk/seed0"]["sae_dir"] != rows[0]["sae_dir"] and after["gsae_beta10/seed0"]["plain"] == rows[-1]["plain"]
 
 
 def test_reconstruction_cli_evaluates_a_saved_gsae_with_gradient_selection(tiny_model_dir, text_file, tmp_path):
