@@ -16,7 +16,11 @@ benchmark's site), context 128, d_sae = 8·d_in, batches of 4,096 tokens, Adam l
   ``topk_compute`` given the same compute as an e2e run: e2e's tokens times how many TopK steps with their
   online harvest one e2e step costs (mean of e2e and e2e_ds), timed side by side in this process right
   before it trains (``--breakdown``'s interleaved rounds; also written to ``e2e_step_breakdown.json``),
-  rounded down to whole batches. Not from training clocks, which another machine or a shared GPU would skew.
+  rounded down to whole batches. Not from training clocks, which another machine or a shared GPU would skew;
+- (d) opt-in (``--families e2e_topk``): the e2e objective with a TopK activation at the same k (our extension,
+  ``activation="topk"``, ``sparsity_coef`` 0), at e2e's tokens. At a fixed L0 it separates what the e2e objective
+  buys from what the ReLU + L1 activation costs: its ΔCE is compared with ``topk_tokens`` (same tokens) and
+  ``topk_compute`` (same compute) of the same seed.
 
 Every SAE is evaluated with the core eval (``evals/core.py``) on the same ``--eval-tokens`` held-out
 tokens. delta-CE = CE with the SAE spliced in − clean CE, in nats. The verdict interpolates each curve's
@@ -72,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coefs", nargs="+", default=[], metavar="FAMILY=C1,C2,...", help=(
         "sparsity coefficients per family (standard's λ in Anthropic's units; e2e/e2e_ds's sparsity_coef); "
         f"default {' '.join(f'{k}=' + ','.join(map(str, v)) for k, v in DEFAULT_COEFS.items())}"))
-    p.add_argument("--families", nargs="+", default=["standard", "e2e", "e2e_ds", "topk"], choices=list(FAMILIES) + ["topk"],
-                   help="families to train (default standard e2e e2e_ds topk; e2e_ds_norm is e2e_ds with each downstream MSE normalised)")
+    p.add_argument("--families", nargs="+", default=["standard", "e2e", "e2e_ds", "topk"], choices=list(FAMILIES) + ["topk", "e2e_topk"],
+                   help=("families to train (default standard e2e e2e_ds topk; e2e_ds_norm is e2e_ds with each downstream MSE "
+                         "normalised; e2e_topk is the e2e objective with a TopK activation at --k)"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--eval-tokens", type=int, default=16_384, help="held-out tokens every SAE is evaluated on")
     p.add_argument("--k", type=int, default=32, help="k of the TopK baselines")
@@ -156,6 +161,8 @@ def plan(args) -> list[dict[str, Any]]:
             if fam in args.families:
                 out += [{"key": f"{fam}_c{c:g}_s{seed}", "family": fam, "method": FAMILY_METHOD[fam][0], "coef": c, "seed": seed}
                         for c in coefs[fam]]
+        if "e2e_topk" in args.families:
+            out.append({"key": f"e2e_topk_s{seed}", "family": "e2e_topk", "method": "e2e", "coef": None, "seed": seed})
         if "topk" in args.families:
             out.append({"key": f"topk_tokens_s{seed}", "family": "topk_tokens", "method": "topk", "coef": None, "seed": seed})
             out.append({"key": f"topk_compute_s{seed}", "family": "topk_compute", "method": "topk", "coef": None, "seed": seed})
@@ -168,6 +175,8 @@ def train_config(args, entry: dict[str, Any], tokens: int):
     opts: dict[str, Any] = {}
     if entry["method"] == "standard":
         opts = {"sparsity_coef": entry["coef"]}
+    elif entry["family"] == "e2e_topk":
+        opts = {"activation": "topk", "sparsity_coef": 0.0}  # L0 fixed at the config's k: the objective alone differs from TopK
     elif entry["method"] in ("e2e", "e2e_ds"):
         # the paper's ReLU SAE (activation = "relu", the default), plus the family's own options
         opts = FAMILY_METHOD[entry["family"]][1] | {"sparsity_coef": entry["coef"]}
@@ -283,6 +292,13 @@ def analyse(rows: list[dict]) -> dict[str, Any]:
         else:
             verdict = "mixed: fewer active latents at some matched CEs, more at others"
         out["matched"][fam] = {"points": matched, "verdict": verdict}
+    out["e2e_topk"] = {}
+    for r in rows:
+        if r["family"] == "e2e_topk" and _finite(r.get("delta_ce")):
+            refs = {x["family"]: x["delta_ce"] for x in rows if x["seed"] == r["seed"] and x["family"] in ("topk_tokens", "topk_compute")
+                    and _finite(x.get("delta_ce"))}
+            out["e2e_topk"][r["key"]] = {"delta_ce": r["delta_ce"], "l0": r["l0"], "train_tokens": r["train_tokens"],
+                                         **{f"minus_{f}": r["delta_ce"] - v for f, v in refs.items()}}
     for r in rows:
         if r["family"].startswith("topk") and _finite(r.get("delta_ce")):
             out["topk"][r["key"]] = {"delta_ce": r["delta_ce"], "l0": r["l0"], "train_tokens": r["train_tokens"],
@@ -312,6 +328,11 @@ def markdown(rows: list[dict], analysis: dict, meta: dict) -> str:
     for key, t in analysis["topk"].items():
         others = ", ".join(f"{f} {v:.1f}" for f in FAMILIES if (v := t.get(f"{f}_l0_at_same_ce")) is not None) or "no curve covers its CE"
         lines.append(f"- **{key}** ({t['train_tokens']:,} tokens): delta-CE {t['delta_ce']:.4f} at L0 {t['l0']:.1f}; L0 of the ReLU curves there: {others}")
+    for key, t in analysis.get("e2e_topk", {}).items():
+        vs = "; ".join(f"{t[f'minus_{f}']:+.4f} against {f} (same {'tokens' if f == 'topk_tokens' else 'compute'})"
+                       for f in ("topk_tokens", "topk_compute") if f"minus_{f}" in t) or "no local TopK baseline of its seed"
+        lines.append(f"- **{key}** (e2e objective, TopK activation; {t['train_tokens']:,} tokens): delta-CE {t['delta_ce']:.4f} at L0 "
+                     f"{t['l0']:.1f}; {vs} (negative: the e2e objective is more faithful at this L0)")
     lines += [""] + [f"- {k}: {v}" for k, v in meta.items()]
     return "\n".join(lines) + "\n"
 

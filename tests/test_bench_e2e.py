@@ -174,3 +174,21 @@ def test_loss_terms_records_each_e2e_familys_terms_at_its_first_step(tmp_path):
     assert terms["e2e_ds"]["sparsity_loss"] == pytest.approx(terms["e2e_ds_norm"]["sparsity_loss"])
     assert terms["e2e_ds"]["downstream_loss"] != pytest.approx(terms["e2e_ds_norm"]["downstream_loss"], rel=0.1)
     assert json.loads((tmp_path / "e2e_loss_terms.json").read_text())["terms"] == terms
+
+
+def test_e2e_topk_family_compares_the_objective_with_local_topk_at_the_same_l0(tmp_path):
+    bench = _bench()
+    out = tmp_path / "out"
+    rows = {r["key"]: r for r in bench.main(["--tiny", "--quiet", "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
+                                             "--families", "e2e_topk", "topk"])}
+    assert list(rows) == ["e2e_topk_s0", "topk_tokens_s0", "topk_compute_s0"]
+    e = rows["e2e_topk_s0"]
+    assert e["method"] == "e2e" and e["method_options"] == {"activation": "topk", "sparsity_coef": 0.0}
+    assert e["l0"] <= 4.0 and e["train_tokens"] == rows["topk_tokens_s0"]["train_tokens"]  # same k and tokens as the local TopK
+    from saebench.sae import SAE
+
+    assert SAE.load(e["sae_dir"]).cfg.architecture == "topk"
+    a = json.loads((out / "e2e_axes.json").read_text())["analysis"]["e2e_topk"]["e2e_topk_s0"]
+    assert a["minus_topk_tokens"] == pytest.approx(e["delta_ce"] - rows["topk_tokens_s0"]["delta_ce"])
+    assert a["minus_topk_compute"] == pytest.approx(e["delta_ce"] - rows["topk_compute_s0"]["delta_ce"])
+    assert "**e2e_topk_s0** (e2e objective, TopK activation" in (out / "e2e_axes.md").read_text()
