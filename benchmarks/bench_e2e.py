@@ -345,7 +345,7 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> dict[str, Path]:
     analysis = analyse(rows)
     write_json(out / f"{RESULT_STEM}.json", {"meta": meta, "rows": rows, "analysis": analysis})
     (out / f"{RESULT_STEM}.md").write_text(markdown(rows, analysis, meta))
-    fig = pareto_figure([r | {"sae": r["key"]} for r in rows], x="l0", y="delta_ce", color_by="family", higher_is_better=False,
+    fig = pareto_figure([r | {"sae": r["key"]} for r in rows], x="l0", y="delta_ce", color_by="family", higher_is_better=False, log_y=True,
                         title=f"delta-CE (nats) vs L0: local vs end-to-end ReLU+L1 SAEs ({meta.get('model')}, {meta.get('hook_name')})")
     html = write_figures({"e2e_ce_vs_l0": fig}, out)["e2e_ce_vs_l0"]
     return {"json": out / f"{RESULT_STEM}.json", "md": out / f"{RESULT_STEM}.md", "html": html}

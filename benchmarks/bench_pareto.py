@@ -280,8 +280,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) ->
     paths["md"].write_text(markdown(agg) + "\n\n" + against_reference(agg) + note + "\n\nMean ± sample sd over the seeds (n). "
                            + "; ".join(f"{k}: {v}" for k, v in meta.items() if k != "machine") + "\n")
     title = f"{meta.get('model')} {meta.get('hook_name')}, {meta.get('tokens'):,} tokens, seeds {meta.get('seeds')}"
-    figs = {f"{REPORT_STEM}_delta_ce": pareto_curves_figure(agg, y="delta_ce", higher_is_better=False, title=f"ΔCE (nats) vs L0: {title}"),
-            f"{REPORT_STEM}_fvu": pareto_curves_figure(agg, y="fvu_without_outliers", higher_is_better=False,
+    # log y: ΔCE and FVU span 0.03-7 across collapsed and good SAEs; on a linear axis the methods' differences are flat
+    figs = {f"{REPORT_STEM}_delta_ce": pareto_curves_figure(agg, y="delta_ce", higher_is_better=False, log_y=True, title=f"ΔCE (nats) vs L0: {title}"),
+            f"{REPORT_STEM}_fvu": pareto_curves_figure(agg, y="fvu_without_outliers", higher_is_better=False, log_y=True,
                                                        title=f"FVU without outlier tokens vs L0: {title}")}
     paths |= write_figures(figs, out)
     return paths

@@ -35,8 +35,9 @@ def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) 
 
 
 def _with_front(fig: go.Figure, pts: Sequence[Mapping[str, Any]], x: str, y: str, higher_is_better: bool, title: str | None, log_x: bool,
-                yaxis_title: str | None = None, height: int | None = None, front_width: float | None = None) -> go.Figure:
-    """The dotted black Pareto front of all ``pts``, the title, axis titles, and a log x axis when every x is positive."""
+                yaxis_title: str | None = None, height: int | None = None, front_width: float | None = None, log_y: bool = False) -> go.Figure:
+    """The dotted black Pareto front of all ``pts``, the title, axis titles, and a log x (and, with ``log_y``, y) axis when
+    every value on it is positive (a linear axis otherwise: a log axis would hide the points at or below zero)."""
     if len(pts) > 1:
         front = pareto_front([(p[x], p[y]) for p in pts], higher_is_better)
         fig.add_trace(go.Scatter(x=[pts[i][x] for i in front], y=[pts[i][y] for i in front], mode="lines", name="Pareto front",
@@ -46,12 +47,15 @@ def _with_front(fig: go.Figure, pts: Sequence[Mapping[str, Any]], x: str, y: str
                       height=height)
     if log_x and pts and all(p[x] > 0 for p in pts):
         fig.update_xaxes(type="log")
+    if log_y and pts and all(p[y] > 0 for p in pts):
+        fig.update_yaxes(type="log")
     return fig
 
 
 def pareto_figure(rows: Sequence[Mapping[str, Any]], x: str = "l0", y: str = "ce_loss_score", *, color_by: str = "method",
-                  higher_is_better: bool = True, title: str | None = None, log_x: bool = True) -> go.Figure:
-    """Scatter of ``y`` against ``x`` (one trace per ``color_by`` group) with the overall Pareto front."""
+                  higher_is_better: bool = True, title: str | None = None, log_x: bool = True, log_y: bool = False) -> go.Figure:
+    """Scatter of ``y`` against ``x`` (one trace per ``color_by`` group) with the overall Pareto front. ``log_y``: a log y axis
+    (when every y is positive), for losses that span orders of magnitude, such as ΔCE across collapsed and good SAEs."""
     pts = [r for r in rows if _finite(r.get(x)) and _finite(r.get(y))]
     fig = go.Figure()
     groups: dict[str, list] = {}
@@ -63,11 +67,11 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]], x: str = "l0", y: str = "ce
             marker=dict(size=10, color=_PALETTE[i % len(_PALETTE)]),
             text=[r.get("sae", "") for r in rs], hovertemplate=f"%{{text}}<br>{x}=%{{x:.4g}}<br>{y}=%{{y:.4g}}<extra>{g}</extra>",
         ))
-    return _with_front(fig, pts, x, y, higher_is_better, title, log_x)
+    return _with_front(fig, pts, x, y, higher_is_better, title, log_x, log_y=log_y)
 
 
 def pareto_curves_figure(aggregates: Sequence[Mapping[str, Any]], x: str = "l0", y: str = "delta_ce", *, group_by: str = "variant",
-                         higher_is_better: bool = False, title: str | None = None, log_x: bool = True) -> go.Figure:
+                         higher_is_better: bool = False, title: str | None = None, log_x: bool = True, log_y: bool = False) -> go.Figure:
     """One line per ``group_by`` through its settings' means, with ± sd error bars on both axes.
 
     ``aggregates`` are seed aggregates (``x``, ``y`` means and ``x_sd``, ``y_sd``; ``n`` seeds), e.g.
@@ -90,7 +94,8 @@ def pareto_curves_figure(aggregates: Sequence[Mapping[str, Any]], x: str = "l0",
             hovertemplate=f"%{{text}}<br>{x}=%{{x:.4g}}<br>{y}=%{{y:.4g}}<extra>{g}</extra>",
         ))
     better = "higher" if higher_is_better else "lower"
-    return _with_front(fig, pts, x, y, higher_is_better, title, log_x, yaxis_title=f"{y} ({better} is better)", height=600, front_width=1)
+    return _with_front(fig, pts, x, y, higher_is_better, title, log_x, yaxis_title=f"{y} ({better} is better)", height=600, front_width=1,
+                       log_y=log_y)
 
 
 def dead_latents_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:

@@ -115,3 +115,16 @@ def test_report_refuses_parts_evaluated_on_different_held_out_tokens(tmp_path):
         (tmp_path / name / "pareto_rows.json").write_text(json.dumps({"meta": {}, "rows": [row]}))
     with pytest.raises(SystemExit, match="another number of held-out tokens"):
         bench.main(["--report-only", "--quiet", "--out", str(tmp_path / "m"), "--rows-from", str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_pareto_figures_take_a_log_y_axis_only_when_every_value_is_positive():
+    from saebench.evals.plots import pareto_curves_figure, pareto_figure
+
+    agg = [{"variant": "topk", "setting": "k=16", "l0": 16.0, "delta_ce": 0.16, "n": 3},
+           {"variant": "standard", "setting": "λ=30", "l0": 98.0, "delta_ce": 6.1, "n": 3}]
+    assert pareto_curves_figure(agg, log_y=True).layout.yaxis.type == "log"
+    assert pareto_curves_figure(agg).layout.yaxis.type != "log"  # opt-in
+    assert pareto_curves_figure(agg + [{"variant": "x", "setting": "k=1", "l0": 1.0, "delta_ce": -0.01, "n": 1}], log_y=True).layout.yaxis.type != "log"
+    rows = [dict(a, family=a["variant"]) for a in agg]
+    assert pareto_figure(rows, y="delta_ce", color_by="family", higher_is_better=False, log_y=True).layout.yaxis.type == "log"
+    assert pareto_figure(rows, y="delta_ce", color_by="family", higher_is_better=False).layout.xaxis.type == "log"
