@@ -172,9 +172,10 @@ FREE_L0 = {"jumprelu_paper", "standard", "standard_constrained", "gated", "top_a
 
 
 def best_cos(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False) -> torch.Tensor:
-    """Per planted feature [m], the cosine of its best decoder row (|cos| for signed SAEs)."""
-    cos = F.normalize(features, dim=-1) @ F.normalize(W_dec.detach().float(), dim=-1).T
-    return (cos.abs() if signed else cos).max(1).values
+    """Per planted feature [m], the cosine of its best decoder row (|cos| for signed SAEs): the library's one rule."""
+    from saebench.activations import best_cos as _best_cos
+
+    return _best_cos(W_dec, features, signed)
 
 
 def run_one(key: str, shape: Shape, samples: int, out_dir: Path, *, lr: float | None = None, batch: int = 4096, seed: int = 0,

@@ -408,6 +408,20 @@ class CachedSource(ActivationSource):
 # --------------------------------------------------------------------------------------------
 
 
+def best_cos(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False) -> torch.Tensor:
+    """Per planted feature [m], the cosine of its best-matching decoder row (rows and features normalised first;
+    |cos| with ``signed``, for SAEs whose latents carry both signs). The one rule every planted-recovery test,
+    benchmark and report uses."""
+    cos = torch.nn.functional.normalize(features.float(), dim=-1) @ torch.nn.functional.normalize(W_dec.detach().float(), dim=-1).T
+    return (cos.abs() if signed else cos).max(-1).values
+
+
+def recovery(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False, threshold: float = 0.9) -> float:
+    """Fraction of planted features [m, d] whose best-matching decoder row has cosine >= ``threshold`` (see ``best_cos``)."""
+    return float((best_cos(W_dec, features, signed) >= threshold).float().mean())
+
+
+
 class SyntheticSource(ActivationSource):
     """x = Σ_j c_j D*_j with planted unit-norm features D* [m, d] (METHODS.md §0 harness).
 

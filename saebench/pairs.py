@@ -56,6 +56,8 @@ class PlantedPairSource(SyntheticSource):
 
 
 def recovery(W_dec: Tensor, true: Tensor, threshold: float = 0.9) -> float:
-    """Fraction of planted directions ``true`` [m, d] whose best-matching decoder row has cosine >= ``threshold``."""
-    cos = torch.nn.functional.normalize(true.float(), dim=-1) @ torch.nn.functional.normalize(W_dec.float(), dim=-1).T
-    return float((cos.max(-1).values >= threshold).float().mean())
+    """Fraction of planted directions ``true`` [m, d] whose best-matching decoder row has cosine >= ``threshold``
+    (``activations.recovery``, the one planted-recovery rule)."""
+    from saebench.activations import recovery as _recovery
+
+    return _recovery(W_dec, true, threshold=threshold)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saebench.activations import ActivationSource, Batch, SyntheticSource
+from saebench.activations import ActivationSource, Batch, SyntheticSource, recovery
 from saebench.config import ConfigError, TrainConfig
 from saebench.sae import SAE
 from saebench.trainers import METHODS, get_method
@@ -56,10 +56,6 @@ class MemorySource(ActivationSource):
         return Batch(b.acts, b.token_ids, grads)
 
 
-def recovery(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False) -> float:
-    """Fraction of planted features whose best decoder row has cos > 0.9 (|cos| for signed SAEs)."""
-    cos = F.normalize(features, dim=-1) @ F.normalize(W_dec.detach(), dim=-1).T
-    return ((cos.abs() if signed else cos).max(1).values > 0.9).float().mean().item()
 
 
 def assert_reloads(result, x: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from saebench.activations import Batch, SyntheticSource
+from saebench.activations import recovery as planted_recovery
 from saebench.config import ConfigError, TrainConfig, build_config, load_config
 from saebench.sae import SAE
 from saebench.trainers.loop import NonFiniteError, lr_factor, train
@@ -21,10 +22,8 @@ def _cfg(tmp_path, **kw):
 
 
 def recovery(features: torch.Tensor, sae: SAE, signed: bool = False) -> float:
-    """Fraction of planted features whose best decoder row has cos > 0.9 (|cos| if signed)."""
-    cos = torch.nn.functional.normalize(features, dim=-1) @ sae.W_dec.detach().T
-    cos = cos.abs() if signed else cos
-    return (cos.max(1).values > 0.9).float().mean().item()
+    """Fraction of planted features whose best decoder row has cos >= 0.9 (|cos| if signed): the library's rule."""
+    return planted_recovery(sae.W_dec, features, signed)
 
 
 def test_topk_recovers_planted_features(tmp_path):
