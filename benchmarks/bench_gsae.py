@@ -298,6 +298,27 @@ def _num(v) -> str:
     return "—" if v is None else f"{v:,.1f}"
 
 
+def figure(rows: list[dict[str, Any]], names: list[str], meta: dict[str, Any]):
+    """Each g-SAE's ΔCE minus TopK's (paired by seed, mean ± sd) against β, one line per selection, and the zero line (TopK)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    summ = [s for s in summarise(rows, names) if "vs_topk" in s]
+    for sel, dash in (("plain", "solid"), ("gradient", "dash")):
+        pts = [(float(s["name"].removeprefix("gsae_beta")), *bm.mean_sd(s["vs_topk"][sel])) for s in summ]
+        pts = sorted(p for p in pts if p[1] is not None)
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=f"{sel} selection",
+                                 line=dict(dash=dash), error_y=dict(type="data", array=[p[2] or 0.0 for p in pts], visible=True)))
+    fig.add_hline(y=0, line=dict(color="black", dash="dot"), annotation_text="TopK (same seed)")
+    n = len({r["seed"] for r in rows})
+    fig.update_layout(title=(f"g-SAE minus TopK, ΔCE at k = {meta.get('k')} ({meta.get('model')}, {meta.get('training_tokens', 0):,} tokens, "
+                             f"{n} seed{'s' if n != 1 else ''}: mean ± sd)"),
+                      xaxis_title="β (g-SAE's gradient weight)", yaxis_title="ΔCE − TopK's ΔCE (nats; < 0: more faithful than TopK)",
+                      template="plotly_white")
+    fig.update_xaxes(type="log")
+    return fig
+
+
 def write_results(out: Path, rows: list[dict[str, Any]], names: list[str], meta: dict[str, Any]) -> dict[str, Path]:
     from saebench.io import write_json
 
@@ -305,6 +326,12 @@ def write_results(out: Path, rows: list[dict[str, Any]], names: list[str], meta:
     paths = {"json": out / f"{RESULT_STEM}.json", "md": out / f"{RESULT_STEM}.md"}
     write_json(paths["json"], {"meta": meta, "summary": summarise(rows, names), "rows": rows})
     paths["md"].write_text(markdown(rows, names, meta))
+    try:
+        from saebench.evals.plots import write_figures
+    except ImportError:  # plotly missing (a bare GPU machine): the tables are written; the figure with plotly elsewhere
+        return paths
+    if any(r["name"] != "topk" for r in rows):
+        paths["html"] = write_figures({"gsae_vs_topk": figure(rows, names, meta)}, out)["gsae_vs_topk"]
     return paths
 
 

@@ -180,6 +180,10 @@ def test_bench_gsae_tiny_runs_and_resumes(tmp_path, monkeypatch):
     for r in saved["rows"]:  # the SAE folders are named by the SAE and its resolved options
         assert json.loads((Path(r["sae_dir"]) / "cfg.json").read_text())["method"] == r["name"].split("_")[0]
         assert Path(r["sae_dir"]).name == f"{r['name']}_seed0_{bench.bm.options_tag(r['resolved_options'])}"
+    fig = bench.figure(saved["rows"], bench.sae_names([0.1, 10.0]), saved["meta"])  # what gsae_vs_topk.html draws
+    assert (out / "gsae_vs_topk.html").stat().st_size > 1000
+    plain = next(t for t in fig.data if t.name == "plain selection")
+    assert list(plain.x) == [0.1, 10.0] and plain.y[1] == pytest.approx(saved["rows"][2]["plain"]["delta_ce"] - top_dce)
     # A second run finds every row: nothing is trained or evaluated again.
     from saebench.trainers import loop
 
