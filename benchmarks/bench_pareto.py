@@ -141,9 +141,9 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
-def stale(row: dict[str, Any], current: dict[str, Any] | None = None) -> bool:
+def stale(row: dict[str, Any]) -> bool:
     """Whether ``row`` was trained under other options than this code resolves (``bench_methods.is_stale``)."""
-    return bm.is_stale(row, "options", current)
+    return bm.is_stale(row, "options")
 
 
 def _differing(row: dict[str, Any]) -> str:
@@ -270,8 +270,10 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) ->
     from saebench.evals.plots import pareto_curves_figure, write_figures
     from saebench.io import write_json
 
-    old = [r for r in rows if stale(r)]
-    agg = aggregate([r for r in rows if not stale(r)])
+    old, fresh = [], []
+    for r in rows:
+        (old if stale(r) else fresh).append(r)
+    agg = aggregate(fresh)
     left_out = {r["key"]: _differing(r) for r in old}
     paths = {"json": out / f"{REPORT_STEM}.json", "md": out / f"{REPORT_STEM}.md"}
     write_json(paths["json"], {"meta": meta, "aggregates": agg, "left_out_stale": left_out})

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -171,13 +170,6 @@ SIGNED = {"abstopk", "abstopk_batch"}
 FREE_L0 = {"jumprelu_paper", "standard", "standard_constrained", "gated", "top_afa"}  # L0 set by a penalty or a rule, not held at k
 
 
-def best_cos(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False) -> torch.Tensor:
-    """Per planted feature [m], the cosine of its best decoder row (|cos| for signed SAEs): the library's one rule."""
-    from saebench.activations import best_cos as _best_cos
-
-    return _best_cos(W_dec, features, signed)
-
-
 def run_one(key: str, shape: Shape, samples: int, out_dir: Path, *, lr: float | None = None, batch: int = 4096, seed: int = 0,
             options: dict | None = None, source: PlantedSource | None = None) -> dict:
     """Train ``key`` (a METHODS entry) on ``shape`` for ``samples`` samples; score its exported SAE on held-out samples."""
@@ -200,6 +192,8 @@ def run_one(key: str, shape: Shape, samples: int, out_dir: Path, *, lr: float | 
         x_hat = sae.decode(z)
     fvu = ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
     # Recovery: the fraction of planted features whose best decoder row has cos >= 0.9 (|cos| for signed SAEs).
+    from saebench.activations import best_cos
+
     found = (best_cos(sae.W_dec, src.features, signed=key in SIGNED) >= 0.9).float()
     split = {}
     if src.parents:  # hierarchical: parents and children apart (absorption shows as children not recovered)
@@ -263,8 +257,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     current = {key: resolved_options(key, args.options) for key in args.methods}
 
+    from bench_methods import is_stale
+
     def stale(r) -> bool:  # trained under other defaults than this code's (rows from before resolved_options: taken as they are)
-        return "resolved_options" in r and r["method"] in current and r["resolved_options"] != current[r["method"]]
+        return r["method"] in current and is_stale(r, current=current[r["method"]])
 
     seeds = args.seeds if args.seeds is not None else [args.seed]
     for seed, shape_name in ((seed, shape) for seed in seeds for shape in args.shapes):

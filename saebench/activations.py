@@ -421,7 +421,6 @@ def recovery(W_dec: torch.Tensor, features: torch.Tensor, signed: bool = False, 
     return float((best_cos(W_dec, features, signed) >= threshold).float().mean())
 
 
-
 class SyntheticSource(ActivationSource):
     """x = Σ_j c_j D*_j with planted unit-norm features D* [m, d] (METHODS.md §0 harness).
 

@@ -16,9 +16,8 @@ direction and no k-sparse code can carry W_skip* n, so only W_skip = W_skip* exp
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from saebench.activations import Batch, SyntheticSource
+from saebench.activations import Batch, SyntheticSource, recovery  # noqa: F401  (recovery: the planted-recovery rule, re-exported)
 
 
 class PlantedPairSource(SyntheticSource):
@@ -55,9 +54,4 @@ class PlantedPairSource(SyntheticSource):
         return Batch({self.hook_names[0]: x, self.hook_names[1]: y}, torch.zeros(len(x), dtype=torch.long))
 
 
-def recovery(W_dec: Tensor, true: Tensor, threshold: float = 0.9) -> float:
-    """Fraction of planted directions ``true`` [m, d] whose best-matching decoder row has cosine >= ``threshold``
-    (``activations.recovery``, the one planted-recovery rule)."""
-    from saebench.activations import recovery as _recovery
 
-    return _recovery(W_dec, true, threshold=threshold)
